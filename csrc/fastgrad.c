@@ -1,0 +1,37 @@
+/* Instantiates the kernels of fastgrad_impl.h for float and double. */
+#include <math.h>
+#include "fastgrad.h"
+
+#define FG_SELU_ALPHA 1.6732632423543772848170429916717
+#define FG_SELU_SCALE 1.0507009873554804934193349852946
+#define FG_SQRT1_2 0.70710678118654752440084436210485
+#define FG_INV_SQRT_2PI 0.39894228040143267793994605993438
+/* Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps]. */
+#define FG_EPSILON 1e-7
+
+int fg_activation_needs_pre(int act)
+{
+    return act == FG_GELU || act == FG_SILU;
+}
+
+#define T float
+#define S(name) name##_f32
+#define EXP expf
+#define ERF erff
+#define TANH tanhf
+#define SQRT sqrtf
+#include "fastgrad_impl.h"
+#undef T
+#undef S
+#undef EXP
+#undef ERF
+#undef TANH
+#undef SQRT
+
+#define T double
+#define S(name) name##_f64
+#define EXP exp
+#define ERF erf
+#define TANH tanh
+#define SQRT sqrt
+#include "fastgrad_impl.h"

@@ -1,0 +1,93 @@
+/* fastgrad C99 kernels.
+ *
+ * Size letters used in the shape comments:
+ *   B  batch rows           I  input features      O  output features (units)
+ *   N  elements of a flat buffer
+ * Every matrix is row-major and contiguous. Each kernel exists for float
+ * (suffix _f32) and double (suffix _f64), generated from fastgrad_impl.h.
+ * Argument order: outputs, then saved state, then inputs, then sizes, then
+ * options. Gradients carry the forward name prefixed with d.
+ * Kernels return FG_OK or a negative status; they never abort the process.
+ * Reductions accumulate in double. Matrix products are not here: the Cython
+ * layer calls an optimized BLAS and these kernels do what surrounds it. */
+#ifndef FASTGRAD_H
+#define FASTGRAD_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+enum fg_status {
+    FG_OK = 0,
+    FG_EINVAL = -1,   /* unknown activation or loss code */
+    FG_ELABEL = -2    /* a sparse label outside [0, O) */
+};
+
+/* Activation codes; the Python table ACTIVATIONS lists them in this order. */
+enum fg_activation {
+    FG_LINEAR = 0, FG_RELU, FG_LEAKY_RELU, FG_ELU, FG_SELU, FG_GELU,
+    FG_SILU, FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_N_ACTIVATIONS
+};
+
+/* Loss codes; the Python table LOSSES lists them in this order. */
+enum fg_loss {
+    FG_MSE = 0, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY,
+    FG_CATEGORICAL_CROSSENTROPY, FG_SPARSE_CATEGORICAL_CROSSENTROPY,
+    FG_N_LOSSES
+};
+
+/* Optimizer codes; optimizers.py mirrors them. */
+enum fg_optimizer { FG_SGD = 0, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_N_OPTIMIZERS };
+
+/* Constraint codes, applied to a tensor right after its update. */
+enum fg_constraint { FG_NO_CONSTRAINT = 0, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE };
+
+/* Hyperparameters of one optimizer step; unused fields are ignored.
+ * lr is this step's learning rate (schedules are evaluated by the caller),
+ * step the 1-based count including this step (Adam's bias correction). */
+typedef struct {
+    int kind;
+    double lr, momentum, rho, beta_1, beta_2, epsilon, weight_decay;
+    double clipvalue;          /* element-wise gradient clip; 0 = off */
+    int nesterov, centered, amsgrad;
+    int64_t step;
+} fg_opt_config;
+
+/* Per-tensor table of a flat buffer: tensor t is [offset[t], offset[t+1]). */
+typedef struct {
+    const int64_t *offset;     /* n_tensors + 1 entries */
+    const double *l1, *l2;     /* regularizer factors, n_tensors entries each */
+    const double *scale;       /* gradient scale from clipnorm / global_clipnorm */
+    const int *constraint;     /* fg_constraint codes */
+    const double *cvalue;      /* MaxNorm max_value or ClipValue clip_value */
+    const int64_t *cols;       /* MaxNorm: columns of the (rows, cols) kernel; 0 = 1-D */
+    ptrdiff_t n_tensors;
+} fg_tensors;
+
+/* 1 when the activation's derivative needs the pre-activation z, not just y. */
+int fg_activation_needs_pre(int act);
+
+#define FG_DECLARE(T, S)                                                       \
+    int fg_bias_act_forward##S(T *out, T *pre, const T *inp, const T *bias,    \
+                               ptrdiff_t B, ptrdiff_t O, int act, double alpha);\
+    int fg_act_backward##S(T *dpre, T *dbias, const T *dout, const T *out,     \
+                           const T *pre, ptrdiff_t B, ptrdiff_t O, int act,    \
+                           double alpha);                                      \
+    int fg_loss_forward_backward##S(double *loss, T *rows, T *dpred, T *prob,  \
+                                    const T *pred, const T *target,            \
+                                    const int64_t *labels, ptrdiff_t B,        \
+                                    ptrdiff_t O, int kind, int from_logits,    \
+                                    double param);                             \
+    void fg_sgd_step##S(T *param, T *velocity, const T *grad, ptrdiff_t N,     \
+                        double lr, double momentum, int nesterov);             \
+    double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
+    int fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
+                         T *grad,                                              \
+                         const T *param, const fg_tensors *tt);                \
+    int fg_optimizer_step##S(T *param, T *m, T *v, T *vmax, const T *grad,     \
+                             const fg_tensors *tt, const fg_opt_config *c);
+
+FG_DECLARE(float, _f32)
+FG_DECLARE(double, _f64)
+#undef FG_DECLARE
+
+#endif

@@ -1,0 +1,474 @@
+/* Kernel template, included by fastgrad.c once per floating type.
+ * Before inclusion: T is the element type, S(name) appends the suffix,
+ * and EXP, LOG, LOG1P, TANH, ERF, FABS are T's math functions. */
+
+/* Column block for the bias-gradient reduction: its double accumulators
+ * live on the stack, so the kernels never allocate. */
+#ifndef FG_COLS
+#define FG_COLS 512
+#endif
+
+static inline T S(sigmoid)(T z)
+{
+    /* Two branches so that exp never overflows. */
+    if (z >= 0) return (T)1 / ((T)1 + EXP(-z));
+    T e = EXP(z);
+    return e / ((T)1 + e);
+}
+
+/* y = act(z) for one element; softmax is handled per row by the caller. */
+static inline T S(act_value)(T z, int act, T alpha)
+{
+    switch (act) {
+    case FG_RELU:       return z > 0 ? z : (T)0;
+    case FG_LEAKY_RELU: return z > 0 ? z : alpha * z;
+    case FG_ELU:        return z > 0 ? z : alpha * (EXP(z) - (T)1);
+    case FG_SELU:       return z > 0 ? (T)FG_SELU_SCALE * z
+                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * (EXP(z) - (T)1);
+    case FG_GELU:       return (T)0.5 * z * ((T)1 + ERF(z * (T)FG_SQRT1_2));
+    case FG_SILU:       return z * S(sigmoid)(z);
+    case FG_SIGMOID:    return S(sigmoid)(z);
+    case FG_TANH:       return TANH(z);
+    default:            return z;   /* linear */
+    }
+}
+
+/* dy/dz for one element from the output y (and z where y is not enough). */
+static inline T S(act_slope)(T y, T z, int act, T alpha)
+{
+    switch (act) {
+    case FG_RELU:       return y > 0 ? (T)1 : (T)0;
+    case FG_LEAKY_RELU: return y > 0 ? (T)1 : alpha;
+    case FG_ELU:        return y > 0 ? (T)1 : y + alpha;
+    case FG_SELU:       return y > 0 ? (T)FG_SELU_SCALE : y + (T)(FG_SELU_SCALE * FG_SELU_ALPHA);
+    case FG_GELU:       return (T)0.5 * ((T)1 + ERF(z * (T)FG_SQRT1_2))
+                               + z * (T)FG_INV_SQRT_2PI * EXP((T)-0.5 * z * z);
+    case FG_SILU: {
+        T s = S(sigmoid)(z);
+        return s * ((T)1 + z * ((T)1 - s));
+    }
+    case FG_SIGMOID:    return y * ((T)1 - y);
+    case FG_TANH:       return (T)1 - y * y;
+    default:            return (T)1;
+    }
+}
+
+/* Softmax of one row of length O, in place on y (which holds z on entry). */
+static void S(softmax_row)(T *y, ptrdiff_t O)
+{
+    T m = y[0];
+    for (ptrdiff_t j = 1; j < O; j++) if (y[j] > m) m = y[j];
+    double sum = 0.0;
+    for (ptrdiff_t j = 0; j < O; j++) { y[j] = EXP(y[j] - m); sum += y[j]; }
+    T inv = (T)(1.0 / sum);
+    for (ptrdiff_t j = 0; j < O; j++) y[j] *= inv;
+}
+
+/* Dense epilogue: out = act(inp + bias), one pass; inp may be out itself
+ * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
+ * NULL; pre is (B,O) or NULL and receives z = inp + bias. */
+int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
+                           ptrdiff_t B, ptrdiff_t O, int act, double alpha)
+{
+    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
+    const T a = (T)alpha;
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *x = inp + i * O;
+        T *y = out + i * O;
+        T *z = pre ? pre + i * O : NULL;
+        if (act == FG_SOFTMAX) {
+            for (ptrdiff_t j = 0; j < O; j++) {
+                T v = bias ? x[j] + bias[j] : x[j];
+                y[j] = v;
+                if (z) z[j] = v;
+            }
+            if (O > 0) S(softmax_row)(y, O);
+            continue;
+        }
+        for (ptrdiff_t j = 0; j < O; j++) {
+            T v = bias ? x[j] + bias[j] : x[j];
+            if (z) z[j] = v;
+            y[j] = S(act_value)(v, act, a);
+        }
+    }
+    return FG_OK;
+}
+
+/* Activation backward with the bias gradient fused in.
+ * dpre, dout, out, pre are (B,O); dbias is (O) or NULL; pre may be NULL
+ * unless fg_activation_needs_pre(act). dpre may alias dout.
+ * dpre = dout * act'(z); dbias = sum over rows of dpre (double accumulation). */
+int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
+                       const T *pre, ptrdiff_t B, ptrdiff_t O, int act,
+                       double alpha)
+{
+    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
+    if (fg_activation_needs_pre(act) && !pre) return FG_EINVAL;
+    const T a = (T)alpha;
+    double acc[FG_COLS];
+
+    if (act == FG_SOFTMAX) {
+        /* dz_j = y_j (g_j - sum_k g_k y_k): the row's dot product comes first,
+         * so rows are done whole; the bias reduction then reads dpre. */
+        for (ptrdiff_t i = 0; i < B; i++) {
+            const T *g = dout + i * O, *y = out + i * O;
+            T *d = dpre + i * O;
+            double dot = 0.0;
+            for (ptrdiff_t j = 0; j < O; j++) dot += (double)g[j] * (double)y[j];
+            for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - (T)dot);
+        }
+        if (!dbias) return FG_OK;
+        for (ptrdiff_t c0 = 0; c0 < O; c0 += FG_COLS) {
+            ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
+            for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
+            for (ptrdiff_t i = 0; i < B; i++) {
+                const T *d = dpre + i * O + c0;
+                for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];
+            }
+            for (ptrdiff_t j = 0; j < w; j++) dbias[c0 + j] = (T)acc[j];
+        }
+        return FG_OK;
+    }
+
+    /* Element-wise activations: one pass, column blocks so the double
+     * accumulators fit on the stack. */
+    for (ptrdiff_t c0 = 0; c0 < O; c0 += FG_COLS) {
+        ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
+        for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
+        for (ptrdiff_t i = 0; i < B; i++) {
+            ptrdiff_t off = i * O + c0;
+            const T *g = dout + off, *y = out + off;
+            const T *z = pre ? pre + off : y;
+            T *d = dpre + off;
+            if (act == FG_LINEAR) {
+                for (ptrdiff_t j = 0; j < w; j++) { d[j] = g[j]; acc[j] += g[j]; }
+            } else if (act == FG_RELU) {
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    T v = y[j] > 0 ? g[j] : (T)0;
+                    d[j] = v; acc[j] += v;
+                }
+            } else {
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    T v = g[j] * S(act_slope)(y[j], z[j], act, a);
+                    d[j] = v; acc[j] += v;
+                }
+            }
+        }
+        if (dbias) for (ptrdiff_t j = 0; j < w; j++) dbias[c0 + j] = (T)acc[j];
+    }
+    return FG_OK;
+}
+
+/* Loss value and gradient in one pass.
+ * pred, target, dpred, prob are (B,O); labels is (B) for the sparse loss
+ * (target is then unused). rows (B) receives each l_i. Any of rows, dpred,
+ * prob may be NULL.
+ * loss = (1/B) sum_i l_i, with l_i the per-row loss (see losses.py);
+ * dpred = d loss / d pred, or d loss / d logits when from_logits.
+ * prob receives sigmoid/softmax(pred) when from_logits.
+ * param is Huber's delta. */
+int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
+                                const T *pred, const T *target,
+                                const int64_t *labels, ptrdiff_t B,
+                                ptrdiff_t O, int kind, int from_logits,
+                                double param)
+{
+    if (kind < 0 || kind >= FG_N_LOSSES) return FG_EINVAL;
+    if (kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY) {
+        for (ptrdiff_t i = 0; i < B; i++)
+            if (labels[i] < 0 || labels[i] >= O) return FG_ELABEL;
+    }
+    const double eps = FG_EPSILON;
+    const double invB = B > 0 ? 1.0 / (double)B : 0.0;
+    const double invBO = (B > 0 && O > 0) ? invB / (double)O : 0.0;
+    double total = 0.0;
+
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *p = pred + i * O;
+        const T *t = target ? target + i * O : NULL;
+        T *d = dpred ? dpred + i * O : NULL;
+        T *q = prob ? prob + i * O : NULL;
+        double row = 0.0;
+
+        switch (kind) {
+        case FG_MSE:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double e = (double)p[j] - (double)t[j];
+                row += e * e;
+                if (d) d[j] = (T)(2.0 * e * invBO);
+            }
+            row /= (double)O;
+            break;
+        case FG_MAE:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double e = (double)p[j] - (double)t[j];
+                row += fabs(e);
+                if (d) d[j] = (T)((e > 0) - (e < 0)) * (T)invBO;
+            }
+            row /= (double)O;
+            break;
+        case FG_HUBER:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double e = (double)p[j] - (double)t[j], ae = fabs(e);
+                if (ae <= param) {
+                    row += 0.5 * e * e;
+                    if (d) d[j] = (T)(e * invBO);
+                } else {
+                    row += param * ae - 0.5 * param * param;
+                    if (d) d[j] = (T)(((e > 0) - (e < 0)) * param * invBO);
+                }
+            }
+            row /= (double)O;
+            break;
+        case FG_BINARY_CROSSENTROPY:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double z = p[j], y = t[j];
+                if (from_logits) {
+                    /* max(z,0) - z y + log(1 + exp(-|z|)): finite for any z */
+                    row += (z > 0 ? z : 0.0) - z * y + log1p(exp(-fabs(z)));
+                    T s = S(sigmoid)(p[j]);
+                    if (q) q[j] = s;
+                    if (d) d[j] = (T)(((double)s - y) * invBO);
+                } else {
+                    double pc = z < eps ? eps : (z > 1.0 - eps ? 1.0 - eps : z);
+                    row -= y * log(pc) + (1.0 - y) * log(1.0 - pc);
+                    /* the clip passes no gradient outside [eps, 1 - eps] */
+                    if (d) d[j] = (z < eps || z > 1.0 - eps) ? (T)0
+                                  : (T)((-y / pc + (1.0 - y) / (1.0 - pc)) * invBO);
+                }
+            }
+            row /= (double)O;
+            break;
+        case FG_CATEGORICAL_CROSSENTROPY:
+        case FG_SPARSE_CATEGORICAL_CROSSENTROPY: {
+            const int sparse = kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY;
+            const ptrdiff_t lab = sparse ? (ptrdiff_t)labels[i] : -1;
+#define FG_TARGET(j) (sparse ? ((j) == lab ? 1.0 : 0.0) : (double)t[j])
+            if (O == 0) break;
+            if (from_logits) {
+                /* l = sum_j t_j (lse - z_j), lse = m + log sum exp(z - m) */
+                double m = p[0];
+                for (ptrdiff_t j = 1; j < O; j++) if (p[j] > m) m = p[j];
+                double s = 0.0, tsum = 0.0, tz = 0.0;
+                for (ptrdiff_t j = 0; j < O; j++) s += exp((double)p[j] - m);
+                double lse = m + log(s);
+                for (ptrdiff_t j = 0; j < O; j++) {
+                    double y = FG_TARGET(j);
+                    tsum += y; tz += y * (double)p[j];
+                }
+                row = tsum * lse - tz;
+                for (ptrdiff_t j = 0; j < O; j++) {
+                    double sm = exp((double)p[j] - lse);
+                    if (q) q[j] = (T)sm;
+                    if (d) d[j] = (T)((sm * tsum - FG_TARGET(j)) * invB);
+                }
+            } else {
+                /* Keras: q = p / sum(p), clipped to [eps, 1 - eps];
+                 * l = -sum_j t_j log q_j.  dl/dp_k = (Tu - [k unclipped] t_k / q_k) / sum(p),
+                 * Tu the sum of t_j over unclipped j. */
+                double s = 0.0, tu = 0.0;
+                for (ptrdiff_t j = 0; j < O; j++) s += p[j];
+                for (ptrdiff_t j = 0; j < O; j++) {
+                    double y = FG_TARGET(j), qj = (double)p[j] / s;
+                    int clipped = qj < eps || qj > 1.0 - eps;
+                    double qc = qj < eps ? eps : (qj > 1.0 - eps ? 1.0 - eps : qj);
+                    if (y != 0.0) row -= y * log(qc);
+                    if (!clipped) tu += y;
+                }
+                if (d) for (ptrdiff_t j = 0; j < O; j++) {
+                    double y = FG_TARGET(j), qj = (double)p[j] / s;
+                    int clipped = qj < eps || qj > 1.0 - eps;
+                    double g = tu - (clipped || y == 0.0 ? 0.0 : y / qj);
+                    d[j] = (T)(g / s * invB);
+                }
+            }
+#undef FG_TARGET
+            break;
+        }
+        }
+        if (rows) rows[i] = (T)row;
+        total += row;
+    }
+    *loss = total * invB;
+    return FG_OK;
+}
+
+/* SGD in place over a flat buffer of N parameters (Keras 3 formula):
+ * momentum == 0:  param -= lr * grad
+ * otherwise:      velocity = momentum * velocity - lr * grad
+ *                 param += velocity, or with nesterov
+ *                 param += momentum * velocity - lr * grad.
+ * velocity may be NULL when momentum == 0. */
+void S(fg_sgd_step)(T *param, T *velocity, const T *grad, ptrdiff_t N,
+                    double lr, double momentum, int nesterov)
+{
+    const T r = (T)lr, mu = (T)momentum;
+    if (momentum == 0.0 || !velocity) {
+        for (ptrdiff_t k = 0; k < N; k++) param[k] -= r * grad[k];
+        return;
+    }
+    for (ptrdiff_t k = 0; k < N; k++) {
+        T v = mu * velocity[k] - r * grad[k];
+        velocity[k] = v;
+        param[k] += nesterov ? mu * v - r * grad[k] : v;
+    }
+}
+
+/* sum of x_k^2 in double; four partial sums in a fixed order keep the
+ * result identical from run to run. */
+double S(fg_sum_squares)(const T *x, ptrdiff_t N)
+{
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    ptrdiff_t k = 0;
+    for (; k + 4 <= N; k += 4) {
+        s0 += (double)x[k] * x[k];         s1 += (double)x[k + 1] * x[k + 1];
+        s2 += (double)x[k + 2] * x[k + 2]; s3 += (double)x[k + 3] * x[k + 3];
+    }
+    for (; k < N; k++) s0 += (double)x[k] * x[k];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Pass 1 of an optimizer step, over the gradients only.
+ * For each tensor t: adds the regularizer's gradient l1 sign(w) + 2 l2 w into
+ * grad (so clipping sees the gradient of the regularized loss, as in Keras),
+ * then sumsq[t] = sum of grad^2 in double. penalty receives the regularizers'
+ * loss, sum_t l1 sum|w| + l2 sum w^2. first_bad receives the index of the
+ * first tensor holding a non-finite gradient, or -1. */
+int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
+                     T *grad, const T *param, const fg_tensors *tt)
+{
+    *first_bad = -1;
+    *penalty = 0.0;
+    for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        ptrdiff_t a = (ptrdiff_t)tt->offset[t], b = (ptrdiff_t)tt->offset[t + 1];
+        const T l1 = (T)tt->l1[t], l2x2 = (T)(2.0 * tt->l2[t]);
+        T *g = grad + a;
+        const T *w = param + a;
+        ptrdiff_t n = b - a;
+        double s0 = 0, s1 = 0;
+        if (l1 != 0 || l2x2 != 0) {
+            double a1 = 0, a2 = 0;
+            for (ptrdiff_t k = 0; k < n; k++) {
+                g[k] += l1 * (T)((w[k] > 0) - (w[k] < 0)) + l2x2 * w[k];
+                a1 += fabs((double)w[k]);
+                a2 += (double)w[k] * w[k];
+            }
+            *penalty += tt->l1[t] * a1 + tt->l2[t] * a2;
+        }
+        ptrdiff_t k = 0;
+        for (; k + 2 <= n; k += 2) { s0 += (double)g[k] * g[k]; s1 += (double)g[k + 1] * g[k + 1]; }
+        for (; k < n; k++) s0 += (double)g[k] * g[k];
+        sumsq[t] = s0 + s1;
+        /* inf or NaN anywhere makes the sum of squares inf or NaN */
+        if (*first_bad < 0 && !isfinite(sumsq[t])) *first_bad = t;
+    }
+    return FG_OK;
+}
+
+/* MaxNorm on a (rows, cols) kernel: each column's L2 norm capped (Keras axis=0). */
+static void S(max_norm)(T *w, ptrdiff_t n, ptrdiff_t cols, double maxv)
+{
+    if (cols <= 0) cols = n;                 /* a vector: one norm over it all */
+    ptrdiff_t rows = n / cols;
+    double acc[FG_COLS];
+    for (ptrdiff_t c0 = 0; c0 < cols; c0 += FG_COLS) {
+        ptrdiff_t wdt = cols - c0 < FG_COLS ? cols - c0 : FG_COLS;
+        for (ptrdiff_t j = 0; j < wdt; j++) acc[j] = 0.0;
+        for (ptrdiff_t i = 0; i < rows; i++)
+            for (ptrdiff_t j = 0; j < wdt; j++) { double x = w[i * cols + c0 + j]; acc[j] += x * x; }
+        for (ptrdiff_t j = 0; j < wdt; j++) {
+            double nrm = sqrt(acc[j]);
+            acc[j] = (nrm < maxv ? nrm : maxv) / (FG_EPSILON + nrm);
+        }
+        for (ptrdiff_t i = 0; i < rows; i++)
+            for (ptrdiff_t j = 0; j < wdt; j++) w[i * cols + c0 + j] *= (T)acc[j];
+    }
+}
+
+/* Pass 2: one read and one write of every parameter, gradient and moment.
+ * Per element, with g the gradient after pass 1:
+ *   g = clip(g * scale[t], -clipvalue, clipvalue)     (clipping, Keras order)
+ *   w -= lr * weight_decay * w                        (decoupled decay, if any)
+ *   SGD       v = momentum v - lr g;  w += v  (nesterov: w += momentum v - lr g)
+ *             or w -= lr g without momentum
+ *   RMSprop   v = rho v + (1-rho) g^2;  centered: m = rho m + (1-rho) g,
+ *             d = v - m^2 + eps, else d = v + eps;  u = lr g / sqrt(d);
+ *             momentum: vmax = momentum vmax + u, w -= vmax;  else w -= u
+ *   Adam      m += (1-beta_1)(g - m);  v += (1-beta_2)(g^2 - v);
+ *             amsgrad: vmax = max(vmax, v), used for v;
+ *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
+ *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
+ * then the tensor's constraint (NonNeg, ClipValue per element; MaxNorm after). */
+int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
+                         const fg_tensors *tt, const fg_opt_config *c)
+{
+    if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
+    const T lr = (T)c->lr, mu = (T)c->momentum, eps = (T)c->epsilon;
+    const T decay = (T)(c->lr * c->weight_decay);
+    const T cv = (T)c->clipvalue;
+    const T rho = (T)c->rho, b1 = (T)c->beta_1, b2 = (T)c->beta_2;
+    T adam_lr = 0;
+    if (c->kind == FG_ADAM) {
+        double t = (double)c->step;
+        adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
+    }
+    for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
+        T *w = param + a;
+        const T *gr = grad + a;
+        T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
+        const T sc = (T)tt->scale[t];
+        const int con = tt->constraint[t];
+        const T cval = (T)tt->cvalue[t];
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = gr[k] * sc;
+            if (cv > 0) g = g > cv ? cv : (g < -cv ? -cv : g);
+            T x = w[k];
+            if (decay != 0) x -= decay * x;
+            switch (c->kind) {
+            case FG_SGD:
+                if (mu != 0) {
+                    T vel = mu * vt[k] - lr * g;
+                    vt[k] = vel;
+                    x += c->nesterov ? mu * vel - lr * g : vel;
+                } else {
+                    x -= lr * g;
+                }
+                break;
+            case FG_RMSPROP: {
+                T vel = rho * vt[k] + ((T)1 - rho) * g * g;
+                vt[k] = vel;
+                T d = vel + eps;
+                if (c->centered) {
+                    T avg = rho * mt[k] + ((T)1 - rho) * g;
+                    mt[k] = avg;
+                    d = vel - avg * avg + eps;
+                }
+                T u = lr * g / SQRT(d);
+                if (mu != 0) { u = mu * xt[k] + u; xt[k] = u; }
+                x -= u;
+                break;
+            }
+            case FG_ADAM: {
+                T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+                T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+                mt[k] = mm; vt[k] = vv;
+                if (c->amsgrad) { if (xt[k] > vv) vv = xt[k]; xt[k] = vv; }
+                x -= adam_lr * mm / (SQRT(vv) + eps);
+                break;
+            }
+            case FG_ADAGRAD: {
+                T acc = vt[k] + g * g;
+                vt[k] = acc;
+                x -= lr * g / SQRT(acc + eps);
+                break;
+            }
+            }
+            if (con == FG_NON_NEG && x < 0) x = 0;
+            else if (con == FG_CLIP_VALUE) x = x > cval ? cval : (x < -cval ? -cval : x);
+            w[k] = x;
+        }
+        if (con == FG_MAX_NORM) S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
+    }
+    return FG_OK;
+}

@@ -1,0 +1,11 @@
+"""fastgrad: a C-accelerated minimal neural-network engine for dense networks."""
+from fastgrad import (activations, callbacks, constraints, initializers, layers, losses,
+                      metrics, ops, optimizers, regularizers, schedules)
+from fastgrad.models import Sequential
+from fastgrad import models
+
+__version__ = "0.1.0"
+
+__all__ = ["Sequential", "activations", "callbacks", "constraints", "initializers",
+           "layers", "losses", "metrics", "models", "ops", "optimizers", "regularizers",
+           "schedules", "__version__"]

@@ -1,0 +1,356 @@
+# Compiled entry points: shape checks with the GIL held, then C and BLAS
+# without it. Dtype, layout and friendly messages are checked in ops.py;
+# here every size is checked against every other so that no call, however
+# wrong, reads or writes outside its buffers.
+from cython cimport floating
+from libc.limits cimport INT_MAX
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+from fastgrad._kernels cimport *
+
+N_ACTIVATIONS = FG_N_ACTIVATIONS
+N_LOSSES = FG_N_LOSSES
+
+
+cdef int _raise(int status) except -1:
+    if status == FG_ELABEL:
+        raise ValueError("y: a label is outside [0, number of classes)")
+    raise ValueError("invalid activation or loss code")
+
+
+cdef inline int _check(bint ok, str what) except -1:
+    if not ok:
+        raise ValueError(what)
+    return 0
+
+
+cdef int _blas_size(Py_ssize_t n, str name) except -1:
+    if n > INT_MAX:
+        raise ValueError(f"{name} has {n} elements along one side; BLAS takes at most {INT_MAX}")
+    return 0
+
+
+cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
+                floating *a, int lda, floating *b, int ldb, double beta,
+                floating *c, int ldc) noexcept nogil:
+    """Row-major C (M,N) = alpha * op(A) (M,K) @ op(B) (K,N) + beta * C.
+
+    The BLAS is column-major and a row-major matrix is its transpose there,
+    so it computes C^T = op(B)^T op(A)^T: operands swapped, flags kept.
+    lda, ldb, ldc are the row lengths of the stored matrices."""
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    cdef floating al = <floating>alpha
+    cdef floating be = <floating>beta
+    cdef Py_ssize_t k
+    if M == 0 or N == 0:
+        return
+    if K == 0:  # the BLAS would read nothing; C = beta * C
+        for k in range(<Py_ssize_t>M * N):
+            c[k] = 0 if beta == 0 else be * c[k]
+        return
+    if lda < 1: lda = 1
+    if ldb < 1: ldb = 1
+    if ldc < 1: ldc = 1
+    if floating is float:
+        sgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
+
+
+def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
+           bint trans_a=False, bint trans_b=False):
+    """out = op(a) @ op(b), op transposing when asked; through BLAS gemm."""
+    cdef Py_ssize_t M = a.shape[1] if trans_a else a.shape[0]
+    cdef Py_ssize_t K = a.shape[0] if trans_a else a.shape[1]
+    cdef Py_ssize_t Kb = b.shape[1] if trans_b else b.shape[0]
+    cdef Py_ssize_t N = b.shape[0] if trans_b else b.shape[1]
+    _check(K == Kb, f"matmul: inner sizes differ ({K} and {Kb})")
+    _check(out.shape[0] == M and out.shape[1] == N, f"out: expected shape ({M}, {N})")
+    for n, s in ((M, "a"), (N, "b"), (K, "a")):
+        _blas_size(n, s)
+    with nogil:
+        _gemm(trans_a, trans_b, <int>M, <int>N, <int>K, 1.0,
+              <floating *>&a[0, 0] if a.shape[0] * a.shape[1] else NULL, <int>a.shape[1],
+              <floating *>&b[0, 0] if b.shape[0] * b.shape[1] else NULL, <int>b.shape[1],
+              0.0, &out[0, 0] if M * N else NULL, <int>N)
+    return out
+
+
+cdef inline floating *_ptr1(floating[::1] v) noexcept nogil:
+    return &v[0] if v is not None and v.shape[0] > 0 else NULL
+
+
+cdef inline floating *_ptr2(floating[:, ::1] v) noexcept nogil:
+    return &v[0, 0] if v is not None and v.shape[0] * v.shape[1] > 0 else NULL
+
+
+cdef inline const floating *_cptr1(const floating[::1] v) noexcept nogil:
+    return &v[0] if v is not None and v.shape[0] > 0 else NULL
+
+
+cdef inline const floating *_cptr2(const floating[:, ::1] v) noexcept nogil:
+    return &v[0, 0] if v is not None and v.shape[0] * v.shape[1] > 0 else NULL
+
+
+cdef int _check_act(int act, double alpha) except -1:
+    _check(0 <= act < FG_N_ACTIVATIONS, f"unknown activation code {act}")
+    return 0
+
+
+cdef int _same2(object v, Py_ssize_t r, Py_ssize_t c, str name) except -1:
+    if v is not None and (v.shape[0] != r or v.shape[1] != c):
+        raise ValueError(f"{name}: expected shape ({r}, {c}), got {tuple(v.shape)[:2]}")
+    return 0
+
+
+def bias_act_forward(const floating[:, ::1] inp, const floating[::1] bias,
+                     floating[:, ::1] out, floating[:, ::1] pre, int act, double alpha):
+    """out = act(inp + bias); pre (optional) receives inp + bias."""
+    cdef Py_ssize_t B = inp.shape[0], O = inp.shape[1]
+    cdef int s
+    _check_act(act, alpha)
+    _same2(out, B, O, "out")
+    _same2(pre, B, O, "pre")
+    _check(bias is None or bias.shape[0] == O, f"bias: expected shape ({O},)")
+    with nogil:
+        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha) \
+            if floating is float else \
+            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha)
+    if s != FG_OK:
+        _raise(s)
+    return out
+
+
+def act_backward(const floating[:, ::1] dout, const floating[:, ::1] out,
+                 const floating[:, ::1] pre, floating[:, ::1] dpre,
+                 floating[::1] dbias, int act, double alpha):
+    """dpre = dout * act'(z); dbias (optional) = column sums of dpre."""
+    cdef Py_ssize_t B = dout.shape[0], O = dout.shape[1]
+    cdef int s
+    _check_act(act, alpha)
+    _same2(out, B, O, "out")
+    _same2(pre, B, O, "pre")
+    _same2(dpre, B, O, "dpre")
+    _check(dbias is None or dbias.shape[0] == O, f"dbias: expected shape ({O},)")
+    _check(pre is not None or not fg_activation_needs_pre(act),
+           "pre: this activation's derivative needs the pre-activation")
+    with nogil:
+        s = fg_act_backward_f32(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha) \
+            if floating is float else \
+            fg_act_backward_f64(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
+    if s != FG_OK:
+        _raise(s)
+    return dpre
+
+
+def dense_forward(const floating[:, ::1] x, const floating[:, ::1] kernel,
+                  const floating[::1] bias, floating[:, ::1] out,
+                  floating[:, ::1] pre, int act, double alpha):
+    """out = act(x @ kernel + bias): one GEMM, then one fused pass over out.
+    x is (B,I), kernel (I,O), bias (O) or None, out (B,O), pre (B,O) or None."""
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
+    cdef int s
+    _check_act(act, alpha)
+    _check(kernel.shape[0] == I, f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    _same2(out, B, O, "out")
+    _same2(pre, B, O, "pre")
+    _check(bias is None or bias.shape[0] == O, f"bias: expected shape ({O},)")
+    _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
+    with nogil:
+        _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
+              <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(out), <int>O)
+        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha) \
+            if floating is float else \
+            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha)
+    if s != FG_OK:
+        _raise(s)
+    return out
+
+
+def dense_backward(const floating[:, ::1] dout, const floating[:, ::1] x,
+                   const floating[:, ::1] kernel, const floating[:, ::1] out,
+                   const floating[:, ::1] pre, floating[:, ::1] dpre,
+                   floating[:, ::1] dkernel, floating[::1] dbias,
+                   floating[:, ::1] dx, int act, double alpha):
+    """Backward of dense_forward, overwriting the gradients:
+    dpre = dout * act'(z)     (B,O) scratch, may be dout itself
+    dbias = sum_rows dpre     (O) or None
+    dkernel = x^T @ dpre      (I,O)
+    dx = dpre @ kernel^T      (B,I) or None when the input needs no gradient."""
+    cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
+    cdef int s
+    _check_act(act, alpha)
+    _check(kernel.shape[0] == I, f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    _same2(dout, B, O, "dout")
+    _same2(out, B, O, "out")
+    _same2(pre, B, O, "pre")
+    _same2(dpre, B, O, "dpre")
+    _same2(dkernel, I, O, "dkernel")
+    _same2(dx, B, I, "dx")
+    _check(dpre is not None and dkernel is not None, "dpre and dkernel are required")
+    _check(dbias is None or dbias.shape[0] == O, f"dbias: expected shape ({O},)")
+    _check(pre is not None or not fg_activation_needs_pre(act),
+           "pre: this activation's derivative needs the pre-activation")
+    _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
+    with nogil:
+        s = fg_act_backward_f32(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha) \
+            if floating is float else \
+            fg_act_backward_f64(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
+        if s == FG_OK:
+            _gemm(True, False, <int>I, <int>O, <int>B, 1.0, <floating *>_cptr2(x), <int>I,
+                  _ptr2(dpre), <int>O, 0.0, _ptr2(dkernel), <int>O)
+            if dx is not None:
+                _gemm(False, True, <int>B, <int>I, <int>O, 1.0, _ptr2(dpre), <int>O,
+                      <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(dx), <int>I)
+    if s != FG_OK:
+        _raise(s)
+
+
+def loss_forward_backward(const floating[:, ::1] pred, const floating[:, ::1] target,
+                          const int64_t[::1] labels, floating[::1] rows, floating[:, ::1] dpred,
+                          floating[:, ::1] prob, int kind, bint from_logits,
+                          double param):
+    """Mean loss over the batch; per-row losses into rows and the gradient
+    into dpred when given."""
+    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1]
+    cdef double loss = 0.0
+    cdef int s
+    cdef const int64_t *lab = NULL
+    _check(0 <= kind < FG_N_LOSSES, f"unknown loss code {kind}")
+    _same2(dpred, B, O, "dpred")
+    _same2(prob, B, O, "prob")
+    _check(rows is None or rows.shape[0] == B, f"rows: expected shape ({B},)")
+    if kind == 5:  # sparse: labels replace the target
+        _check(labels is not None and labels.shape[0] == B, f"y: expected {B} integer labels")
+        if B > 0:
+            lab = &labels[0]
+    else:
+        _check(target is not None, "y: a target array is required")
+        _same2(target, B, O, "y")
+    with nogil:
+        s = fg_loss_forward_backward_f32(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
+                                         lab, B, O, kind, from_logits, param) \
+            if floating is float else \
+            fg_loss_forward_backward_f64(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
+                                         lab, B, O, kind, from_logits, param)
+    if s != FG_OK:
+        _raise(s)
+    return loss
+
+
+def sgd_step(floating[::1] param, floating[::1] velocity, const floating[::1] grad,
+             double lr, double momentum, bint nesterov):
+    """In-place SGD over flat buffers (see csrc/fastgrad_impl.h)."""
+    cdef Py_ssize_t N = param.shape[0]
+    _check(grad.shape[0] == N, f"grads: expected {N} elements")
+    _check(velocity is None or velocity.shape[0] == N, f"velocity: expected {N} elements")
+    _check(velocity is not None or momentum == 0.0, "velocity is required with momentum")
+    with nogil:
+        if floating is float:
+            fg_sgd_step_f32(_ptr1(param), _ptr1(velocity), _cptr1(grad), N, lr, momentum, nesterov)
+        else:
+            fg_sgd_step_f64(_ptr1(param), _ptr1(velocity), _cptr1(grad), N, lr, momentum, nesterov)
+
+
+def sum_squares(const floating[::1] x):
+    """sum(x**2) accumulated in double."""
+    cdef double r
+    with nogil:
+        r = fg_sum_squares_f32(_cptr1(x), x.shape[0]) if floating is float \
+            else fg_sum_squares_f64(_cptr1(x), x.shape[0])
+    return r
+
+
+cdef class TensorTable:
+    """The per-tensor table of a flat parameter buffer, checked once.
+
+    offset (T+1,) int64 bounds tensor t to [offset[t], offset[t+1]); l1, l2,
+    scale, cvalue (T,) float64; constraint (T,) int32 codes; cols (T,) int64.
+    ``scale`` is rewritten before each step (the clip factors)."""
+    cdef fg_tensors tt
+    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols
+    cdef readonly Py_ssize_t size
+
+    def __init__(self, const int64_t[::1] offset, const double[::1] l1,
+                 const double[::1] l2, double[::1] scale, const int[::1] constraint,
+                 const double[::1] cvalue, const int64_t[::1] cols):
+        cdef Py_ssize_t T = offset.shape[0] - 1, t
+        _check(T >= 0, "offset: expected at least one entry")
+        for name, arr in (("l1", l1), ("l2", l2), ("scale", scale), ("constraint", constraint),
+                          ("cvalue", cvalue), ("cols", cols)):
+            _check(arr.shape[0] == T, f"{name}: expected {T} entries")
+        _check(offset[0] == 0, "offset: must start at 0")
+        for t in range(T):
+            _check(offset[t + 1] >= offset[t], "offset: must not decrease")
+            _check(0 <= constraint[t] <= 3, "constraint: unknown code")
+            if constraint[t] == 1:
+                _check(cols[t] >= 0 and (cols[t] == 0 or (offset[t + 1] - offset[t]) % cols[t] == 0),
+                       "cols: must divide the tensor's size")
+        # keep the arrays alive: the C table points into them
+        self.offset, self.l1, self.l2, self.scale = offset.base, l1.base, l2.base, scale.base
+        self.constraint, self.cvalue, self.cols = constraint.base, cvalue.base, cols.base
+        self.size = offset[T]
+        self.tt.n_tensors = T
+        self.tt.offset = &offset[0]
+        self.tt.l1 = &l1[0] if T else NULL
+        self.tt.l2 = &l2[0] if T else NULL
+        self.tt.scale = &scale[0] if T else NULL
+        self.tt.constraint = &constraint[0] if T else NULL
+        self.tt.cvalue = &cvalue[0] if T else NULL
+        self.tt.cols = &cols[0] if T else NULL
+
+
+def grad_norms(double[::1] sumsq, floating[::1] grad, const floating[::1] param,
+               TensorTable table not None):
+    """Adds regularizer gradients into grad and writes each tensor's sum of
+    squared gradients into sumsq. Returns (index of the first tensor with a
+    non-finite gradient or -1, the regularization penalty)."""
+    cdef int64_t bad = -1
+    cdef double penalty = 0.0
+    _check(sumsq.shape[0] == table.tt.n_tensors, f"sumsq: expected {table.tt.n_tensors} entries")
+    _check(grad.shape[0] == table.size and param.shape[0] == table.size,
+           f"grads and params: expected {table.size} elements")
+    with nogil:
+        if floating is float:
+            fg_grad_norms_f32(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
+        else:
+            fg_grad_norms_f64(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
+    return bad, penalty
+
+
+def optimizer_step(floating[::1] param, floating[::1] m, floating[::1] v,
+                   floating[::1] vmax, const floating[::1] grad,
+                   TensorTable table not None, int kind, double lr, double momentum,
+                   double rho, double beta_1, double beta_2, double epsilon,
+                   double weight_decay, double clipvalue, bint nesterov,
+                   bint centered, bint amsgrad, int64_t step):
+    """The fused update of every parameter (formulas in csrc/fastgrad_impl.h)."""
+    cdef fg_opt_config c
+    cdef int s
+    cdef Py_ssize_t N = table.size
+    _check(param.shape[0] == N and grad.shape[0] == N, f"params and grads: expected {N} elements")
+    _check(0 <= kind < 4, f"unknown optimizer code {kind}")
+    cdef bint need_m = kind == 2 or (kind == 1 and centered)
+    cdef bint need_v = kind != 0 or momentum != 0
+    cdef bint need_x = (kind == 2 and amsgrad) or (kind == 1 and momentum != 0)
+    for name, arr, need in (("m", m, need_m), ("v", v, need_v), ("vmax", vmax, need_x)):
+        if need:
+            _check(arr is not None and arr.shape[0] == N, f"{name}: expected {N} elements")
+    _check(step >= 1, "step: expected a count >= 1")
+    c.kind, c.lr, c.momentum, c.rho = kind, lr, momentum, rho
+    c.beta_1, c.beta_2, c.epsilon, c.weight_decay = beta_1, beta_2, epsilon, weight_decay
+    c.clipvalue, c.nesterov, c.centered, c.amsgrad, c.step = clipvalue, nesterov, centered, amsgrad, step
+    with nogil:
+        if floating is float:
+            s = fg_optimizer_step_f32(_ptr1(param), _ptr1(m) if need_m else NULL,
+                                      _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
+                                      _cptr1(grad), &table.tt, &c)
+        else:
+            s = fg_optimizer_step_f64(_ptr1(param), _ptr1(m) if need_m else NULL,
+                                      _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
+                                      _cptr1(grad), &table.tt, &c)
+    if s != FG_OK:
+        _raise(s)

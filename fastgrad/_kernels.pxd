@@ -1,0 +1,66 @@
+# Declarations of csrc/fastgrad.h, mirrored for Cython.
+from libc.stdint cimport int64_t
+
+cdef extern from "fastgrad.h" nogil:
+    enum:
+        FG_OK
+        FG_EINVAL
+        FG_ELABEL
+        FG_N_ACTIVATIONS
+        FG_N_LOSSES
+    int fg_activation_needs_pre(int act)
+
+    int fg_bias_act_forward_f32(float *out, float *pre, const float *inp, const float *bias,
+                                Py_ssize_t B, Py_ssize_t O, int act, double alpha)
+    int fg_bias_act_forward_f64(double *out, double *pre, const double *inp, const double *bias,
+                                Py_ssize_t B, Py_ssize_t O, int act, double alpha)
+    int fg_act_backward_f32(float *dpre, float *dbias, const float *dout,
+                            const float *out, const float *pre, Py_ssize_t B,
+                            Py_ssize_t O, int act, double alpha)
+    int fg_act_backward_f64(double *dpre, double *dbias, const double *dout,
+                            const double *out, const double *pre, Py_ssize_t B,
+                            Py_ssize_t O, int act, double alpha)
+    int fg_loss_forward_backward_f32(double *loss, float *rows, float *dpred, float *prob,
+                                     const float *pred, const float *target,
+                                     const int64_t *labels, Py_ssize_t B,
+                                     Py_ssize_t O, int kind, int from_logits,
+                                     double param)
+    int fg_loss_forward_backward_f64(double *loss, double *rows, double *dpred, double *prob,
+                                     const double *pred, const double *target,
+                                     const int64_t *labels, Py_ssize_t B,
+                                     Py_ssize_t O, int kind, int from_logits,
+                                     double param)
+    void fg_sgd_step_f32(float *param, float *velocity, const float *grad,
+                         Py_ssize_t N, double lr, double momentum, int nesterov)
+    void fg_sgd_step_f64(double *param, double *velocity, const double *grad,
+                         Py_ssize_t N, double lr, double momentum, int nesterov)
+    double fg_sum_squares_f32(const float *x, Py_ssize_t N)
+    double fg_sum_squares_f64(const double *x, Py_ssize_t N)
+
+    ctypedef struct fg_opt_config:
+        int kind
+        double lr, momentum, rho, beta_1, beta_2, epsilon, weight_decay
+        double clipvalue
+        int nesterov, centered, amsgrad
+        int64_t step
+
+    ctypedef struct fg_tensors:
+        const int64_t *offset
+        const double *l1
+        const double *l2
+        const double *scale
+        const int *constraint
+        const double *cvalue
+        const int64_t *cols
+        Py_ssize_t n_tensors
+
+    int fg_grad_norms_f32(double *sumsq, double *penalty, int64_t *first_bad, float *grad,
+                          const float *param, const fg_tensors *tt)
+    int fg_grad_norms_f64(double *sumsq, double *penalty, int64_t *first_bad, double *grad,
+                          const double *param, const fg_tensors *tt)
+    int fg_optimizer_step_f32(float *param, float *m, float *v, float *vmax,
+                              const float *grad, const fg_tensors *tt,
+                              const fg_opt_config *c)
+    int fg_optimizer_step_f64(double *param, double *m, double *v, double *vmax,
+                              const double *grad, const fg_tensors *tt,
+                              const fg_opt_config *c)

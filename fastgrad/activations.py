@@ -1,0 +1,101 @@
+"""Activation functions, by the names ``Dense(activation=...)`` accepts.
+
+Each function applies the compiled kernel to a 2-D float array (softmax over
+the last axis); ``get(name)`` resolves a name, a function of this module, or
+None (linear). Formulas, with z the input:
+
+    linear      z
+    relu        max(z, 0)
+    leaky_relu  z if z > 0 else negative_slope * z     (negative_slope = 0.2)
+    elu         z if z > 0 else alpha * (exp(z) - 1)   (alpha = 1.0)
+    selu        scale * elu(z, alpha), alpha = 1.67326324, scale = 1.05070098
+    gelu        z * Phi(z) = z * (1 + erf(z / sqrt(2))) / 2   (exact form)
+    silu        z * sigmoid(z)
+    sigmoid     1 / (1 + exp(-z))
+    tanh        tanh(z)
+    softmax     exp(z_j - max z) / sum_k exp(z_k - max z), per row
+"""
+import numpy as np
+
+from fastgrad import ops
+
+
+def _apply(x, name, alpha=None):
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    return ops.activation_forward(flat, name, alpha=alpha).reshape(x.shape)
+
+
+def linear(x):
+    return _apply(x, "linear")
+
+
+def relu(x):
+    return _apply(x, "relu")
+
+
+def leaky_relu(x, negative_slope=0.2):
+    return _apply(x, "leaky_relu", negative_slope)
+
+
+def elu(x, alpha=1.0):
+    return _apply(x, "elu", alpha)
+
+
+def selu(x):
+    return _apply(x, "selu")
+
+
+def gelu(x, approximate=False):
+    if approximate:
+        raise ValueError("approximate: only the exact (erf) gelu is implemented")
+    return _apply(x, "gelu")
+
+
+def silu(x):
+    return _apply(x, "silu")
+
+
+def sigmoid(x):
+    return _apply(x, "sigmoid")
+
+
+def tanh(x):
+    return _apply(x, "tanh")
+
+
+def softmax(x, axis=-1):
+    if axis not in (-1, np.ndim(x) - 1):
+        raise ValueError(f"axis: only the last axis is supported, got {axis}")
+    return _apply(x, "softmax")
+
+
+swish = silu
+_BY_NAME = {f.__name__: f for f in (linear, relu, leaky_relu, elu, selu, gelu, silu,
+                                    sigmoid, tanh, softmax)}
+
+
+def get(identifier):
+    """The activation function for a name, a function of this module or None."""
+    return _BY_NAME[name_of(identifier)]
+
+
+def name_of(identifier):
+    """Canonical name of an activation given as a name, function or None."""
+    if identifier is None:
+        return "linear"
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key == "swish":
+            key = "silu"
+        if key in _BY_NAME:
+            return key
+        raise ValueError(f"activation: unknown name {identifier!r}; expected one of "
+                         f"{', '.join(_BY_NAME)}")
+    for name, fn in _BY_NAME.items():
+        if identifier is fn:
+            return name
+    raise TypeError(f"activation: expected a name or a function of fastgrad.activations, "
+                    f"got {identifier!r}")

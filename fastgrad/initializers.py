@@ -1,0 +1,205 @@
+"""Weight initializers (Keras 3 names, arguments and defaults).
+
+fan_in and fan_out are a kernel's (in_features, units). Truncated normals
+redraw values beyond two standard deviations; since that shrinks the
+spread, their stddev is divided by 0.87962566103423978 so that the
+variance stays the target one.
+
+    glorot_uniform   U(-l, l), l = sqrt(6 / (fan_in + fan_out))    Glorot & Bengio 2010
+    glorot_normal    truncated N(0, 2 / (fan_in + fan_out))
+    he_uniform       U(-l, l), l = sqrt(6 / fan_in)                 He et al. 2015
+    he_normal        truncated N(0, 2 / fan_in)
+    lecun_uniform    U(-l, l), l = sqrt(3 / fan_in)                 LeCun et al. 1998
+    lecun_normal     truncated N(0, 1 / fan_in)
+    orthogonal       gain * Q from the QR decomposition of a normal matrix
+                     (Saxe et al. 2014)
+    random_normal    N(mean=0, stddev=0.05)
+    random_uniform   U(minval=-0.05, maxval=0.05)
+    zeros, ones, constant(value)
+
+An initializer made with ``seed`` draws from its own generator, so it gives
+the same values each time it is called on the same shape; without one it
+draws from the generator the model passes (the model's seed).
+"""
+import numpy as np
+
+_TRUNC_STD = 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+
+
+class Initializer:
+    """Base class: ``init(shape, dtype, rng=None) -> ndarray``."""
+
+    def __call__(self, shape, dtype="float32", rng=None):
+        seed = getattr(self, "seed", None)
+        if seed is not None:
+            rng = np.random.default_rng(seed)
+        elif rng is None:
+            rng = np.random.default_rng()
+        return np.asarray(self.sample(tuple(shape), rng), dtype=dtype)
+
+    def get_config(self):
+        return {k: v for k, v in vars(self).items()}
+
+
+def _fans(shape):
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    n = int(np.prod(shape)) if shape else 1
+    return n, n
+
+
+def _truncated_normal(rng, shape, stddev):
+    out = rng.standard_normal(shape)
+    bad = np.abs(out) > 2.0
+    while bad.any():  # redraw the tails: about 5% per round
+        out[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(out) > 2.0
+    return out * stddev
+
+
+class VarianceScaling(Initializer):
+    """N or U with variance ``scale / n``, n = fan_in, fan_out or their mean."""
+
+    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None):
+        if not scale > 0:
+            raise ValueError(f"scale: expected a positive number, got {scale}")
+        if mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ValueError(f"mode: expected 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}")
+        if distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
+            raise ValueError("distribution: expected 'truncated_normal', "
+                             f"'untruncated_normal' or 'uniform', got {distribution!r}")
+        self.scale, self.mode, self.distribution, self.seed = scale, mode, distribution, seed
+
+    def get_config(self):
+        if type(self) is VarianceScaling:
+            return super().get_config()
+        return {"seed": self.seed}
+
+    def sample(self, shape, rng):
+        fan_in, fan_out = _fans(shape)
+        n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
+        var = self.scale / max(1.0, n)
+        if self.distribution == "uniform":
+            limit = np.sqrt(3.0 * var)
+            return rng.uniform(-limit, limit, shape)
+        if self.distribution == "untruncated_normal":
+            return rng.standard_normal(shape) * np.sqrt(var)
+        return _truncated_normal(rng, shape, np.sqrt(var) / _TRUNC_STD)
+
+
+class GlorotUniform(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(1.0, "fan_avg", "uniform", seed)
+
+
+class GlorotNormal(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(1.0, "fan_avg", "truncated_normal", seed)
+
+
+class HeUniform(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(2.0, "fan_in", "uniform", seed)
+
+
+class HeNormal(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(2.0, "fan_in", "truncated_normal", seed)
+
+
+class LecunUniform(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(1.0, "fan_in", "uniform", seed)
+
+
+class LecunNormal(VarianceScaling):
+    def __init__(self, seed=None):
+        super().__init__(1.0, "fan_in", "truncated_normal", seed)
+
+
+class Orthogonal(Initializer):
+    def __init__(self, gain=1.0, seed=None):
+        self.gain, self.seed = gain, seed
+
+    def sample(self, shape, rng):
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        cols = shape[-1]
+        a = rng.standard_normal((max(rows, cols), min(rows, cols)))
+        q, r = np.linalg.qr(a)
+        q *= np.sign(np.diag(r))  # makes the distribution uniform (Haar)
+        if rows < cols:
+            q = q.T
+        return self.gain * q.reshape(shape)
+
+
+class RandomNormal(Initializer):
+    def __init__(self, mean=0.0, stddev=0.05, seed=None):
+        self.mean, self.stddev, self.seed = mean, stddev, seed
+
+    def sample(self, shape, rng):
+        return self.mean + self.stddev * rng.standard_normal(shape)
+
+
+class RandomUniform(Initializer):
+    def __init__(self, minval=-0.05, maxval=0.05, seed=None):
+        self.minval, self.maxval, self.seed = minval, maxval, seed
+
+    def sample(self, shape, rng):
+        return rng.uniform(self.minval, self.maxval, shape)
+
+
+class Constant(Initializer):
+    def __init__(self, value=0.0):
+        self.value = value
+
+    def sample(self, shape, rng):
+        return np.full(shape, self.value)
+
+
+class Zeros(Constant):
+    def __init__(self):
+        super().__init__(0.0)
+
+    def get_config(self):
+        return {}
+
+
+class Ones(Constant):
+    def __init__(self):
+        super().__init__(1.0)
+
+    def get_config(self):
+        return {}
+
+
+_CLASSES = {
+    "glorot_uniform": GlorotUniform, "glorot_normal": GlorotNormal,
+    "xavier_uniform": GlorotUniform, "xavier_normal": GlorotNormal,
+    "he_uniform": HeUniform, "he_normal": HeNormal,
+    "lecun_uniform": LecunUniform, "lecun_normal": LecunNormal,
+    "orthogonal": Orthogonal, "random_normal": RandomNormal,
+    "random_uniform": RandomUniform, "zeros": Zeros, "ones": Ones,
+    "constant": Constant, "variance_scaling": VarianceScaling,
+}
+
+
+def get(identifier):
+    """An initializer from a name, an Initializer, or a config dict."""
+    if isinstance(identifier, Initializer):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key in _CLASSES:
+            return _CLASSES[key]()
+        raise ValueError(f"initializer: unknown name {identifier!r}; expected one of "
+                         f"{', '.join(_CLASSES)}")
+    if isinstance(identifier, dict) and identifier.get("class_name") in _NAMES:
+        return _NAMES[identifier["class_name"]](**identifier.get("config", {}))
+    raise TypeError(f"initializer: expected a name or an Initializer, got {identifier!r}")
+
+
+def serialize(init):
+    return {"class_name": type(init).__name__, "config": init.get_config()}
+
+
+_NAMES = {cls.__name__: cls for cls in set(_CLASSES.values())}

@@ -1,0 +1,183 @@
+"""Layers. Each layer declares its weights; the model allocates them in its
+flat buffers and hands every layer views into them. A layer's forward and
+backward are one compiled call each, writing into work buffers allocated
+once for the largest batch seen, so a steady training step allocates
+nothing.
+
+Layer protocol (used by models.Sequential):
+    build(input_dim) -> output_dim, and fills self.weight_specs
+    bind(values, grads)          dicts name -> view into the flat buffers
+    forward(x, training, logits) -> output rows (a view of a work buffer)
+    backward(dout, need_dx)      -> dx (a view of a work buffer) or None
+"""
+import numpy as np
+
+from fastgrad import _core, activations, constraints, initializers, ops, regularizers
+
+
+class WeightSpec:
+    """What a layer asks the model to allocate for one weight tensor."""
+
+    def __init__(self, name, shape, initializer, trainable=True, regularizer=None,
+                 constraint=None):
+        self.name, self.shape = name, tuple(int(s) for s in shape)
+        self.initializer, self.trainable = initializer, trainable
+        self.regularizer, self.constraint = regularizer, constraint
+        self.size = int(np.prod(self.shape))
+
+
+class Layer:
+    """Base class. ``name`` is given by the model when not set."""
+
+    def __init__(self, name=None, input_dim=None, input_shape=None):
+        if input_shape is not None:
+            if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1
+                    or int(input_shape[0]) < 1):
+                raise ValueError("input_shape: expected (features,) with features >= 1, "
+                                 f"got {input_shape!r}")
+            input_dim = int(input_shape[0])
+        if input_dim is not None and (not isinstance(input_dim, (int, np.integer))
+                                      or input_dim < 1):
+            raise ValueError(f"input_dim: expected a positive integer, got {input_dim!r}")
+        self.name = name
+        self.input_dim = None if input_dim is None else int(input_dim)
+        self.output_dim = None
+        self.weight_specs = []
+        self.weights, self.grads = {}, {}
+        self._cap = 0
+        self._dtype = None
+
+    # -- building ---------------------------------------------------------
+    def build(self, input_dim):
+        self.input_dim = input_dim
+        self.output_dim = input_dim
+        return input_dim
+
+    def bind(self, values, grads):
+        self.weights, self.grads = values, grads
+
+    def allocate(self, batch, dtype, need_dx):
+        """Work buffers for up to ``batch`` rows; grown, never shrunk."""
+        if batch > self._cap or dtype != self._dtype:
+            self._cap, self._dtype = max(batch, self._cap if dtype == self._dtype else 0), dtype
+            self._allocate(self._cap, dtype, need_dx)
+
+    def _allocate(self, cap, dtype, need_dx):
+        self._out = np.empty((cap, self.output_dim), dtype)
+        self._dx = np.empty((cap, self.input_dim), dtype) if need_dx else None
+
+    @property
+    def kind(self):
+        return type(self).__name__
+
+    def get_config(self):
+        return {"name": self.name}
+
+    def count_params(self):
+        return sum(s.size for s in self.weight_specs)
+
+
+class Dense(Layer):
+    """Fully connected layer: ``y = activation(x @ kernel + bias)``.
+
+    kernel is (input_dim, units), bias (units,). Defaults as in Keras:
+    glorot_uniform kernel, zero bias. When a BatchNormalization follows, its
+    shift makes the bias redundant: pass ``use_bias=False``."""
+
+    def __init__(self, units, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None,
+                 input_dim=None, input_shape=None, name=None):
+        super().__init__(name, input_dim, input_shape)
+        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
+            raise ValueError(f"units: expected a positive integer, got {units!r}")
+        self.units = int(units)
+        self.activation = activations.name_of(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self._code, self._alpha = ops.ACTIVATIONS[self.activation]
+        self._needs_pre = self.activation in ops.NEEDS_PRE
+
+    def build(self, input_dim):
+        self.input_dim, self.output_dim = input_dim, self.units
+        self.weight_specs = [WeightSpec("kernel", (input_dim, self.units),
+                                        self.kernel_initializer, True,
+                                        self.kernel_regularizer, self.kernel_constraint)]
+        if self.use_bias:
+            self.weight_specs.append(WeightSpec("bias", (self.units,), self.bias_initializer,
+                                                True, self.bias_regularizer,
+                                                self.bias_constraint))
+        return self.units
+
+    def _allocate(self, cap, dtype, need_dx):
+        super()._allocate(cap, dtype, need_dx)
+        self._pre = np.empty((cap, self.units), dtype) if self._needs_pre else None
+
+    def forward(self, x, training=False, logits=False):
+        b = x.shape[0]
+        out = self._out[:b]
+        pre = self._pre[:b] if self._pre is not None else None
+        # logits: the model fuses this layer's softmax/sigmoid into the loss
+        code = 0 if logits else self._code
+        _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
+                            out, pre, code, self._alpha)
+        self._x, self._y, self._zb, self._code_used = x, out, pre, code
+        return out
+
+    def backward(self, dout, need_dx=True):
+        b = dout.shape[0]
+        dx = self._dx[:b] if need_dx else None
+        # dout is the next layer's scratch: the activation gradient overwrites it
+        _core.dense_backward(dout, self._x, self.weights["kernel"], self._y, self._zb,
+                             dout, self.grads["kernel"], self.grads.get("bias"), dx,
+                             self._code_used, self._alpha)
+        return dx
+
+    def get_config(self):
+        return {
+            "name": self.name, "units": self.units, "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "input_dim": self.input_dim,
+        }
+
+
+class Activation(Layer):
+    """Applies an activation by name: ``y = activation(x)``."""
+
+    def __init__(self, activation, input_dim=None, input_shape=None, name=None):
+        super().__init__(name, input_dim, input_shape)
+        self.activation = activations.name_of(activation)
+        self._code, self._alpha = ops.ACTIVATIONS[self.activation]
+
+    def forward(self, x, training=False, logits=False):
+        out = self._out[:x.shape[0]]
+        code = 0 if logits else self._code
+        _core.bias_act_forward(x, None, out, None, code, self._alpha)
+        self._x, self._y, self._code_used = x, out, code
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        dx = self._dx[:dout.shape[0]]
+        _core.act_backward(dout, self._y, self._x, dx, None, self._code_used, self._alpha)
+        return dx
+
+    def get_config(self):
+        return {"name": self.name, "activation": self.activation,
+                "input_dim": self.input_dim}
+
+
+LAYERS = {cls.__name__: cls for cls in (Dense, Activation)}

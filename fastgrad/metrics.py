@@ -1,0 +1,88 @@
+"""Metrics, by name for ``compile(metrics=[...])``.
+
+    accuracy   resolved from the loss: categorical (argmax of prediction and
+               one-hot target agree), sparse (argmax equals the label) or
+               binary (prediction > 0.5, or logit > 0, equals target > 0.5)
+    mse, mae   mean squared / absolute error over all entries
+
+A metric is ``metric(y_true, y_pred) -> float`` averaged over the batch;
+the model weights per-batch values by batch size over an epoch.
+"""
+import numpy as np
+
+
+class Metric:
+    name = None
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        raise NotImplementedError
+
+
+class MeanSquaredError(Metric):
+    name = "mse"
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        d = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(np.shape(y_pred))
+        return float(np.mean(d * d))
+
+
+class MeanAbsoluteError(Metric):
+    name = "mae"
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        d = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(np.shape(y_pred))
+        return float(np.mean(np.abs(d)))
+
+
+class CategoricalAccuracy(Metric):
+    name = "accuracy"
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        return float(np.mean(np.argmax(y_pred, 1) == np.argmax(y_true, 1)))
+
+
+class SparseCategoricalAccuracy(Metric):
+    name = "accuracy"
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        return float(np.mean(np.argmax(y_pred, 1) == np.asarray(y_true).reshape(-1)))
+
+
+class BinaryAccuracy(Metric):
+    name = "accuracy"
+
+    def __init__(self, threshold=0.5):
+        self.threshold = threshold
+
+    def __call__(self, y_true, y_pred, from_logits=False):
+        # a logit above log(t / (1 - t)) is a probability above t
+        t = np.log(self.threshold / (1 - self.threshold)) if from_logits else self.threshold
+        y_true = np.asarray(y_true).reshape(np.shape(y_pred))
+        return float(np.mean((np.asarray(y_pred) > t) == (y_true > 0.5)))
+
+
+_CLASSES = {"mse": MeanSquaredError, "mean_squared_error": MeanSquaredError,
+            "mae": MeanAbsoluteError, "mean_absolute_error": MeanAbsoluteError,
+            "categorical_accuracy": CategoricalAccuracy,
+            "sparse_categorical_accuracy": SparseCategoricalAccuracy,
+            "binary_accuracy": BinaryAccuracy}
+
+
+def get(identifier, loss_name=None):
+    """A Metric from a name or instance; "accuracy"/"acc" follows the loss."""
+    if isinstance(identifier, Metric):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key in ("accuracy", "acc"):
+            if loss_name == "sparse_categorical_crossentropy":
+                return SparseCategoricalAccuracy()
+            if loss_name == "binary_crossentropy":
+                return BinaryAccuracy()
+            return CategoricalAccuracy()
+        if key in _CLASSES:
+            m = _CLASSES[key]()
+            return m
+        raise ValueError(f"metrics: unknown name {identifier!r}; expected 'accuracy', "
+                         f"{', '.join(_CLASSES)}")
+    raise TypeError(f"metrics: expected a name or a fastgrad.metrics.Metric, got {identifier!r}")

@@ -1,0 +1,478 @@
+"""The Sequential model: a stack of layers over flat parameter buffers.
+
+All trainable parameters live in one contiguous array (``model.params``),
+their gradients in another (``model.grads``) and non-trainable state (such
+as BatchNormalization's moving statistics) in a third; layers and the
+optimizer hold views. A training step is one compiled call per layer and
+direction, one for the loss and two for the optimizer, writing into buffers
+allocated for the largest batch seen: after the first step it allocates
+nothing.
+
+When the last layer's activation is softmax (with categorical or sparse
+categorical cross-entropy) or sigmoid (with binary cross-entropy), training
+and evaluation compute the loss from its logits, fused and stable; predict
+returns the activation's output.
+"""
+import math
+import sys
+import time
+
+import numpy as np
+
+from fastgrad import _core, callbacks as callbacks_mod, losses, metrics as metrics_mod, ops
+from fastgrad import optimizers
+from fastgrad.layers import Layer
+
+_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+_FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",
+          "binary_crossentropy": "sigmoid"}
+
+
+def _snake(name):
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out.replace("batch_normalization", "batch_normalization")
+
+
+class Sequential:
+    """A linear stack of layers.
+
+    ``Sequential(layers=None, dtype="float32", seed=None)``: dtype is
+    "float32" or "float64"; seed makes initialization, shuffling and dropout
+    reproducible (same seed, data and settings: bit-identical weights)."""
+
+    def __init__(self, layers=None, dtype="float32", seed=None, name="sequential"):
+        if dtype not in _DTYPES:
+            key = np.dtype(dtype).name if isinstance(dtype, type) or isinstance(dtype, np.dtype) else dtype
+            if key not in _DTYPES:
+                raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+            dtype = key
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or seed < 0):
+            raise ValueError(f"seed: expected None or a non-negative integer, got {seed!r}")
+        self.dtype = _DTYPES[dtype]
+        self.seed = seed
+        self.name = name
+        self.layers = []
+        self.built = False
+        self.optimizer = self.loss = None
+        self.metrics = []
+        self.stop_training = False
+        self.history = None
+        self._rng = np.random.default_rng(seed)
+        self._cap = 0
+        for layer in layers or []:
+            self.add(layer)
+
+    # -- structure --------------------------------------------------------
+    def add(self, layer):
+        """Append a layer (before the model is built)."""
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer: expected a fastgrad.layers layer, got {type(layer).__name__}")
+        if self.built:
+            raise ValueError("layer: the model is already built (its weights exist); add "
+                             "every layer before the first compile, fit or predict")
+        if any(layer is l for l in self.layers):
+            raise ValueError(f"layer: {layer.name or layer.kind} is already in the model")
+        if self.layers and (layer.input_dim is not None and layer.name is None
+                            and False):
+            pass
+        if layer.name is None:
+            base = _snake(layer.kind)
+            taken = {l.name for l in self.layers}
+            k, name = 0, base
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            layer.name = name
+        elif any(l.name == layer.name for l in self.layers):
+            raise ValueError(f"layer: the name {layer.name!r} is already used in this model")
+        self.layers.append(layer)
+
+    def build(self, input_dim=None):
+        """Create the weights for inputs of ``input_dim`` features."""
+        if self.built:
+            return
+        if not self.layers:
+            raise ValueError("model: it has no layers; add some first")
+        if input_dim is None:
+            input_dim = self.layers[0].input_dim
+        if input_dim is None:
+            raise ValueError("input_dim: unknown; give the first layer input_dim= or "
+                             "input_shape=, or call fit/predict")
+        dim = int(input_dim)
+        for layer in self.layers:
+            dim = layer.build(dim)
+        self.input_dim, self.output_dim = int(input_dim), dim
+        specs = [(layer, s) for layer in self.layers for s in layer.weight_specs]
+        n_train = sum(s.size for _, s in specs if s.trainable)
+        n_state = sum(s.size for _, s in specs if not s.trainable)
+        self.params = np.zeros(n_train, self.dtype)
+        self.grads = np.zeros(n_train, self.dtype)
+        self.state = np.zeros(n_state, self.dtype)
+        self._tensors, self._specs = [], specs
+        offs = {True: 0, False: 0}
+        views = {id(layer): ({}, {}) for layer in self.layers}
+        for layer, s in specs:
+            off = offs[s.trainable]
+            buf = self.params if s.trainable else self.state
+            value = buf[off:off + s.size].reshape(s.shape)
+            value[...] = s.initializer(s.shape, self.dtype, self._rng)
+            views[id(layer)][0][s.name] = value
+            if s.trainable:
+                views[id(layer)][1][s.name] = self.grads[off:off + s.size].reshape(s.shape)
+                self._tensors.append((f"{layer.name}/{s.name}", off, s.shape,
+                                      s.regularizer, s.constraint))
+            offs[s.trainable] = off + s.size
+        for layer in self.layers:
+            layer.bind(*views[id(layer)])
+        self.built = True
+        if self.optimizer is not None:
+            self.optimizer.build(self.params, self.grads, self._tensors)
+
+    @property
+    def weight_names(self):
+        """Names of the trainable tensors, in get_weights() order."""
+        return [t[0] for t in getattr(self, "_tensors", [])]
+
+    def count_params(self):
+        self._require_built("count_params")
+        return self.params.size + self.state.size
+
+    # -- compile ----------------------------------------------------------
+    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
+        """Choose the optimizer, loss and metrics (names or objects)."""
+        opt = optimizers.get(optimizer)
+        loss_obj = losses.get(loss)
+        if metrics is None:
+            metrics = []
+        elif isinstance(metrics, (str, metrics_mod.Metric)):
+            metrics = [metrics]
+        mets = [metrics_mod.get(m, loss_obj.name) for m in metrics]
+        self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
+        self._metric_names = [m if isinstance(m, str) else m.name for m in metrics]
+        self._metric_names = ["accuracy" if n in ("acc", "accuracy") else n
+                              for n in self._metric_names]
+        last = self.layers[-1] if self.layers else None
+        act = getattr(last, "activation", None)
+        self._fused = (not loss_obj.from_logits and loss_obj.name in _FUSED
+                       and act == _FUSED[loss_obj.name])
+        self._from_logits = loss_obj.from_logits or self._fused
+        self._loss_code = ops.LOSSES[loss_obj.name]
+        if self.layers and self.layers[0].input_dim is not None:
+            self.build()
+        if self.built:
+            opt.build(self.params, self.grads, self._tensors)
+
+    # -- input checks -----------------------------------------------------
+    def _require_built(self, what):
+        if not self.built:
+            self.build()
+
+    def _require_compiled(self, what):
+        if self.optimizer is None:
+            raise RuntimeError(f"{what}: the model is not compiled; call "
+                               "model.compile(optimizer, loss) first")
+
+    def _check_x(self, x, name="x"):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected an array of numbers, got dtype {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
+        dim = self.input_dim if self.built else self.layers[0].input_dim if self.layers else None
+        if dim is not None and x.shape[1] != dim:
+            raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
+                             f"(shape {x.shape})")
+        if x.dtype != self.dtype or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=self.dtype)
+        return x
+
+    def _check_y(self, y, batch, name="y"):
+        """Targets as the model's dtype (batch, outputs), or int64 labels."""
+        if self.loss.name == "sparse_categorical_crossentropy":
+            return None, ops._labels(y, batch, self.output_dim)
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected an array of numbers, got dtype {y.dtype}")
+        if y.ndim == 1 and self.output_dim == 1:
+            y = y.reshape(-1, 1)
+        if y.ndim != 2 or y.shape != (batch, self.output_dim):
+            what = ("one-hot targets " if self.loss.name == "categorical_crossentropy" else "")
+            raise ValueError(f"{name}: expected {what}of shape ({batch}, {self.output_dim}) "
+                             f"to match x and the model's {self.output_dim} outputs, got "
+                             f"shape {y.shape}")
+        if y.dtype != self.dtype or not y.flags.c_contiguous:
+            y = np.ascontiguousarray(y, dtype=self.dtype)
+        return y, None
+
+    def _check_xy(self, x, y, what):
+        x = self._check_x(x)
+        if not self.built:
+            self.build(x.shape[1])
+            self.optimizer.build(self.params, self.grads, self._tensors) \
+                if self.optimizer is not None and self.optimizer._params is not self.params \
+                else None
+        n = len(y) if hasattr(y, "__len__") else None
+        if n is not None and n != x.shape[0]:
+            raise ValueError(f"y: expected {x.shape[0]} rows to match x, got {n}")
+        target, labels = self._check_y(y, x.shape[0])
+        return x, target, labels
+
+    # -- buffers ----------------------------------------------------------
+    def _prepare(self, batch):
+        """Work buffers for batches of up to ``batch`` rows."""
+        if batch <= self._cap:
+            return
+        self._cap = batch
+        for i, layer in enumerate(self.layers):
+            layer.allocate(batch, self.dtype, need_dx=i > 0)
+        self._dlogits = np.empty((batch, self.output_dim), self.dtype)
+        self._prob = np.empty((batch, self.output_dim), self.dtype)
+
+    # -- the step ---------------------------------------------------------
+    def _forward(self, x, training, logits):
+        h = x
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, training, logits and i == last)
+        return h
+
+    def _train_step(self, x, target, labels):
+        b = x.shape[0]
+        h = self._forward(x, True, self._fused)
+        d = self._dlogits[:b]
+        prob = self._prob[:b] if self._fused else None
+        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
+                                           self._from_logits, self.loss.delta)
+        for i in range(len(self.layers) - 1, -1, -1):
+            d = self.layers[i].backward(d, i > 0)
+        rec = self.optimizer.apply()
+        loss += rec.penalty
+        if not self.metrics:
+            return loss, None
+        pred = prob if self._fused else h
+        y_true = labels if labels is not None else target
+        return loss, [m(y_true, pred, self._from_logits and not self._fused)
+                      for m in self.metrics]
+
+    def train_on_batch(self, x, y):
+        """One forward, backward and optimizer step on one batch. Returns the
+        loss (a float) or [loss, *metrics] when metrics were compiled."""
+        self._require_compiled("train_on_batch")
+        x, target, labels = self._check_xy(x, y, "train_on_batch")
+        self._prepare(x.shape[0])
+        loss, mets = self._train_step(x, target, labels)
+        return float(loss) if mets is None else [float(loss), *mets]
+
+    # -- fit --------------------------------------------------------------
+    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
+            callbacks=None, verbose=1, initial_epoch=0):
+        """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
+        (the last one may be smaller), shuffled each epoch from the model's
+        seed. Returns a History whose ``history`` maps "loss", the metrics and
+        their "val_" forms to per-epoch lists."""
+        self._require_compiled("fit")
+        for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
+                            ("initial_epoch", initial_epoch, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+        x, target, labels = self._check_xy(x, y, "fit")
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data: expected a tuple (x_val, y_val)")
+            vx, vt, vl = self._check_xy(*validation_data, "fit")
+        n = x.shape[0]
+        bs = min(int(batch_size), max(n, 1))
+        self._prepare(bs)
+        ybuf = np.empty((bs,) + (target.shape[1:] if target is not None else ()),
+                        target.dtype if target is not None else np.int64)
+        xbuf = np.empty((bs, x.shape[1]), self.dtype)
+        history = callbacks_mod.History()
+        cbs = [history] + list(callbacks or [])
+        for cb in cbs:
+            cb.set_model(self)
+        self.stop_training = False
+        for cb in cbs:
+            cb.on_train_begin()
+        for epoch in range(initial_epoch, epochs):
+            for cb in cbs:
+                cb.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            order = self._rng.permutation(n) if shuffle else None
+            sums = np.zeros(1 + len(self.metrics))
+            for step, start in enumerate(range(0, n, bs)):
+                stop = min(start + bs, n)
+                b = stop - start
+                if order is None:
+                    xb = x[start:stop]
+                    yb = (target if target is not None else labels)[start:stop]
+                else:
+                    idx = order[start:stop]
+                    xb = np.take(x, idx, axis=0, out=xbuf[:b])
+                    yb = np.take(target if target is not None else labels, idx, axis=0,
+                                 out=ybuf[:b])
+                for cb in cbs:
+                    cb.on_batch_begin(step)
+                loss, mets = self._train_step(xb, yb if labels is None else None,
+                                              yb if labels is not None else None)
+                sums[0] += loss * b
+                if mets:
+                    sums[1:] += np.asarray(mets) * b
+                logs = {"loss": float(loss)}
+                for cb in cbs:
+                    cb.on_batch_end(step, logs)
+                if verbose == 1:
+                    self._progress(epoch, epochs, stop, n, t0, sums[0] / stop)
+                if self.stop_training:
+                    break
+            seen = max(min(stop, n), 1) if n else 1
+            logs = {"loss": float(sums[0] / seen)}
+            for name, s in zip(self._metric_names, sums[1:]):
+                logs[name] = float(s / seen)
+            if validation_data is not None:
+                vals = self._evaluate(vx, vt, vl, bs)
+                logs["val_loss"] = vals[0]
+                for name, v in zip(self._metric_names, vals[1:]):
+                    logs["val_" + name] = v
+            if verbose:
+                dt = time.perf_counter() - t0
+                line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+                end = "\n"
+                print(f"{'' if verbose == 2 else chr(13)}Epoch {epoch + 1}/{epochs} - "
+                      f"{dt:.2f}s - {line}", end=end, file=sys.stdout, flush=True)
+            for cb in cbs:
+                cb.on_epoch_end(epoch, logs)
+            if self.stop_training:
+                break
+        for cb in cbs:
+            cb.on_train_end()
+        self.history = history
+        return history
+
+    def _progress(self, epoch, epochs, done, n, t0, loss):
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        width = 20
+        fill = int(width * done / max(n, 1))
+        print(f"\rEpoch {epoch + 1}/{epochs} [{'=' * fill}{'.' * (width - fill)}] "
+              f"{done}/{n} - {rate:,.0f} samples/s - loss: {loss:.4f}", end="",
+              file=sys.stdout, flush=True)
+
+    # -- inference --------------------------------------------------------
+    def _evaluate(self, x, target, labels, batch_size):
+        n = x.shape[0]
+        bs = min(batch_size, max(n, 1))
+        self._prepare(bs)
+        sums = np.zeros(1 + len(self.metrics))
+        for start in range(0, n, bs):
+            stop = min(start + bs, n)
+            b = stop - start
+            xb = x[start:stop]
+            tb = target[start:stop] if target is not None else None
+            lb = labels[start:stop] if labels is not None else None
+            h = self._forward(xb, False, self._fused)
+            prob = self._prob[:b] if self._fused else None
+            loss = _core.loss_forward_backward(h, tb, lb, None, None, prob, self._loss_code,
+                                               self._from_logits, self.loss.delta)
+            sums[0] += loss * b
+            pred = prob if self._fused else h
+            y_true = lb if lb is not None else tb
+            for k, m in enumerate(self.metrics):
+                sums[1 + k] += b * m(y_true, pred, self._from_logits and not self._fused)
+        out = sums / max(n, 1)
+        out[0] += self._penalty()
+        return [float(v) for v in out]
+
+    def _penalty(self):
+        total = 0.0
+        for layer, s in self._specs:
+            if s.trainable and s.regularizer is not None:
+                total += s.regularizer(layer.weights[s.name])
+        return total
+
+    def evaluate(self, x, y, batch_size=32, verbose=1):
+        """Loss (with regularization penalties) and metrics in inference mode,
+        averaged over all rows. Returns a float or [loss, *metrics]."""
+        self._require_compiled("evaluate")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        x, target, labels = self._check_xy(x, y, "evaluate")
+        vals = self._evaluate(x, target, labels, int(batch_size))
+        if verbose:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in
+                             zip(["loss"] + self._metric_names, vals)))
+        return vals[0] if not self.metrics else vals
+
+    def predict(self, x, batch_size=None, verbose=0):
+        """Outputs for x in inference mode, in batches of ``batch_size``
+        (default 32); an array of the model's dtype, shape (rows, outputs)."""
+        if batch_size is None:
+            batch_size = 32
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        x = self._check_x(x)
+        if not self.built:
+            self.build(x.shape[1])
+        n = x.shape[0]
+        out = np.empty((n, self.output_dim), self.dtype)
+        bs = min(int(batch_size), max(n, 1))
+        self._prepare(bs)
+        for start in range(0, n, bs):
+            stop = min(start + bs, n)
+            out[start:stop] = self._forward(x[start:stop], False, False)
+        return out
+
+    # -- weights ----------------------------------------------------------
+    def get_weights(self):
+        """Copies of every weight, layer by layer (Dense: kernel, bias)."""
+        self._require_built("get_weights")
+        return [layer.weights[s.name].copy() for layer, s in self._specs]
+
+    def set_weights(self, weights):
+        """Set every weight from a list like get_weights() returns; the whole
+        list is checked before anything changes."""
+        self._require_built("set_weights")
+        weights = list(weights)
+        if len(weights) != len(self._specs):
+            raise ValueError(f"weights: expected {len(self._specs)} arrays, got {len(weights)}")
+        arrays = []
+        for (layer, s), w in zip(self._specs, weights):
+            w = np.asarray(w)
+            if w.dtype.kind not in "biuf":
+                raise TypeError(f"weights: {layer.name}/{s.name} must be numbers, got dtype {w.dtype}")
+            if w.shape != s.shape:
+                raise ValueError(f"weights: {layer.name}/{s.name} expected shape {s.shape}, "
+                                 f"got {w.shape}")
+            arrays.append(w)
+        for (layer, s), w in zip(self._specs, arrays):
+            layer.weights[s.name][...] = w
+
+    def summary(self, print_fn=None):
+        """Print each layer's name and type, output shape and parameter count."""
+        print_fn = print_fn or print
+        rows = []
+        for layer in self.layers:
+            shape = f"(None, {layer.output_dim})" if layer.output_dim else "?"
+            rows.append((f"{layer.name} ({layer.kind})", shape,
+                         f"{layer.count_params():,}" if self.built else "?"))
+        w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+             for i, h in enumerate(("Layer (type)", "Output Shape", "Param #"))]
+        w = [max(w[0], 28), max(w[1], 20), max(w[2], 10)]
+        line = "─" * (sum(w) + 6)
+        print_fn(f'Model: "{self.name}"')
+        print_fn(line)
+        print_fn(f"{'Layer (type)':<{w[0]}}   {'Output Shape':<{w[1]}}   {'Param #':>{w[2]}}")
+        print_fn(line)
+        for r in rows:
+            print_fn(f"{r[0]:<{w[0]}}   {r[1]:<{w[1]}}   {r[2]:>{w[2]}}")
+        print_fn(line)
+        if self.built:
+            t, s = self.params.size, self.state.size
+            print_fn(f" Total params: {t + s:,}")
+            print_fn(f" Trainable params: {t:,}")
+            print_fn(f" Non-trainable params: {s:,}")
+        else:
+            print_fn(" Total params: unknown until the model is built")

@@ -1,0 +1,270 @@
+"""The compiled kernels, callable on NumPy arrays.
+
+Every function checks its arguments and raises ``TypeError`` (wrong type or
+dtype) or ``ValueError`` (wrong shape, unknown name) naming the argument,
+before any compiled code runs. Inputs of any memory layout are accepted
+(non-contiguous ones are copied once); ``out``-style buffers must already be
+C-contiguous, writable and of the computation's dtype, since they are
+written in place. The computation's dtype is that of the first array
+argument, float32 or float64; the other float arrays must match it.
+
+Kernels overwrite their outputs; nothing accumulates.
+"""
+import numpy as np
+
+from fastgrad import _core
+
+# name -> (code in csrc/fastgrad.h, default alpha). alpha is leaky_relu's
+# negative slope and elu's alpha.
+ACTIVATIONS = {
+    "linear": (0, 0.0), "relu": (1, 0.0), "leaky_relu": (2, 0.2),
+    "elu": (3, 1.0), "selu": (4, 0.0), "gelu": (5, 0.0), "silu": (6, 0.0),
+    "sigmoid": (7, 0.0), "tanh": (8, 0.0), "softmax": (9, 0.0),
+}
+NEEDS_PRE = frozenset({"gelu", "silu"})  # derivative needs z, not just y
+
+LOSSES = {
+    "mse": 0, "mae": 1, "huber": 2, "binary_crossentropy": 3,
+    "categorical_crossentropy": 4, "sparse_categorical_crossentropy": 5,
+}
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _dtype_of(name, a):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
+    return a.dtype
+
+
+def _input(name, a, dtype, ndim, shape=None):
+    """Check an input array and return it C-contiguous (copying if needed)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the "
+                        f"computation), got {a.dtype}")
+    _shape(name, a, ndim, shape)
+    return np.ascontiguousarray(a)
+
+
+def _output(name, a, dtype, shape):
+    """Check a caller-provided buffer that the kernel writes into, or make one."""
+    if a is None:
+        return np.empty(shape, dtype)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {a.dtype}")
+    _shape(name, a, len(shape), shape)
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (it is written in place)")
+    if not a.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array")
+    return a
+
+
+def _shape(name, a, ndim, shape):
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got {a.ndim}-D "
+                         f"with shape {a.shape}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
+
+
+def _activation(activation, alpha):
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a name, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown name {activation!r}; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    code, default = ACTIVATIONS[activation]
+    alpha = default if alpha is None else float(alpha)
+    if activation in ("leaky_relu", "elu") and not alpha >= 0:
+        raise ValueError(f"alpha: expected a value >= 0 for {activation}, got {alpha}")
+    return code, alpha
+
+
+def matmul(a, b, out=None, trans_a=False, trans_b=False):
+    """out = op(a) @ op(b) through BLAS gemm; op transposes when asked."""
+    dt = _dtype_of("a", a)
+    a = _input("a", a, dt, 2)
+    b = _input("b", b, dt, 2)
+    m = a.shape[1] if trans_a else a.shape[0]
+    k = a.shape[0] if trans_a else a.shape[1]
+    kb = b.shape[1] if trans_b else b.shape[0]
+    if k != kb:
+        raise ValueError(f"b: expected {k} rows in op(b) to match op(a) of shape "
+                         f"({m}, {k}), got {kb}")
+    n = b.shape[0] if trans_b else b.shape[1]
+    out = _output("out", out, dt, (m, n))
+    return _core.matmul(a, b, out, bool(trans_a), bool(trans_b))
+
+
+def dense_forward(x, kernel, bias=None, activation="linear", out=None, pre=None,
+                  alpha=None):
+    """Dense layer forward: ``out = activation(x @ kernel + bias)``.
+
+    x is (batch, in), kernel (in, units), bias (units,) or None. When ``pre``
+    is given it receives ``z = x @ kernel + bias``; keep it for
+    :func:`dense_backward` when the activation is gelu or silu.
+    Returns ``out``."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    kernel = _input("kernel", kernel, dt, 2)
+    if kernel.shape[0] != x.shape[1]:
+        raise ValueError(f"kernel: expected {x.shape[1]} rows (the features of x), "
+                         f"got shape {kernel.shape}")
+    units = kernel.shape[1]
+    if bias is not None:
+        bias = _input("bias", bias, dt, 1, (units,))
+    code, alpha = _activation(activation, alpha)
+    out = _output("out", out, dt, (x.shape[0], units))
+    if pre is not None:
+        pre = _output("pre", pre, dt, (x.shape[0], units))
+    return _core.dense_forward(x, kernel, bias, out, pre, code, alpha)
+
+
+def dense_backward(dout, x, kernel, out, activation="linear", pre=None, alpha=None,
+                   use_bias=True, need_dx=True, dkernel=None, dbias=None, dx=None):
+    """Dense layer backward, for ``out = activation(x @ kernel + bias)``::
+
+        dz      = dout * activation'(z)
+        dkernel = x.T @ dz
+        dbias   = dz.sum(axis=0)         (None when use_bias is False)
+        dx      = dz @ kernel.T          (None when need_dx is False)
+
+    ``out`` is the forward output; ``pre`` (z) is required for gelu and silu.
+    Returns ``(dx, dkernel, dbias)``."""
+    dt = _dtype_of("dout", dout)
+    x = _input("x", x, dt, 2)
+    kernel = _input("kernel", kernel, dt, 2)
+    batch, units = x.shape[0], kernel.shape[1]
+    if kernel.shape[0] != x.shape[1]:
+        raise ValueError(f"kernel: expected {x.shape[1]} rows (the features of x), "
+                         f"got shape {kernel.shape}")
+    dout = _input("dout", dout, dt, 2, (batch, units))
+    out = _input("out", out, dt, 2, (batch, units))
+    code, alpha = _activation(activation, alpha)
+    if pre is not None:
+        pre = _input("pre", pre, dt, 2, (batch, units))
+    elif activation in NEEDS_PRE:
+        raise ValueError(f"pre: {activation}'s derivative needs the pre-activation "
+                         "z; pass the pre= buffer filled by dense_forward")
+    dkernel = _output("dkernel", dkernel, dt, kernel.shape)
+    dbias = _output("dbias", dbias, dt, (units,)) if use_bias else None
+    dx = _output("dx", dx, dt, x.shape) if need_dx else None
+    dpre = np.empty((batch, units), dt)
+    _core.dense_backward(dout, x, kernel, out, pre, dpre, dkernel, dbias, dx, code, alpha)
+    return dx, dkernel, dbias
+
+
+def activation_forward(x, activation, out=None, pre=None, alpha=None):
+    """``out = activation(x)`` (softmax over the last axis). Returns ``out``."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    code, alpha = _activation(activation, alpha)
+    out = _output("out", out, dt, x.shape)
+    if pre is not None:
+        pre = _output("pre", pre, dt, x.shape)
+    return _core.bias_act_forward(x, None, out, pre, code, alpha)
+
+
+def activation_backward(dout, out, activation, x=None, alpha=None, dx=None):
+    """``dx = dout * activation'(x)``, from the forward output ``out`` (and the
+    input ``x``, required for gelu and silu). Returns ``dx``."""
+    dt = _dtype_of("dout", dout)
+    dout = _input("dout", dout, dt, 2)
+    out = _input("out", out, dt, 2, dout.shape)
+    code, alpha = _activation(activation, alpha)
+    if x is not None:
+        x = _input("x", x, dt, 2, dout.shape)
+    elif activation in NEEDS_PRE:
+        raise ValueError(f"x: {activation}'s derivative needs the input x")
+    dx = _output("dx", dx, dt, dout.shape)
+    return _core.act_backward(dout, out, x, dx, None, code, alpha)
+
+
+def _labels(y, batch, classes=None):
+    """Integer class labels as a contiguous int64 vector, checked for range."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.shape[0] != batch:
+        raise ValueError(f"y_true: expected {batch} integer labels of shape ({batch},) "
+                         f"or ({batch}, 1), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.floor(y)):
+            raise ValueError("y_true: sparse labels must be whole numbers")
+    elif y.dtype.kind not in "iub":
+        raise TypeError(f"y_true: expected integer labels, got dtype {y.dtype}")
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    if classes is not None and y.size and (y.min() < 0 or y.max() >= classes):
+        bad = int(np.flatnonzero((y < 0) | (y >= classes))[0])
+        raise ValueError(f"y_true: label {int(y[bad])} at row {bad} is outside "
+                         f"[0, {classes}) for {classes} classes")
+    return y
+
+
+def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
+                          grad=True, per_sample=False):
+    """Loss averaged over the batch and its gradient with respect to y_pred.
+
+    loss is one of :data:`LOSSES` (formulas in :mod:`fastgrad.losses`).
+    With ``from_logits`` (cross-entropies only) y_pred holds logits and the
+    loss and gradient come from them directly, stably. Returns
+    ``(loss, dy_pred)`` (``dy_pred`` is None when ``grad`` is False), and the
+    per-sample losses as a third item when ``per_sample`` is True."""
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss: unknown name {loss!r}; expected one of {', '.join(LOSSES)}")
+    dt = _dtype_of("y_pred", y_pred)
+    y_pred = _input("y_pred", y_pred, dt, 2)
+    kind = LOSSES[loss]
+    if from_logits and kind < 3:
+        raise ValueError(f"from_logits: only the cross-entropies take logits, not {loss}")
+    if not delta > 0:
+        raise ValueError(f"delta: expected a positive number, got {delta}")
+    target = labels = None
+    if loss == "sparse_categorical_crossentropy":
+        labels = _labels(y_true, y_pred.shape[0], y_pred.shape[1])
+    else:
+        y_true = np.asarray(y_true)
+        if y_true.dtype.kind not in "iubf":
+            raise TypeError(f"y_true: expected numbers, got dtype {y_true.dtype}")
+        target = _input("y_true", y_true.astype(dt, copy=False), dt, 2, y_pred.shape)
+    d = np.empty_like(y_pred) if grad else None
+    rows = np.empty(y_pred.shape[0], dt) if per_sample else None
+    value = _core.loss_forward_backward(y_pred, target, labels, rows, d, None, kind,
+                                        bool(from_logits), float(delta))
+    return (value, d, rows) if per_sample else (value, d)
+
+
+def sgd_step(params, grads, learning_rate, momentum=0.0, nesterov=False, velocity=None):
+    """One in-place SGD step over flat buffers (Keras 3 formula)::
+
+        momentum == 0:  params -= learning_rate * grads
+        otherwise:      velocity = momentum * velocity - learning_rate * grads
+                        params += velocity            (or, with nesterov,
+                        params += momentum * velocity - learning_rate * grads)
+    """
+    dt = _dtype_of("params", params)
+    _shape("params", params, 1, None)
+    params = _output("params", params, dt, params.shape)
+    grads = _input("grads", grads, dt, 1, params.shape)
+    if not 0.0 <= momentum:
+        raise ValueError(f"momentum: expected a value >= 0, got {momentum}")
+    if momentum:
+        if velocity is None:
+            raise ValueError("velocity: required when momentum > 0")
+        velocity = _output("velocity", velocity, dt, params.shape)
+    _core.sgd_step(params, velocity if momentum else None, grads, float(learning_rate),
+                   float(momentum), bool(nesterov))
+    return params
+
+
+def sum_squares(x):
+    """``sum(x**2)`` of any float array, accumulated in float64."""
+    dt = _dtype_of("x", x)
+    return _core.sum_squares(np.ascontiguousarray(x).reshape(-1))

@@ -1,0 +1,376 @@
+"""Optimizers (Keras 3 names, arguments and defaults).
+
+A model keeps all trainable parameters in one flat buffer and their
+gradients in another; an optimizer keeps its moments in more flat buffers
+aligned with them. ``apply()`` is one step in two compiled passes:
+
+1. over the gradients: add the regularizers' gradients, and each tensor's
+   squared L2 norm, accumulated in float64 in a fixed order;
+2. over everything, once: clip (scale from the norms, then ``clipvalue``),
+   decoupled weight decay, the optimizer's moments and update, and the
+   weight constraints.
+
+Clipping (at most one of them, as in Keras):
+    clipvalue         g = clip(g, -clipvalue, clipvalue)
+    clipnorm          each tensor: g *= min(1, clipnorm / ||g||)
+    global_clipnorm   all tensors: g *= min(1, global_clipnorm / sqrt(sum ||g_t||^2))
+``weight_decay``: w -= learning_rate * weight_decay * w before the update.
+
+A step whose gradients are not all finite never reaches the weights: with
+``nonfinite="skip"`` (default) weights and moments stay as they are and
+``skipped_steps`` counts it; with ``nonfinite="raise"`` a
+``FloatingPointError`` names the first such tensor.
+
+Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
+"""
+import math
+
+import numpy as np
+
+from fastgrad import _core, schedules
+
+_SGD, _RMSPROP, _ADAM, _ADAGRAD = range(4)
+_CONSTRAINTS = {"MaxNorm": 1, "NonNeg": 2, "ClipValue": 3}
+
+
+class StepRecord:
+    """What one optimizer step saw.
+
+    grad_norms   (tensors,) L2 norm of each raw gradient (with regularizer
+                 gradients, before clipping); a view overwritten next step
+    global_norm  sqrt of the sum of their squares
+    clip_scale   (tensors,) factor applied to each gradient (1 = not clipped)
+    clipped      whether any clipping changed a gradient
+    nonfinite    whether a gradient held inf or NaN (the step was then skipped)
+    bad_tensor   name of the first tensor with a non-finite gradient, or None
+    penalty      the regularizers' loss at the weights before the step
+    """
+
+    __slots__ = ("step", "learning_rate", "grad_norms", "global_norm", "clip_scale",
+                 "clipped", "nonfinite", "bad_tensor", "penalty")
+
+    def __init__(self, step, learning_rate, grad_norms, global_norm, clip_scale,
+                 clipped, nonfinite, bad_tensor=None, penalty=0.0):
+        self.step, self.learning_rate = step, learning_rate
+        self.grad_norms, self.global_norm = grad_norms, global_norm
+        self.clip_scale, self.clipped = clip_scale, clipped
+        self.nonfinite, self.bad_tensor = nonfinite, bad_tensor
+        self.penalty = penalty
+
+
+def _positive(name, value, allow_none=True, allow_zero=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} "
+                         f"finite number, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: clipping, weight decay, schedules and the fused step."""
+
+    _kind = None
+    _slots = ()  # which of the moment buffers m, v, vmax this optimizer uses
+
+    def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None,
+                 clipvalue=None, global_clipnorm=None, nonfinite="skip", name=None):
+        if isinstance(learning_rate, schedules.LearningRateSchedule):
+            self.learning_rate = learning_rate
+        else:
+            self.learning_rate = _positive("learning_rate", learning_rate, False, True)
+        self.weight_decay = _positive("weight_decay", weight_decay, True, True)
+        self.clipnorm = _positive("clipnorm", clipnorm)
+        self.clipvalue = _positive("clipvalue", clipvalue)
+        self.global_clipnorm = _positive("global_clipnorm", global_clipnorm)
+        if sum(c is not None for c in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ValueError("clipnorm, clipvalue, global_clipnorm: only one of them "
+                             "can be set")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite: expected 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.name = name or type(self).__name__.lower()
+        self.iterations = 0      # steps applied
+        self.skipped_steps = 0   # steps refused for non-finite gradients
+        self.last_step = None
+        self._params = None
+
+    # -- state ------------------------------------------------------------
+    def build(self, params, grads, tensors):
+        """Bind to flat buffers. tensors: (name, offset, shape, regularizer,
+        constraint) per trainable tensor, in buffer order."""
+        T = len(tensors)
+        offset = np.zeros(T + 1, np.int64)
+        l1, l2, cvalue = np.zeros(T), np.zeros(T), np.zeros(T)
+        constraint, cols = np.zeros(T, np.intc), np.zeros(T, np.int64)
+        for t, (name, off, shape, reg, con) in enumerate(tensors):
+            offset[t], offset[t + 1] = off, off + int(np.prod(shape))
+            if reg is not None:
+                l1[t], l2[t] = reg.l1, reg.l2
+            if con is not None:
+                kind = type(con).__name__
+                constraint[t] = _CONSTRAINTS[kind]
+                if kind == "MaxNorm":
+                    cvalue[t] = con.max_value
+                    # axis 0 of a (rows, cols) kernel: one norm per column
+                    cols[t] = shape[-1] if len(shape) == 2 and con.axis == 0 else \
+                        (shape[0] if len(shape) == 2 else 0)
+                    if len(shape) == 2 and con.axis != 0:
+                        raise ValueError("MaxNorm: only axis=0 is supported for kernels")
+                elif kind == "ClipValue":
+                    cvalue[t] = con.clip_value
+        self._scale = np.ones(T)
+        self._table = _core.TensorTable(offset, l1, l2, self._scale, constraint, cvalue, cols)
+        self._names = [t[0] for t in tensors]
+        self._sumsq, self._norms = np.zeros(T), np.zeros(T)
+        self._params, self._grads = params, grads
+        old = getattr(self, "_moments", None)
+        self._moments = {s: np.zeros_like(params) for s in self._slots_used()}
+        self._init_moments()
+        if old is not None and all(k in old and old[k].shape == params.shape for k in self._moments):
+            for k in self._moments:
+                self._moments[k][...] = old[k]
+
+    def _slots_used(self):
+        return self._slots
+
+    def _init_moments(self):
+        pass
+
+    def variables(self):
+        """The moment buffers by name (flat, aligned with the parameters)."""
+        return dict(self._moments)
+
+    def current_learning_rate(self):
+        lr = self.learning_rate
+        return float(lr(self.iterations)) if callable(lr) else lr
+
+    # -- the step ---------------------------------------------------------
+    def apply(self):
+        """One step over the bound buffers. Returns (and keeps as
+        ``last_step``) a StepRecord."""
+        if self._params is None:
+            raise RuntimeError("optimizer: not built; compile and build the model first")
+        lr = self.current_learning_rate()
+        bad, penalty = _core.grad_norms(self._sumsq, self._grads, self._params, self._table)
+        np.sqrt(self._sumsq, out=self._norms)
+        total = math.sqrt(float(self._sumsq.sum()))
+        scale = self._scale
+        scale.fill(1.0)
+        if bad >= 0:
+            self.skipped_steps += 1
+            self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
+                                        False, True, self._names[bad], penalty)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"gradient of {self._names[bad]} is not finite; "
+                                         "the step was not applied")
+            return self.last_step
+        clipped = False
+        if self.clipnorm is not None:
+            big = self._norms > self.clipnorm
+            if big.any():
+                np.divide(self.clipnorm, self._norms, out=scale, where=big)
+                clipped = True
+        elif self.global_clipnorm is not None and total > self.global_clipnorm:
+            scale.fill(self.global_clipnorm / total)
+            clipped = True
+        elif self.clipvalue is not None:
+            clipped = bool(self._norms.size) and _any_above(self._grads, self.clipvalue)
+        self.iterations += 1
+        m = self._moments
+        _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"), self._grads,
+                             self._table, self._kind, lr, *self._hyper(),
+                             self.weight_decay or 0.0, self.clipvalue or 0.0,
+                             *self._flags(), self.iterations)
+        self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
+                                    clipped, False, None, penalty)
+        return self.last_step
+
+    def _hyper(self):
+        """(momentum, rho, beta_1, beta_2, epsilon)."""
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+
+    def _flags(self):
+        """(nesterov, centered, amsgrad)."""
+        return False, False, False
+
+    def get_config(self):
+        lr = self.learning_rate
+        return {
+            "learning_rate": schedules.serialize(lr) if callable(lr) else lr,
+            "weight_decay": self.weight_decay, "clipnorm": self.clipnorm,
+            "clipvalue": self.clipvalue, "global_clipnorm": self.global_clipnorm,
+            "nonfinite": self.nonfinite,
+        }
+
+
+def _any_above(grads, limit):
+    # Only for the record: whether clipvalue changed anything. max|g| costs a
+    # read of the gradients, which clipvalue users accept.
+    return bool(grads.size) and float(np.max(np.abs(grads))) > limit
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with momentum and Nesterov momentum
+    (Sutskever et al. 2013), in Keras 3's form::
+
+        momentum == 0:  w -= lr * g
+        otherwise:      v = momentum * v - lr * g
+                        w += v                      (nesterov: w += momentum * v - lr * g)
+    """
+
+    _kind = _SGD
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.momentum = _positive("momentum", momentum, False, True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum: expected a value in [0, 1), got {momentum}")
+        self.nesterov = bool(nesterov)
+
+    def _slots_used(self):
+        return ("v",) if self.momentum else ()
+
+    def _hyper(self):
+        return self.momentum, 0.0, 0.0, 0.0, 0.0
+
+    def _flags(self):
+        return self.nesterov, False, False
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton, Coursera lecture 6e, 2012), Keras 3's form::
+
+        v = rho * v + (1 - rho) * g^2
+        centered: m = rho * m + (1 - rho) * g;  d = v - m^2 + epsilon
+        else:     d = v + epsilon
+        u = lr * g / sqrt(d)
+        momentum: s = momentum * s + u;  w -= s      else: w -= u
+    """
+
+    _kind = _RMSPROP
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
+                 centered=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.rho = _positive("rho", rho, False, True)
+        if self.rho >= 1:
+            raise ValueError(f"rho: expected a value in [0, 1), got {rho}")
+        self.momentum = _positive("momentum", momentum, False, True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum: expected a value in [0, 1), got {momentum}")
+        self.epsilon = _positive("epsilon", epsilon)
+        self.centered = bool(centered)
+
+    def _slots_used(self):
+        return ("v",) + (("m",) if self.centered else ()) + (("vmax",) if self.momentum else ())
+
+    def _hyper(self):
+        return self.momentum, self.rho, 0.0, 0.0, self.epsilon
+
+    def _flags(self):
+        return False, self.centered, False
+
+    def get_config(self):
+        return {**super().get_config(), "rho": self.rho, "momentum": self.momentum,
+                "epsilon": self.epsilon, "centered": self.centered}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015), and AMSGrad (Reddi et al. 2018)::
+
+        m = m + (1 - beta_1) * (g - m)
+        v = v + (1 - beta_2) * (g^2 - v)
+        amsgrad: vmax = max(vmax, v), used in place of v
+        w -= lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)
+    with t the 1-based step count.
+    """
+
+    _kind = _ADAM
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 amsgrad=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        for name, b in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not (isinstance(b, (int, float)) and 0 <= b < 1):
+                raise ValueError(f"{name}: expected a value in [0, 1), got {b!r}")
+        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
+        self.epsilon = _positive("epsilon", epsilon)
+        self.amsgrad = bool(amsgrad)
+
+    def _slots_used(self):
+        return ("m", "v") + (("vmax",) if self.amsgrad else ())
+
+    def _hyper(self):
+        return 0.0, 0.0, self.beta_1, self.beta_2, self.epsilon
+
+    def _flags(self):
+        return False, False, self.amsgrad
+
+    def get_config(self):
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
+                "epsilon": self.epsilon, "amsgrad": self.amsgrad}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019)::
+
+        w -= lr * weight_decay * w,   then the Adam update.
+    """
+
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, amsgrad=False, **kwargs):
+        if weight_decay is None:
+            raise ValueError("weight_decay: AdamW needs a number, got None")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad,
+                         weight_decay=weight_decay, **kwargs)
+
+
+class Adagrad(Optimizer):
+    """Adagrad (Duchi et al. 2011), Keras 3's form::
+
+        a = a + g^2          (a starts at initial_accumulator_value)
+        w -= lr * g / sqrt(a + epsilon)
+    """
+
+    _kind = _ADAGRAD
+    _slots = ("v",)
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
+                 **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.initial_accumulator_value = _positive(
+            "initial_accumulator_value", initial_accumulator_value, False, True)
+        self.epsilon = _positive("epsilon", epsilon)
+
+    def _init_moments(self):
+        self._moments["v"].fill(self.initial_accumulator_value)
+
+    def _hyper(self):
+        return 0.0, 0.0, 0.0, 0.0, self.epsilon
+
+    def get_config(self):
+        return {**super().get_config(),
+                "initial_accumulator_value": self.initial_accumulator_value,
+                "epsilon": self.epsilon}
+
+
+_CLASSES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad}
+
+
+def get(identifier):
+    """An optimizer from a name ("sgd", "rmsprop", "adam", "adamw", "adagrad")
+    or an Optimizer instance."""
+    if isinstance(identifier, Optimizer):
+        return identifier
+    if isinstance(identifier, str) and identifier.lower() in _CLASSES:
+        return _CLASSES[identifier.lower()]()
+    if isinstance(identifier, str):
+        raise ValueError(f"optimizer: unknown name {identifier!r}; expected one of "
+                         f"{', '.join(_CLASSES)}")
+    raise TypeError(f"optimizer: expected a name or a fastgrad.optimizers.Optimizer, "
+                    f"got {identifier!r}")
