@@ -6,6 +6,7 @@
 #define FG_SELU_SCALE 1.0507009873554804934193349852946
 #define FG_SQRT1_2 0.70710678118654752440084436210485
 #define FG_INV_SQRT_2PI 0.39894228040143267793994605993438
+#define FG_CLAMP(x, lo, hi) ((x) < (lo) ? (lo) : ((x) > (hi) ? (hi) : (x)))
 /* Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps]. */
 #define FG_EPSILON 1e-7
 

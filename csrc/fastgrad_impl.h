@@ -314,18 +314,23 @@ void S(fg_sgd_step)(T *param, T *velocity, const T *grad, ptrdiff_t N,
     }
 }
 
-/* sum of x_k^2 in double; four partial sums in a fixed order keep the
- * result identical from run to run. */
+
+
+/* sum of x_k^2 in double. Eight partial sums in a fixed order: independent
+ * chains the compiler can vectorize, and the same result from run to run. */
+static double S(sumsq)(const T *x, ptrdiff_t n)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
+    for (; k < n; k++) acc[0] += (double)x[k] * (double)x[k];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 double S(fg_sum_squares)(const T *x, ptrdiff_t N)
 {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    ptrdiff_t k = 0;
-    for (; k + 4 <= N; k += 4) {
-        s0 += (double)x[k] * x[k];         s1 += (double)x[k + 1] * x[k + 1];
-        s2 += (double)x[k + 2] * x[k + 2]; s3 += (double)x[k + 3] * x[k + 3];
-    }
-    for (; k < N; k++) s0 += (double)x[k] * x[k];
-    return (s0 + s1) + (s2 + s3);
+    return S(sumsq)(x, N);
 }
 
 /* Pass 1 of an optimizer step, over the gradients only.
@@ -345,7 +350,6 @@ int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
         T *g = grad + a;
         const T *w = param + a;
         ptrdiff_t n = b - a;
-        double s0 = 0, s1 = 0;
         if (l1 != 0 || l2x2 != 0) {
             double a1 = 0, a2 = 0;
             for (ptrdiff_t k = 0; k < n; k++) {
@@ -355,10 +359,7 @@ int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
             }
             *penalty += tt->l1[t] * a1 + tt->l2[t] * a2;
         }
-        ptrdiff_t k = 0;
-        for (; k + 2 <= n; k += 2) { s0 += (double)g[k] * g[k]; s1 += (double)g[k + 1] * g[k + 1]; }
-        for (; k < n; k++) s0 += (double)g[k] * g[k];
-        sumsq[t] = s0 + s1;
+        sumsq[t] = S(sumsq)(g, n);
         /* inf or NaN anywhere makes the sum of squares inf or NaN */
         if (*first_bad < 0 && !isfinite(sumsq[t])) *first_bad = t;
     }
@@ -404,8 +405,9 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
 {
     if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
     const T lr = (T)c->lr, mu = (T)c->momentum, eps = (T)c->epsilon;
-    const T decay = (T)(c->lr * c->weight_decay);
+    const T keep = (T)(1.0 - c->lr * c->weight_decay);  /* decay as a factor */
     const T cv = (T)c->clipvalue;
+    const int clip = c->clipvalue > 0;
     const T rho = (T)c->rho, b1 = (T)c->beta_1, b2 = (T)c->beta_2;
     T adam_lr = 0;
     if (c->kind == FG_ADAM) {
@@ -414,28 +416,36 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
     }
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
-        T *w = param + a;
-        const T *gr = grad + a;
-        T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
+        T *restrict w = param + a;
+        const T *restrict gr = grad + a;
+        T *restrict mt = m ? m + a : NULL;
+        T *restrict vt = v ? v + a : NULL;
+        T *restrict xt = vmax ? vmax + a : NULL;
         const T sc = (T)tt->scale[t];
-        const int con = tt->constraint[t];
-        const T cval = (T)tt->cvalue[t];
-        for (ptrdiff_t k = 0; k < n; k++) {
-            T g = gr[k] * sc;
-            if (cv > 0) g = g > cv ? cv : (g < -cv ? -cv : g);
-            T x = w[k];
-            if (decay != 0) x -= decay * x;
-            switch (c->kind) {
-            case FG_SGD:
-                if (mu != 0) {
-                    T vel = mu * vt[k] - lr * g;
+        /* One loop per kind, with loop-invariant branches only, so that the
+         * compiler vectorizes each. G(k) is the clipped gradient. */
+#define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
+        switch (c->kind) {
+        case FG_SGD:
+            if (mu == 0) {
+                for (ptrdiff_t k = 0; k < n; k++) w[k] = w[k] * keep - lr * G(k);
+            } else if (c->nesterov) {
+                for (ptrdiff_t k = 0; k < n; k++) {
+                    T g = G(k), vel = mu * vt[k] - lr * g;
                     vt[k] = vel;
-                    x += c->nesterov ? mu * vel - lr * g : vel;
-                } else {
-                    x -= lr * g;
+                    w[k] = w[k] * keep + mu * vel - lr * g;
                 }
-                break;
-            case FG_RMSPROP: {
+            } else {
+                for (ptrdiff_t k = 0; k < n; k++) {
+                    T vel = mu * vt[k] - lr * G(k);
+                    vt[k] = vel;
+                    w[k] = w[k] * keep + vel;
+                }
+            }
+            break;
+        case FG_RMSPROP:
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T g = G(k);
                 T vel = rho * vt[k] + ((T)1 - rho) * g * g;
                 vt[k] = vel;
                 T d = vel + eps;
@@ -446,29 +456,53 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
                 }
                 T u = lr * g / SQRT(d);
                 if (mu != 0) { u = mu * xt[k] + u; xt[k] = u; }
-                x -= u;
-                break;
+                w[k] = w[k] * keep - u;
             }
-            case FG_ADAM: {
-                T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
-                T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
-                mt[k] = mm; vt[k] = vv;
-                if (c->amsgrad) { if (xt[k] > vv) vv = xt[k]; xt[k] = vv; }
-                x -= adam_lr * mm / (SQRT(vv) + eps);
-                break;
+            break;
+        case FG_ADAM:
+            if (c->amsgrad) {
+                for (ptrdiff_t k = 0; k < n; k++) {
+                    T g = G(k);
+                    T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+                    T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+                    mt[k] = mm; vt[k] = vv;
+                    T vh = xt[k] > vv ? xt[k] : vv;
+                    xt[k] = vh;
+                    w[k] = w[k] * keep - adam_lr * mm / (SQRT(vh) + eps);
+                }
+            } else {
+                for (ptrdiff_t k = 0; k < n; k++) {
+                    T g = G(k);
+                    T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+                    T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+                    mt[k] = mm; vt[k] = vv;
+                    w[k] = w[k] * keep - adam_lr * mm / (SQRT(vv) + eps);
+                }
             }
-            case FG_ADAGRAD: {
-                T acc = vt[k] + g * g;
+            break;
+        case FG_ADAGRAD:
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T g = G(k), acc = vt[k] + g * g;
                 vt[k] = acc;
-                x -= lr * g / SQRT(acc + eps);
-                break;
+                w[k] = w[k] * keep - lr * g / SQRT(acc + eps);
             }
-            }
-            if (con == FG_NON_NEG && x < 0) x = 0;
-            else if (con == FG_CLIP_VALUE) x = x > cval ? cval : (x < -cval ? -cval : x);
-            w[k] = x;
+            break;
         }
-        if (con == FG_MAX_NORM) S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
+#undef G
+        /* Constraints: rare, so a second pass over the constrained tensor
+         * keeps the update loops free of them. */
+        const T cval = (T)tt->cvalue[t];
+        switch (tt->constraint[t]) {
+        case FG_NON_NEG:
+            for (ptrdiff_t k = 0; k < n; k++) w[k] = w[k] < 0 ? (T)0 : w[k];
+            break;
+        case FG_CLIP_VALUE:
+            for (ptrdiff_t k = 0; k < n; k++) w[k] = FG_CLAMP(w[k], -cval, cval);
+            break;
+        case FG_MAX_NORM:
+            S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
+            break;
+        }
     }
     return FG_OK;
 }
