@@ -77,8 +77,6 @@ int fg_activation_needs_pre(int act);
                                     const int64_t *labels, ptrdiff_t B,        \
                                     ptrdiff_t O, int kind, int from_logits,    \
                                     double param);                             \
-    void fg_sgd_step##S(T *param, T *velocity, const T *grad, ptrdiff_t N,     \
-                        double lr, double momentum, int nesterov);             \
     double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
     int fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
                          T *grad,                                              \

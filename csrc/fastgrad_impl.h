@@ -293,29 +293,6 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
     return FG_OK;
 }
 
-/* SGD in place over a flat buffer of N parameters (Keras 3 formula):
- * momentum == 0:  param -= lr * grad
- * otherwise:      velocity = momentum * velocity - lr * grad
- *                 param += velocity, or with nesterov
- *                 param += momentum * velocity - lr * grad.
- * velocity may be NULL when momentum == 0. */
-void S(fg_sgd_step)(T *param, T *velocity, const T *grad, ptrdiff_t N,
-                    double lr, double momentum, int nesterov)
-{
-    const T r = (T)lr, mu = (T)momentum;
-    if (momentum == 0.0 || !velocity) {
-        for (ptrdiff_t k = 0; k < N; k++) param[k] -= r * grad[k];
-        return;
-    }
-    for (ptrdiff_t k = 0; k < N; k++) {
-        T v = mu * velocity[k] - r * grad[k];
-        velocity[k] = v;
-        param[k] += nesterov ? mu * v - r * grad[k] : v;
-    }
-}
-
-
-
 /* sum of x_k^2 in double. Eight partial sums in a fixed order: independent
  * chains the compiler can vectorize, and the same result from run to run. */
 static double S(sumsq)(const T *x, ptrdiff_t n)

@@ -241,20 +241,6 @@ def loss_forward_backward(const floating[:, ::1] pred, const floating[:, ::1] ta
     return loss
 
 
-def sgd_step(floating[::1] param, floating[::1] velocity, const floating[::1] grad,
-             double lr, double momentum, bint nesterov):
-    """In-place SGD over flat buffers (see csrc/fastgrad_impl.h)."""
-    cdef Py_ssize_t N = param.shape[0]
-    _check(grad.shape[0] == N, f"grads: expected {N} elements")
-    _check(velocity is None or velocity.shape[0] == N, f"velocity: expected {N} elements")
-    _check(velocity is not None or momentum == 0.0, "velocity is required with momentum")
-    with nogil:
-        if floating is float:
-            fg_sgd_step_f32(_ptr1(param), _ptr1(velocity), _cptr1(grad), N, lr, momentum, nesterov)
-        else:
-            fg_sgd_step_f64(_ptr1(param), _ptr1(velocity), _cptr1(grad), N, lr, momentum, nesterov)
-
-
 def sum_squares(const floating[::1] x):
     """sum(x**2) accumulated in double."""
     cdef double r

@@ -30,10 +30,6 @@ cdef extern from "fastgrad.h" nogil:
                                      const int64_t *labels, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
                                      double param)
-    void fg_sgd_step_f32(float *param, float *velocity, const float *grad,
-                         Py_ssize_t N, double lr, double momentum, int nesterov)
-    void fg_sgd_step_f64(double *param, double *velocity, const double *grad,
-                         Py_ssize_t N, double lr, double momentum, int nesterov)
     double fg_sum_squares_f32(const float *x, Py_ssize_t N)
     double fg_sum_squares_f64(const double *x, Py_ssize_t N)
 

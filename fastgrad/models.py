@@ -237,7 +237,8 @@ class Sequential:
             h = layer.forward(h, training, logits and i == last)
         return h
 
-    def _train_step(self, x, target, labels):
+    def _forward_backward(self, x, target, labels):
+        """Loss of the batch; its gradients land in self.grads."""
         b = x.shape[0]
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:b]
@@ -246,6 +247,10 @@ class Sequential:
                                            self._from_logits, self.loss.delta)
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
+        return loss, h, prob
+
+    def _train_step(self, x, target, labels):
+        loss, h, prob = self._forward_backward(x, target, labels)
         rec = self.optimizer.apply()
         loss += rec.penalty
         if not self.metrics:
@@ -263,6 +268,19 @@ class Sequential:
         self._prepare(x.shape[0])
         loss, mets = self._train_step(x, target, labels)
         return float(loss) if mets is None else [float(loss), *mets]
+
+    def compute_gradients(self, x, y):
+        """Loss of one batch in training mode and the gradients of that loss
+        (without regularization penalties), as copies in the order of
+        ``weight_names``. Changes no weight and no optimizer state."""
+        self._require_compiled("compute_gradients")
+        x, target, labels = self._check_xy(x, y, "compute_gradients")
+        self._prepare(x.shape[0])
+        loss, _, _ = self._forward_backward(x, target, labels)
+        grads = []
+        for name, off, shape, _, _ in self._tensors:
+            grads.append(self.grads[off:off + int(np.prod(shape))].reshape(shape).copy())
+        return float(loss), grads
 
     # -- fit --------------------------------------------------------------
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,

@@ -241,27 +241,109 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
     return (value, d, rows) if per_sample else (value, d)
 
 
-def sgd_step(params, grads, learning_rate, momentum=0.0, nesterov=False, velocity=None):
-    """One in-place SGD step over flat buffers (Keras 3 formula)::
+def _flat(name, a, dtype, n=None, writable=False):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of params), got {a.dtype}")
+    _shape(name, a, 1, None if n is None else (n,))
+    if writable:
+        return _output(name, a, dtype, a.shape)
+    return np.ascontiguousarray(a)
 
-        momentum == 0:  params -= learning_rate * grads
-        otherwise:      velocity = momentum * velocity - learning_rate * grads
-                        params += velocity            (or, with nesterov,
-                        params += momentum * velocity - learning_rate * grads)
-    """
+
+def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
+                    clipvalue, clipnorm, global_clipnorm, weight_decay, **hyper):
+    """Shared body of the *_step functions: the same two compiled passes as
+    an optimizer's apply(), on caller-owned flat buffers."""
+    from fastgrad import optimizers
+
     dt = _dtype_of("params", params)
-    _shape("params", params, 1, None)
-    params = _output("params", params, dt, params.shape)
-    grads = _input("grads", grads, dt, 1, params.shape)
-    if not 0.0 <= momentum:
-        raise ValueError(f"momentum: expected a value >= 0, got {momentum}")
-    if momentum:
-        if velocity is None:
-            raise ValueError("velocity: required when momentum > 0")
-        velocity = _output("velocity", velocity, dt, params.shape)
-    _core.sgd_step(params, velocity if momentum else None, grads, float(learning_rate),
-                   float(momentum), bool(nesterov))
-    return params
+    params = _flat("params", params, dt, writable=True)
+    n = params.shape[0]
+    grads = _flat("grads", grads, dt, n)
+    if offsets is None:
+        offsets = [0, n]
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or offsets.size < 2 or offsets.dtype.kind not in "iu" \
+            or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets: expected increasing integers from 0 to {n} "
+                         "(tensor t is params[offsets[t]:offsets[t+1]])")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step: expected the 1-based step count, got {step!r}")
+    opt = optimizers._CLASSES[kind](learning_rate=learning_rate, clipvalue=clipvalue,
+                                    clipnorm=clipnorm, global_clipnorm=global_clipnorm,
+                                    weight_decay=weight_decay, **hyper)
+    tensors = [(f"tensor_{t}", int(offsets[t]), (int(offsets[t + 1] - offsets[t]),), None, None)
+               for t in range(offsets.size - 1)]
+    opt._moments = {}
+    # no regularizers here, so pass 1 only reads grads
+    opt.build(params, grads if grads.flags.writeable else grads.copy(), tensors)
+    for key in opt._slots_used():
+        opt._moments[key] = _flat(key, moments.get(key), dt, n, writable=True) \
+            if moments.get(key) is not None else _missing(key)
+    opt.iterations = int(step) - 1
+    rec = opt.apply()
+    return {"grad_norms": rec.grad_norms.copy(), "global_norm": rec.global_norm,
+            "clip_scale": rec.clip_scale.copy(), "clipped": rec.clipped,
+            "nonfinite": rec.nonfinite}
+
+
+def _missing(key):
+    name = {"m": "m", "v": "v", "vmax": "vmax"}[key]
+    raise ValueError(f"{name}: this optimizer's settings need the {name} buffer")
+
+
+_STEP_DOC = """
+
+    Updates ``params`` (and the moment buffers) in place from ``grads``, as
+    one step of the optimizer of the same name (formula in its docstring),
+    through the same two compiled passes. ``offsets`` splits the flat buffers
+    into tensors for ``clipnorm`` (default: one tensor). ``grads`` is not
+    modified. A step with a non-finite gradient changes nothing. Returns a
+    dict: grad_norms, global_norm, clip_scale, clipped, nonfinite."""
+
+
+def sgd_step(params, grads, learning_rate=0.01, momentum=0.0, nesterov=False,
+             velocity=None, step=1, offsets=None, clipvalue=None, clipnorm=None,
+             global_clipnorm=None, weight_decay=None):
+    return _optimizer_step("sgd", params, grads, step, learning_rate, {"v": velocity},
+                           offsets, clipvalue, clipnorm, global_clipnorm, weight_decay,
+                           momentum=momentum, nesterov=nesterov)
+
+
+def rmsprop_step(params, grads, v, learning_rate=0.001, rho=0.9, momentum=0.0,
+                 epsilon=1e-7, centered=False, m=None, momentum_buffer=None, step=1,
+                 offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
+                 weight_decay=None):
+    return _optimizer_step("rmsprop", params, grads, step, learning_rate,
+                           {"v": v, "m": m, "vmax": momentum_buffer}, offsets, clipvalue,
+                           clipnorm, global_clipnorm, weight_decay, rho=rho,
+                           momentum=momentum, epsilon=epsilon, centered=centered)
+
+
+def adam_step(params, grads, m, v, step, learning_rate=0.001, beta_1=0.9, beta_2=0.999,
+              epsilon=1e-7, amsgrad=False, vmax=None, offsets=None, clipvalue=None,
+              clipnorm=None, global_clipnorm=None, weight_decay=None):
+    return _optimizer_step("adam", params, grads, step, learning_rate,
+                           {"m": m, "v": v, "vmax": vmax}, offsets, clipvalue, clipnorm,
+                           global_clipnorm, weight_decay, beta_1=beta_1, beta_2=beta_2,
+                           epsilon=epsilon, amsgrad=amsgrad)
+
+
+def adagrad_step(params, grads, accumulator, learning_rate=0.001, epsilon=1e-7, step=1,
+                 offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
+                 weight_decay=None):
+    return _optimizer_step("adagrad", params, grads, step, learning_rate,
+                           {"v": accumulator}, offsets, clipvalue, clipnorm,
+                           global_clipnorm, weight_decay, epsilon=epsilon)
+
+
+sgd_step.__doc__ = "SGD step (velocity needed when momentum > 0)." + _STEP_DOC
+rmsprop_step.__doc__ = ("RMSprop step (m needed when centered, momentum_buffer when "
+                        "momentum > 0)." + _STEP_DOC)
+adam_step.__doc__ = "Adam step; AdamW is adam_step with weight_decay." + _STEP_DOC
+adagrad_step.__doc__ = "Adagrad step." + _STEP_DOC
 
 
 def sum_squares(x):
