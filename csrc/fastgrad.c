@@ -15,6 +15,16 @@ int fg_activation_needs_pre(int act)
     return act == FG_GELU || act == FG_SILU;
 }
 
+uint64_t fg_random_u64(uint64_t seed, uint64_t position)
+{
+    /* splitmix64 (Steele, Lea, Flood 2014): state seed + (position + 1) * gamma,
+     * then its finalizer */
+    uint64_t z = seed + (position + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
 #define T float
 #define S(name) name##_f32
 #define EXP expf

@@ -2,6 +2,7 @@
  *
  * Size letters used in the shape comments:
  *   B  batch rows           I  input features      O  output features (units)
+ *   F  features (BatchNormalization, Dropout)
  *   N  elements of a flat buffer
  * Every matrix is row-major and contiguous. Each kernel exists for float
  * (suffix _f32) and double (suffix _f64), generated from fastgrad_impl.h.
@@ -66,6 +67,11 @@ typedef struct {
 /* 1 when the activation's derivative needs the pre-activation z, not just y. */
 int fg_activation_needs_pre(int act);
 
+/* Dropout's counter-based generator: element k of a call with (seed, offset)
+ * draws from the splitmix64 sequence at position offset + k, so a mask is
+ * recomputed rather than stored, and a seed reproduces every mask. */
+uint64_t fg_random_u64(uint64_t seed, uint64_t position);
+
 #define FG_DECLARE(T, S)                                                       \
     int fg_bias_act_forward##S(T *out, T *pre, const T *inp, const T *bias,    \
                                ptrdiff_t B, ptrdiff_t O, int act, double alpha);\
@@ -82,7 +88,18 @@ int fg_activation_needs_pre(int act);
                          T *grad,                                              \
                          const T *param, const fg_tensors *tt);                \
     int fg_optimizer_step##S(T *param, T *m, T *v, T *vmax, const T *grad,     \
-                             const fg_tensors *tt, const fg_opt_config *c);
+                             const fg_tensors *tt, const fg_opt_config *c);     \
+    int fg_batchnorm_forward##S(T *out, double *mean, double *rstd,             \
+                                T *moving_mean, T *moving_var, const T *inp,    \
+                                const T *gamma, const T *beta, ptrdiff_t B,     \
+                                ptrdiff_t F, double epsilon, double momentum,   \
+                                int training);                                  \
+    int fg_batchnorm_backward##S(T *dinp, T *dgamma, T *dbeta, const T *dout,   \
+                                 const T *inp, const double *mean,              \
+                                 const double *rstd, const T *gamma,            \
+                                 ptrdiff_t B, ptrdiff_t F);                     \
+    void fg_dropout_forward##S(T *out, const T *inp, ptrdiff_t N, double rate,  \
+                               uint64_t seed, uint64_t offset);
 
 FG_DECLARE(float, _f32)
 FG_DECLARE(double, _f64)

@@ -483,3 +483,125 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
     }
     return FG_OK;
 }
+
+/* BatchNormalization forward. inp, out are (B,F); gamma, beta (F) or NULL
+ * (scale=False, center=False); mean, rstd (F) receive what backward needs;
+ * moving_mean, moving_var (F).
+ * training: mu, var = batch mean and biased variance, accumulated in double
+ *           about the first row (shifted data: no cancellation when the mean
+ *           is large against the spread);
+ *           moving = momentum * moving + (1 - momentum) * batch statistic
+ * inference: mu, var = moving_mean, moving_var
+ * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp. */
+int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
+                            T *moving_mean, T *moving_var, const T *inp,
+                            const T *gamma, const T *beta, ptrdiff_t B,
+                            ptrdiff_t F, double epsilon, double momentum,
+                            int training)
+{
+    double s1[FG_COLS], s2[FG_COLS];
+    for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
+        ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
+        if (training) {
+            const T *shift = inp + c0;   /* row 0 */
+            for (ptrdiff_t j = 0; j < w; j++) s1[j] = s2[j] = 0.0;
+            for (ptrdiff_t i = 0; i < B; i++) {
+                const T *x = inp + i * F + c0;
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    double d = (double)x[j] - (double)shift[j];
+                    s1[j] += d;
+                    s2[j] += d * d;
+                }
+            }
+            for (ptrdiff_t j = 0; j < w; j++) {
+                double dm = s1[j] / (double)B;
+                double var = s2[j] / (double)B - dm * dm;
+                if (var < 0) var = 0;
+                double mu = (double)shift[j] + dm;
+                mean[c0 + j] = mu;
+                rstd[c0 + j] = 1.0 / sqrt(var + epsilon);
+                moving_mean[c0 + j] = (T)(momentum * moving_mean[c0 + j] + (1.0 - momentum) * mu);
+                moving_var[c0 + j] = (T)(momentum * moving_var[c0 + j] + (1.0 - momentum) * var);
+            }
+        } else {
+            for (ptrdiff_t j = 0; j < w; j++) {
+                mean[c0 + j] = moving_mean[c0 + j];
+                rstd[c0 + j] = 1.0 / sqrt((double)moving_var[c0 + j] + epsilon);
+            }
+        }
+        /* y = a x + b per column, a = gamma rstd, b = beta - a mean; the
+         * centering happens in double so large means lose nothing */
+        for (ptrdiff_t j = 0; j < w; j++) {
+            double g = gamma ? (double)gamma[c0 + j] : 1.0;
+            s1[j] = g * rstd[c0 + j];
+            s2[j] = beta ? (double)beta[c0 + j] : 0.0;
+        }
+        for (ptrdiff_t i = 0; i < B; i++) {
+            const T *x = inp + i * F + c0;
+            T *y = out + i * F + c0;
+            const double *mu = mean + c0;
+            for (ptrdiff_t j = 0; j < w; j++)
+                y[j] = (T)(s1[j] * ((double)x[j] - mu[j]) + s2[j]);
+        }
+    }
+    return FG_OK;
+}
+
+/* BatchNormalization backward (training statistics), closed form with
+ * xhat = (inp - mean) rstd recomputed, g = dout * gamma:
+ *   dbeta  = sum_i dout        dgamma = sum_i dout xhat
+ *   dinp   = rstd / B * (B g - sum_i g - xhat sum_i g xhat)
+ * dgamma, dbeta may be NULL; dinp may alias dout. */
+int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
+                             const T *inp, const double *mean,
+                             const double *rstd, const T *gamma,
+                             ptrdiff_t B, ptrdiff_t F)
+{
+    double sd[FG_COLS], sdx[FG_COLS], kk[FG_COLS];
+    for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
+        ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
+        const double *mu = mean + c0, *rs = rstd + c0;
+        for (ptrdiff_t j = 0; j < w; j++) sd[j] = sdx[j] = 0.0;
+        for (ptrdiff_t i = 0; i < B; i++) {
+            const T *x = inp + i * F + c0, *dy = dout + i * F + c0;
+            for (ptrdiff_t j = 0; j < w; j++) {
+                double xh = ((double)x[j] - mu[j]) * rs[j];
+                sd[j] += dy[j];
+                sdx[j] += dy[j] * xh;
+            }
+        }
+        for (ptrdiff_t j = 0; j < w; j++) {
+            if (dbeta) dbeta[c0 + j] = (T)sd[j];
+            if (dgamma) dgamma[c0 + j] = (T)sdx[j];
+        }
+        /* dinp = k (dy - sd/B - xhat sdx/B), k = gamma rstd; with
+         * xhat = xc rstd the last term is xc (rstd sdx / B) */
+        for (ptrdiff_t j = 0; j < w; j++) {
+            kk[j] = (gamma ? (double)gamma[c0 + j] : 1.0) * rs[j];
+            sd[j] /= (double)B;
+            sdx[j] *= rs[j] / (double)B;
+        }
+        for (ptrdiff_t i = 0; i < B; i++) {
+            const T *x = inp + i * F + c0, *dy = dout + i * F + c0;
+            T *dx = dinp + i * F + c0;
+            for (ptrdiff_t j = 0; j < w; j++)
+                dx[j] = (T)(kk[j] * ((double)dy[j] - sd[j] - ((double)x[j] - mu[j]) * sdx[j]));
+        }
+    }
+    return FG_OK;
+}
+
+/* Inverted dropout: out = inp * keep_k / (1 - rate), keep_k drawn with
+ * probability 1 - rate from fg_random_u64(seed, offset + k). Backward is the
+ * same call on the gradient with the same seed and offset. out may alias inp. */
+void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
+                           uint64_t seed, uint64_t offset)
+{
+    /* keep when the top 32 bits are below (1 - rate) 2^32 */
+    const uint64_t threshold = (uint64_t)((1.0 - rate) * 4294967296.0);
+    const T scale = (T)(1.0 / (1.0 - rate));
+    for (ptrdiff_t k = 0; k < N; k++) {
+        uint64_t r = fg_random_u64(seed, offset + (uint64_t)k) >> 32;
+        out[k] = r < threshold ? inp[k] * scale : (T)0;
+    }
+}

@@ -4,7 +4,7 @@
 # wrong, reads or writes outside its buffers.
 from cython cimport floating
 from libc.limits cimport INT_MAX
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -60,7 +60,7 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
         dgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
 
 
-def matmul(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
+def matmul(const floating[:, ::1] a not None, const floating[:, ::1] b not None, floating[:, ::1] out not None,
            bint trans_a=False, bint trans_b=False):
     """out = op(a) @ op(b), op transposing when asked; through BLAS gemm."""
     cdef Py_ssize_t M = a.shape[1] if trans_a else a.shape[0]
@@ -106,8 +106,8 @@ cdef int _same2(object v, Py_ssize_t r, Py_ssize_t c, str name) except -1:
     return 0
 
 
-def bias_act_forward(const floating[:, ::1] inp, const floating[::1] bias,
-                     floating[:, ::1] out, floating[:, ::1] pre, int act, double alpha):
+def bias_act_forward(const floating[:, ::1] inp not None, const floating[::1] bias,
+                     floating[:, ::1] out not None, floating[:, ::1] pre, int act, double alpha):
     """out = act(inp + bias); pre (optional) receives inp + bias."""
     cdef Py_ssize_t B = inp.shape[0], O = inp.shape[1]
     cdef int s
@@ -124,8 +124,8 @@ def bias_act_forward(const floating[:, ::1] inp, const floating[::1] bias,
     return out
 
 
-def act_backward(const floating[:, ::1] dout, const floating[:, ::1] out,
-                 const floating[:, ::1] pre, floating[:, ::1] dpre,
+def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] out not None,
+                 const floating[:, ::1] pre, floating[:, ::1] dpre not None,
                  floating[::1] dbias, int act, double alpha):
     """dpre = dout * act'(z); dbias (optional) = column sums of dpre."""
     cdef Py_ssize_t B = dout.shape[0], O = dout.shape[1]
@@ -146,8 +146,8 @@ def act_backward(const floating[:, ::1] dout, const floating[:, ::1] out,
     return dpre
 
 
-def dense_forward(const floating[:, ::1] x, const floating[:, ::1] kernel,
-                  const floating[::1] bias, floating[:, ::1] out,
+def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kernel not None,
+                  const floating[::1] bias, floating[:, ::1] out not None,
                   floating[:, ::1] pre, int act, double alpha):
     """out = act(x @ kernel + bias): one GEMM, then one fused pass over out.
     x is (B,I), kernel (I,O), bias (O) or None, out (B,O), pre (B,O) or None."""
@@ -170,10 +170,10 @@ def dense_forward(const floating[:, ::1] x, const floating[:, ::1] kernel,
     return out
 
 
-def dense_backward(const floating[:, ::1] dout, const floating[:, ::1] x,
-                   const floating[:, ::1] kernel, const floating[:, ::1] out,
-                   const floating[:, ::1] pre, floating[:, ::1] dpre,
-                   floating[:, ::1] dkernel, floating[::1] dbias,
+def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] x not None,
+                   const floating[:, ::1] kernel not None, const floating[:, ::1] out not None,
+                   const floating[:, ::1] pre, floating[:, ::1] dpre not None,
+                   floating[:, ::1] dkernel not None, floating[::1] dbias,
                    floating[:, ::1] dx, int act, double alpha):
     """Backward of dense_forward, overwriting the gradients:
     dpre = dout * act'(z)     (B,O) scratch, may be dout itself
@@ -209,7 +209,7 @@ def dense_backward(const floating[:, ::1] dout, const floating[:, ::1] x,
         _raise(s)
 
 
-def loss_forward_backward(const floating[:, ::1] pred, const floating[:, ::1] target,
+def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:, ::1] target,
                           const int64_t[::1] labels, floating[::1] rows, floating[:, ::1] dpred,
                           floating[:, ::1] prob, int kind, bint from_logits,
                           double param):
@@ -241,7 +241,7 @@ def loss_forward_backward(const floating[:, ::1] pred, const floating[:, ::1] ta
     return loss
 
 
-def sum_squares(const floating[::1] x):
+def sum_squares(const floating[::1] x not None):
     """sum(x**2) accumulated in double."""
     cdef double r
     with nogil:
@@ -289,7 +289,7 @@ cdef class TensorTable:
         self.tt.cols = &cols[0] if T else NULL
 
 
-def grad_norms(double[::1] sumsq, floating[::1] grad, const floating[::1] param,
+def grad_norms(double[::1] sumsq not None, floating[::1] grad not None, const floating[::1] param not None,
                TensorTable table not None):
     """Adds regularizer gradients into grad and writes each tensor's sum of
     squared gradients into sumsq. Returns (index of the first tensor with a
@@ -307,8 +307,8 @@ def grad_norms(double[::1] sumsq, floating[::1] grad, const floating[::1] param,
     return bad, penalty
 
 
-def optimizer_step(floating[::1] param, floating[::1] m, floating[::1] v,
-                   floating[::1] vmax, const floating[::1] grad,
+def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] v,
+                   floating[::1] vmax, const floating[::1] grad not None,
                    TensorTable table not None, int kind, double lr, double momentum,
                    double rho, double beta_1, double beta_2, double epsilon,
                    double weight_decay, double clipvalue, bint nesterov,
@@ -340,3 +340,73 @@ def optimizer_step(floating[::1] param, floating[::1] m, floating[::1] v,
                                       _cptr1(grad), &table.tt, &c)
     if s != FG_OK:
         _raise(s)
+
+
+def batchnorm_forward(const floating[:, ::1] inp not None, const floating[::1] gamma,
+                      const floating[::1] beta, floating[::1] moving_mean not None,
+                      floating[::1] moving_var not None, floating[:, ::1] out not None, double[::1] mean not None,
+                      double[::1] rstd not None, double epsilon, double momentum, bint training):
+    """out = gamma (inp - mu) / sqrt(var + epsilon) + beta, with batch
+    statistics (training; the moving ones are updated) or the moving ones.
+    mean and rstd (float64) receive mu and 1 / sqrt(var + epsilon)."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    for name, arr in (("gamma", gamma), ("beta", beta)):
+        _check(arr is None or arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    for name, arr in (("moving_mean", moving_mean), ("moving_variance", moving_var),
+                      ("mean", mean), ("rstd", rstd)):
+        _check(arr is not None and arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    _check(not training or B > 0, "x: training needs at least one row")
+    _check(epsilon > 0, "epsilon: expected a positive number")
+    with nogil:
+        if floating is float:
+            fg_batchnorm_forward_f32(_ptr2(out), _ptr1(mean), _ptr1(rstd), _ptr1(moving_mean),
+                                     _ptr1(moving_var), _cptr2(inp), _cptr1(gamma), _cptr1(beta),
+                                     B, F, epsilon, momentum, training)
+        else:
+            fg_batchnorm_forward_f64(_ptr2(out), _ptr1(mean), _ptr1(rstd), _ptr1(moving_mean),
+                                     _ptr1(moving_var), _cptr2(inp), _cptr1(gamma), _cptr1(beta),
+                                     B, F, epsilon, momentum, training)
+    return out
+
+
+def batchnorm_backward(const floating[:, ::1] dout not None, const floating[:, ::1] inp not None,
+                       const double[::1] mean not None, const double[::1] rstd not None,
+                       const floating[::1] gamma, floating[:, ::1] dinp not None,
+                       floating[::1] dgamma, floating[::1] dbeta):
+    """Backward of batchnorm_forward in training mode (closed form)."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(dout, B, F, "dout")
+    _same2(dinp, B, F, "dinp")
+    _check(dinp is not None, "dinp is required")
+    for name, arr in (("gamma", gamma), ("dgamma", dgamma), ("dbeta", dbeta)):
+        _check(arr is None or arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    for name, arr in (("mean", mean), ("rstd", rstd)):
+        _check(arr is not None and arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    with nogil:
+        if floating is float:
+            fg_batchnorm_backward_f32(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout),
+                                      _cptr2(inp), _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
+        else:
+            fg_batchnorm_backward_f64(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout),
+                                      _cptr2(inp), _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
+    return dinp
+
+
+def dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None, double rate,
+            uint64_t seed, uint64_t offset):
+    """Inverted dropout of inp into out with the mask of (seed, offset);
+    applying it to a gradient with the same seed and offset is the backward."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _check(0.0 <= rate < 1.0, "rate: expected a value in [0, 1)")
+    with nogil:
+        if floating is float:
+            fg_dropout_forward_f32(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
+        else:
+            fg_dropout_forward_f64(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
+    return out
+
+
+def random_u64(uint64_t seed, uint64_t position):
+    return fg_random_u64(seed, position)

@@ -1,5 +1,5 @@
 # Declarations of csrc/fastgrad.h, mirrored for Cython.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 cdef extern from "fastgrad.h" nogil:
     enum:
@@ -60,3 +60,23 @@ cdef extern from "fastgrad.h" nogil:
     int fg_optimizer_step_f64(double *param, double *m, double *v, double *vmax,
                               const double *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
+
+    uint64_t fg_random_u64(uint64_t seed, uint64_t position)
+    int fg_batchnorm_forward_f32(float *out, double *mean, double *rstd,
+                                 float *moving_mean, float *moving_var, const float *inp,
+                                 const float *gamma, const float *beta, Py_ssize_t B,
+                                 Py_ssize_t F, double epsilon, double momentum, int training)
+    int fg_batchnorm_forward_f64(double *out, double *mean, double *rstd,
+                                 double *moving_mean, double *moving_var, const double *inp,
+                                 const double *gamma, const double *beta, Py_ssize_t B,
+                                 Py_ssize_t F, double epsilon, double momentum, int training)
+    int fg_batchnorm_backward_f32(float *dinp, float *dgamma, float *dbeta, const float *dout,
+                                  const float *inp, const double *mean, const double *rstd,
+                                  const float *gamma, Py_ssize_t B, Py_ssize_t F)
+    int fg_batchnorm_backward_f64(double *dinp, double *dgamma, double *dbeta, const double *dout,
+                                  const double *inp, const double *mean, const double *rstd,
+                                  const double *gamma, Py_ssize_t B, Py_ssize_t F)
+    void fg_dropout_forward_f32(float *out, const float *inp, Py_ssize_t N, double rate,
+                                uint64_t seed, uint64_t offset)
+    void fg_dropout_forward_f64(double *out, const double *inp, Py_ssize_t N, double rate,
+                                uint64_t seed, uint64_t offset)

@@ -56,6 +56,9 @@ class Layer:
     def bind(self, values, grads):
         self.weights, self.grads = values, grads
 
+    def init_random(self, rng):
+        """Draw what the layer's randomness needs from the model's generator."""
+
     def allocate(self, batch, dtype, need_dx):
         """Work buffers for up to ``batch`` rows; grown, never shrunk."""
         if batch > self._cap or dtype != self._dtype:
@@ -180,4 +183,141 @@ class Activation(Layer):
                 "input_dim": self.input_dim}
 
 
-LAYERS = {cls.__name__: cls for cls in (Dense, Activation)}
+class BatchNormalization(Layer):
+    """Batch normalization (Ioffe & Szegedy 2015) over the features::
+
+        training:  mu, var = mean and biased variance of the batch, per feature
+                   moving = momentum * moving + (1 - momentum) * (mu or var)
+        inference: mu, var = moving_mean, moving_variance
+        y = gamma * (x - mu) / sqrt(var + epsilon) + beta
+
+    gamma (scale=True) and beta (center=True) are trained; the moving
+    statistics are state, never touched by the optimizer. Weights in
+    get_weights() order: gamma, beta, moving_mean, moving_variance.
+    Training needs batches of at least 2 rows."""
+
+    def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, axis=-1, input_dim=None, input_shape=None, name=None):
+        super().__init__(name, input_dim, input_shape)
+        if axis not in (-1, 1):
+            raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+            raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+
+    def build(self, input_dim):
+        self.input_dim = self.output_dim = input_dim
+        f = (input_dim,)
+        specs = []
+        if self.scale:
+            specs.append(WeightSpec("gamma", f, self.gamma_initializer, True,
+                                    self.gamma_regularizer, self.gamma_constraint))
+        if self.center:
+            specs.append(WeightSpec("beta", f, self.beta_initializer, True,
+                                    self.beta_regularizer, self.beta_constraint))
+        specs.append(WeightSpec("moving_mean", f, self.moving_mean_initializer, False))
+        specs.append(WeightSpec("moving_variance", f, self.moving_variance_initializer, False))
+        self.weight_specs = specs
+        self._mean = np.zeros(input_dim)
+        self._rstd = np.ones(input_dim)
+        return input_dim
+
+    def forward(self, x, training=False, logits=False):
+        b = x.shape[0]
+        if training and b < 2:
+            raise ValueError(f"x: BatchNormalization ({self.name}) needs at least 2 rows "
+                             f"per batch in training to estimate a variance, got {b}")
+        out = self._out[:b]
+        w = self.weights
+        _core.batchnorm_forward(x, w.get("gamma"), w.get("beta"), w["moving_mean"],
+                                w["moving_variance"], out, self._mean, self._rstd,
+                                self.epsilon, self.momentum, training)
+        self._x = x
+        return out
+
+    def backward(self, dout, need_dx=True):
+        dx = self._dx[:dout.shape[0]] if need_dx else dout  # dout is scratch
+        _core.batchnorm_backward(dout, self._x, self._mean, self._rstd,
+                                 self.weights.get("gamma"), dx, self.grads.get("gamma"),
+                                 self.grads.get("beta"))
+        return dx if need_dx else None
+
+    def get_config(self):
+        return {
+            "name": self.name, "momentum": self.momentum, "epsilon": self.epsilon,
+            "center": self.center, "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer":
+                initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "input_dim": self.input_dim,
+        }
+
+
+class Dropout(Layer):
+    """Inverted dropout (Srivastava et al. 2014): in training each entry is
+    kept with probability 1 - rate and scaled by 1 / (1 - rate); in
+    inference the layer is the identity. Masks come from a counter-based
+    generator: ``seed`` (or, when None, a number drawn from the model's seed)
+    and a counter that advances with every training batch, so they are
+    reproduced, not stored."""
+
+    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None):
+        super().__init__(name, input_dim, input_shape)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"rate: expected a number in [0, 1), got {rate!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or seed < 0):
+            raise ValueError(f"seed: expected None or a non-negative integer, got {seed!r}")
+        self.rate, self.seed = float(rate), seed
+        self.counter = 0                      # random numbers drawn so far
+        self._seed = None if seed is None else int(seed) % 2**64
+
+    def init_random(self, rng):
+        if self._seed is None:
+            self._seed = int(rng.integers(0, 2**63))
+
+    def forward(self, x, training=False, logits=False):
+        self._active = training and self.rate > 0
+        if not self._active:
+            return x
+        out = self._out[:x.shape[0]]
+        self._at = self.counter
+        _core.dropout(x, out, self.rate, self._seed, self._at)
+        self.counter += x.size
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        if not self._active:
+            return dout
+        dx = self._dx[:dout.shape[0]]
+        _core.dropout(dout, dx, self.rate, self._seed, self._at)
+        return dx
+
+    def get_config(self):
+        return {"name": self.name, "rate": self.rate, "seed": self.seed,
+                "input_dim": self.input_dim}
+
+
+LAYERS = {cls.__name__: cls for cls in (Dense, Activation, BatchNormalization, Dropout)}

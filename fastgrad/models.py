@@ -125,6 +125,7 @@ class Sequential:
             offs[s.trainable] = off + s.size
         for layer in self.layers:
             layer.bind(*views[id(layer)])
+            layer.init_random(self._rng)
         self.built = True
         if self.optimizer is not None:
             self.optimizer.build(self.params, self.grads, self._tensors)
@@ -303,6 +304,10 @@ class Sequential:
             vx, vt, vl = self._check_xy(*validation_data, "fit")
         n = x.shape[0]
         bs = min(int(batch_size), max(n, 1))
+        if any(l.kind == "BatchNormalization" for l in self.layers) and (bs == 1 or n % bs == 1):
+            raise ValueError(f"batch_size: with {n} rows, batches of {bs} leave a batch of "
+                             "1 row, and BatchNormalization needs at least 2 in training; "
+                             "choose another batch_size")
         self._prepare(bs)
         ybuf = np.empty((bs,) + (target.shape[1:] if target is not None else ()),
                         target.dtype if target is not None else np.int64)

@@ -100,7 +100,8 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False):
                          f"({m}, {k}), got {kb}")
     n = b.shape[0] if trans_b else b.shape[1]
     out = _output("out", out, dt, (m, n))
-    return _core.matmul(a, b, out, bool(trans_a), bool(trans_b))
+    _core.matmul(a, b, out, bool(trans_a), bool(trans_b))
+    return out
 
 
 def dense_forward(x, kernel, bias=None, activation="linear", out=None, pre=None,
@@ -124,7 +125,8 @@ def dense_forward(x, kernel, bias=None, activation="linear", out=None, pre=None,
     out = _output("out", out, dt, (x.shape[0], units))
     if pre is not None:
         pre = _output("pre", pre, dt, (x.shape[0], units))
-    return _core.dense_forward(x, kernel, bias, out, pre, code, alpha)
+    _core.dense_forward(x, kernel, bias, out, pre, code, alpha)
+    return out
 
 
 def dense_backward(dout, x, kernel, out, activation="linear", pre=None, alpha=None,
@@ -169,7 +171,8 @@ def activation_forward(x, activation, out=None, pre=None, alpha=None):
     out = _output("out", out, dt, x.shape)
     if pre is not None:
         pre = _output("pre", pre, dt, x.shape)
-    return _core.bias_act_forward(x, None, out, pre, code, alpha)
+    _core.bias_act_forward(x, None, out, pre, code, alpha)
+    return out
 
 
 def activation_backward(dout, out, activation, x=None, alpha=None, dx=None):
@@ -184,7 +187,8 @@ def activation_backward(dout, out, activation, x=None, alpha=None, dx=None):
     elif activation in NEEDS_PRE:
         raise ValueError(f"x: {activation}'s derivative needs the input x")
     dx = _output("dx", dx, dt, dout.shape)
-    return _core.act_backward(dout, out, x, dx, None, code, alpha)
+    _core.act_backward(dout, out, x, dx, None, code, alpha)
+    return dx
 
 
 def _labels(y, batch, classes=None):
@@ -344,6 +348,78 @@ rmsprop_step.__doc__ = ("RMSprop step (m needed when centered, momentum_buffer w
                         "momentum > 0)." + _STEP_DOC)
 adam_step.__doc__ = "Adam step; AdamW is adam_step with weight_decay." + _STEP_DOC
 adagrad_step.__doc__ = "Adagrad step." + _STEP_DOC
+
+
+def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_variance=None,
+                      training=True, momentum=0.99, epsilon=1e-3, out=None):
+    """BatchNormalization forward (formula in fastgrad.layers.BatchNormalization).
+
+    x is (batch, features); gamma, beta (features,) or None (scale 1, shift 0);
+    moving_mean and moving_variance (features,) are required for inference
+    and, when given in training, updated in place. Returns ``(out, mean,
+    rstd)`` with mean and rstd = 1 / sqrt(var + epsilon) as float64 (features,),
+    which batchnorm_backward takes."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    f = x.shape[1]
+    if training and x.shape[0] < 2:
+        raise ValueError(f"x: training needs at least 2 rows to estimate a variance, "
+                         f"got {x.shape[0]}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
+    beta = None if beta is None else _input("beta", beta, dt, 1, (f,))
+    if not training and (moving_mean is None or moving_variance is None):
+        raise ValueError("moving_mean, moving_variance: required in inference")
+    moving_mean = np.zeros(f, dt) if moving_mean is None else \
+        _output("moving_mean", moving_mean, dt, (f,))
+    moving_variance = np.ones(f, dt) if moving_variance is None else \
+        _output("moving_variance", moving_variance, dt, (f,))
+    out = _output("out", out, dt, x.shape)
+    mean, rstd = np.empty(f), np.empty(f)
+    _core.batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, out, mean, rstd,
+                            float(epsilon), float(momentum), bool(training))
+    return out, mean, rstd
+
+
+def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
+    """BatchNormalization backward for training statistics::
+
+        xhat = (x - mean) * rstd
+        dbeta = dout.sum(0);  dgamma = (dout * xhat).sum(0)
+        dx = gamma * rstd / B * (B * dout - dbeta - xhat * dgamma)
+
+    Returns ``(dx, dgamma, dbeta)``."""
+    dt = _dtype_of("dout", dout)
+    x = _input("x", x, dt, 2)
+    f = x.shape[1]
+    dout = _input("dout", dout, dt, 2, x.shape)
+    mean = _input("mean", mean, np.dtype(np.float64), 1, (f,))
+    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (f,))
+    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
+    dx = _output("dx", dx, dt, x.shape)
+    dgamma, dbeta = np.empty(f, dt), np.empty(f, dt)
+    _core.batchnorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+def dropout(x, rate, seed, offset=0, out=None):
+    """Inverted dropout: ``out = x * keep / (1 - rate)``, keep drawn with
+    probability 1 - rate from a counter-based generator at positions
+    ``offset .. offset + x.size - 1`` of the stream of ``seed``. The backward
+    is the same call on the gradient with the same seed and offset."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"rate: expected a number in [0, 1), got {rate!r}")
+    for name, v in (("seed", seed), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < 2**64:
+            raise ValueError(f"{name}: expected an integer in [0, 2**64), got {v!r}")
+    out = _output("out", out, dt, x.shape)
+    _core.dropout(x, out, float(rate), int(seed), int(offset))
+    return out
 
 
 def sum_squares(x):
