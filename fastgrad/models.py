@@ -448,6 +448,12 @@ class Sequential:
             out[start:stop] = self._forward(x[start:stop], False, False)
         return out
 
+    def save(self, path):
+        """Write the model to one file: architecture, weights, optimizer
+        configuration and state, and random-generator state (see
+        fastgrad.saving). The write is atomic."""
+        _save(self, path)
+
     # -- weights ----------------------------------------------------------
     def get_weights(self):
         """Copies of every weight, layer by layer (Dense: kernel, bias)."""
@@ -499,3 +505,114 @@ class Sequential:
             print_fn(f" Non-trainable params: {s:,}")
         else:
             print_fn(" Total params: unknown until the model is built")
+
+
+def _save(model, path):
+    from fastgrad import __version__, saving
+
+    if not model.built:
+        raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
+                         "the first layer input_dim) before saving")
+    header = {
+        "format": "fastgrad.model", "fastgrad_version": __version__,
+        "model": {"class_name": "Sequential", "config": {
+            "name": model.name, "dtype": model.dtype.name, "seed": model.seed,
+            "input_dim": model.input_dim,
+            "layers": [{"class_name": l.kind, "config": l.get_config()} for l in model.layers]}},
+        "rng": model._rng.bit_generator.state,
+        "layers_random": {l.name: {"seed": l._seed, "counter": l.counter}
+                          for l in model.layers if hasattr(l, "counter")},
+        "compile": None,
+    }
+    arrays = [(f"weights/{l.name}/{s.name}", l.weights[s.name]) for l, s in model._specs]
+    opt = model.optimizer
+    if opt is not None:
+        header["compile"] = {
+            "optimizer": {"class_name": type(opt).__name__, "config": opt.get_config()},
+            "loss": {"class_name": type(model.loss).__name__, "config": model.loss.get_config()},
+            "metrics": list(model._metric_names),
+            "iterations": opt.iterations, "skipped_steps": opt.skipped_steps,
+        }
+        arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
+    saving.write_file(path, header, arrays)
+
+
+def load_model(path):
+    """Read a model written by ``model.save(path)``: architecture, weights,
+    optimizer and its state, and the random generators' state, so that
+    ``fit`` continues exactly where the saved model stopped. Raises
+    ``fastgrad.saving.ModelFileError`` (a ValueError) for any file that is
+    not a valid model file."""
+    from fastgrad import layers as layers_mod, saving, schedules
+
+    header, arrays = saving.read_file(path)
+    try:
+        return _from_header(header, arrays, layers_mod, schedules)
+    except saving.ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise saving.ModelFileError(f"{path}: invalid model description ({type(e).__name__}: "
+                                    f"{e})") from None
+
+
+def _from_header(header, arrays, layers_mod, schedules):
+    from fastgrad.saving import ModelFileError
+
+    if header.get("format") != "fastgrad.model":
+        raise ModelFileError("not a fastgrad model description")
+    spec = header["model"]
+    if spec["class_name"] != "Sequential":
+        raise ModelFileError(f"unknown model type {spec['class_name']!r}")
+    cfg = spec["config"]
+    layers = []
+    for entry in cfg["layers"]:
+        cls = layers_mod.LAYERS.get(entry["class_name"])
+        if cls is None:
+            raise ModelFileError(f"unknown layer type {entry['class_name']!r}")
+        layers.append(cls(**entry["config"]))
+    model = Sequential(layers, dtype=cfg["dtype"], seed=cfg["seed"], name=cfg["name"])
+    model.build(cfg["input_dim"])
+    for layer, s in model._specs:
+        key = f"weights/{layer.name}/{s.name}"
+        if key not in arrays:
+            raise ModelFileError(f"the weight {key} is missing")
+        a = arrays.pop(key)
+        if a.shape != s.shape or a.dtype != model.dtype:
+            raise ModelFileError(f"the weight {key} has shape {a.shape} and dtype {a.dtype}; "
+                                 f"the architecture needs {s.shape} {model.dtype}")
+        layer.weights[s.name][...] = a
+    comp = header.get("compile")
+    if comp is not None:
+        oc = dict(comp["optimizer"]["config"])
+        if isinstance(oc.get("learning_rate"), dict):
+            oc["learning_rate"] = schedules.deserialize(oc["learning_rate"])
+        ocls = {c.__name__: c for c in optimizers._CLASSES.values()}.get(
+            comp["optimizer"]["class_name"])
+        lcls = {c.__name__: c for c in losses._CLASSES.values()}.get(comp["loss"]["class_name"])
+        if ocls is None or lcls is None:
+            raise ModelFileError("unknown optimizer or loss type")
+        model.compile(ocls(**oc), lcls(**comp["loss"]["config"]), comp["metrics"])
+        opt = model.optimizer
+        for k, buf in opt.variables().items():
+            a = arrays.pop(f"optimizer/{k}", None)
+            if a is None or a.shape != buf.shape or a.dtype != buf.dtype:
+                raise ModelFileError(f"the optimizer state optimizer/{k} is missing or has "
+                                     "the wrong shape or dtype")
+            buf[...] = a
+        it, sk = comp["iterations"], comp["skipped_steps"]
+        if not all(isinstance(v, int) and v >= 0 for v in (it, sk)):
+            raise ModelFileError("invalid optimizer step counts")
+        opt.iterations, opt.skipped_steps = it, sk
+    if arrays:
+        raise ModelFileError(f"unexpected arrays in the file: {', '.join(sorted(arrays))}")
+    state = header["rng"]
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise ModelFileError("invalid random-generator state")
+    model._rng.bit_generator.state = state
+    for layer in model.layers:
+        if hasattr(layer, "counter"):
+            r = header["layers_random"][layer.name]
+            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in ("seed", "counter")):
+                raise ModelFileError(f"invalid random state for layer {layer.name}")
+            layer._seed, layer.counter = r["seed"], r["counter"]
+    return model
