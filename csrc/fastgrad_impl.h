@@ -346,7 +346,7 @@ int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
 /* MaxNorm on a (rows, cols) kernel: each column's L2 norm capped (Keras axis=0). */
 static void S(max_norm)(T *w, ptrdiff_t n, ptrdiff_t cols, double maxv)
 {
-    if (cols <= 0) cols = n;                 /* a vector: one norm over it all */
+    if (cols <= 0) cols = 1;                 /* a vector: one norm over it all */
     ptrdiff_t rows = n / cols;
     double acc[FG_COLS];
     for (ptrdiff_t c0 = 0; c0 < cols; c0 += FG_COLS) {
@@ -604,4 +604,17 @@ void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
         uint64_t r = fg_random_u64(seed, offset + (uint64_t)k) >> 32;
         out[k] = r < threshold ? inp[k] * scale : (T)0;
     }
+}
+
+/* Index of the first row of x (B,F) holding inf or NaN, or -1. */
+ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_t F)
+{
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *r = x + i * F;
+        T acc = 0;
+        /* x * 0 is 0 for finite x and NaN for inf or NaN */
+        for (ptrdiff_t j = 0; j < F; j++) acc += r[j] * (T)0;
+        if (acc != acc) return i;
+    }
+    return -1;
 }

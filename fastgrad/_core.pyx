@@ -410,3 +410,12 @@ def dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None, 
 
 def random_u64(uint64_t seed, uint64_t position):
     return fg_random_u64(seed, position)
+
+
+def first_nonfinite_row(const floating[:, ::1] x not None):
+    """Index of the first row holding inf or NaN, or -1."""
+    cdef Py_ssize_t r
+    with nogil:
+        r = fg_first_nonfinite_row_f32(_cptr2(x), x.shape[0], x.shape[1]) if floating is float \
+            else fg_first_nonfinite_row_f64(_cptr2(x), x.shape[0], x.shape[1])
+    return r

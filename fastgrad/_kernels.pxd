@@ -30,6 +30,8 @@ cdef extern from "fastgrad.h" nogil:
                                      const int64_t *labels, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
                                      double param)
+    Py_ssize_t fg_first_nonfinite_row_f32(const float *x, Py_ssize_t B, Py_ssize_t F)
+    Py_ssize_t fg_first_nonfinite_row_f64(const double *x, Py_ssize_t B, Py_ssize_t F)
     double fg_sum_squares_f32(const float *x, Py_ssize_t N)
     double fg_sum_squares_f64(const double *x, Py_ssize_t N)
 

@@ -1,4 +1,5 @@
 """Callbacks: hooks called by ``Model.fit`` (Keras names)."""
+import math
 
 
 class Callback:
@@ -47,3 +48,133 @@ class History(Callback):
         self.epoch.append(epoch)
         for k, v in (logs or {}).items():
             self.history.setdefault(k, []).append(v)
+
+
+def _mode_op(mode, monitor):
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        mode = "max" if ("acc" in monitor or monitor.endswith("auc")) else "min"
+    return mode
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` epochs. With ``restore_best_weights`` the
+    weights of the best epoch are put back when it stops."""
+
+    def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, verbose=0,
+                 mode="auto", baseline=None, restore_best_weights=False, start_from_epoch=0):
+        super().__init__()
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience: expected an integer >= 0, got {patience!r}")
+        self.monitor, self.patience, self.verbose = monitor, patience, verbose
+        self.mode = _mode_op(mode, monitor)
+        self.min_delta = abs(float(min_delta))
+        self.baseline, self.restore_best_weights = baseline, restore_best_weights
+        self.start_from_epoch = start_from_epoch
+
+    def _better(self, current, best):
+        if best is None:
+            return True
+        if self.mode == "min":
+            return current < best - self.min_delta
+        return current > best + self.min_delta
+
+    def on_train_begin(self, logs=None):
+        self.wait, self.stopped_epoch = 0, 0
+        self.best, self.best_weights, self.best_epoch = self.baseline, None, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None:
+            raise ValueError(f"monitor: {self.monitor!r} is not among the logged values "
+                             f"{sorted(logs or {})}")
+        if epoch < self.start_from_epoch:
+            return
+        self.wait += 1
+        if self._better(current, self.best):
+            self.best, self.best_epoch, self.wait = current, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            if self.restore_best_weights and self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+            if self.verbose:
+                print(f"Epoch {epoch + 1}: early stopping (best {self.monitor} "
+                      f"{self.best:.4f} at epoch {self.best_epoch + 1})")
+
+
+class TerminateOnNaN(Callback):
+    """Stop training as soon as a batch's loss is NaN or infinite."""
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            print(f"Batch {batch}: invalid loss {loss}, terminating training")
+            self.model.stop_training = True
+
+    on_train_batch_end = on_batch_end
+
+
+class LearningRateScheduler(Callback):
+    """Set the optimizer's learning rate at the start of each epoch to
+    ``schedule(epoch, lr)`` (or ``schedule(epoch)``)."""
+
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise TypeError(f"schedule: expected a function, got {schedule!r}")
+        self.schedule, self.verbose = schedule, verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        opt = self.model.optimizer
+        current = opt.current_learning_rate()
+        try:
+            lr = self.schedule(epoch, current)
+        except TypeError:
+            lr = self.schedule(epoch)
+        lr = float(lr)
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"schedule: returned {lr!r}; expected a finite number >= 0")
+        opt.learning_rate = lr
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: learning rate {lr:.6g}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = self.model.optimizer.current_learning_rate()
+
+
+class ModelCheckpoint(Callback):
+    """Save the model (``model.save``) after each epoch to ``filepath``,
+    which may hold ``{epoch}`` and logged names (``{val_loss:.3f}``). With
+    ``save_best_only`` only when ``monitor`` improved."""
+
+    def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
+                 mode="auto"):
+        super().__init__()
+        self.filepath, self.monitor, self.verbose = str(filepath), monitor, verbose
+        self.save_best_only = save_best_only
+        self.mode = _mode_op(mode, monitor)
+        self.best = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        path = self.filepath.format(epoch=epoch + 1, **logs)
+        if self.save_best_only:
+            current = logs.get(self.monitor)
+            if current is None:
+                raise ValueError(f"monitor: {self.monitor!r} is not among the logged values "
+                                 f"{sorted(logs)}")
+            improved = self.best is None or (current < self.best if self.mode == "min"
+                                             else current > self.best)
+            if not improved:
+                return
+            self.best = current
+        self.model.save(path)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: saved model to {path}")

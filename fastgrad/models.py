@@ -28,6 +28,49 @@ _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentrop
           "binary_crossentropy": "sigmoid"}
 
 
+class _ProgressBar:
+    """The live bar of ``fit(verbose=1)``: tqdm when it is installed (an
+    optional extra), otherwise one carriage-returned line."""
+
+    def __init__(self, epoch, epochs, total):
+        self.t0, self.total = time.perf_counter(), total
+        self.desc = f"Epoch {epoch + 1}/{epochs}"
+        self._last = 0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.tqdm = None
+        else:
+            self.tqdm = tqdm(total=total, desc=self.desc, unit="sample", leave=False,
+                             file=sys.stdout, mininterval=0.2)
+
+        self.live = self.tqdm is not None or sys.stdout.isatty()
+
+    def update(self, done, loss, names, values):
+        post = {"loss": f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in zip(names, values)}}
+        if self.tqdm is not None:
+            self.tqdm.update(done - self._last)
+            self.tqdm.set_postfix(post, refresh=False)
+        elif self.live:
+            now = time.perf_counter()
+            if done < self.total and now - getattr(self, "_shown", 0) < 0.2:
+                self._last = done
+                return
+            self._shown = now
+            rate = done / max(now - self.t0, 1e-9)
+            fill = 20 * done // max(self.total, 1)
+            stats = " - ".join(f"{k}: {v}" for k, v in post.items())
+            print(f"\r{self.desc} [{'=' * fill}{'.' * (20 - fill)}] {done}/{self.total} - "
+                  f"{rate:,.0f} samples/s - {stats}", end="", file=sys.stdout, flush=True)
+        self._last = done
+
+    def close(self):
+        if self.tqdm is not None:
+            self.tqdm.close()
+        elif self.live:
+            print("\r\033[K", end="", file=sys.stdout)   # clear the bar's line
+
+
 def _snake(name):
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out.replace("batch_normalization", "batch_normalization")
@@ -185,7 +228,13 @@ class Sequential:
             raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
                              f"(shape {x.shape})")
         if x.dtype != self.dtype or not x.flags.c_contiguous:
+            if x.dtype.kind == "f" and x.size and np.isfinite(x).all() and \
+                    np.abs(x).max() > np.finfo(self.dtype).max:
+                raise ValueError(f"{name}: values beyond the {self.dtype} range")
             x = np.ascontiguousarray(x, dtype=self.dtype)
+        bad = _core.first_nonfinite_row(x)
+        if bad >= 0:
+            raise ValueError(f"{name}: row {bad} holds NaN or inf; inputs must be finite")
         return x
 
     def _check_y(self, y, batch, name="y"):
@@ -204,6 +253,9 @@ class Sequential:
                              f"shape {y.shape}")
         if y.dtype != self.dtype or not y.flags.c_contiguous:
             y = np.ascontiguousarray(y, dtype=self.dtype)
+        bad = _core.first_nonfinite_row(y)
+        if bad >= 0:
+            raise ValueError(f"{name}: row {bad} holds NaN or inf; targets must be finite")
         return y, None
 
     def _check_xy(self, x, y, what):
@@ -284,12 +336,16 @@ class Sequential:
         return float(loss), grads
 
     # -- fit --------------------------------------------------------------
-    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, shuffle=True,
-            callbacks=None, verbose=1, initial_epoch=0):
+    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
+            shuffle=True, callbacks=None, verbose=1, initial_epoch=0):
         """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
         (the last one may be smaller), shuffled each epoch from the model's
-        seed. Returns a History whose ``history`` maps "loss", the metrics and
-        their "val_" forms to per-epoch lists."""
+        seed. ``validation_split`` holds out that fraction of the rows, taken
+        from the end before shuffling, as Keras does. Returns a History whose
+        ``history`` maps "loss", the metrics, their "val_" forms, and
+        "grad_norm" (mean global gradient norm of the epoch's steps) and
+        "clip_rate" (fraction of its steps where clipping fired) to per-epoch
+        lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch."""
         self._require_compiled("fit")
         for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
                             ("initial_epoch", initial_epoch, 0)):
@@ -297,11 +353,28 @@ class Sequential:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
+            raise ValueError(f"validation_split: expected a fraction in [0, 1), got "
+                             f"{validation_split!r}")
         x, target, labels = self._check_xy(x, y, "fit")
-        if validation_data is not None:
+        if validation_split and validation_data is None:
+            cut = int(x.shape[0] * (1 - validation_split))
+            if cut < 1 or cut == x.shape[0]:
+                raise ValueError(f"validation_split: {validation_split} of {x.shape[0]} rows "
+                                 "leaves no rows for training or none for validation")
+            vx = x[cut:]
+            vt = target[cut:] if target is not None else None
+            vl = labels[cut:] if labels is not None else None
+            x = x[:cut]
+            target = target[:cut] if target is not None else None
+            labels = labels[:cut] if labels is not None else None
+            validation_data = True
+        elif validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a tuple (x_val, y_val)")
             vx, vt, vl = self._check_xy(*validation_data, "fit")
+        if x.shape[0] == 0:
+            raise ValueError("x: expected at least one row")
         n = x.shape[0]
         bs = min(int(batch_size), max(n, 1))
         if any(l.kind == "BatchNormalization" for l in self.layers) and (bs == 1 or n % bs == 1):
@@ -325,6 +398,8 @@ class Sequential:
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
             sums = np.zeros(1 + len(self.metrics))
+            gsum, clipped_steps, steps = 0.0, 0, 0
+            bar = _ProgressBar(epoch, epochs, n) if verbose == 1 else None
             for step, start in enumerate(range(0, n, bs)):
                 stop = min(start + bs, n)
                 b = stop - start
@@ -343,28 +418,36 @@ class Sequential:
                 sums[0] += loss * b
                 if mets:
                     sums[1:] += np.asarray(mets) * b
+                rec = self.optimizer.last_step
+                steps += 1
+                gsum += rec.global_norm
+                clipped_steps += rec.clipped
                 logs = {"loss": float(loss)}
                 for cb in cbs:
                     cb.on_batch_end(step, logs)
-                if verbose == 1:
-                    self._progress(epoch, epochs, stop, n, t0, sums[0] / stop)
+                if bar is not None:
+                    bar.update(stop, sums[0] / stop, self._metric_names,
+                               sums[1:] / stop)
                 if self.stop_training:
                     break
             seen = max(min(stop, n), 1) if n else 1
             logs = {"loss": float(sums[0] / seen)}
             for name, s in zip(self._metric_names, sums[1:]):
                 logs[name] = float(s / seen)
+            logs["grad_norm"] = gsum / max(steps, 1)
+            logs["clip_rate"] = clipped_steps / max(steps, 1)
             if validation_data is not None:
                 vals = self._evaluate(vx, vt, vl, bs)
                 logs["val_loss"] = vals[0]
                 for name, v in zip(self._metric_names, vals[1:]):
                     logs["val_" + name] = v
+            if bar is not None:
+                bar.close()
             if verbose:
                 dt = time.perf_counter() - t0
                 line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                end = "\n"
-                print(f"{'' if verbose == 2 else chr(13)}Epoch {epoch + 1}/{epochs} - "
-                      f"{dt:.2f}s - {line}", end=end, file=sys.stdout, flush=True)
+                print(f"Epoch {epoch + 1}/{epochs} - {dt:.2f}s - {n / max(dt, 1e-9):,.0f} "
+                      f"samples/s - {line}", file=sys.stdout, flush=True)
             for cb in cbs:
                 cb.on_epoch_end(epoch, logs)
             if self.stop_training:
@@ -373,14 +456,6 @@ class Sequential:
             cb.on_train_end()
         self.history = history
         return history
-
-    def _progress(self, epoch, epochs, done, n, t0, loss):
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        width = 20
-        fill = int(width * done / max(n, 1))
-        print(f"\rEpoch {epoch + 1}/{epochs} [{'=' * fill}{'.' * (width - fill)}] "
-              f"{done}/{n} - {rate:,.0f} samples/s - loss: {loss:.4f}", end="",
-              file=sys.stdout, flush=True)
 
     # -- inference --------------------------------------------------------
     def _evaluate(self, x, target, labels, batch_size):
@@ -482,6 +557,8 @@ class Sequential:
     def summary(self, print_fn=None):
         """Print each layer's name and type, output shape and parameter count."""
         print_fn = print_fn or print
+        if not self.built and self.layers and self.layers[0].input_dim is not None:
+            self.build()
         rows = []
         for layer in self.layers:
             shape = f"(None, {layer.output_dim})" if layer.output_dim else "?"

@@ -24,6 +24,7 @@ A step whose gradients are not all finite never reaches the weights: with
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class StepRecord:
 def _positive(name, value, allow_none=True, allow_zero=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} "
                          f"finite number, got {value!r}")
@@ -296,7 +297,7 @@ class Adam(Optimizer):
                  amsgrad=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
         for name, b in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not (isinstance(b, (int, float)) and 0 <= b < 1):
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0 <= b < 1:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {b!r}")
         self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
         self.epsilon = _positive("epsilon", epsilon)
