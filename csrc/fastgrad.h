@@ -61,8 +61,18 @@ typedef struct {
     const int *constraint;     /* fg_constraint codes */
     const double *cvalue;      /* MaxNorm max_value or ClipValue clip_value */
     const int64_t *cols;       /* MaxNorm: columns of the (rows, cols) kernel; 0 = 1-D */
+    double *upd_sumsq;         /* NULL, or receives sum (w_new - w_old)^2 per tensor */
+    double *w_sumsq;           /* NULL, or receives sum w_new^2 per tensor */
     ptrdiff_t n_tensors;
 } fg_tensors;
+
+/* Activation statistics, gathered by the dense epilogue when asked for:
+ * alive[j] is set to 1 when unit j is positive in some row (relu), and
+ * saturated counts outputs with sigmoid outside [0.01, 0.99] or |tanh| > 0.99. */
+typedef struct {
+    unsigned char *alive;      /* O entries, cleared by the caller */
+    int64_t saturated;
+} fg_act_stats;
 
 /* 1 when the activation's derivative needs the pre-activation z, not just y. */
 int fg_activation_needs_pre(int act);
@@ -74,7 +84,8 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position);
 
 #define FG_DECLARE(T, S)                                                       \
     int fg_bias_act_forward##S(T *out, T *pre, const T *inp, const T *bias,    \
-                               ptrdiff_t B, ptrdiff_t O, int act, double alpha);\
+                               ptrdiff_t B, ptrdiff_t O, int act, double alpha,\
+                               fg_act_stats *stats);                           \
     int fg_act_backward##S(T *dpre, T *dbias, const T *dout, const T *out,     \
                            const T *pre, ptrdiff_t B, ptrdiff_t O, int act,    \
                            double alpha);                                      \

@@ -68,7 +68,8 @@ static void S(softmax_row)(T *y, ptrdiff_t O)
  * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
  * NULL; pre is (B,O) or NULL and receives z = inp + bias. */
 int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
-                           ptrdiff_t B, ptrdiff_t O, int act, double alpha)
+                           ptrdiff_t B, ptrdiff_t O, int act, double alpha,
+                           fg_act_stats *stats)
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
     const T a = (T)alpha;
@@ -89,6 +90,16 @@ int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
             T v = bias ? x[j] + bias[j] : x[j];
             if (z) z[j] = v;
             y[j] = S(act_value)(v, act, a);
+        }
+        if (stats) {   /* only when asked: a second look at the row, in cache */
+            if (act == FG_RELU && stats->alive)
+                for (ptrdiff_t j = 0; j < O; j++) stats->alive[j] |= y[j] > 0;
+            else if (act == FG_SIGMOID)
+                for (ptrdiff_t j = 0; j < O; j++)
+                    stats->saturated += y[j] < (T)0.01 || y[j] > (T)0.99;
+            else if (act == FG_TANH)
+                for (ptrdiff_t j = 0; j < O; j++)
+                    stats->saturated += y[j] < (T)-0.99 || y[j] > (T)0.99;
         }
     }
     return FG_OK;
@@ -377,95 +388,146 @@ static void S(max_norm)(T *w, ptrdiff_t n, ptrdiff_t cols, double maxv)
  *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
  *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
  * then the tensor's constraint (NonNeg, ClipValue per element; MaxNorm after). */
+/* Loop-invariant settings of one step, in the element type. */
+typedef struct {
+    int kind, clip, nesterov, centered, amsgrad;
+    T lr, mu, eps, keep, cv, rho, b1, b2, adam_lr;
+} S(opt_consts);
+
+/* The update of n consecutive elements of one tensor. One loop per kind,
+ * with loop-invariant branches only, so that each vectorizes. G(k) is the
+ * scaled and clipped gradient. */
+static void S(update_range)(const S(opt_consts) *q, T *restrict w,
+                            const T *restrict gr, T *restrict mt,
+                            T *restrict vt, T *restrict xt, T sc, ptrdiff_t n)
+{
+    const T lr = q->lr, mu = q->mu, eps = q->eps, keep = q->keep, cv = q->cv;
+    const T rho = q->rho, b1 = q->b1, b2 = q->b2, adam_lr = q->adam_lr;
+    const int clip = q->clip;
+#define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
+    switch (q->kind) {
+    case FG_SGD:
+        if (mu == 0) {
+            for (ptrdiff_t k = 0; k < n; k++) w[k] = w[k] * keep - lr * G(k);
+        } else if (q->nesterov) {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T g = G(k), vel = mu * vt[k] - lr * g;
+                vt[k] = vel;
+                w[k] = w[k] * keep + mu * vel - lr * g;
+            }
+        } else {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T vel = mu * vt[k] - lr * G(k);
+                vt[k] = vel;
+                w[k] = w[k] * keep + vel;
+            }
+        }
+        break;
+    case FG_RMSPROP:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k);
+            T vel = rho * vt[k] + ((T)1 - rho) * g * g;
+            vt[k] = vel;
+            T d = vel + eps;
+            if (q->centered) {
+                T avg = rho * mt[k] + ((T)1 - rho) * g;
+                mt[k] = avg;
+                d = vel - avg * avg + eps;
+            }
+            T u = lr * g / SQRT(d);
+            if (mu != 0) { u = mu * xt[k] + u; xt[k] = u; }
+            w[k] = w[k] * keep - u;
+        }
+        break;
+    case FG_ADAM:
+        if (q->amsgrad) {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T g = G(k);
+                T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+                T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+                mt[k] = mm; vt[k] = vv;
+                T vh = xt[k] > vv ? xt[k] : vv;
+                xt[k] = vh;
+                w[k] = w[k] * keep - adam_lr * mm / (SQRT(vh) + eps);
+            }
+        } else {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                T g = G(k);
+                T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+                T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+                mt[k] = mm; vt[k] = vv;
+                w[k] = w[k] * keep - adam_lr * mm / (SQRT(vv) + eps);
+            }
+        }
+        break;
+    case FG_ADAGRAD:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k), acc = vt[k] + g * g;
+            vt[k] = acc;
+            w[k] = w[k] * keep - lr * g / SQRT(acc + eps);
+        }
+        break;
+    }
+#undef G
+}
+
+/* Pass 2: one read and one write of every parameter, gradient and moment.
+ * Per element, with g the gradient after pass 1:
+ *   g = clip(g * scale[t], -clipvalue, clipvalue)     (clipping, Keras order)
+ *   w -= lr * weight_decay * w                        (decoupled decay, if any)
+ *   SGD       v = momentum v - lr g;  w += v  (nesterov: w += momentum v - lr g)
+ *             or w -= lr g without momentum
+ *   RMSprop   v = rho v + (1-rho) g^2;  centered: m = rho m + (1-rho) g,
+ *             d = v - m^2 + eps, else d = v + eps;  u = lr g / sqrt(d);
+ *             momentum: vmax = momentum vmax + u, w -= vmax;  else w -= u
+ *   Adam      m += (1-beta_1)(g - m);  v += (1-beta_2)(g^2 - v);
+ *             amsgrad: vmax = max(vmax, v), used for v;
+ *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
+ *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
+ * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
+ * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
+ * constraint) and sum w_new^2 are accumulated too, block by block. */
 int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
                          const fg_tensors *tt, const fg_opt_config *c)
 {
     if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
-    const T lr = (T)c->lr, mu = (T)c->momentum, eps = (T)c->epsilon;
-    const T keep = (T)(1.0 - c->lr * c->weight_decay);  /* decay as a factor */
-    const T cv = (T)c->clipvalue;
-    const int clip = c->clipvalue > 0;
-    const T rho = (T)c->rho, b1 = (T)c->beta_1, b2 = (T)c->beta_2;
-    T adam_lr = 0;
+    S(opt_consts) q;
+    q.kind = c->kind; q.clip = c->clipvalue > 0; q.nesterov = c->nesterov;
+    q.centered = c->centered; q.amsgrad = c->amsgrad;
+    q.lr = (T)c->lr; q.mu = (T)c->momentum; q.eps = (T)c->epsilon;
+    q.keep = (T)(1.0 - c->lr * c->weight_decay);   /* decay as a factor */
+    q.cv = (T)c->clipvalue; q.rho = (T)c->rho; q.b1 = (T)c->beta_1; q.b2 = (T)c->beta_2;
+    q.adam_lr = 0;
     if (c->kind == FG_ADAM) {
         double t = (double)c->step;
-        adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
+        q.adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
     }
+    enum { BLOCK = 256 };
+    T old[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
-        T *restrict w = param + a;
-        const T *restrict gr = grad + a;
-        T *restrict mt = m ? m + a : NULL;
-        T *restrict vt = v ? v + a : NULL;
-        T *restrict xt = vmax ? vmax + a : NULL;
+        T *w = param + a;
+        const T *gr = grad + a;
+        T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
         const T sc = (T)tt->scale[t];
-        /* One loop per kind, with loop-invariant branches only, so that the
-         * compiler vectorizes each. G(k) is the clipped gradient. */
-#define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
-        switch (c->kind) {
-        case FG_SGD:
-            if (mu == 0) {
-                for (ptrdiff_t k = 0; k < n; k++) w[k] = w[k] * keep - lr * G(k);
-            } else if (c->nesterov) {
-                for (ptrdiff_t k = 0; k < n; k++) {
-                    T g = G(k), vel = mu * vt[k] - lr * g;
-                    vt[k] = vel;
-                    w[k] = w[k] * keep + mu * vel - lr * g;
-                }
-            } else {
-                for (ptrdiff_t k = 0; k < n; k++) {
-                    T vel = mu * vt[k] - lr * G(k);
-                    vt[k] = vel;
-                    w[k] = w[k] * keep + vel;
+        if (!tt->upd_sumsq) {
+            S(update_range)(&q, w, gr, mt, vt, xt, sc, n);
+        } else {
+            double du = 0.0, ww = 0.0;
+            for (ptrdiff_t k0 = 0; k0 < n; k0 += BLOCK) {
+                ptrdiff_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
+                for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j];
+                S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
+                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, sc, len);
+                for (ptrdiff_t j = 0; j < len; j++) {
+                    double d = (double)w[k0 + j] - (double)old[j];
+                    du += d * d;
+                    ww += (double)w[k0 + j] * (double)w[k0 + j];
                 }
             }
-            break;
-        case FG_RMSPROP:
-            for (ptrdiff_t k = 0; k < n; k++) {
-                T g = G(k);
-                T vel = rho * vt[k] + ((T)1 - rho) * g * g;
-                vt[k] = vel;
-                T d = vel + eps;
-                if (c->centered) {
-                    T avg = rho * mt[k] + ((T)1 - rho) * g;
-                    mt[k] = avg;
-                    d = vel - avg * avg + eps;
-                }
-                T u = lr * g / SQRT(d);
-                if (mu != 0) { u = mu * xt[k] + u; xt[k] = u; }
-                w[k] = w[k] * keep - u;
-            }
-            break;
-        case FG_ADAM:
-            if (c->amsgrad) {
-                for (ptrdiff_t k = 0; k < n; k++) {
-                    T g = G(k);
-                    T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
-                    T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
-                    mt[k] = mm; vt[k] = vv;
-                    T vh = xt[k] > vv ? xt[k] : vv;
-                    xt[k] = vh;
-                    w[k] = w[k] * keep - adam_lr * mm / (SQRT(vh) + eps);
-                }
-            } else {
-                for (ptrdiff_t k = 0; k < n; k++) {
-                    T g = G(k);
-                    T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
-                    T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
-                    mt[k] = mm; vt[k] = vv;
-                    w[k] = w[k] * keep - adam_lr * mm / (SQRT(vv) + eps);
-                }
-            }
-            break;
-        case FG_ADAGRAD:
-            for (ptrdiff_t k = 0; k < n; k++) {
-                T g = G(k), acc = vt[k] + g * g;
-                vt[k] = acc;
-                w[k] = w[k] * keep - lr * g / SQRT(acc + eps);
-            }
-            break;
+            tt->upd_sumsq[t] = du;
+            tt->w_sumsq[t] = ww;
         }
-#undef G
         /* Constraints: rare, so a second pass over the constrained tensor
          * keeps the update loops free of them. */
         const T cval = (T)tt->cvalue[t];

@@ -1,4 +1,5 @@
-"""``python -m fastgrad example``: train a small network on data it generates."""
+"""``python -m fastgrad demo``: vanishing and exploding gradients and their
+cures, diagnosed; ``python -m fastgrad example``: a small classifier."""
 import argparse
 import sys
 import time
@@ -32,10 +33,17 @@ def example(seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastgrad")
     sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="a 20-layer network trained four ways, diagnosed")
+    demo.add_argument("--plot", metavar="PATH", help="save a figure comparing the cases")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=10)
     ex = sub.add_parser("example", help="train a small classifier on generated data")
     ex.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "example":
+    if args.command == "demo":
+        from fastgrad import demo as demo_mod
+        demo_mod.run(args.seed, args.epochs, args.plot)
+    elif args.command == "example":
         example(args.seed)
     return 0
 

@@ -106,22 +106,37 @@ cdef int _same2(object v, Py_ssize_t r, Py_ssize_t c, str name) except -1:
     return 0
 
 
+cdef fg_act_stats *_stats(fg_act_stats *st, unsigned char[::1] alive, bint want,
+                         Py_ssize_t O) except? NULL:
+    if not want:
+        return NULL
+    _check(alive is None or alive.shape[0] == O, f"alive: expected shape ({O},)")
+    st.alive = &alive[0] if alive is not None and O > 0 else NULL
+    st.saturated = 0
+    return st
+
+
 def bias_act_forward(const floating[:, ::1] inp not None, const floating[::1] bias,
-                     floating[:, ::1] out not None, floating[:, ::1] pre, int act, double alpha):
-    """out = act(inp + bias); pre (optional) receives inp + bias."""
+                     floating[:, ::1] out not None, floating[:, ::1] pre, int act, double alpha,
+                     unsigned char[::1] alive=None, bint stats=False):
+    """out = act(inp + bias); pre (optional) receives inp + bias. With stats,
+    alive[j] |= (unit j positive in some row) for relu, and the count of
+    saturated sigmoid/tanh outputs is returned."""
     cdef Py_ssize_t B = inp.shape[0], O = inp.shape[1]
     cdef int s
+    cdef fg_act_stats st
+    cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
     _check_act(act, alpha)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _check(bias is None or bias.shape[0] == O, f"bias: expected shape ({O},)")
     with nogil:
-        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha) \
+        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp) \
             if floating is float else \
-            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha)
+            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp)
     if s != FG_OK:
         _raise(s)
-    return out
+    return st.saturated if stats else None
 
 
 def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] out not None,
@@ -148,11 +163,15 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
 
 def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kernel not None,
                   const floating[::1] bias, floating[:, ::1] out not None,
-                  floating[:, ::1] pre, int act, double alpha):
+                  floating[:, ::1] pre, int act, double alpha,
+                  unsigned char[::1] alive=None, bint stats=False):
     """out = act(x @ kernel + bias): one GEMM, then one fused pass over out.
-    x is (B,I), kernel (I,O), bias (O) or None, out (B,O), pre (B,O) or None."""
+    x is (B,I), kernel (I,O), bias (O) or None, out (B,O), pre (B,O) or None.
+    stats as in bias_act_forward."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
     cdef int s
+    cdef fg_act_stats st
+    cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
     _check_act(act, alpha)
     _check(kernel.shape[0] == I, f"kernel: expected {I} rows, got {kernel.shape[0]}")
     _same2(out, B, O, "out")
@@ -162,12 +181,12 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     with nogil:
         _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
               <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(out), <int>O)
-        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha) \
+        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp) \
             if floating is float else \
-            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha)
+            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp)
     if s != FG_OK:
         _raise(s)
-    return out
+    return st.saturated if stats else None
 
 
 def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] x not None,
@@ -257,7 +276,7 @@ cdef class TensorTable:
     scale, cvalue (T,) float64; constraint (T,) int32 codes; cols (T,) int64.
     ``scale`` is rewritten before each step (the clip factors)."""
     cdef fg_tensors tt
-    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols
+    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols, upd_sumsq, w_sumsq
     cdef readonly Py_ssize_t size
 
     def __init__(self, const int64_t[::1] offset, const double[::1] l1,
@@ -287,6 +306,23 @@ cdef class TensorTable:
         self.tt.constraint = &constraint[0] if T else NULL
         self.tt.cvalue = &cvalue[0] if T else NULL
         self.tt.cols = &cols[0] if T else NULL
+        self.tt.upd_sumsq = NULL
+        self.tt.w_sumsq = NULL
+        self.upd_sumsq = self.w_sumsq = None
+
+    def track_updates(self, double[::1] upd_sumsq, double[::1] w_sumsq):
+        """Have the step write each tensor's sum of squared updates and of
+        squared new weights into these arrays; None for both stops it."""
+        cdef Py_ssize_t T = self.tt.n_tensors
+        if upd_sumsq is None or w_sumsq is None:
+            self.tt.upd_sumsq = self.tt.w_sumsq = NULL
+            self.upd_sumsq = self.w_sumsq = None
+            return
+        _check(upd_sumsq.shape[0] == T and w_sumsq.shape[0] == T,
+               f"upd_sumsq, w_sumsq: expected {T} entries")
+        self.upd_sumsq, self.w_sumsq = upd_sumsq.base, w_sumsq.base
+        self.tt.upd_sumsq = &upd_sumsq[0] if T else NULL
+        self.tt.w_sumsq = &w_sumsq[0] if T else NULL
 
 
 def grad_norms(double[::1] sumsq not None, floating[::1] grad not None, const floating[::1] param not None,

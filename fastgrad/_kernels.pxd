@@ -10,10 +10,16 @@ cdef extern from "fastgrad.h" nogil:
         FG_N_LOSSES
     int fg_activation_needs_pre(int act)
 
+    ctypedef struct fg_act_stats:
+        unsigned char *alive
+        int64_t saturated
+
     int fg_bias_act_forward_f32(float *out, float *pre, const float *inp, const float *bias,
-                                Py_ssize_t B, Py_ssize_t O, int act, double alpha)
+                                Py_ssize_t B, Py_ssize_t O, int act, double alpha,
+                                fg_act_stats *stats)
     int fg_bias_act_forward_f64(double *out, double *pre, const double *inp, const double *bias,
-                                Py_ssize_t B, Py_ssize_t O, int act, double alpha)
+                                Py_ssize_t B, Py_ssize_t O, int act, double alpha,
+                                fg_act_stats *stats)
     int fg_act_backward_f32(float *dpre, float *dbias, const float *dout,
                             const float *out, const float *pre, Py_ssize_t B,
                             Py_ssize_t O, int act, double alpha)
@@ -50,6 +56,8 @@ cdef extern from "fastgrad.h" nogil:
         const int *constraint
         const double *cvalue
         const int64_t *cols
+        double *upd_sumsq
+        double *w_sumsq
         Py_ssize_t n_tensors
 
     int fg_grad_norms_f32(double *sumsq, double *penalty, int64_t *first_bad, float *grad,

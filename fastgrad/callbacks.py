@@ -1,6 +1,8 @@
 """Callbacks: hooks called by ``Model.fit`` (Keras names)."""
 import math
 
+import numpy as np
+
 
 class Callback:
     """Base class; ``self.model`` is set by fit. Hooks receive ``logs``
@@ -178,3 +180,97 @@ class ModelCheckpoint(Callback):
         self.model.save(path)
         if self.verbose:
             print(f"Epoch {epoch + 1}: saved model to {path}")
+
+
+class GradientMonitor(Callback):
+    """Records gradient health during ``fit`` from each optimizer step's own
+    record (no extra pass over the gradients), every ``every`` steps:
+
+    grad_norms     (steps, tensors) L2 norm of each raw gradient (before
+                   clipping), columns in ``names`` order (get_weights order of
+                   the trainable tensors)
+    global_norms   (steps,) their joint norm
+    clip_scales    (steps, tensors) factor clipping applied (1 = none)
+    clipped        (steps,) whether clipping fired
+    update_ratios  (steps, tensors) ||w_new - w_old|| / ||w_new||
+    nonfinite      (steps,) whether the step's gradients were not finite
+                   (the step was then skipped)
+    steps          (steps,) the optimizer step numbers recorded
+    """
+
+    def __init__(self, every=1):
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected a positive integer, got {every!r}")
+        self.every = every
+        self.names = []
+        self._rows = {k: [] for k in ("grad_norms", "global_norms", "clip_scales", "clipped",
+                                      "update_ratios", "nonfinite", "steps")}
+        self._seen = 0
+
+    def on_train_begin(self, logs=None):
+        self.names = list(self.model.weight_names)
+        self.model.optimizer.track_updates(True)
+
+    def on_train_end(self, logs=None):
+        self.model.optimizer.track_updates(False)
+
+    def on_batch_end(self, batch, logs=None):
+        self._seen += 1
+        if (self._seen - 1) % self.every:
+            return
+        rec = self.model.optimizer.last_step
+        r = self._rows
+        r["grad_norms"].append(rec.grad_norms.copy())
+        r["global_norms"].append(rec.global_norm)
+        r["clip_scales"].append(rec.clip_scale.copy())
+        r["clipped"].append(rec.clipped)
+        r["nonfinite"].append(rec.nonfinite)
+        r["steps"].append(rec.step)
+        ratio = rec.update_ratio
+        r["update_ratios"].append(ratio.copy() if ratio is not None and not rec.nonfinite
+                                  else np.full(len(self.names), np.nan))
+
+    on_train_batch_end = on_batch_end
+
+    def _array(self, key, width=None):
+        rows = self._rows[key]
+        if width is not None:
+            return np.array(rows, dtype=float).reshape(len(rows), width)
+        return np.array(rows)
+
+    grad_norms = property(lambda self: self._array("grad_norms", len(self.names)))
+    clip_scales = property(lambda self: self._array("clip_scales", len(self.names)))
+    update_ratios = property(lambda self: self._array("update_ratios", len(self.names)))
+    global_norms = property(lambda self: np.array(self._rows["global_norms"], dtype=float))
+    clipped = property(lambda self: np.array(self._rows["clipped"], dtype=bool))
+    nonfinite = property(lambda self: np.array(self._rows["nonfinite"], dtype=bool))
+    steps = property(lambda self: np.array(self._rows["steps"], dtype=np.int64))
+
+    def plot(self, path, kernels_only=True):
+        """Draw each layer's gradient norm over the steps on a log scale and
+        save the figure to ``path``. Needs matplotlib (pip install
+        "fastgrad[plot]")."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("GradientMonitor.plot needs matplotlib: "
+                              'pip install "fastgrad[plot]" (or pip install matplotlib)') from None
+        g = self.grad_norms
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for j, name in enumerate(self.names):
+            if kernels_only and not name.endswith(("kernel", "gamma")):
+                continue
+            ax.plot(self.steps, g[:, j], label=name, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("gradient L2 norm")
+        ax.set_title("Gradient norm per layer")
+        if len(self.names) <= 24:
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

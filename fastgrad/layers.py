@@ -106,6 +106,8 @@ class Dense(Layer):
         self.bias_constraint = constraints.get(bias_constraint)
         self._code, self._alpha = ops.ACTIVATIONS[self.activation]
         self._needs_pre = self.activation in ops.NEEDS_PRE
+        self.collect_stats = False   # set by fastgrad.diagnose
+        self.activation_stats = None
 
     def build(self, input_dim):
         self.input_dim, self.output_dim = input_dim, self.units
@@ -128,8 +130,14 @@ class Dense(Layer):
         pre = self._pre[:b] if self._pre is not None else None
         # logits: the model fuses this layer's softmax/sigmoid into the loss
         code = 0 if logits else self._code
-        _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
-                            out, pre, code, self._alpha)
+        if self.collect_stats:
+            alive = np.zeros(self.units, np.uint8)
+            sat = _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
+                                      out, pre, code, self._alpha, alive, True)
+            self.activation_stats = _activation_stats(self.activation, alive, sat, out.size)
+        else:
+            _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
+                                out, pre, code, self._alpha)
         self._x, self._y, self._zb, self._code_used = x, out, pre, code
         return out
 
@@ -156,6 +164,17 @@ class Dense(Layer):
         }
 
 
+def _activation_stats(activation, alive, saturated, size):
+    """dead_fraction: share of relu units zero for the whole batch;
+    saturated_fraction: share of sigmoid/tanh outputs in saturation."""
+    return {
+        "dead_fraction": float(1.0 - alive.mean()) if activation == "relu" and alive.size
+        else 0.0,
+        "saturated_fraction": saturated / size if activation in ("sigmoid", "tanh") and size
+        else 0.0,
+    }
+
+
 class Activation(Layer):
     """Applies an activation by name: ``y = activation(x)``."""
 
@@ -163,11 +182,18 @@ class Activation(Layer):
         super().__init__(name, input_dim, input_shape)
         self.activation = activations.name_of(activation)
         self._code, self._alpha = ops.ACTIVATIONS[self.activation]
+        self.collect_stats = False
+        self.activation_stats = None
 
     def forward(self, x, training=False, logits=False):
         out = self._out[:x.shape[0]]
         code = 0 if logits else self._code
-        _core.bias_act_forward(x, None, out, None, code, self._alpha)
+        if self.collect_stats:
+            alive = np.zeros(self.output_dim, np.uint8)
+            sat = _core.bias_act_forward(x, None, out, None, code, self._alpha, alive, True)
+            self.activation_stats = _activation_stats(self.activation, alive, sat, out.size)
+        else:
+            _core.bias_act_forward(x, None, out, None, code, self._alpha)
         self._x, self._y, self._code_used = x, out, code
         return out
 

@@ -45,10 +45,12 @@ class StepRecord:
     nonfinite    whether a gradient held inf or NaN (the step was then skipped)
     bad_tensor   name of the first tensor with a non-finite gradient, or None
     penalty      the regularizers' loss at the weights before the step
+    update_ratio (tensors,) ||w_new - w_old|| / ||w_new|| of each tensor when
+                 the optimizer tracks updates (``track_updates()``), else None
     """
 
     __slots__ = ("step", "learning_rate", "grad_norms", "global_norm", "clip_scale",
-                 "clipped", "nonfinite", "bad_tensor", "penalty")
+                 "clipped", "nonfinite", "bad_tensor", "penalty", "update_ratio")
 
     def __init__(self, step, learning_rate, grad_norms, global_norm, clip_scale,
                  clipped, nonfinite, bad_tensor=None, penalty=0.0):
@@ -57,6 +59,7 @@ class StepRecord:
         self.clip_scale, self.clipped = clip_scale, clipped
         self.nonfinite, self.bad_tensor = nonfinite, bad_tensor
         self.penalty = penalty
+        self.update_ratio = None
 
 
 def _positive(name, value, allow_none=True, allow_zero=False):
@@ -96,6 +99,7 @@ class Optimizer:
         self.skipped_steps = 0   # steps refused for non-finite gradients
         self.last_step = None
         self._params = None
+        self._track = False
 
     # -- state ------------------------------------------------------------
     def build(self, params, grads, tensors):
@@ -124,6 +128,8 @@ class Optimizer:
         self._scale = np.ones(T)
         self._table = _core.TensorTable(offset, l1, l2, self._scale, constraint, cvalue, cols)
         self._names = [t[0] for t in tensors]
+        self._upd, self._wsq, self._ratio = np.zeros(T), np.zeros(T), np.zeros(T)
+        self.track_updates(self._track)
         self._sumsq, self._norms = np.zeros(T), np.zeros(T)
         self._params, self._grads = params, grads
         old = getattr(self, "_moments", None)
@@ -135,6 +141,17 @@ class Optimizer:
 
     def _slots_used(self):
         return self._slots
+
+    def track_updates(self, enabled=True):
+        """Also measure each tensor's update-to-weight ratio
+        ||w_new - w_old|| / ||w_new|| in the update pass (a little extra work
+        per step; off by default). The GradientMonitor turns it on."""
+        self._track = bool(enabled)
+        if self._params is not None:
+            if self._track:
+                self._table.track_updates(self._upd, self._wsq)
+            else:
+                self._table.track_updates(None, None)
 
     def _init_moments(self):
         pass
@@ -186,6 +203,11 @@ class Optimizer:
                              *self._flags(), self.iterations)
         self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
                                     clipped, False, None, penalty)
+        if self._track:
+            np.sqrt(self._upd, out=self._ratio)
+            np.divide(self._ratio, np.sqrt(self._wsq), out=self._ratio,
+                      where=self._wsq > 0)
+            self.last_step.update_ratio = self._ratio
         return self.last_step
 
     def _hyper(self):

@@ -1,0 +1,241 @@
+"""Gradient health: ``fg.diagnose(model, x, y)`` and its report.
+
+One forward and backward pass in training mode on (x, y) (the first
+``batch_size`` rows, all by default) gives, per layer with weights, the L2
+norm of the loss gradient of its main weight (a Dense kernel, a
+BatchNormalization gamma), that weight's norm, and the activation
+statistics of the pass. Nothing persists: the weights, the
+BatchNormalization moving statistics, the dropout counters and the
+optimizer are as they were.
+
+Thresholds (module constants), for g_l the kernel gradient norm of Dense
+layer l (l = 1 the first), w_l its weight norm:
+
+- exploding: any gradient not finite; or any g_l > EXPLODING_NORM; or any
+  g_l / w_l > EXPLODING_RATIO. The absolute and relative tests matter
+  because in a ReLU network with an oversized initialization activations
+  and backpropagated errors grow together, so first and last layers can be
+  equally huge and their ratio alone shows nothing.
+- vanishing (if not exploding): g_1 / g_L < VANISHING_DROP (the gradient
+  shrinks by that much on its way from the last Dense layer to the first),
+  or some g_l / w_l < VANISHING_RATIO.
+- healthy otherwise.
+
+Each layer row carries its own status by the same tests (vanishing for a
+layer: g_l / g_L < VANISHING_DROP or g_l / w_l < VANISHING_RATIO).
+"""
+import math
+
+import numpy as np
+
+from fastgrad import _core
+
+EXPLODING_NORM = 1e3
+EXPLODING_RATIO = 10.0
+VANISHING_DROP = 1e-3
+VANISHING_RATIO = 1e-7
+DEAD_RELU = 0.5          # share of dead units above which a layer is flagged
+SATURATED = 0.5          # share of saturated outputs above which a layer is flagged
+
+
+class LayerHealth:
+    """One row of a GradientReport."""
+
+    __slots__ = ("name", "kind", "activation", "initializer", "grad_norm", "weight_norm",
+                 "ratio", "status", "dead_fraction", "saturated_fraction")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class GradientReport:
+    """status ("healthy", "vanishing", "exploding"), layers (LayerHealth
+    rows, input side first), suggestions (list of str), loss."""
+
+    def __init__(self, status, layers, suggestions, loss, findings):
+        self.status, self.layers, self.suggestions = status, layers, suggestions
+        self.loss, self.findings = loss, findings
+
+    def to_dict(self):
+        return {"status": self.status, "loss": self.loss, "findings": list(self.findings),
+                "layers": [r.to_dict() for r in self.layers],
+                "suggestions": list(self.suggestions)}
+
+    def __str__(self):
+        head = (f"{'layer':<24} {'kind':<18} {'activation':<10} {'grad norm':>10} "
+                f"{'weight norm':>11} {'ratio':>9} {'dead':>5} {'satur.':>6}  status")
+        lines = [f"Gradient health: {self.status.upper()} (loss {self.loss:.4g})", head,
+                 "-" * len(head)]
+        for r in self.layers:
+            lines.append(f"{r.name:<24} {r.kind:<18} {r.activation or '':<10} "
+                         f"{r.grad_norm:>10.3g} {r.weight_norm:>11.3g} {r.ratio:>9.2g} "
+                         f"{r.dead_fraction:>5.0%} {r.saturated_fraction:>6.0%}  {r.status}")
+        lines += [f"finding: {f}" for f in self.findings]
+        lines += [f"suggestion: {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _norm(a):
+    return math.sqrt(_core.sum_squares(a.reshape(-1)))
+
+
+def _ranges(names):
+    """'dense_1..dense_18' style summary of a list of layer names."""
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+
+
+def diagnose(model, x, y, batch_size=None):
+    """Diagnose gradient health from one training-mode pass; see the module
+    docstring for the thresholds. Returns a GradientReport."""
+    model._require_compiled("diagnose")
+    x, target, labels = model._check_xy(x, y, "diagnose")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        x = x[:batch_size]
+        target = target[:batch_size] if target is not None else None
+        labels = labels[:batch_size] if labels is not None else None
+    if x.shape[0] < 2 and any(l.kind == "BatchNormalization" for l in model.layers):
+        raise ValueError("x: BatchNormalization needs at least 2 rows")
+    state = model.state.copy()
+    counters = [(l, l.counter) for l in model.layers if hasattr(l, "counter")]
+    stat_layers = [l for l in model.layers if hasattr(l, "collect_stats")]
+    model._prepare(x.shape[0])
+    try:
+        for l in stat_layers:
+            l.collect_stats = True
+        loss, _, _ = model._forward_backward(x, target, labels)
+    finally:
+        for l in stat_layers:
+            l.collect_stats = False
+        model.state[...] = state
+        for l, c in counters:
+            l.counter = c
+    return _report(model, float(loss))
+
+
+def _report(model, loss):
+    rows = []
+    for i, layer in enumerate(model.layers):
+        stats = getattr(layer, "activation_stats", None) or {}
+        # activation statistics of an Activation layer describe the Dense before it
+        if layer.kind == "Activation" and rows:
+            rows[-1].dead_fraction = max(rows[-1].dead_fraction, stats.get("dead_fraction", 0))
+            rows[-1].saturated_fraction = max(rows[-1].saturated_fraction,
+                                              stats.get("saturated_fraction", 0))
+            if rows[-1].activation in (None, "linear"):
+                rows[-1].activation = layer.activation
+            continue
+        key = "kernel" if "kernel" in layer.grads else "gamma" if "gamma" in layer.grads else None
+        if key is None:
+            continue
+        init = getattr(layer, "kernel_initializer", None)
+        rows.append(LayerHealth(
+            name=layer.name, kind=layer.kind,
+            activation=getattr(layer, "activation", None),
+            initializer=_init_name(init) if init is not None else None,
+            grad_norm=_norm(layer.grads[key]), weight_norm=_norm(layer.weights[key]),
+            dead_fraction=stats.get("dead_fraction", 0.0),
+            saturated_fraction=stats.get("saturated_fraction", 0.0)))
+    dense = [r for r in rows if r.kind == "Dense"]
+    last = dense[-1].grad_norm if dense else None
+    for r in rows:
+        r.ratio = r.grad_norm / r.weight_norm if r.weight_norm > 0 else math.inf
+        if not math.isfinite(r.grad_norm) or r.grad_norm > EXPLODING_NORM \
+                or r.ratio > EXPLODING_RATIO:
+            r.status = "exploding"
+        elif r.kind == "Dense" and ((last and r.grad_norm / last < VANISHING_DROP)
+                                    or r.ratio < VANISHING_RATIO):
+            r.status = "vanishing"
+        else:
+            r.status = "healthy"
+    findings = []
+    if not math.isfinite(loss) or any(not math.isfinite(r.grad_norm) for r in rows):
+        findings.append("non-finite loss or gradients")
+    big = [r for r in rows if r.status == "exploding"]
+    if big:
+        worst = max(big, key=lambda r: r.grad_norm if math.isfinite(r.grad_norm) else math.inf)
+        findings.append(f"gradient norms up to {worst.grad_norm:.3g} ({worst.name}); "
+                        f"threshold {EXPLODING_NORM:g} or {EXPLODING_RATIO:g}x the weights")
+        status = "exploding"
+    else:
+        status = "healthy"
+        if dense and last:
+            drop = dense[0].grad_norm / last
+            if drop < VANISHING_DROP:
+                findings.append(f"the gradient norm falls {1 / max(drop, 1e-300):.3g}x from "
+                                f"{dense[-1].name} to {dense[0].name}")
+                status = "vanishing"
+        if any(r.status == "vanishing" for r in rows):
+            status = "vanishing"
+    dead = [r for r in rows if r.dead_fraction > DEAD_RELU]
+    if dead:
+        findings.append(f"over {DEAD_RELU:.0%} dead ReLU units in {_ranges([r.name for r in dead])}")
+    sat = [r for r in rows if r.saturated_fraction > SATURATED]
+    if sat:
+        findings.append(f"over {SATURATED:.0%} saturated outputs in "
+                        f"{_ranges([r.name for r in sat])}")
+    return GradientReport(status, rows, _suggest(model, status, rows, dead, sat), loss, findings)
+
+
+def _init_name(init):
+    n = type(init).__name__
+    extra = ""
+    if n == "RandomNormal":
+        extra = f"(stddev={init.stddev:g})"
+    elif n == "RandomUniform":
+        extra = f"(minval={init.minval:g}, maxval={init.maxval:g})"
+    return "".join("_" + c.lower() if c.isupper() else c for c in n).lstrip("_") + extra
+
+
+def _suggest(model, status, rows, dead, sat):
+    out = []
+    dense = [r for r in rows if r.kind == "Dense"]
+    hidden = dense[:-1]
+    squashing = [r for r in hidden if r.activation in ("sigmoid", "tanh")]
+    has_bn = any(l.kind == "BatchNormalization" for l in model.layers)
+    opt = model.optimizer
+    clipping = opt is not None and any(getattr(opt, k, None) is not None
+                                       for k in ("clipnorm", "clipvalue", "global_clipnorm"))
+    if status == "vanishing":
+        if squashing:
+            acts = sorted({r.activation for r in squashing})
+            out.append(f"Replace {'/'.join(acts)} with relu or leaky_relu in "
+                       f"{_ranges([r.name for r in squashing])}, with "
+                       "kernel_initializer='he_normal'.")
+        if not has_bn:
+            out.append("Add BatchNormalization after the hidden Dense layers "
+                       "(Dense(use_bias=False) -> BatchNormalization -> Activation).")
+        if type(opt).__name__ == "SGD":
+            out.append("Use an adaptive optimizer (Adam or RMSprop): per-parameter step "
+                       "sizes compensate for small gradients in the first layers.")
+    if status == "exploding":
+        if not clipping:
+            out.append("Clip gradients: give the optimizer global_clipnorm=1.0 "
+                       "(or clipnorm=1.0 per tensor).")
+        odd = [r for r in dense if r.initializer and r.initializer.startswith(
+            ("random_normal", "random_uniform", "ones", "constant"))]
+        if odd:
+            inits = sorted({r.initializer for r in odd})
+            out.append(f"Initialize {_ranges([r.name for r in odd])} with he_normal (relu) or "
+                       f"glorot_uniform (tanh, sigmoid) instead of {', '.join(inits)}.")
+        out.append("Lower the learning rate (for example by 10x) or use a decaying "
+                   "schedule from fastgrad.schedules.")
+        if not has_bn:
+            out.append("Add BatchNormalization after the hidden Dense layers to keep "
+                       "activations at unit scale.")
+    if dead:
+        out.append(f"Many ReLU units are dead in {_ranges([r.name for r in dead])}: use "
+                   "leaky_relu, he_normal initialization, or a lower learning rate.")
+    if sat and status != "vanishing":
+        out.append(f"Saturated sigmoid/tanh outputs in {_ranges([r.name for r in sat])}: "
+                   "normalize the inputs, add BatchNormalization, or use relu.")
+    return out
