@@ -95,6 +95,11 @@ def _ranges(names):
 def diagnose(model, x, y, batch_size=None):
     """Diagnose gradient health from one training-mode pass; see the module
     docstring for the thresholds. Returns a GradientReport."""
+    with model._lock:
+        return _diagnose(model, x, y, batch_size)
+
+
+def _diagnose(model, x, y, batch_size):
     model._require_compiled("diagnose")
     x, target, labels = model._check_xy(x, y, "diagnose")
     if batch_size is not None:

@@ -13,8 +13,10 @@ categorical cross-entropy) or sigmoid (with binary cross-entropy), training
 and evaluation compute the loss from its logits, fused and stable; predict
 returns the activation's output.
 """
+import functools
 import math
 import sys
+import threading
 import time
 
 import numpy as np
@@ -71,6 +73,17 @@ class _ProgressBar:
             print("\r\033[K", end="", file=sys.stdout)   # clear the bar's line
 
 
+def _locked(method):
+    """Serialize calls on one model: layers share work buffers, so two
+    threads must not run passes on the same model at once. Other models,
+    and the compiled kernels, run in parallel (they release the GIL)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 def _snake(name):
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out.replace("batch_normalization", "batch_normalization")
@@ -103,10 +116,12 @@ class Sequential:
         self.history = None
         self._rng = np.random.default_rng(seed)
         self._cap = 0
+        self._lock = threading.RLock()
         for layer in layers or []:
             self.add(layer)
 
     # -- structure --------------------------------------------------------
+    @_locked
     def add(self, layer):
         """Append a layer (before the model is built)."""
         if not isinstance(layer, Layer):
@@ -131,6 +146,7 @@ class Sequential:
             raise ValueError(f"layer: the name {layer.name!r} is already used in this model")
         self.layers.append(layer)
 
+    @_locked
     def build(self, input_dim=None):
         """Create the weights for inputs of ``input_dim`` features."""
         if self.built:
@@ -183,6 +199,7 @@ class Sequential:
         return self.params.size + self.state.size
 
     # -- compile ----------------------------------------------------------
+    @_locked
     def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
         """Choose the optimizer, loss and metrics (names or objects)."""
         opt = optimizers.get(optimizer)
@@ -313,6 +330,7 @@ class Sequential:
         return loss, [m(y_true, pred, self._from_logits and not self._fused)
                       for m in self.metrics]
 
+    @_locked
     def train_on_batch(self, x, y):
         """One forward, backward and optimizer step on one batch. Returns the
         loss (a float) or [loss, *metrics] when metrics were compiled."""
@@ -322,6 +340,7 @@ class Sequential:
         loss, mets = self._train_step(x, target, labels)
         return float(loss) if mets is None else [float(loss), *mets]
 
+    @_locked
     def compute_gradients(self, x, y):
         """Loss of one batch in training mode and the gradients of that loss
         (without regularization penalties), as copies in the order of
@@ -336,6 +355,7 @@ class Sequential:
         return float(loss), grads
 
     # -- fit --------------------------------------------------------------
+    @_locked
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
             shuffle=True, callbacks=None, verbose=1, initial_epoch=0):
         """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
@@ -489,6 +509,7 @@ class Sequential:
                 total += s.regularizer(layer.weights[s.name])
         return total
 
+    @_locked
     def evaluate(self, x, y, batch_size=32, verbose=1):
         """Loss (with regularization penalties) and metrics in inference mode,
         averaged over all rows. Returns a float or [loss, *metrics]."""
@@ -503,6 +524,7 @@ class Sequential:
                              zip(["loss"] + self._metric_names, vals)))
         return vals[0] if not self.metrics else vals
 
+    @_locked
     def predict(self, x, batch_size=None, verbose=0):
         """Outputs for x in inference mode, in batches of ``batch_size``
         (default 32); an array of the model's dtype, shape (rows, outputs)."""
@@ -523,6 +545,7 @@ class Sequential:
             out[start:stop] = self._forward(x[start:stop], False, False)
         return out
 
+    @_locked
     def save(self, path):
         """Write the model to one file: architecture, weights, optimizer
         configuration and state, and random-generator state (see
@@ -530,11 +553,13 @@ class Sequential:
         _save(self, path)
 
     # -- weights ----------------------------------------------------------
+    @_locked
     def get_weights(self):
         """Copies of every weight, layer by layer (Dense: kernel, bias)."""
         self._require_built("get_weights")
         return [layer.weights[s.name].copy() for layer, s in self._specs]
 
+    @_locked
     def set_weights(self, weights):
         """Set every weight from a list like get_weights() returns; the whole
         list is checked before anything changes."""
