@@ -114,7 +114,7 @@ int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
                        double alpha)
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
-    if (fg_activation_needs_pre(act) && !pre) return FG_EINVAL;
+    if (fg_activation_needs_pre(act) && !pre && B > 0 && O > 0) return FG_EINVAL;
     const T a = (T)alpha;
     double acc[FG_COLS];
 

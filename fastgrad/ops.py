@@ -284,18 +284,15 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
     # no regularizers here, so pass 1 only reads grads
     opt.build(params, grads if grads.flags.writeable else grads.copy(), tensors)
     for key in opt._slots_used():
-        opt._moments[key] = _flat(key, moments.get(key), dt, n, writable=True) \
-            if moments.get(key) is not None else _missing(key)
+        name, buf = moments[key]
+        if buf is None:
+            raise ValueError(f"{name}: required by these settings (a float buffer like params)")
+        opt._moments[key] = _flat(name, buf, dt, n, writable=True)
     opt.iterations = int(step) - 1
     rec = opt.apply()
     return {"grad_norms": rec.grad_norms.copy(), "global_norm": rec.global_norm,
             "clip_scale": rec.clip_scale.copy(), "clipped": rec.clipped,
             "nonfinite": rec.nonfinite}
-
-
-def _missing(key):
-    name = {"m": "m", "v": "v", "vmax": "vmax"}[key]
-    raise ValueError(f"{name}: this optimizer's settings need the {name} buffer")
 
 
 _STEP_DOC = """
@@ -311,7 +308,7 @@ _STEP_DOC = """
 def sgd_step(params, grads, learning_rate=0.01, momentum=0.0, nesterov=False,
              velocity=None, step=1, offsets=None, clipvalue=None, clipnorm=None,
              global_clipnorm=None, weight_decay=None):
-    return _optimizer_step("sgd", params, grads, step, learning_rate, {"v": velocity},
+    return _optimizer_step("sgd", params, grads, step, learning_rate, {"v": ("velocity", velocity)},
                            offsets, clipvalue, clipnorm, global_clipnorm, weight_decay,
                            momentum=momentum, nesterov=nesterov)
 
@@ -321,7 +318,7 @@ def rmsprop_step(params, grads, v, learning_rate=0.001, rho=0.9, momentum=0.0,
                  offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
                  weight_decay=None):
     return _optimizer_step("rmsprop", params, grads, step, learning_rate,
-                           {"v": v, "m": m, "vmax": momentum_buffer}, offsets, clipvalue,
+                           {"v": ("v", v), "m": ("m", m), "vmax": ("momentum_buffer", momentum_buffer)}, offsets, clipvalue,
                            clipnorm, global_clipnorm, weight_decay, rho=rho,
                            momentum=momentum, epsilon=epsilon, centered=centered)
 
@@ -330,7 +327,7 @@ def adam_step(params, grads, m, v, step, learning_rate=0.001, beta_1=0.9, beta_2
               epsilon=1e-7, amsgrad=False, vmax=None, offsets=None, clipvalue=None,
               clipnorm=None, global_clipnorm=None, weight_decay=None):
     return _optimizer_step("adam", params, grads, step, learning_rate,
-                           {"m": m, "v": v, "vmax": vmax}, offsets, clipvalue, clipnorm,
+                           {"m": ("m", m), "v": ("v", v), "vmax": ("vmax", vmax)}, offsets, clipvalue, clipnorm,
                            global_clipnorm, weight_decay, beta_1=beta_1, beta_2=beta_2,
                            epsilon=epsilon, amsgrad=amsgrad)
 
@@ -339,7 +336,7 @@ def adagrad_step(params, grads, accumulator, learning_rate=0.001, epsilon=1e-7, 
                  offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
                  weight_decay=None):
     return _optimizer_step("adagrad", params, grads, step, learning_rate,
-                           {"v": accumulator}, offsets, clipvalue, clipnorm,
+                           {"v": ("accumulator", accumulator)}, offsets, clipvalue, clipnorm,
                            global_clipnorm, weight_decay, epsilon=epsilon)
 
 

@@ -1,0 +1,1057 @@
+"""Reference tests for the compiled kernels, through ``fastgrad.ops``.
+
+Every kernel is compared with an independent float64 NumPy implementation of
+its documented formula (the ``ref_*`` functions below), and every gradient is
+also checked against central finite differences of the kernel's own forward
+value. Layout, dtype and argument validation are covered at the end.
+
+Layout of this file:
+  references ......... ref_activation, ref_activation_vjp, ref_loss
+  helpers ............ data generators, tolerances, finite differences
+  1. activations ..... forward / backward vs NumPy
+  2. finite diffs .... activations (direct and through dense), losses
+  3. losses .......... values, per-sample rows, large logits, clipping
+  4. dense, matmul ... vs NumPy, bias/dx options, column blocking
+  5. sgd_step
+  6. sum_squares
+  7. validation ...... TypeError / ValueError naming the argument,
+                       non-contiguous inputs
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy import special
+
+from fastgrad import ops
+
+F32, F64 = np.float32, np.float64
+DTYPES = [F32, F64]
+DTYPE_IDS = ["f32", "f64"]
+
+# Tolerances for a result computed in `dtype`, compared with a float64
+# reference computed from the same (already rounded) inputs. The absolute
+# tolerance is multiplied by the scale of the expected values.
+RTOL = {F32: 1e-5, F64: 1e-12}
+ATOL = {F32: 1e-6, F64: 1e-12}
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
+EPS = 1e-7  # Keras' epsilon, the clip of the probability losses
+
+FD_STEP = 1e-6
+FD_TOL = 1e-6
+
+
+# ---------------------------------------------------------------------------
+# NumPy references (float64)
+# ---------------------------------------------------------------------------
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _alpha(name, alpha):
+    return DEFAULT_ALPHA.get(name, 0.0) if alpha is None else alpha
+
+
+def ref_activation(name, z, alpha=None):
+    """y = act(z), float64."""
+    z = np.asarray(z, F64)
+    a = _alpha(name, alpha)
+    zneg = np.minimum(z, 0.0)  # keeps exp() of the unused branch finite
+    if name == "linear":
+        return z.copy()
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, a * z)
+    if name == "elu":
+        return np.where(z > 0, z, a * np.expm1(zneg))
+    if name == "selu":
+        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(zneg))
+    if name == "gelu":
+        return z * 0.5 * (1.0 + special.erf(z / np.sqrt(2.0)))
+    if name == "silu":
+        return z * special.expit(z)
+    if name == "sigmoid":
+        return special.expit(z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "softmax":
+        return _softmax(z)
+    raise KeyError(f"no reference for activation {name!r}")
+
+
+def ref_activation_vjp(name, z, g, alpha=None):
+    """dz = g * act'(z) (softmax: the full Jacobian-vector product), float64."""
+    z = np.asarray(z, F64)
+    g = np.asarray(g, F64)
+    a = _alpha(name, alpha)
+    zneg = np.minimum(z, 0.0)
+    if name == "softmax":
+        y = _softmax(z)
+        return y * (g - np.sum(g * y, axis=-1, keepdims=True))
+    if name == "linear":
+        slope = np.ones_like(z)
+    elif name == "relu":
+        slope = (z > 0).astype(F64)
+    elif name == "leaky_relu":
+        slope = np.where(z > 0, 1.0, a)
+    elif name == "elu":
+        slope = np.where(z > 0, 1.0, a * np.exp(zneg))
+    elif name == "selu":
+        slope = SELU_SCALE * np.where(z > 0, 1.0, SELU_ALPHA * np.exp(zneg))
+    elif name == "gelu":
+        cdf = 0.5 * (1.0 + special.erf(z / np.sqrt(2.0)))
+        pdf = np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+        slope = cdf + z * pdf
+    elif name == "silu":
+        s = special.expit(z)
+        slope = s + z * s * (1.0 - s)
+    elif name == "sigmoid":
+        s = special.expit(z)
+        slope = s * (1.0 - s)
+    elif name == "tanh":
+        slope = 1.0 - np.tanh(z) ** 2
+    else:
+        raise KeyError(f"no reference for activation {name!r}")
+    return g * slope
+
+
+def one_hot(labels, classes):
+    labels = np.asarray(labels).reshape(-1)
+    t = np.zeros((labels.shape[0], classes))
+    t[np.arange(labels.shape[0]), labels] = 1.0
+    return t
+
+
+def ref_loss(loss, y_true, y_pred, from_logits=False, delta=1.0):
+    """(per-row losses l_i, d mean_i(l_i) / d y_pred), float64."""
+    p = np.asarray(y_pred, F64)
+    B, O = p.shape
+    if loss == "sparse_categorical_crossentropy":
+        t = one_hot(y_true, O)
+        loss = "categorical_crossentropy"
+    else:
+        t = np.asarray(y_true, F64)
+    e = p - t
+    if loss == "mse":
+        return np.mean(e * e, axis=1), 2.0 * e / (B * O)
+    if loss == "mae":
+        return np.mean(np.abs(e), axis=1), np.sign(e) / (B * O)
+    if loss == "huber":
+        small = np.abs(e) <= delta
+        rows = np.mean(np.where(small, 0.5 * e * e, delta * np.abs(e) - 0.5 * delta**2), axis=1)
+        return rows, np.where(small, e, delta * np.sign(e)) / (B * O)
+    if loss == "binary_crossentropy":
+        if from_logits:
+            rows = np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p))), axis=1)
+            return rows, (special.expit(p) - t) / (B * O)
+        pc = np.clip(p, EPS, 1.0 - EPS)
+        rows = np.mean(-(t * np.log(pc) + (1.0 - t) * np.log1p(-pc)), axis=1)
+        inside = (p >= EPS) & (p <= 1.0 - EPS)
+        return rows, np.where(inside, (pc - t) / (pc * (1.0 - pc)), 0.0) / (B * O)
+    if loss == "categorical_crossentropy":
+        if from_logits:
+            lse = special.logsumexp(p, axis=1, keepdims=True)
+            rows = np.sum(t * (lse - p), axis=1)
+            return rows, (np.exp(p - lse) * t.sum(axis=1, keepdims=True) - t) / B
+        s = p.sum(axis=1, keepdims=True)
+        q = p / s
+        qc = np.clip(q, EPS, 1.0 - EPS)
+        rows = -np.sum(t * np.log(qc), axis=1)
+        # chain rule through the clip (no gradient where clipped) and q = p / s
+        dq = np.where((q >= EPS) & (q <= 1.0 - EPS), -t / qc, 0.0)
+        return rows, (dq - np.sum(dq * q, axis=1, keepdims=True)) / s / B
+    raise KeyError(f"no reference for loss {loss!r}")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def assert_close(got, want, dtype, scale=None, factor=1.0):
+    """Compare with rtol/atol of `dtype`; atol is relative to `scale`
+    (default: max(1, max|want|))."""
+    got = np.asarray(got)
+    want = np.asarray(want, F64)
+    assert got.shape == want.shape
+    if scale is None:
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    np.testing.assert_allclose(got.astype(F64), want, rtol=RTOL[dtype] * factor,
+                               atol=ATOL[dtype] * factor * scale)
+
+
+def normal(rng, shape, dtype=F64, std=2.0):
+    return (std * rng.standard_normal(shape)).astype(dtype)
+
+
+def away_from_zero(z, margin=0.1):
+    """Push values at least `margin` away from 0 (the kinks of relu & co)."""
+    return np.where(z >= 0, z + margin, z - margin)
+
+
+def numerical_grad(f, arr, h=FD_STEP):
+    """Central differences of the scalar f() with respect to arr (in place)."""
+    grad = np.empty(arr.shape)
+    for idx in np.ndindex(arr.shape):
+        old = arr[idx]
+        arr[idx] = old + h
+        fp = f()
+        arr[idx] = old - h
+        fm = f()
+        arr[idx] = old
+        grad[idx] = (fp - fm) / (2.0 * h)
+    return grad
+
+
+def assert_grad_close(analytic, numeric, what):
+    a = np.asarray(analytic, F64)
+    n = np.asarray(numeric, F64)
+    assert a.shape == n.shape
+    err = np.max(np.abs(a - n)) / max(float(np.max(np.abs(a) + np.abs(n))), 1e-300)
+    assert err < FD_TOL, f"{what}: relative error {err:.3g} between analytic and numeric"
+
+
+def relayout(a, how):
+    """The same values as `a` in a non-C-contiguous layout."""
+    if how == "fortran":
+        r = np.asfortranarray(a)
+    elif how == "transposed":
+        r = np.ascontiguousarray(a.T).T
+    elif how == "strided":
+        big = np.full(tuple(2 * n + 1 for n in a.shape), np.nan, a.dtype)
+        r = big[(slice(1, None, 2),) * a.ndim]
+        r[...] = a
+    elif how == "reversed":
+        r = a[::-1].copy()[::-1]
+    else:
+        raise ValueError(how)
+    np.testing.assert_array_equal(r, a)
+    assert not r.flags.c_contiguous
+    return r
+
+
+LAYOUTS_2D = ["fortran", "transposed", "strided", "reversed"]
+LAYOUTS_1D = ["strided", "reversed"]
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+# Activation cases: every activation with its default alpha, plus explicit
+# alphas for the two that take one.
+ACT_CASES = [pytest.param(name, None, id=name) for name in ops.ACTIVATIONS] + [
+    pytest.param("leaky_relu", 0.05, id="leaky_relu-a0.05"),
+    pytest.param("leaky_relu", 0.0, id="leaky_relu-a0"),
+    pytest.param("elu", 0.5, id="elu-a0.5"),
+    pytest.param("elu", 2.0, id="elu-a2"),
+]
+
+# Loss cases: (loss, from_logits, delta)
+LOSS_CASES = [
+    pytest.param("mse", False, 1.0, id="mse"),
+    pytest.param("mae", False, 1.0, id="mae"),
+    pytest.param("huber", False, 1.0, id="huber"),
+    pytest.param("huber", False, 0.3, id="huber-d0.3"),
+    pytest.param("binary_crossentropy", False, 1.0, id="bce"),
+    pytest.param("binary_crossentropy", True, 1.0, id="bce-logits"),
+    pytest.param("categorical_crossentropy", False, 1.0, id="cce"),
+    pytest.param("categorical_crossentropy", True, 1.0, id="cce-logits"),
+    pytest.param("sparse_categorical_crossentropy", False, 1.0, id="scce"),
+    pytest.param("sparse_categorical_crossentropy", True, 1.0, id="scce-logits"),
+]
+LOGIT_LOSSES = ["binary_crossentropy", "categorical_crossentropy",
+                "sparse_categorical_crossentropy"]
+
+
+def make_loss_data(loss, from_logits, shape, rng, delta=1.0):
+    """(y_true, y_pred) in float64 (labels int64 for the sparse loss), with
+    predictions away from every kink and clip edge of the loss."""
+    B, O = shape
+    if loss in ("mse", "mae", "huber"):
+        t = rng.standard_normal(shape)
+        # |error| in [0.1, 0.8] or [1.2, 2.5] times delta: off 0 and off delta
+        mag = np.where(rng.random(shape) < 0.5, rng.uniform(0.1, 0.8, shape),
+                       rng.uniform(1.2, 2.5, shape)) * delta
+        p = t + np.where(rng.random(shape) < 0.5, -mag, mag)
+        return t, p
+    if loss == "binary_crossentropy":
+        t = rng.uniform(0.0, 1.0, shape)
+        t[rng.random(shape) < 0.3] = 1.0  # some hard targets too
+        p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.05, 0.95, shape)
+        return t, p
+    if loss == "categorical_crossentropy":
+        t = rng.uniform(0.0, 1.0, shape)  # soft, not normalized: sum(t) != 1
+    elif loss == "sparse_categorical_crossentropy":
+        t = rng.integers(0, O, size=B)
+    else:
+        raise KeyError(loss)
+    p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.2, 1.0, shape)
+    return t, p
+
+
+def test_tables_are_covered_by_the_references():
+    """A new activation or loss in the tables must come with a reference."""
+    z = np.linspace(-2, 2, 12).reshape(3, 4)
+    for name in ops.ACTIVATIONS:
+        ref_activation(name, z)
+        ref_activation_vjp(name, z, z)
+    for name in ops.LOSSES:
+        t, p = make_loss_data(name, False, (3, 4), np.random.default_rng(0))
+        ref_loss(name, t, p)
+    assert ops.NEEDS_PRE == {"gelu", "silu"}
+    codes = [code for code, _ in ops.ACTIVATIONS.values()]
+    assert sorted(codes) == list(range(len(codes)))
+    assert sorted(ops.LOSSES.values()) == list(range(len(ops.LOSSES)))
+    assert {k: v[1] for k, v in ops.ACTIVATIONS.items() if v[1]} == DEFAULT_ALPHA
+
+
+# ---------------------------------------------------------------------------
+# 1. Activations vs NumPy
+# ---------------------------------------------------------------------------
+
+ACT_SHAPES = [(1, 1), (7, 13), (64, 600), (3, 1100), (0, 5)]
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_activation_forward(act, alpha, dtype, shape):
+    rng = np.random.default_rng([len(act), shape[0], shape[1]])
+    z = normal(rng, shape, dtype)
+    want = ref_activation(act, z, alpha)
+
+    assert_close(ops.activation_forward(z, act, alpha=alpha), want, dtype)
+
+    out = np.full(shape, np.nan, dtype)
+    pre = np.full(shape, np.nan, dtype)
+    got = ops.activation_forward(z, act, out=out, pre=pre, alpha=alpha)
+    assert_close(got, want, dtype)
+    assert_close(out, want, dtype)  # written in place
+    np.testing.assert_array_equal(pre, z)
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_activation_backward(act, alpha, dtype, shape):
+    rng = np.random.default_rng([len(act), shape[0], shape[1], 1])
+    z = normal(rng, shape, dtype)
+    g = normal(rng, shape, dtype, std=1.0)
+    y = ref_activation(act, z, alpha).astype(dtype)  # the forward output
+    want = ref_activation_vjp(act, z, g, alpha)
+    x = z if act in ops.NEEDS_PRE else None  # the others work from y alone
+
+    assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype)
+
+    dx = np.full(shape, np.nan, dtype)
+    got = ops.activation_backward(g, y, act, x=x, alpha=alpha, dx=dx)
+    assert_close(got, want, dtype)
+    assert_close(dx, want, dtype)  # written in place
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), act=st.sampled_from(sorted(ops.ACTIVATIONS)))
+def test_activation_property_wide_range(data, act):
+    """Forward and backward in float64 over arbitrary values in [-60, 60]."""
+    shape = data.draw(st.tuples(st.integers(1, 4), st.integers(1, 6)), label="shape")
+    elems = st.floats(-60, 60, allow_nan=False, allow_subnormal=False)
+    z = data.draw(hnp.arrays(F64, shape, elements=elems), label="z")
+    g = data.draw(hnp.arrays(F64, shape, elements=st.floats(-2, 2)), label="g")
+    y = ops.activation_forward(z, act)
+    assert np.all(np.isfinite(y))
+    assert_close(y, ref_activation(act, z), F64)
+    dx = ops.activation_backward(g, ref_activation(act, z), act, x=z)
+    assert_close(dx, ref_activation_vjp(act, z, g), F64)
+
+
+# ---------------------------------------------------------------------------
+# 2. Finite-difference gradient checks (float64)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_fd_activation_backward(act, alpha):
+    rng = np.random.default_rng([len(act), 11])
+    z = away_from_zero(normal(rng, (4, 5)))
+    g = normal(rng, (4, 5), std=1.0)
+
+    def f():
+        return float(np.sum(g * ops.activation_forward(z, act, alpha=alpha)))
+
+    y = ops.activation_forward(z, act, alpha=alpha)
+    analytic = ops.activation_backward(g, y, act, x=z, alpha=alpha)
+    assert_grad_close(analytic, numerical_grad(f, z), f"{act}: dx")
+
+
+def _dense_fd_data(seed, shape=(3, 4, 5), margin=0.05):
+    """x, kernel, bias, dout with every z = x @ kernel + bias at least
+    `margin` away from 0 (relu's kink), found by trying seeds in order."""
+    B, I, O = shape
+    for s in range(100):
+        rng = np.random.default_rng([seed, s])
+        x, k, b = normal(rng, (B, I), std=1.0), normal(rng, (I, O), std=1.0), normal(rng, O, std=1.0)
+        if np.min(np.abs(x @ k + b)) > margin:
+            return x, k, b, normal(rng, (B, O), std=1.0)
+    raise AssertionError("no seed gave z away from 0")
+
+
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_fd_dense_backward(act, alpha):
+    x, k, b, g = _dense_fd_data(len(act))
+    B, O = g.shape
+
+    def f():
+        return float(np.sum(g * ops.dense_forward(x, k, b, activation=act, alpha=alpha)))
+
+    pre = np.empty((B, O))
+    out = ops.dense_forward(x, k, b, activation=act, pre=pre, alpha=alpha)
+    dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, pre=pre, alpha=alpha)
+    assert_grad_close(dk, numerical_grad(f, k), f"{act}: dkernel")
+    assert_grad_close(db, numerical_grad(f, b), f"{act}: dbias")
+    assert_grad_close(dx, numerical_grad(f, x), f"{act}: dx")
+
+
+@pytest.mark.parametrize("loss, from_logits, delta", LOSS_CASES)
+def test_fd_loss(loss, from_logits, delta):
+    rng = np.random.default_rng([len(loss), from_logits, 7])
+    t, p = make_loss_data(loss, from_logits, (3, 4), rng, delta)
+
+    def f():
+        return ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
+                                         delta=delta, grad=False)[0]
+
+    _, d = ops.loss_forward_backward(t, p, loss, from_logits=from_logits, delta=delta)
+    assert_grad_close(d, numerical_grad(f, p), f"{loss} from_logits={from_logits}: dy_pred")
+
+
+# ---------------------------------------------------------------------------
+# 3. Losses vs NumPy
+# ---------------------------------------------------------------------------
+
+LOSS_SHAPES = [(1, 1), (1, 3), (7, 13), (32, 10)]
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("loss, from_logits, delta", LOSS_CASES)
+def test_loss_vs_numpy(loss, from_logits, delta, dtype, shape):
+    rng = np.random.default_rng([len(loss), from_logits, shape[0], shape[1]])
+    t, p = make_loss_data(loss, from_logits, shape, rng, delta)
+    p = p.astype(dtype)
+    if loss != "sparse_categorical_crossentropy":
+        t = t.astype(dtype)  # the kernel computes on targets of y_pred's dtype
+    rows_want, grad_want = ref_loss(loss, t, p, from_logits, delta)
+
+    value, d, rows = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
+                                               delta=delta, per_sample=True)
+    assert isinstance(value, float)
+    np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype], atol=0)
+    assert rows.dtype == dtype and d.dtype == dtype
+    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+
+    value2, d2 = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
+                                           delta=delta, grad=False)
+    assert d2 is None
+    assert value2 == value
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_huber_delta_changes_the_loss(dtype):
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((5, 6)).astype(dtype)
+    p = (t + 3 * rng.standard_normal((5, 6))).astype(dtype)
+    for delta in (0.1, 1.0, 5.0):
+        value, d = ops.loss_forward_backward(t, p, "huber", delta=delta)
+        rows, grad = ref_loss("huber", t, p, delta=delta)
+        np.testing.assert_allclose(value, rows.mean(), rtol=RTOL[dtype])
+        assert_close(d, grad, dtype, scale=np.max(np.abs(grad)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("loss", LOGIT_LOSSES)
+def test_loss_large_logits(loss, dtype):
+    """Logits of magnitude ~1e4: finite and equal to the float64 reference."""
+    rng = np.random.default_rng([len(loss), 99])
+    shape = (6, 5)
+    t, _ = make_loss_data(loss, True, shape, rng)
+    z = (1e4 * rng.standard_normal(shape)).astype(dtype)
+    z[0] = np.array([1e4, -1e4, 1e4, -1e4, 0.0])  # ties and exact extremes
+    if loss != "sparse_categorical_crossentropy":
+        t = t.astype(dtype)
+    rows_want, grad_want = ref_loss(loss, t, z, from_logits=True)
+    assert np.all(np.isfinite(rows_want))
+
+    value, d, rows = ops.loss_forward_backward(t, z, loss, from_logits=True, per_sample=True)
+    assert np.isfinite(value) and np.all(np.isfinite(rows)) and np.all(np.isfinite(d))
+    np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
+    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bce_clip_at_0_and_1(dtype):
+    p = np.array([[0.0, 1.0, 0.0, 1.0, 0.5],
+                  [1.0, 0.0, 0.3, 1e-9, 1 - 1e-9]], dtype)
+    t = np.array([[0.0, 1.0, 1.0, 0.0, 0.5],
+                  [0.3, 0.7, 1.0, 1.0, 0.0]], dtype)
+    rows_want, grad_want = ref_loss("binary_crossentropy", t, p)
+    value, d, rows = ops.loss_forward_backward(t, p, "binary_crossentropy", per_sample=True)
+    assert np.isfinite(value) and np.all(np.isfinite(d))
+    np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
+    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
+    # no gradient through the clip at exactly 0 and 1
+    clipped = (p.astype(F64) < EPS) | (p.astype(F64) > 1 - EPS)
+    assert np.all(d[clipped] == 0)
+    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    # -log(eps) where the target disagrees completely with a clipped 0 or 1
+    assert rows_want[0] == pytest.approx((2 * -np.log(EPS) + 2 * -np.log1p(-EPS) + np.log(2)) / 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("loss", ["categorical_crossentropy", "sparse_categorical_crossentropy"])
+def test_cce_clip_at_0_and_1(loss, dtype):
+    p = np.array([[1.0, 0.0, 0.0],     # q = (1, 0, 0): both clip edges
+                  [0.0, 0.5, 0.5],     # q_0 = 0 under the target: -log(eps)
+                  [0.2, 0.3, 0.5]], dtype)
+    labels = np.array([0, 0, 2])
+    t = one_hot(labels, 3).astype(dtype) if loss == "categorical_crossentropy" else labels
+    rows_want, grad_want = ref_loss(loss, t, p)
+    value, d, rows = ops.loss_forward_backward(t, p, loss, per_sample=True)
+    assert np.isfinite(value) and np.all(np.isfinite(d)) and np.all(np.isfinite(rows))
+    assert rows[1] == pytest.approx(-np.log(EPS), rel=RTOL[dtype])
+    np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
+    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
+    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+
+
+def test_sparse_labels_match_one_hot_and_accept_column():
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0.1, 1.0, (6, 4))
+    labels = rng.integers(0, 4, 6)
+    for from_logits in (False, True):
+        want = ops.loss_forward_backward(one_hot(labels, 4), p, "categorical_crossentropy",
+                                         from_logits=from_logits, per_sample=True)
+        for lab in (labels, labels.reshape(6, 1), labels.astype(np.int32),
+                    labels.astype(F64), list(labels)):
+            got = ops.loss_forward_backward(lab, p, "sparse_categorical_crossentropy",
+                                            from_logits=from_logits, per_sample=True)
+            assert got[0] == pytest.approx(want[0], rel=1e-14)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-14, atol=0)
+            np.testing.assert_allclose(got[2], want[2], rtol=1e-14, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# 4. dense_forward / dense_backward / matmul vs NumPy
+# ---------------------------------------------------------------------------
+
+# (batch, in, units): size 1, odd sizes, > 512 units (column blocks of the
+# bias reduction), an empty batch and an empty input.
+DENSE_SIZES = [(1, 1, 1), (33, 17, 29), (5, 3, 600), (4, 2, 1100), (0, 3, 4), (3, 0, 4)]
+DENSE_FACTOR = {F32: 10.0, F64: 1.0}  # float32 GEMM sums of up to 33 terms
+
+
+def _dense_data(act, dtype, size):
+    B, I, O = size
+    rng = np.random.default_rng([len(act), B, I, O])
+    x = normal(rng, (B, I), dtype, std=1.0)
+    k = normal(rng, (I, O), dtype, std=1.0)
+    b = normal(rng, O, dtype, std=1.0)
+    g = normal(rng, (B, O), dtype, std=1.0)
+    return x, k, b, g
+
+
+@pytest.mark.parametrize("size", DENSE_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_dense_forward(act, alpha, dtype, size):
+    x, k, b, _ = _dense_data(act, dtype, size)
+    f = DENSE_FACTOR[dtype]
+    z = x.astype(F64) @ k.astype(F64) + b.astype(F64)
+
+    assert_close(ops.dense_forward(x, k, b, activation=act, alpha=alpha),
+                 ref_activation(act, z, alpha), dtype, factor=f)
+
+    out = np.full((size[0], size[2]), np.nan, dtype)
+    pre = np.full((size[0], size[2]), np.nan, dtype)
+    got = ops.dense_forward(x, k, b, activation=act, out=out, pre=pre, alpha=alpha)
+    assert_close(got, ref_activation(act, z, alpha), dtype, factor=f)
+    assert_close(out, ref_activation(act, z, alpha), dtype, factor=f)  # in place
+    assert_close(pre, z, dtype, factor=f)
+
+    z0 = x.astype(F64) @ k.astype(F64)  # no bias
+    assert_close(ops.dense_forward(x, k, None, activation=act, alpha=alpha),
+                 ref_activation(act, z0, alpha), dtype, factor=f)
+
+
+@pytest.mark.parametrize("size", DENSE_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act, alpha", ACT_CASES)
+def test_dense_backward(act, alpha, dtype, size):
+    x, k, b, g = _dense_data(act, dtype, size)
+    B, I, O = size
+    x64, k64 = x.astype(F64), k.astype(F64)
+    z = x64 @ k64 + b.astype(F64)
+    out, pre = ref_activation(act, z, alpha).astype(dtype), z.astype(dtype)
+    dz = ref_activation_vjp(act, pre, g, alpha)
+    f = DENSE_FACTOR[dtype]
+
+    # outputs pre-filled with NaN: the kernels must overwrite, not accumulate
+    bufs = dict(dkernel=np.full((I, O), np.nan, dtype), dbias=np.full(O, np.nan, dtype),
+                dx=np.full((B, I), np.nan, dtype))
+    dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha,
+                                    pre=pre if act in ops.NEEDS_PRE else None, **bufs)
+    assert dx is bufs["dx"] and dk is bufs["dkernel"] and db is bufs["dbias"]
+    assert_close(dk, x64.T @ dz, dtype, factor=f)
+    assert_close(db, dz.sum(axis=0), dtype, factor=f)
+    assert_close(dx, dz @ k64.T, dtype, factor=f)
+
+    # with pre= given to every activation, and fresh outputs
+    dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha, pre=pre)
+    assert dx.dtype == dk.dtype == db.dtype == dtype
+    assert_close(dk, x64.T @ dz, dtype, factor=f)
+    assert_close(db, dz.sum(axis=0), dtype, factor=f)
+    assert_close(dx, dz @ k64.T, dtype, factor=f)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("use_bias, need_dx", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("act", ["linear", "relu", "gelu", "softmax"])
+def test_dense_backward_options(act, use_bias, need_dx, dtype):
+    size = (9, 5, 7)
+    x, k, _, g = _dense_data(act, dtype, size)
+    x64, k64 = x.astype(F64), k.astype(F64)
+    z = x64 @ k64
+    pre = z.astype(dtype)
+    out = ops.dense_forward(x, k, None, activation=act)
+    dz = ref_activation_vjp(act, pre, g)
+    dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, pre=pre,
+                                    use_bias=use_bias, need_dx=need_dx)
+    f = DENSE_FACTOR[dtype]
+    assert_close(dk, x64.T @ dz, dtype, factor=f)
+    if use_bias:
+        assert_close(db, dz.sum(axis=0), dtype, factor=f)
+    else:
+        assert db is None
+    if need_dx:
+        assert_close(dx, dz @ k64.T, dtype, factor=f)
+    else:
+        assert dx is None
+
+
+MATMUL_SIZES = [(1, 1, 1), (33, 17, 29), (2, 700, 3), (5, 0, 3), (0, 4, 2), (4, 3, 0)]
+
+
+@pytest.mark.parametrize("mkn", MATMUL_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+def test_matmul(trans_a, trans_b, dtype, mkn):
+    m, k, n = mkn
+    rng = np.random.default_rng([m, k, n, trans_a, trans_b])
+    a = normal(rng, (k, m) if trans_a else (m, k), dtype, std=1.0)
+    b = normal(rng, (n, k) if trans_b else (k, n), dtype, std=1.0)
+    a64, b64 = a.astype(F64), b.astype(F64)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    f = 10.0 if dtype == F32 else 1.0
+
+    assert_close(ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, dtype, factor=f)
+    out = np.full((m, n), np.nan, dtype)
+    got = ops.matmul(a, b, out=out, trans_a=trans_a, trans_b=trans_b)
+    assert_close(got, want, dtype, factor=f)
+    assert_close(out, want, dtype, factor=f)  # written in place
+
+
+# ---------------------------------------------------------------------------
+# 5. sgd_step
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.0, True), (0.9, False),
+                                                (0.9, True), (0.5, True)])
+def test_sgd_step(momentum, nesterov, dtype):
+    rng = np.random.default_rng([int(10 * momentum), nesterov])
+    n, lr = 37, 0.05
+    params = rng.standard_normal(n).astype(dtype)
+    velocity = np.zeros(n, dtype) if momentum else None
+    p_ref, v_ref = params.astype(F64), np.zeros(n)
+    for _ in range(6):
+        g = rng.standard_normal(n).astype(dtype)
+        g64 = g.astype(F64)
+        if momentum == 0:
+            p_ref = p_ref - lr * g64
+        else:
+            v_ref = momentum * v_ref - lr * g64
+            p_ref = p_ref + (momentum * v_ref - lr * g64 if nesterov else v_ref)
+        report = ops.sgd_step(params, g, lr, momentum=momentum, nesterov=nesterov,
+                              velocity=velocity)
+        assert_close(params, p_ref, dtype)  # updated in place
+        if momentum:
+            assert_close(velocity, v_ref, dtype)
+        # the returned report: the gradient's norm, nothing clipped
+        assert report["global_norm"] == pytest.approx(np.linalg.norm(g64), rel=1e-6)
+        np.testing.assert_allclose(report["grad_norms"], [np.linalg.norm(g64)], rtol=1e-6)
+        assert not report["clipped"] and not report["nonfinite"]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_skips_non_finite_gradients(momentum):
+    """Documented: a step with a non-finite gradient changes nothing."""
+    params, velocity = np.linspace(-1, 1, 5), np.full(5, 0.25)
+    for bad in (np.nan, np.inf):
+        g = np.array([1.0, 2.0, bad, 3.0, 4.0])
+        report = ops.sgd_step(params, g, 0.1, momentum=momentum,
+                              velocity=velocity if momentum else None)
+        assert report["nonfinite"]
+        np.testing.assert_array_equal(params, np.linspace(-1, 1, 5))
+        np.testing.assert_array_equal(velocity, 0.25)
+
+
+def test_sgd_nesterov_differs_from_plain_momentum():
+    p1, p2 = np.ones(4), np.ones(4)
+    v1, v2 = np.full(4, 0.5), np.full(4, 0.5)
+    g = np.array([1.0, -2.0, 0.5, 0.0])
+    ops.sgd_step(p1, g, 0.1, momentum=0.9, nesterov=False, velocity=v1)
+    ops.sgd_step(p2, g, 0.1, momentum=0.9, nesterov=True, velocity=v2)
+    np.testing.assert_allclose(v1, 0.9 * 0.5 - 0.1 * g, rtol=1e-15)
+    np.testing.assert_allclose(v2, v1, rtol=1e-15)
+    np.testing.assert_allclose(p1, 1 + v1, rtol=1e-15)
+    np.testing.assert_allclose(p2, 1 + 0.9 * v2 - 0.1 * g, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------
+# 6. sum_squares
+# ---------------------------------------------------------------------------
+
+def test_sum_squares_float32_accumulates_in_double():
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(1_000_000) + 3.0).astype(F32)
+    want = np.sum(x.astype(F64) ** 2)
+    got = ops.sum_squares(x)
+    assert isinstance(got, float)
+    # a float32 accumulator would be off by ~1e-4 relative here
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(0,), (1,), (3,), (7,), (1001,), (13, 17), (2, 3, 5), ()])
+def test_sum_squares_shapes(shape, dtype):
+    rng = np.random.default_rng(len(shape))
+    x = rng.standard_normal(shape).astype(dtype)
+    assert ops.sum_squares(x) == pytest.approx(np.sum(x.astype(F64) ** 2), rel=1e-13, abs=0)
+
+
+# ---------------------------------------------------------------------------
+# Return values: the documented ``out`` array itself
+# ---------------------------------------------------------------------------
+
+def _ret_matmul(dt, out):
+    return ops.matmul(np.ones((2, 3), dt), np.ones((3, 4), dt), out=out)
+
+
+def _ret_dense_forward(dt, out):
+    return ops.dense_forward(np.ones((2, 3), dt), np.ones((3, 4), dt), np.ones(4, dt), out=out)
+
+
+def _ret_activation_forward(dt, out):
+    return ops.activation_forward(np.ones((2, 4), dt), "tanh", out=out)
+
+
+def _ret_activation_backward(dt, out):
+    return ops.activation_backward(np.ones((2, 4), dt), np.full((2, 4), 0.5, dt), "tanh", dx=out)
+
+
+@pytest.mark.parametrize("with_out", [False, True], ids=["new", "given"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("call", [_ret_matmul, _ret_dense_forward, _ret_activation_forward,
+                                  _ret_activation_backward],
+                         ids=lambda f: f.__name__[len("_ret_"):])
+def test_returns_the_out_ndarray(call, dtype, with_out):
+    """"Returns ``out``": a NumPy array of the computation's dtype, and the
+    caller's buffer itself when one is given."""
+    out = np.full((2, 4), np.nan, dtype) if with_out else None
+    got = call(dtype, out)
+    assert isinstance(got, np.ndarray), f"returned {type(got).__name__}, not an ndarray"
+    assert got.dtype == dtype and got.shape == (2, 4)
+    if with_out:
+        assert got is out
+
+
+def test_dense_backward_and_sgd_return_values():
+    x, k, g = np.ones((2, 3)), np.ones((3, 4)), np.ones((2, 4))
+    dx, dk, db = ops.dense_backward(g, x, k, g)
+    assert all(isinstance(a, np.ndarray) for a in (dx, dk, db))
+    report = ops.sgd_step(np.ones(3), np.ones(3), 0.1)
+    assert isinstance(report, dict)
+    assert {"grad_norms", "global_norm", "clip_scale", "clipped", "nonfinite"} <= set(report)
+
+
+# ---------------------------------------------------------------------------
+# 7. Validation and layouts
+# ---------------------------------------------------------------------------
+
+def _a(*shape, dtype=F64):
+    return np.ones(shape, dtype)
+
+
+def _fortran(*shape, dtype=F64):
+    return np.asfortranarray(np.ones(shape, dtype))
+
+
+def _strided(*shape, dtype=F64):
+    return np.ones(tuple(2 * s for s in shape), dtype)[(slice(None, None, 2),) * len(shape)]
+
+
+# (id, call, exception, message pattern: the argument's name opens the message)
+_BAD = [
+    # matmul
+    ("matmul-a-int", lambda: ops.matmul(_a(2, 3, dtype=np.int64), _a(3, 2)), TypeError, "^a:"),
+    ("matmul-a-list", lambda: ops.matmul([[1.0, 2.0]], _a(2, 2)), TypeError, "^a:"),
+    ("matmul-b-mixed", lambda: ops.matmul(_a(2, 3), _a(3, 2, dtype=F32)), TypeError, "^b:"),
+    ("matmul-b-list", lambda: ops.matmul(_a(2, 3), [[1.0]] * 3), TypeError, "^b:"),
+    ("matmul-a-1d", lambda: ops.matmul(_a(3), _a(3, 2)), ValueError, "^a:"),
+    ("matmul-b-3d", lambda: ops.matmul(_a(2, 3), _a(3, 2, 1)), ValueError, "^b:"),
+    ("matmul-inner", lambda: ops.matmul(_a(2, 3), _a(4, 2)), ValueError, "^b:"),
+    ("matmul-inner-T", lambda: ops.matmul(_a(2, 3), _a(3, 2), trans_a=True), ValueError, "^b:"),
+    ("matmul-out-shape", lambda: ops.matmul(_a(2, 3), _a(3, 4), out=_a(2, 3)), ValueError, "^out:"),
+    ("matmul-out-fortran", lambda: ops.matmul(_a(2, 3), _a(3, 4), out=_fortran(2, 4)), ValueError, "^out:"),
+    ("matmul-out-strided", lambda: ops.matmul(_a(2, 3), _a(3, 4), out=_strided(2, 4)), ValueError, "^out:"),
+    ("matmul-out-readonly", lambda: ops.matmul(_a(2, 3), _a(3, 4), out=readonly(_a(2, 4))), ValueError, "^out:"),
+    ("matmul-out-dtype", lambda: ops.matmul(_a(2, 3), _a(3, 4), out=_a(2, 4, dtype=F32)), TypeError, "^out:"),
+    # dense_forward
+    ("dfwd-x-int", lambda: ops.dense_forward(_a(2, 3, dtype=np.int32), _a(3, 4)), TypeError, "^x:"),
+    ("dfwd-x-list", lambda: ops.dense_forward([[1.0, 2.0, 3.0]], _a(3, 4)), TypeError, "^x:"),
+    ("dfwd-kernel-mixed", lambda: ops.dense_forward(_a(2, 3), _a(3, 4, dtype=F32)), TypeError, "^kernel:"),
+    ("dfwd-kernel-list", lambda: ops.dense_forward(_a(2, 3), [[1.0]] * 3), TypeError, "^kernel:"),
+    ("dfwd-bias-mixed", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(4, dtype=F32)), TypeError, "^bias:"),
+    ("dfwd-x-1d", lambda: ops.dense_forward(_a(3), _a(3, 4)), ValueError, "^x:"),
+    ("dfwd-kernel-rows", lambda: ops.dense_forward(_a(2, 3), _a(4, 4)), ValueError, "^kernel:"),
+    ("dfwd-kernel-1d", lambda: ops.dense_forward(_a(2, 3), _a(3)), ValueError, "^kernel:"),
+    ("dfwd-bias-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(3)), ValueError, "^bias:"),
+    ("dfwd-bias-2d", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(1, 4)), ValueError, "^bias:"),
+    ("dfwd-act-unknown", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="swish"), ValueError, "^activation:"),
+    ("dfwd-act-type", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation=1), TypeError, "^activation:"),
+    ("dfwd-alpha-neg", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="leaky_relu", alpha=-0.1), ValueError, "^alpha:"),
+    ("dfwd-out-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=_a(4, 2)), ValueError, "^out:"),
+    ("dfwd-out-fortran", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=_fortran(2, 4)), ValueError, "^out:"),
+    ("dfwd-out-readonly", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=readonly(_a(2, 4))), ValueError, "^out:"),
+    ("dfwd-out-dtype", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=_a(2, 4, dtype=F32)), TypeError, "^out:"),
+    ("dfwd-pre-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), pre=_a(2, 3)), ValueError, "^pre:"),
+    ("dfwd-pre-strided", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), pre=_strided(2, 4)), ValueError, "^pre:"),
+    ("dfwd-pre-readonly", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), pre=readonly(_a(2, 4))), ValueError, "^pre:"),
+    # dense_backward(dout, x, kernel, out)
+    ("dbwd-dout-int", lambda: ops.dense_backward(_a(2, 4, dtype=np.int64), _a(2, 3), _a(3, 4), _a(2, 4)), TypeError, "^dout:"),
+    ("dbwd-dout-list", lambda: ops.dense_backward([[0.0] * 4] * 2, _a(2, 3), _a(3, 4), _a(2, 4)), TypeError, "^dout:"),
+    ("dbwd-x-mixed", lambda: ops.dense_backward(_a(2, 4), _a(2, 3, dtype=F32), _a(3, 4), _a(2, 4)), TypeError, "^x:"),
+    ("dbwd-kernel-mixed", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4, dtype=F32), _a(2, 4)), TypeError, "^kernel:"),
+    ("dbwd-out-mixed", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4, dtype=F32)), TypeError, "^out:"),
+    ("dbwd-pre-mixed", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), activation="gelu", pre=_a(2, 4, dtype=F32)), TypeError, "^pre:"),
+    ("dbwd-dout-shape", lambda: ops.dense_backward(_a(2, 5), _a(2, 3), _a(3, 4), _a(2, 4)), ValueError, "^dout:"),
+    ("dbwd-out-shape", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(3, 4)), ValueError, "^out:"),
+    ("dbwd-kernel-rows", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(2, 4), _a(2, 4)), ValueError, "^kernel:"),
+    ("dbwd-x-1d", lambda: ops.dense_backward(_a(2, 4), _a(3), _a(3, 4), _a(2, 4)), ValueError, "^x:"),
+    ("dbwd-pre-missing-gelu", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), activation="gelu"), ValueError, "^pre:"),
+    ("dbwd-pre-missing-silu", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), activation="silu"), ValueError, "^pre:"),
+    ("dbwd-pre-shape", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), activation="silu", pre=_a(4, 2)), ValueError, "^pre:"),
+    ("dbwd-act-unknown", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), activation="Relu"), ValueError, "^activation:"),
+    ("dbwd-dkernel-shape", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dkernel=_a(4, 3)), ValueError, "^dkernel:"),
+    ("dbwd-dkernel-fortran", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dkernel=_fortran(3, 4)), ValueError, "^dkernel:"),
+    ("dbwd-dkernel-readonly", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dkernel=readonly(_a(3, 4))), ValueError, "^dkernel:"),
+    ("dbwd-dkernel-dtype", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dkernel=_a(3, 4, dtype=F32)), TypeError, "^dkernel:"),
+    ("dbwd-dbias-shape", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dbias=_a(3)), ValueError, "^dbias:"),
+    ("dbwd-dbias-strided", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dbias=_strided(4)), ValueError, "^dbias:"),
+    ("dbwd-dbias-readonly", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dbias=readonly(_a(4))), ValueError, "^dbias:"),
+    ("dbwd-dx-shape", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dx=_a(2, 4)), ValueError, "^dx:"),
+    ("dbwd-dx-fortran", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dx=_fortran(2, 3)), ValueError, "^dx:"),
+    ("dbwd-dx-readonly", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dx=readonly(_a(2, 3))), ValueError, "^dx:"),
+    ("dbwd-dx-dtype", lambda: ops.dense_backward(_a(2, 4), _a(2, 3), _a(3, 4), _a(2, 4), dx=_a(2, 3, dtype=F32)), TypeError, "^dx:"),
+    # activation_forward(x, activation)
+    ("afwd-x-int", lambda: ops.activation_forward(_a(2, 3, dtype=np.int64), "relu"), TypeError, "^x:"),
+    ("afwd-x-float16", lambda: ops.activation_forward(_a(2, 3, dtype=np.float16), "relu"), TypeError, "^x:"),
+    ("afwd-x-list", lambda: ops.activation_forward([[1.0, -1.0]], "relu"), TypeError, "^x:"),
+    ("afwd-x-3d", lambda: ops.activation_forward(_a(2, 3, 4), "relu"), ValueError, "^x:"),
+    ("afwd-x-1d", lambda: ops.activation_forward(_a(3), "softmax"), ValueError, "^x:"),
+    ("afwd-act-unknown", lambda: ops.activation_forward(_a(2, 3), "softplus"), ValueError, "^activation:"),
+    ("afwd-act-none", lambda: ops.activation_forward(_a(2, 3), None), TypeError, "^activation:"),
+    ("afwd-alpha-neg", lambda: ops.activation_forward(_a(2, 3), "elu", alpha=-1.0), ValueError, "^alpha:"),
+    ("afwd-out-shape", lambda: ops.activation_forward(_a(2, 3), "relu", out=_a(3, 2)), ValueError, "^out:"),
+    ("afwd-out-fortran", lambda: ops.activation_forward(_a(2, 3), "relu", out=_fortran(2, 3)), ValueError, "^out:"),
+    ("afwd-out-readonly", lambda: ops.activation_forward(_a(2, 3), "relu", out=readonly(_a(2, 3))), ValueError, "^out:"),
+    ("afwd-out-dtype", lambda: ops.activation_forward(_a(2, 3), "relu", out=_a(2, 3, dtype=F32)), TypeError, "^out:"),
+    ("afwd-out-list", lambda: ops.activation_forward(_a(2, 3), "relu", out=[[0.0] * 3] * 2), TypeError, "^out:"),
+    ("afwd-pre-shape", lambda: ops.activation_forward(_a(2, 3), "gelu", pre=_a(2, 4)), ValueError, "^pre:"),
+    ("afwd-pre-strided", lambda: ops.activation_forward(_a(2, 3), "gelu", pre=_strided(2, 3)), ValueError, "^pre:"),
+    ("afwd-pre-readonly", lambda: ops.activation_forward(_a(2, 3), "gelu", pre=readonly(_a(2, 3))), ValueError, "^pre:"),
+    # activation_backward(dout, out, activation)
+    ("abwd-dout-int", lambda: ops.activation_backward(_a(2, 3, dtype=np.int64), _a(2, 3), "relu"), TypeError, "^dout:"),
+    ("abwd-dout-list", lambda: ops.activation_backward([[1.0]], _a(1, 1), "relu"), TypeError, "^dout:"),
+    ("abwd-out-mixed", lambda: ops.activation_backward(_a(2, 3), _a(2, 3, dtype=F32), "relu"), TypeError, "^out:"),
+    ("abwd-out-shape", lambda: ops.activation_backward(_a(2, 3), _a(3, 2), "relu"), ValueError, "^out:"),
+    ("abwd-x-mixed", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu", x=_a(2, 3, dtype=F32)), TypeError, "^x:"),
+    ("abwd-x-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu", x=_a(2, 4)), ValueError, "^x:"),
+    ("abwd-x-missing-gelu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu"), ValueError, "^x:"),
+    ("abwd-x-missing-silu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "silu"), ValueError, "^x:"),
+    ("abwd-act-unknown", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "hard_sigmoid"), ValueError, "^activation:"),
+    ("abwd-dx-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_a(2, 2)), ValueError, "^dx:"),
+    ("abwd-dx-fortran", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_fortran(2, 3)), ValueError, "^dx:"),
+    ("abwd-dx-readonly", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=readonly(_a(2, 3))), ValueError, "^dx:"),
+    ("abwd-dx-dtype", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_a(2, 3, dtype=F32)), TypeError, "^dx:"),
+    # loss_forward_backward(y_true, y_pred, loss)
+    ("loss-unknown", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "cross_entropy"), ValueError, "^loss:"),
+    ("loss-not-str", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), 0), ValueError, "^loss:"),
+    ("loss-pred-int", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3, dtype=np.int64), "mse"), TypeError, "^y_pred:"),
+    ("loss-pred-list", lambda: ops.loss_forward_backward(_a(1, 2), [[0.5, 0.5]], "mse"), TypeError, "^y_pred:"),
+    ("loss-pred-1d", lambda: ops.loss_forward_backward(_a(3), _a(3), "mse"), ValueError, "^y_pred:"),
+    ("loss-true-shape", lambda: ops.loss_forward_backward(_a(2, 4), _a(2, 3), "mse"), ValueError, "^y_true:"),
+    ("loss-true-1d", lambda: ops.loss_forward_backward(_a(2), _a(2, 3), "categorical_crossentropy"), ValueError, "^y_true:"),
+    ("loss-true-str", lambda: ops.loss_forward_backward(np.array([["a", "b"]]), _a(1, 2), "mae"), TypeError, "^y_true:"),
+    ("loss-logits-mse", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "mse", from_logits=True), ValueError, "^from_logits:"),
+    ("loss-logits-huber", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "huber", from_logits=True), ValueError, "^from_logits:"),
+    ("loss-delta-zero", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "huber", delta=0.0), ValueError, "^delta:"),
+    ("loss-delta-neg", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "huber", delta=-1.0), ValueError, "^delta:"),
+    ("scce-label-neg", lambda: ops.loss_forward_backward(np.array([0, -1]), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-high", lambda: ops.loss_forward_backward(np.array([3, 0]), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-high-logits", lambda: ops.loss_forward_backward(np.array([0, 7]), _a(2, 3), "sparse_categorical_crossentropy", from_logits=True), ValueError, "^y_true:"),
+    ("scce-label-frac", lambda: ops.loss_forward_backward(np.array([0.5, 1.0]), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-nan", lambda: ops.loss_forward_backward(np.array([np.nan, 1.0]), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-count", lambda: ops.loss_forward_backward(np.array([0, 1, 2]), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-onehot", lambda: ops.loss_forward_backward(_a(2, 3), _a(2, 3), "sparse_categorical_crossentropy"), ValueError, "^y_true:"),
+    ("scce-label-str", lambda: ops.loss_forward_backward(np.array(["0", "1"]), _a(2, 3), "sparse_categorical_crossentropy"), TypeError, "^y_true:"),
+    # sgd_step(params, grads, learning_rate)
+    ("sgd-params-int", lambda: ops.sgd_step(_a(3, dtype=np.int64), _a(3), 0.1), TypeError, "^params:"),
+    ("sgd-params-list", lambda: ops.sgd_step([1.0, 2.0], _a(2), 0.1), TypeError, "^params:"),
+    ("sgd-grads-mixed", lambda: ops.sgd_step(_a(3), _a(3, dtype=F32), 0.1), TypeError, "^grads:"),
+    ("sgd-grads-list", lambda: ops.sgd_step(_a(3), [1.0, 2.0, 3.0], 0.1), TypeError, "^grads:"),
+    ("sgd-params-2d", lambda: ops.sgd_step(_a(2, 3), _a(2, 3), 0.1), ValueError, "^params:"),
+    ("sgd-params-strided", lambda: ops.sgd_step(_strided(3), _a(3), 0.1), ValueError, "^params:"),
+    ("sgd-params-readonly", lambda: ops.sgd_step(readonly(_a(3)), _a(3), 0.1), ValueError, "^params:"),
+    ("sgd-grads-shape", lambda: ops.sgd_step(_a(3), _a(4), 0.1), ValueError, "^grads:"),
+    ("sgd-momentum-one", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=1.0, velocity=_a(3)), ValueError, "^momentum:"),
+    ("sgd-lr-neg", lambda: ops.sgd_step(_a(3), _a(3), -0.1), ValueError, "^learning_rate:"),
+    ("sgd-momentum-neg", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=-0.5, velocity=_a(3)), ValueError, "^momentum:"),
+    ("sgd-velocity-missing", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9), ValueError, "^velocity:"),
+    ("sgd-velocity-shape", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9, velocity=_a(2)), ValueError, "^velocity:"),
+    ("sgd-velocity-strided", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9, velocity=_strided(3)), ValueError, "^velocity:"),
+    ("sgd-velocity-readonly", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9, velocity=readonly(_a(3))), ValueError, "^velocity:"),
+    ("sgd-velocity-dtype", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9, velocity=_a(3, dtype=F32)), TypeError, "^velocity:"),
+    ("sgd-velocity-list", lambda: ops.sgd_step(_a(3), _a(3), 0.1, momentum=0.9, velocity=[0.0] * 3), TypeError, "^velocity:"),
+    # sum_squares(x)
+    ("sumsq-int", lambda: ops.sum_squares(np.arange(4)), TypeError, "^x:"),
+    ("sumsq-list", lambda: ops.sum_squares([1.0, 2.0]), TypeError, "^x:"),
+    ("sumsq-complex", lambda: ops.sum_squares(np.ones(3, np.complex128)), TypeError, "^x:"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match",
+                         [pytest.param(c, e, m, id=i) for i, c, e, m in _BAD])
+def test_validation_names_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_failed_validation_writes_nothing():
+    params, velocity = np.ones(3), np.full(3, 0.5)
+    with pytest.raises(ValueError):
+        ops.sgd_step(params, np.ones(4), 0.1, momentum=0.9, velocity=velocity)
+    np.testing.assert_array_equal(params, 1.0)
+    np.testing.assert_array_equal(velocity, 0.5)
+    dk = np.full((3, 4), 7.0)
+    with pytest.raises(ValueError):
+        ops.dense_backward(np.ones((2, 4)), np.ones((2, 3)), np.ones((3, 4)), np.ones((2, 4)),
+                           dkernel=dk, dbias=np.ones(5))
+    np.testing.assert_array_equal(dk, 7.0)
+
+
+# Non-contiguous inputs give the same results as contiguous copies. Every
+# result is computed twice (once from C-contiguous copies), so the only
+# possible difference would come from the layout.
+
+def _same(got, want):
+    if isinstance(got, tuple):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _same(g, w)
+    elif got is None:
+        assert want is None
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("how", LAYOUTS_2D)
+def test_layout_matmul_and_dense(how, dtype):
+    rng = np.random.default_rng(len(how))
+    x, k = normal(rng, (6, 5), dtype), normal(rng, (5, 7), dtype)
+    b, g = normal(rng, 7, dtype), normal(rng, (6, 7), dtype)
+    L = lambda a: relayout(a, how)  # noqa: E731
+    Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)  # noqa: E731
+
+    for ta in (False, True):
+        for tb in (False, True):
+            a = np.ascontiguousarray(x.T) if ta else x
+            bb = np.ascontiguousarray(k.T) if tb else k
+            _same(ops.matmul(L(a), L(bb), trans_a=ta, trans_b=tb),
+                  ops.matmul(a, bb, trans_a=ta, trans_b=tb))
+
+    for act in ("relu", "gelu", "softmax"):
+        pre = np.empty((6, 7), dtype)
+        want = ops.dense_forward(x, k, b, activation=act, pre=pre)
+        _same(ops.dense_forward(L(x), L(k), Lb(b), activation=act), want)
+        _same(ops.dense_backward(L(g), L(x), L(k), L(want), activation=act, pre=L(pre)),
+              ops.dense_backward(g, x, k, want, activation=act, pre=pre))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("how", LAYOUTS_2D)
+def test_layout_activations(how, dtype):
+    rng = np.random.default_rng(len(how) + 1)
+    z, g = normal(rng, (5, 8), dtype), normal(rng, (5, 8), dtype)
+    for act in ops.ACTIVATIONS:
+        y = ops.activation_forward(z, act)
+        _same(ops.activation_forward(relayout(z, how), act), y)
+        _same(ops.activation_backward(relayout(g, how), relayout(y, how), act, x=relayout(z, how)),
+              ops.activation_backward(g, y, act, x=z))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("how", LAYOUTS_2D)
+@pytest.mark.parametrize("loss, from_logits, delta", LOSS_CASES)
+def test_layout_losses(loss, from_logits, delta, how, dtype):
+    rng = np.random.default_rng(len(loss) + len(how))
+    t, p = make_loss_data(loss, from_logits, (6, 4), rng, delta)
+    p = p.astype(dtype)
+    t_nc = t if loss == "sparse_categorical_crossentropy" else relayout(t.astype(dtype), how)
+    want = ops.loss_forward_backward(t, p, loss, from_logits=from_logits, delta=delta,
+                                     per_sample=True)
+    got = ops.loss_forward_backward(t_nc, relayout(p, how), loss, from_logits=from_logits,
+                                    delta=delta, per_sample=True)
+    assert got[0] == want[0]
+    _same(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("how", LAYOUTS_1D)
+def test_layout_sgd_and_sum_squares(how, dtype):
+    rng = np.random.default_rng(len(how) + 2)
+    g = normal(rng, 9, dtype)
+    p1, p2 = normal(rng, 9, dtype), None
+    p2 = p1.copy()
+    v1, v2 = np.zeros(9, dtype), np.zeros(9, dtype)
+    for _ in range(3):
+        ops.sgd_step(p1, g, 0.1, momentum=0.9, nesterov=True, velocity=v1)
+        ops.sgd_step(p2, relayout(g, how), 0.1, momentum=0.9, nesterov=True, velocity=v2)
+    _same((p2, v2), (p1, v1))
+
+    x = normal(rng, (7, 6), dtype)
+    want = ops.sum_squares(x)
+    for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "reversed"), x.T):
+        assert ops.sum_squares(nc) == pytest.approx(want, rel=1e-15)
+    assert ops.sum_squares(relayout(g, how)) == pytest.approx(ops.sum_squares(g), rel=1e-15)
