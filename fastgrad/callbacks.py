@@ -62,8 +62,10 @@ def _mode_op(mode, monitor):
 
 class EarlyStopping(Callback):
     """Stop training when ``monitor`` has not improved by more than
-    ``min_delta`` for ``patience`` epochs. With ``restore_best_weights`` the
-    weights of the best epoch are put back when it stops."""
+    ``min_delta`` for ``patience`` epochs (Keras 3 rules: with a
+    ``baseline``, patience restarts only on epochs that beat it). With
+    ``restore_best_weights`` the weights of the best epoch are put back when
+    it stops."""
 
     def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, verbose=0,
                  mode="auto", baseline=None, restore_best_weights=False, start_from_epoch=0):
@@ -85,7 +87,7 @@ class EarlyStopping(Callback):
 
     def on_train_begin(self, logs=None):
         self.wait, self.stopped_epoch = 0, 0
-        self.best, self.best_weights, self.best_epoch = self.baseline, None, 0
+        self.best, self.best_weights, self.best_epoch = None, None, 0
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
@@ -94,11 +96,16 @@ class EarlyStopping(Callback):
                              f"{sorted(logs or {})}")
         if epoch < self.start_from_epoch:
             return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = self.model.get_weights()
         self.wait += 1
         if self._better(current, self.best):
-            self.best, self.best_epoch, self.wait = current, epoch, 0
+            self.best, self.best_epoch = current, epoch
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
+            # as Keras 3: patience restarts only once the baseline is beaten
+            if self.baseline is None or self._better(current, self.baseline):
+                self.wait = 0
             return
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch

@@ -258,9 +258,12 @@ class BatchNormalization(Layer):
         specs.append(WeightSpec("moving_mean", f, self.moving_mean_initializer, False))
         specs.append(WeightSpec("moving_variance", f, self.moving_variance_initializer, False))
         self.weight_specs = specs
-        self._mean = np.zeros(input_dim)
-        self._rstd = np.ones(input_dim)
         return input_dim
+
+    def _allocate(self, cap, dtype, need_dx):
+        super()._allocate(cap, dtype, need_dx)
+        self._mean = np.zeros(self.input_dim)
+        self._rstd = np.ones(self.input_dim)
 
     def forward(self, x, training=False, logits=False):
         b = x.shape[0]

@@ -146,23 +146,38 @@ class Sequential:
             raise ValueError(f"layer: the name {layer.name!r} is already used in this model")
         self.layers.append(layer)
 
+    def _plan(self, input_dim):
+        """Layer shapes and weight specs for input_dim features, allocating
+        nothing. Returns (output_dim, [(layer, WeightSpec)])."""
+        if not self.layers:
+            raise ValueError("model: it has no layers; add some first")
+        dim = int(input_dim)
+        if dim < 1:
+            raise ValueError(f"input_dim: expected a positive integer, got {input_dim!r}")
+        for layer in self.layers:
+            dim = layer.build(dim)
+        return dim, [(layer, s) for layer in self.layers for s in layer.weight_specs]
+
+    def _output_dim_for(self, input_dim):
+        dim = input_dim
+        for layer in self.layers:
+            dim = getattr(layer, "units", dim)
+        return dim
+
     @_locked
-    def build(self, input_dim=None):
+    def build(self, input_dim=None, _check=None):
         """Create the weights for inputs of ``input_dim`` features."""
         if self.built:
             return
-        if not self.layers:
-            raise ValueError("model: it has no layers; add some first")
-        if input_dim is None:
+        if input_dim is None and self.layers:
             input_dim = self.layers[0].input_dim
         if input_dim is None:
             raise ValueError("input_dim: unknown; give the first layer input_dim= or "
                              "input_shape=, or call fit/predict")
-        dim = int(input_dim)
-        for layer in self.layers:
-            dim = layer.build(dim)
+        dim, specs = self._plan(input_dim)
+        if _check is not None:
+            _check(specs)     # the loader compares shapes before anything is allocated
         self.input_dim, self.output_dim = int(input_dim), dim
-        specs = [(layer, s) for layer in self.layers for s in layer.weight_specs]
         n_train = sum(s.size for _, s in specs if s.trainable)
         n_state = sum(s.size for _, s in specs if not s.trainable)
         self.params = np.zeros(n_train, self.dtype)
@@ -254,19 +269,23 @@ class Sequential:
             raise ValueError(f"{name}: row {bad} holds NaN or inf; inputs must be finite")
         return x
 
-    def _check_y(self, y, batch, name="y"):
+    def _check_y(self, y, batch, name="y", out_dim=None):
         """Targets as the model's dtype (batch, outputs), or int64 labels."""
+        out_dim = self.output_dim if out_dim is None else out_dim
         if self.loss.name == "sparse_categorical_crossentropy":
-            return None, ops._labels(y, batch, self.output_dim)
+            try:
+                return None, ops._labels(y, batch, out_dim)
+            except (ValueError, TypeError) as e:
+                raise type(e)(str(e).replace("y_true:", f"{name}:", 1)) from None
         y = np.asarray(y)
         if y.dtype.kind not in "biuf":
             raise TypeError(f"{name}: expected an array of numbers, got dtype {y.dtype}")
-        if y.ndim == 1 and self.output_dim == 1:
+        if y.ndim == 1 and out_dim == 1:
             y = y.reshape(-1, 1)
-        if y.ndim != 2 or y.shape != (batch, self.output_dim):
+        if y.ndim != 2 or y.shape != (batch, out_dim):
             what = ("one-hot targets " if self.loss.name == "categorical_crossentropy" else "")
-            raise ValueError(f"{name}: expected {what}of shape ({batch}, {self.output_dim}) "
-                             f"to match x and the model's {self.output_dim} outputs, got "
+            raise ValueError(f"{name}: expected {what}of shape ({batch}, {out_dim}) "
+                             f"to match the rows and the model's {out_dim} outputs, got "
                              f"shape {y.shape}")
         if y.dtype != self.dtype or not y.flags.c_contiguous:
             y = np.ascontiguousarray(y, dtype=self.dtype)
@@ -275,17 +294,18 @@ class Sequential:
             raise ValueError(f"{name}: row {bad} holds NaN or inf; targets must be finite")
         return y, None
 
-    def _check_xy(self, x, y, what):
-        x = self._check_x(x)
-        if not self.built:
-            self.build(x.shape[1])
-            self.optimizer.build(self.params, self.grads, self._tensors) \
-                if self.optimizer is not None and self.optimizer._params is not self.params \
-                else None
+    def _check_xy(self, x, y, what, names=("x", "y")):
+        x = self._check_x(x, names[0])
         n = len(y) if hasattr(y, "__len__") else None
         if n is not None and n != x.shape[0]:
-            raise ValueError(f"y: expected {x.shape[0]} rows to match x, got {n}")
-        target, labels = self._check_y(y, x.shape[0])
+            raise ValueError(f"{names[1]}: expected {x.shape[0]} rows to match "
+                             f"{names[0]}, got {n}")
+        # checked against the output size before the model is built, so that
+        # a refused first call leaves the model as it was
+        target, labels = self._check_y(y, x.shape[0], names[1],
+                                       None if self.built else self._output_dim_for(x.shape[1]))
+        if not self.built:
+            self.build(x.shape[1])
         return x, target, labels
 
     # -- buffers ----------------------------------------------------------
@@ -310,6 +330,11 @@ class Sequential:
     def _forward_backward(self, x, target, labels):
         """Loss of the batch; its gradients land in self.grads."""
         b = x.shape[0]
+        if b < 2 and any(l.kind == "BatchNormalization" for l in self.layers):
+            # refused before any layer runs, so nothing (dropout counters,
+            # moving statistics) has moved
+            raise ValueError(f"x: BatchNormalization needs at least 2 rows per batch in "
+                             f"training to estimate a variance, got {b}")
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:b]
         prob = self._prob[:b] if self._fused else None
@@ -363,7 +388,7 @@ class Sequential:
         seed. ``validation_split`` holds out that fraction of the rows, taken
         from the end before shuffling, as Keras does. Returns a History whose
         ``history`` maps "loss", the metrics, their "val_" forms, and
-        "grad_norm" (mean global gradient norm of the epoch's steps) and
+        "grad_norm" (mean global gradient norm of the epoch's applied steps) and
         "clip_rate" (fraction of its steps where clipping fired) to per-epoch
         lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch."""
         self._require_compiled("fit")
@@ -371,8 +396,10 @@ class Sequential:
                             ("initial_epoch", initial_epoch, 0)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if verbose == "auto":
+            verbose = 1
         if verbose not in (0, 1, 2):
-            raise ValueError(f"verbose: expected 0, 1 or 2, got {verbose!r}")
+            raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
         if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
             raise ValueError(f"validation_split: expected a fraction in [0, 1), got "
                              f"{validation_split!r}")
@@ -392,7 +419,8 @@ class Sequential:
         elif validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a tuple (x_val, y_val)")
-            vx, vt, vl = self._check_xy(*validation_data, "fit")
+            vx, vt, vl = self._check_xy(*validation_data, "fit",
+                                        names=("validation_data[0]", "validation_data[1]"))
         if x.shape[0] == 0:
             raise ValueError("x: expected at least one row")
         n = x.shape[0]
@@ -406,7 +434,7 @@ class Sequential:
                         target.dtype if target is not None else np.int64)
         xbuf = np.empty((bs, x.shape[1]), self.dtype)
         history = callbacks_mod.History()
-        cbs = [history] + list(callbacks or [])
+        cbs = list(callbacks or []) + [history]   # last, so it sees every callback's logs
         for cb in cbs:
             cb.set_model(self)
         self.stop_training = False
@@ -418,7 +446,7 @@ class Sequential:
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
             sums = np.zeros(1 + len(self.metrics))
-            gsum, clipped_steps, steps = 0.0, 0, 0
+            gsum, clipped_steps, steps, finite_steps = 0.0, 0, 0, 0
             bar = _ProgressBar(epoch, epochs, n) if verbose == 1 else None
             for step, start in enumerate(range(0, n, bs)):
                 stop = min(start + bs, n)
@@ -440,7 +468,9 @@ class Sequential:
                     sums[1:] += np.asarray(mets) * b
                 rec = self.optimizer.last_step
                 steps += 1
-                gsum += rec.global_norm
+                if not rec.nonfinite:   # skipped steps have no meaningful norm
+                    gsum += rec.global_norm
+                    finite_steps += 1
                 clipped_steps += rec.clipped
                 logs = {"loss": float(loss)}
                 for cb in cbs:
@@ -454,7 +484,7 @@ class Sequential:
             logs = {"loss": float(sums[0] / seen)}
             for name, s in zip(self._metric_names, sums[1:]):
                 logs[name] = float(s / seen)
-            logs["grad_norm"] = gsum / max(steps, 1)
+            logs["grad_norm"] = gsum / finite_steps if finite_steps else math.nan
             logs["clip_rate"] = clipped_steps / max(steps, 1)
             if validation_data is not None:
                 vals = self._evaluate(vx, vt, vl, bs)
@@ -673,16 +703,21 @@ def _from_header(header, arrays, layers_mod, schedules):
             raise ModelFileError(f"unknown layer type {entry['class_name']!r}")
         layers.append(cls(**entry["config"]))
     model = Sequential(layers, dtype=cfg["dtype"], seed=cfg["seed"], name=cfg["name"])
-    model.build(cfg["input_dim"])
+
+    def check(specs):
+        for layer, s in specs:
+            key = f"weights/{layer.name}/{s.name}"
+            if key not in arrays:
+                raise ModelFileError(f"the weight {key} is missing")
+            a = arrays[key]
+            if a.shape != s.shape or a.dtype != model.dtype:
+                raise ModelFileError(f"the weight {key} has shape {a.shape} and dtype "
+                                     f"{a.dtype}; the architecture needs {s.shape} "
+                                     f"{model.dtype}")
+
+    model.build(cfg["input_dim"], _check=check)
     for layer, s in model._specs:
-        key = f"weights/{layer.name}/{s.name}"
-        if key not in arrays:
-            raise ModelFileError(f"the weight {key} is missing")
-        a = arrays.pop(key)
-        if a.shape != s.shape or a.dtype != model.dtype:
-            raise ModelFileError(f"the weight {key} has shape {a.shape} and dtype {a.dtype}; "
-                                 f"the architecture needs {s.shape} {model.dtype}")
-        layer.weights[s.name][...] = a
+        layer.weights[s.name][...] = arrays.pop(f"weights/{layer.name}/{s.name}")
     comp = header.get("compile")
     if comp is not None:
         oc = dict(comp["optimizer"]["config"])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Build fastgrad with AddressSanitizer and UndefinedBehaviorSanitizer in a
+# fresh virtual environment and run the test suite under them. Any sanitizer
+# report fails the run. Usage: tests/sanitize.sh [pytest arguments]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+python3 -m venv "$work/venv"
+. "$work/venv/bin/activate"
+python -m pip install --quiet --upgrade pip
+# build from a copy, so the sanitized objects never mix with a normal build
+mkdir "$work/src"
+tar -C "$root" --exclude=./build --exclude=./dist --exclude='*.so' --exclude=./.git -cf - . \
+    | tar -C "$work/src" -xf -
+FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test]"
+
+libasan=$(gcc -print-file-name=libasan.so)
+libubsan=$(gcc -print-file-name=libubsan.so)
+log="$work/sanitizer"
+# Python itself is not instrumented and keeps memory to the end: leaks are
+# not checked; every memory error or undefined behaviour aborts.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$log"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$log"
+cd "$work"
+status=0
+LD_PRELOAD="$libasan:$libubsan" python -m pytest -q -p no:cacheprovider "$root/tests" "$@" || status=$?
+if compgen -G "$log*" > /dev/null; then
+    echo "sanitizer reports:"
+    cat "$log"*
+    exit 1
+fi
+if [ "$status" -ne 0 ]; then
+    exit "$status"
+fi
+echo "sanitizer run: clean"
