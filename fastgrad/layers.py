@@ -134,6 +134,10 @@ class Dense(Layer):
             alive = np.zeros(self.units, np.uint8)
             sat = _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
                                       out, pre, code, self._alpha, alive, True)
+            if code != self._code:
+                # fused output: the statistics are those of the real activation
+                sat = _core.bias_act_forward(out, None, np.empty_like(out), None, self._code,
+                                             self._alpha, alive, True)
             self.activation_stats = _activation_stats(self.activation, alive, sat, out.size)
         else:
             _core.dense_forward(x, self.weights["kernel"], self.weights.get("bias"),
@@ -190,7 +194,10 @@ class Activation(Layer):
         code = 0 if logits else self._code
         if self.collect_stats:
             alive = np.zeros(self.output_dim, np.uint8)
-            sat = _core.bias_act_forward(x, None, out, None, code, self._alpha, alive, True)
+            sat = _core.bias_act_forward(x, None, out, None, self._code, self._alpha, alive,
+                                         True)
+            if code != self._code:   # fused output: logits after all, stats as above
+                _core.bias_act_forward(x, None, out, None, code, self._alpha)
             self.activation_stats = _activation_stats(self.activation, alive, sat, out.size)
         else:
             _core.bias_act_forward(x, None, out, None, code, self._alpha)
