@@ -369,11 +369,19 @@ class Sequential:
     def compute_gradients(self, x, y):
         """Loss of one batch in training mode and the gradients of that loss
         (without regularization penalties), as copies in the order of
-        ``weight_names``. Changes no weight and no optimizer state."""
+        ``weight_names``. Changes no weight, no moving statistic, no dropout
+        counter and no optimizer state."""
         self._require_compiled("compute_gradients")
         x, target, labels = self._check_xy(x, y, "compute_gradients")
         self._prepare(x.shape[0])
-        loss, _, _ = self._forward_backward(x, target, labels)
+        state = self.state.copy()
+        counters = [(l, l.counter) for l in self.layers if hasattr(l, "counter")]
+        try:
+            loss, _, _ = self._forward_backward(x, target, labels)
+        finally:   # training mode moved the moving statistics and dropout counters
+            self.state[...] = state
+            for l, c in counters:
+                l.counter = c
         grads = []
         for name, off, shape, _, _ in self._tensors:
             grads.append(self.grads[off:off + int(np.prod(shape))].reshape(shape).copy())

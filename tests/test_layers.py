@@ -199,7 +199,7 @@ def test_layer_training_uses_batch_stats_and_updates_moving_stats(dtype):
     F, B = 6, 40
     model = fg.Sequential([BatchNormalization(momentum=0.8, epsilon=1e-2, input_dim=F)],
                           dtype=dtype, seed=0)
-    model.compile("sgd", "mse")
+    model.compile(fg.optimizers.SGD(0.0), "mse")   # lr 0: only the statistics move
     gamma, beta = rng.uniform(0.5, 2, F), rng.normal(size=F)
     mm0, mv0 = rng.normal(size=F), rng.uniform(0.5, 2, F)
     model.set_weights([gamma, beta, mm0, mv0])
@@ -207,10 +207,14 @@ def test_layer_training_uses_batch_stats_and_updates_moving_stats(dtype):
     x = rng.normal(2, 3, size=(B, F)).astype(dt)
     y = rng.normal(size=(B, F))
     loss, _ = model.compute_gradients(x, y)
+    # compute_gradients runs in training mode but restores the statistics
+    for a, b in zip(w, model.get_weights()):
+        assert np.array_equal(a, b)
     mu, var = np_bn_stats(x)
     out = np_bn(x, mu, var, w[0], w[1], 1e-2)
     assert loss == pytest.approx(np.mean((out - y) ** 2), rel=1e-5 if dt == F32 else 1e-12)
-    # compute_gradients runs in training mode: the moving statistics moved
+    # a training step moves the moving statistics
+    assert model.train_on_batch(x, y) == pytest.approx(loss, rel=1e-6)
     mm, mv = model.get_weights()[2:]
     rt = 1e-6 if dt == F32 else 1e-12
     np.testing.assert_allclose(mm, 0.8 * w[2].astype(F64) + 0.2 * mu, rtol=rt, atol=1e-7)
@@ -271,8 +275,8 @@ def test_layer_float32_large_mean_small_spread_in_training():
     F = 20
     x = (1e4 + 1e-2 * rng.standard_normal((128, F))).astype(F32)
     model = fg.Sequential([BatchNormalization(epsilon=1e-8, input_dim=F)], seed=0)
-    model.compile("sgd", "mse")
-    loss, _ = model.compute_gradients(x, np.zeros_like(x))
+    model.compile(fg.optimizers.SGD(0.0), "mse")   # lr 0: only the statistics move
+    loss = model.train_on_batch(x, np.zeros_like(x))
     mu, var = np_bn_stats(x)
     assert loss == pytest.approx(np.mean(var / (var + 1e-8)), abs=1e-4)
     mm, mv = model.get_weights()[2:]
@@ -735,9 +739,12 @@ def test_dropout_identity_in_inference_and_counter_untouched():
     assert model.evaluate(x, y, verbose=0) == pytest.approx(np.mean((ref - y) ** 2),
                                                             rel=1e-12)
     assert model.layers[1].counter == c0
-    # training draws masks: the training loss is not the inference loss
+    # training draws masks: the training loss is not the inference loss;
+    # compute_gradients leaves the counter where it was, a training step moves it
     loss, _ = model.compute_gradients(x, y)
     assert loss != pytest.approx(np.mean((ref - y) ** 2), rel=1e-6)
+    assert model.layers[1].counter == c0
+    model.train_on_batch(x, y)
     assert model.layers[1].counter == c0 + x.size // 5 * 8
 
 
@@ -752,7 +759,7 @@ def test_dropout_model_gradients_use_the_layer_mask():
     c0 = 1000
     drop.counter = c0
     loss, grads = model.compute_gradients(x, y)
-    assert drop.counter == c0 + 6 * 7
+    assert drop.counter == c0      # compute_gradients restores the counter
     mask = ops.dropout(np.ones((6, 7)), rate, seed, c0) != 0
     assert 0 < mask.sum() < mask.size
     rloss, rgrads, _ = _np_dense_dropout_dense(x, y, model.get_weights(), mask, rate)
@@ -760,6 +767,7 @@ def test_dropout_model_gradients_use_the_layer_mask():
     for g, r in zip(grads, rgrads):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
     # a different counter draws another mask and another loss
+    drop.counter = c0 + 6 * 7
     loss2, _ = model.compute_gradients(x, y)
     assert loss2 != pytest.approx(loss, rel=1e-9)
 
@@ -773,10 +781,11 @@ def test_dropout_model_gradients_use_the_layer_mask():
 
 
 def _observed_mask(model, x, y):
-    """The Dropout mask of one training step of Dense(I) -> Dropout -> Dense,
-    read from the first kernel's gradient (nonzero exactly where kept)."""
-    _, grads = model.compute_gradients(x, y)
-    return grads[0][0] != 0
+    """The Dropout mask of one training step of Dense(I) -> Dropout -> Dense
+    (compiled with learning rate 0), read from the first kernel's gradient
+    (nonzero exactly where kept)."""
+    model.train_on_batch(x, y)
+    return model.grads[:model.layers[0].units] != 0
 
 
 def test_dropout_masks_advance_across_training_steps():
@@ -785,7 +794,7 @@ def test_dropout_masks_advance_across_training_steps():
                            Dropout(rate, seed=seed),
                            Dense(1, use_bias=False, kernel_initializer="ones")],
                           dtype="float64", seed=0)
-    model.compile("sgd", "mse")
+    model.compile(fg.optimizers.SGD(0.0), "mse")
     x, y = np.ones((1, 1)), np.full((1, 1), -1.0)   # residual > 0: no accidental zeros
     masks = [_observed_mask(model, x, y) for _ in range(4)]
     for t, m in enumerate(masks):
