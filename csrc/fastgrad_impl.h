@@ -20,7 +20,7 @@ static inline T S(sigmoid)(T z)
 static inline T S(act_value)(T z, int act, T alpha)
 {
     switch (act) {
-    case FG_RELU:       return z > 0 ? z : (T)0;
+    case FG_RELU:       return z <= 0 ? (T)0 : z;   /* NaN passes through */
     case FG_LEAKY_RELU: return z > 0 ? z : alpha * z;
     case FG_ELU:        return z > 0 ? z : alpha * (EXP(z) - (T)1);
     case FG_SELU:       return z > 0 ? (T)FG_SELU_SCALE * z
