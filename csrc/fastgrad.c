@@ -31,6 +31,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #define ERF erff
 #define TANH tanhf
 #define SQRT sqrtf
+#define FABS fabsf
 #include "fastgrad_impl.h"
 #undef T
 #undef S
@@ -38,6 +39,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #undef ERF
 #undef TANH
 #undef SQRT
+#undef FABS
 
 #define T double
 #define S(name) name##_f64
@@ -45,4 +47,5 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #define ERF erf
 #define TANH tanh
 #define SQRT sqrt
+#define FABS fabs
 #include "fastgrad_impl.h"

@@ -10,10 +10,9 @@
 
 static inline T S(sigmoid)(T z)
 {
-    /* Two branches so that exp never overflows. */
-    if (z >= 0) return (T)1 / ((T)1 + EXP(-z));
-    T e = EXP(z);
-    return e / ((T)1 + e);
+    /* exp of -|z| never overflows; sigmoid(-|z|) = e s, sigmoid(|z|) = s */
+    T e = EXP(-FABS(z)), sv = (T)1 / ((T)1 + e);
+    return z >= 0 ? sv : e * sv;
 }
 
 /* y = act(z) for one element; softmax is handled per row by the caller. */
@@ -76,20 +75,29 @@ int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
     for (ptrdiff_t i = 0; i < B; i++) {
         const T *x = inp + i * O;
         T *y = out + i * O;
-        T *z = pre ? pre + i * O : NULL;
-        if (act == FG_SOFTMAX) {
-            for (ptrdiff_t j = 0; j < O; j++) {
-                T v = bias ? x[j] + bias[j] : x[j];
-                y[j] = v;
-                if (z) z[j] = v;
-            }
-            if (O > 0) S(softmax_row)(y, O);
-            continue;
+        /* z = x + bias into y, then the activation in place on the row while
+         * it is in L1; each loop is branch-free so that it vectorizes */
+        if (bias) for (ptrdiff_t j = 0; j < O; j++) y[j] = x[j] + bias[j];
+        else if (y != x) for (ptrdiff_t j = 0; j < O; j++) y[j] = x[j];
+        if (pre) {
+            T *z = pre + i * O;
+            for (ptrdiff_t j = 0; j < O; j++) z[j] = y[j];
         }
-        for (ptrdiff_t j = 0; j < O; j++) {
-            T v = bias ? x[j] + bias[j] : x[j];
-            if (z) z[j] = v;
-            y[j] = S(act_value)(v, act, a);
+        switch (act) {
+        case FG_LINEAR:
+            break;
+        case FG_RELU:      /* z <= 0 ? 0 : z lets NaN through */
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] <= 0 ? (T)0 : y[j];
+            break;
+        case FG_LEAKY_RELU:
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] > 0 ? y[j] : a * y[j];
+            break;
+        case FG_SOFTMAX:
+            if (O > 0) S(softmax_row)(y, O);
+            break;
+        default:
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = S(act_value)(y[j], act, a);
+            break;
         }
         if (stats) {   /* only when asked: a second look at the row, in cache */
             if (act == FG_RELU && stats->alive)
@@ -141,8 +149,9 @@ int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
         return FG_OK;
     }
 
-    /* Element-wise activations: one pass, column blocks so the double
-     * accumulators fit on the stack. */
+    /* Element-wise activations: column blocks so the double accumulators
+     * fit on the stack; per row, one branch-free loop for the slope and one
+     * for the bias sums, each vectorizable. */
     for (ptrdiff_t c0 = 0; c0 < O; c0 += FG_COLS) {
         ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
         for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
@@ -151,19 +160,39 @@ int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
             const T *g = dout + off, *y = out + off;
             const T *z = pre ? pre + off : y;
             T *d = dpre + off;
-            if (act == FG_LINEAR) {
-                for (ptrdiff_t j = 0; j < w; j++) { d[j] = g[j]; acc[j] += g[j]; }
-            } else if (act == FG_RELU) {
+            switch (act) {
+            case FG_LINEAR:
+                if (d != g) for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j];
+                break;
+            case FG_RELU:
                 for (ptrdiff_t j = 0; j < w; j++) {
-                    T v = y[j] > 0 ? g[j] : (T)0;
-                    d[j] = v; acc[j] += v;
+                    T gj = g[j];   /* loaded unconditionally: the select vectorizes */
+                    d[j] = y[j] > 0 ? gj : (T)0;
                 }
-            } else {
+                break;
+            case FG_LEAKY_RELU:
                 for (ptrdiff_t j = 0; j < w; j++) {
-                    T v = g[j] * S(act_slope)(y[j], z[j], act, a);
-                    d[j] = v; acc[j] += v;
+                    T gj = g[j];
+                    d[j] = y[j] > 0 ? gj : a * gj;
                 }
+                break;
+            case FG_ELU:
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    T gj = g[j], yj = y[j];
+                    d[j] = yj > 0 ? gj : gj * (yj + a);
+                }
+                break;
+            case FG_SIGMOID:
+                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * y[j] * ((T)1 - y[j]);
+                break;
+            case FG_TANH:
+                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * ((T)1 - y[j] * y[j]);
+                break;
+            default:
+                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * S(act_slope)(y[j], z[j], act, a);
+                break;
             }
+            if (dbias) for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];
         }
         if (dbias) for (ptrdiff_t j = 0; j < w; j++) dbias[c0 + j] = (T)acc[j];
     }
@@ -673,10 +702,14 @@ ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_t F)
 {
     for (ptrdiff_t i = 0; i < B; i++) {
         const T *r = x + i * F;
-        T acc = 0;
-        /* x * 0 is 0 for finite x and NaN for inf or NaN */
-        for (ptrdiff_t j = 0; j < F; j++) acc += r[j] * (T)0;
-        if (acc != acc) return i;
+        int bad = 0;
+        /* x - x is 0 for finite x and NaN for inf or NaN; an integer OR
+         * reduction vectorizes where a float sum would not */
+        for (ptrdiff_t j = 0; j < F; j++) {
+            T d = r[j] - r[j];
+            bad |= d != d;
+        }
+        if (bad) return i;
     }
     return -1;
 }
