@@ -7,6 +7,21 @@ train/B: one step of a 784-256-256-10 ReLU MLP with softmax cross-entropy on
 integer labels and SGD(0.01), model.train_on_batch vs the same step in NumPy.
 adam/N: one Adam step with global_clipnorm=1.0 over N parameters, Adam.apply() on
 flat buffers vs NumPy (np.linalg.norm, scale, Adam with temporaries).
+bn/BxF: BatchNormalization forward in training (batch statistics, moving ones
+updated) + backward (dx, dgamma, dbeta), _core.batchnorm_forward +
+_core.batchnorm_backward into preallocated outputs vs NumPy as written by hand
+(x.mean(0), x.var(0), xhat, moving updates, the closed-form backward).
+dropout/BxF: inverted dropout at rate 0.5 forward + backward, _core.dropout twice
+(the backward regenerates the mask) vs NumPy (rng.random(x.shape) >= rate, x *
+mask / (1 - rate), dy * mask / (1 - rate)); the generators differ, so fastgrad's
+output is checked against NumPy's formula applied with fastgrad's own mask, and
+its kept fraction against 1 - rate (within 6 standard deviations).
+monitor/B: what callbacks.GradientMonitor costs a step: model.train_on_batch of
+the train/B MLP with Adam, without vs with the monitor's per-step work
+(optimizer.track_updates(True), which its on_train_begin sets, and its
+on_batch_end after every step, called directly as fit would), on two models
+built alike. Checked: the monitor's first record (gradient norms, update ratios)
+against NumPy's from compute_gradients and get_weights, and the two losses.
 
 Columns: median seconds per call; np/fg = NumPy / fastgrad (> 1: fastgrad faster);
 GEMMs = the gemm calls fastgrad makes (fastgrad._core.matmul, same BLAS) timed
@@ -16,8 +31,12 @@ and written); copy = np.copyto of N float32 at 8 bytes each (write-allocate read
 uncounted, so fg/copy can exceed 1). Each implementation is warmed up, then timed
 in samples of repeated calls lasting about a target time, in alternating blocks;
 "~" marks an interquartile range above 10% of the median. Thread settings are
-left as found and printed. If torch imports, adam gets torch columns
-(clip_grad_norm_ + Adam(fused=True), or foreach where fused is missing).
+left as found and printed. monitor's overhead = with / without - 1 and added =
+with - without, from the medians of the same run. If torch imports, adam gets
+torch columns (clip_grad_norm_ + Adam(fused=True), or foreach where fused is
+missing), bn gets nn.BatchNorm1d in training mode forward + backward and dropout
+F.dropout forward + backward (both through torch.autograd.grad); torch/fg = torch
+/ fastgrad.
 
 Usage: python bench/run.py [--quick] [--only SUBSTRING] [--json PATH]
 """
@@ -148,17 +167,21 @@ SIZES, LR = (784, 256, 256, 10), 0.01
 def train_case(batch):
     rng = np.random.default_rng(0)
     x, labels = rng.random((batch, SIZES[0]), dtype=F32), rng.integers(0, SIZES[-1], batch)
-    model = fg.Sequential([fg.layers.Dense(SIZES[1], "relu", input_dim=SIZES[0]),
-                           fg.layers.Dense(SIZES[2], "relu"),
-                           fg.layers.Dense(SIZES[3], "softmax")], seed=0)
-    model.compile(optimizer=fg.optimizers.SGD(learning_rate=LR),
-                  loss="sparse_categorical_crossentropy")
+    model = mlp(fg.optimizers.SGD(learning_rate=LR))
     weights = model.get_weights()  # W1, b1, W2, b2, W3, b3
     np_step = numpy_train_step(x, labels, [w.copy() for w in weights])
     impls = {"fastgrad": lambda: model.train_on_batch(x, labels), "numpy": np_step,
              "gemm": gemm_calls(train_gemms(x, weights))}
     loss = np_step()
     return impls, abs(impls["fastgrad"]() - loss) / loss
+
+
+def mlp(optimizer):
+    model = fg.Sequential([fg.layers.Dense(SIZES[1], "relu", input_dim=SIZES[0]),
+                           fg.layers.Dense(SIZES[2], "relu"),
+                           fg.layers.Dense(SIZES[3], "softmax")], seed=0)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    return model
 
 
 def numpy_train_step(x, labels, params):
@@ -245,15 +268,124 @@ def torch_adam(params, grads):
     return lambda: (torch.nn.utils.clip_grad_norm_([p], CLIP), opt.step())
 
 
+# -- BatchNormalization forward (training) + backward ----------------------------
+BN_MOMENTUM, BN_EPS = 0.99, 1e-3  # the layer's (and Keras's) defaults
+
+
+def bn_case(batch, features):
+    rng = np.random.default_rng(0)
+    x, dy = randn(rng, batch, features, scale=2.0) + F32(1), randn(rng, batch, features)
+    gamma, beta = 1 + randn(rng, features, scale=0.1), randn(rng, features, scale=0.1)
+    moving = [np.zeros(features, F32), np.ones(features, F32)]  # mean, variance
+    np_moving = [m.copy() for m in moving]
+    out, dx, dgamma, dbeta = (np.empty_like(a) for a in (x, x, gamma, beta))
+    mean, rstd = np.empty(features), np.empty(features)
+
+    def fastgrad():
+        _core.batchnorm_forward(x, gamma, beta, *moving, out, mean, rstd,
+                                BN_EPS, BN_MOMENTUM, True)
+        _core.batchnorm_backward(dy, x, mean, rstd, gamma, dx, dgamma, dbeta)
+        return out, dx, dgamma, dbeta, *moving
+
+    def numpy():
+        mu, var = x.mean(0), x.var(0)
+        xhat = (x - mu) / np.sqrt(var + BN_EPS)
+        y = gamma * xhat + beta
+        for m, stat in zip(np_moving, (mu, var)):
+            m[:] = BN_MOMENTUM * m + (1 - BN_MOMENTUM) * stat
+        dbeta = dy.sum(0)
+        dgamma = (dy * xhat).sum(0)
+        dx = gamma / np.sqrt(var + BN_EPS) / batch * (batch * dy - dbeta - xhat * dgamma)
+        return y, dx, dgamma, dbeta, *np_moving
+
+    impls = {"fastgrad": fastgrad, "numpy": numpy}
+    if torch is not None:
+        impls["torch"] = torch_bn(x, dy, gamma, beta)
+    return impls, rel_diff(fastgrad(), numpy())
+
+
+def torch_bn(x, dy, gamma, beta):
+    bn = torch.nn.BatchNorm1d(x.shape[1], eps=BN_EPS, momentum=1 - BN_MOMENTUM)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(gamma))
+        bn.bias.copy_(torch.from_numpy(beta))
+    xt, dyt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+    wrt = (xt, bn.weight, bn.bias)
+    return lambda: torch.autograd.grad(bn(xt), wrt, dyt)
+
+
+# -- dropout forward + backward ---------------------------------------------------
+DROP_RATE, DROP_SEED = 0.5, 12345
+
+
+def dropout_case(batch, features):
+    rng = np.random.default_rng(0)
+    x, dy = randn(rng, batch, features), randn(rng, batch, features)
+    out, dx = np.empty_like(x), np.empty_like(x)
+    at = [0]  # the layer's counter: a fresh mask each call, the same one forward and back
+
+    def fastgrad():
+        _core.dropout(x, out, DROP_RATE, DROP_SEED, at[0])
+        _core.dropout(dy, dx, DROP_RATE, DROP_SEED, at[0])
+        at[0] += x.size
+        return out, dx
+
+    def numpy(mask):
+        return x * mask / (1 - DROP_RATE), dy * mask / (1 - DROP_RATE)
+
+    impls = {"fastgrad": fastgrad, "numpy": lambda: numpy(rng.random(x.shape) >= DROP_RATE)}
+    if torch is not None:
+        xt, dyt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+        impls["torch"] = lambda: torch.autograd.grad(
+            torch.nn.functional.dropout(xt, DROP_RATE, True), xt, dyt)
+    got = [a.copy() for a in fastgrad()]
+    kept = got[0] != 0  # x holds no zeros
+    sigma = math.sqrt(DROP_RATE * (1 - DROP_RATE) / x.size)
+    off = max(0.0, abs(float(kept.mean()) - (1 - DROP_RATE)) - 6 * sigma) / (1 - DROP_RATE)
+    return impls, max(rel_diff(got, numpy(kept)), off)
+
+
+# -- GradientMonitor overhead on a training step ----------------------------------
+def monitor_case(batch):
+    rng = np.random.default_rng(0)
+    x, labels = rng.random((batch, SIZES[0]), dtype=F32), rng.integers(0, SIZES[-1], batch)
+    plain, tracked = mlp(fg.optimizers.Adam()), mlp(fg.optimizers.Adam())
+    monitor = fg.callbacks.GradientMonitor()
+    monitor.set_model(tracked)
+    monitor.on_train_begin()  # optimizer.track_updates(True)
+
+    def with_monitor():
+        loss = tracked.train_on_batch(x, labels)
+        monitor.on_batch_end(0)
+        return loss
+
+    _, grads = tracked.compute_gradients(x, labels)
+    before = tracked.get_weights()
+    loss = with_monitor()
+    after = tracked.get_weights()
+    want = (np.array([np.linalg.norm(g.astype(float)) for g in grads]),
+            np.array([np.linalg.norm((a - b).astype(float)) / np.linalg.norm(a.astype(float))
+                      for a, b in zip(after, before)]))
+    diff = max(rel_diff((monitor.grad_norms[-1], monitor.update_ratios[-1]), want),
+               abs(plain.train_on_batch(x, labels) - loss) / loss)
+    return {"without": lambda: plain.train_on_batch(x, labels), "with": with_monitor}, diff
+
+
 # -- the case table and the report ------------------------------------------------
-# (name, floor: "gemm" or "copy", make, args). make returns the callables by
+# (name, floor, make, args); floor: "gemm", "copy", None (no floor column) or
+# "step" (monitor: the step without the monitor). make returns the callables by
 # implementation and the relative difference of fastgrad's result from NumPy's.
 CASES = ([(f"dense/{act}/{b}x{i}x{o}", "gemm", dense_case, (b, i, o, act))
           for act in ("relu", "sigmoid")
           for b, i, o in ((32, 784, 256), (256, 784, 256), (1024, 1024, 1024))]
          + [(f"train/{b}", "gemm", train_case, (b,)) for b in (32, 256, 1024)]
          + [(f"adam/{label}", "copy", adam_case, (n,))
-            for label, n in (("100K", 10 ** 5), ("1M", 10 ** 6), ("10M", 10 ** 7))])
+            for label, n in (("100K", 10 ** 5), ("1M", 10 ** 6), ("10M", 10 ** 7))]
+         + [(f"bn/{b}x{f}", None, bn_case, (b, f))
+            for b, f in ((64, 256), (256, 1024), (4096, 1024))]
+         + [(f"dropout/{b}x{f}", None, dropout_case, (b, f))
+            for b, f in ((256, 1024), (4096, 1024))]
+         + [(f"monitor/{b}", "step", monitor_case, (b,)) for b in (32, 256)])
 
 
 def run_case(name, floor, make, args, reps, target, rounds):
@@ -261,11 +393,15 @@ def run_case(name, floor, make, args, reps, target, rounds):
     timed = measure(impls, reps, target, rounds)
     t = {k: v[0] for k, v in timed.items()}
     row = {"case": name, "floor": floor, "seconds": t, "max_rel_diff": diff,
-           "iqr_over_median": {k: v[1] for k, v in timed.items()},
-           "numpy_over_fastgrad": t["numpy"] / t["fastgrad"]}
+           "iqr_over_median": {k: v[1] for k, v in timed.items()}}
+    if "numpy" in t:
+        row["numpy_over_fastgrad"] = t["numpy"] / t["fastgrad"]
     if floor == "gemm":
         row["fastgrad_over_gemm"] = t["fastgrad"] / t["gemm"]
-    else:
+    elif floor == "step":
+        row["monitor_overhead"] = t["with"] / t["without"] - 1
+        row["monitor_added_seconds"] = t["with"] - t["without"]
+    elif floor == "copy":
         row["gbps"] = {k: (COPY_BYTES if k == "copy" else ADAM_BYTES) * args[0] / s / 1e9
                        for k, s in t.items()}
         row["fastgrad_over_copy_bandwidth"] = row["gbps"]["fastgrad"] / row["gbps"]["copy"]
@@ -274,27 +410,37 @@ def run_case(name, floor, make, args, reps, target, rounds):
     return row
 
 
+def fmt_seconds(s, sign=""):
+    a = abs(s)
+    unit, v = ("s", s) if a >= 1 else ("ms", s * 1e3) if a >= 1e-3 else ("us", s * 1e6)
+    return (f"{v:{sign}.3g}" if abs(v) < 100 else f"{v:{sign}.0f}") + f" {unit}"
+
+
 def fmt_time(row, impl):
-    s = row["seconds"][impl]
-    unit, v = ("s", s) if s >= 1 else ("ms", s * 1e3) if s >= 1e-3 else ("us", s * 1e6)
     mark = "~" if row["iqr_over_median"][impl] > NOISY else " "
-    return (f"{v:.3g}" if v < 100 else f"{v:.0f}") + f" {unit}{mark}"
+    return fmt_seconds(row["seconds"][impl]) + mark
 
 
 def cells(row):
     """(header, text) of each column of the row's table."""
-    out = [("case", row["case"].ljust(26)), ("fastgrad", fmt_time(row, "fastgrad")),
-           ("numpy", fmt_time(row, "numpy")), ("np/fg", f"{row['numpy_over_fastgrad']:.2f}x")]
+    out = [("case", row["case"].ljust(26))]
+    if row["floor"] == "step":
+        return out + [("without", fmt_time(row, "without")), ("with", fmt_time(row, "with")),
+                      ("overhead", f"{row['monitor_overhead']:+.1%}"),
+                      ("added", fmt_seconds(row["monitor_added_seconds"], "+"))]
+    out += [("fastgrad", fmt_time(row, "fastgrad")), ("numpy", fmt_time(row, "numpy")),
+            ("np/fg", f"{row['numpy_over_fastgrad']:.2f}x")]
     if row["floor"] == "gemm":
         out += [("GEMMs", fmt_time(row, "gemm")), ("fg/GEMM", f"{row['fastgrad_over_gemm']:.2f}")]
-    else:
+    elif row["floor"] == "copy":
         out += [("copy", fmt_time(row, "copy"))]
         out += [(f"{k} GB/s", f"{row['gbps'][k]:.1f}") for k in ("copy", "fastgrad", "numpy")]
         out += [("fg/copy", f"{row['fastgrad_over_copy_bandwidth']:.2f}")]
     if "torch" in row["seconds"]:
         out += [("torch", fmt_time(row, "torch")),
-                ("torch/fg", f"{row['torch_over_fastgrad']:.2f}x"),
-                ("torch GB/s", f"{row['gbps']['torch']:.1f}")]
+                ("torch/fg", f"{row['torch_over_fastgrad']:.2f}x")]
+        if "gbps" in row:
+            out += [("torch GB/s", f"{row['gbps']['torch']:.1f}")]
     return out
 
 

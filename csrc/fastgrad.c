@@ -15,14 +15,19 @@ int fg_activation_needs_pre(int act)
     return act == FG_GELU || act == FG_SILU;
 }
 
-uint64_t fg_random_u64(uint64_t seed, uint64_t position)
+/* splitmix64 (Steele, Lea, Flood 2014): state seed + (position + 1) * gamma,
+ * then its finalizer. Static inline so the dropout loop has no call in it. */
+static inline uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
 {
-    /* splitmix64 (Steele, Lea, Flood 2014): state seed + (position + 1) * gamma,
-     * then its finalizer */
     uint64_t z = seed + (position + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
+}
+
+uint64_t fg_random_u64(uint64_t seed, uint64_t position)
+{
+    return fg_splitmix64(seed, position);
 }
 
 #define T float
@@ -32,6 +37,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #define TANH tanhf
 #define SQRT sqrtf
 #define FABS fabsf
+#define EXPM1 expm1f
 #include "fastgrad_impl.h"
 #undef T
 #undef S
@@ -40,6 +46,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #undef TANH
 #undef SQRT
 #undef FABS
+#undef EXPM1
 
 #define T double
 #define S(name) name##_f64
@@ -48,4 +55,5 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #define TANH tanh
 #define SQRT sqrt
 #define FABS fabs
+#define EXPM1 expm1
 #include "fastgrad_impl.h"

@@ -21,9 +21,9 @@ static inline T S(act_value)(T z, int act, T alpha)
     switch (act) {
     case FG_RELU:       return z <= 0 ? (T)0 : z;   /* NaN passes through */
     case FG_LEAKY_RELU: return z > 0 ? z : alpha * z;
-    case FG_ELU:        return z > 0 ? z : alpha * (EXP(z) - (T)1);
+    case FG_ELU:        return z > 0 ? z : alpha * EXPM1(z);   /* expm1: exact near 0 */
     case FG_SELU:       return z > 0 ? (T)FG_SELU_SCALE * z
-                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * (EXP(z) - (T)1);
+                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * EXPM1(z);
     case FG_GELU:       return (T)0.5 * z * ((T)1 + ERF(z * (T)FG_SQRT1_2));
     case FG_SILU:       return z * S(sigmoid)(z);
     case FG_SIGMOID:    return S(sigmoid)(z);
@@ -548,11 +548,10 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
                 for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j];
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, sc, len);
-                for (ptrdiff_t j = 0; j < len; j++) {
-                    double d = (double)w[k0 + j] - (double)old[j];
-                    du += d * d;
-                    ww += (double)w[k0 + j] * (double)w[k0 + j];
-                }
+                /* the block is in L1: the change, then two vectorized sums */
+                for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j] - old[j];
+                du += S(sumsq)(old, len);
+                ww += S(sumsq)(w + k0, len);
             }
             tt->upd_sumsq[t] = du;
             tt->w_sumsq[t] = ww;
@@ -692,8 +691,9 @@ void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
     const uint64_t threshold = (uint64_t)((1.0 - rate) * 4294967296.0);
     const T scale = (T)(1.0 / (1.0 - rate));
     for (ptrdiff_t k = 0; k < N; k++) {
-        uint64_t r = fg_random_u64(seed, offset + (uint64_t)k) >> 32;
-        out[k] = r < threshold ? inp[k] * scale : (T)0;
+        uint64_t r = fg_splitmix64(seed, offset + (uint64_t)k) >> 32;
+        T keep = (T)(r < threshold);   /* no branch: the mask is random */
+        out[k] = inp[k] * (keep * scale);
     }
 }
 

@@ -241,7 +241,10 @@ class BatchNormalization(Layer):
             raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
         if not (isinstance(epsilon, (int, float)) and epsilon > 0):
             raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
-        self.momentum, self.epsilon = float(momentum), float(epsilon)
+        try:
+            self.momentum, self.epsilon = float(momentum), float(epsilon)
+        except OverflowError:
+            raise ValueError("epsilon: expected a finite positive number") from None
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
@@ -339,7 +342,7 @@ class Dropout(Layer):
         out = self._out[:x.shape[0]]
         self._at = self.counter
         _core.dropout(x, out, self.rate, self._seed, self._at)
-        self.counter += x.size
+        self.counter = (self.counter + x.size) % 2**64   # the generator's positions wrap
         return out
 
     def backward(self, dout, need_dx=True):

@@ -22,6 +22,8 @@ logits z: ``max(z,0) - z t + log(1 + exp(-|z|))`` and
 Classes are called as ``loss(y_true, y_pred) -> float``; functions return the
 per-sample losses ``l_i`` as an array, as in Keras.
 """
+import math
+
 import numpy as np
 
 from fastgrad import ops
@@ -71,9 +73,12 @@ class Huber(Loss):
 
     def __init__(self, delta=1.0):
         super().__init__()
-        if not delta > 0:
-            raise ValueError(f"delta: expected a positive number, got {delta}")
-        self.delta = float(delta)
+        try:
+            self.delta = float(delta)
+        except (OverflowError, TypeError):
+            raise ValueError(f"delta: expected a positive number, got {delta!r}") from None
+        if not (self.delta > 0 and math.isfinite(self.delta)):
+            raise ValueError(f"delta: expected a positive number, got {delta!r}")
 
     def get_config(self):
         return {"delta": self.delta}

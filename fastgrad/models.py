@@ -259,15 +259,22 @@ class Sequential:
         if dim is not None and x.shape[1] != dim:
             raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
                              f"(shape {x.shape})")
-        if x.dtype != self.dtype or not x.flags.c_contiguous:
-            if x.dtype.kind == "f" and x.size and np.isfinite(x).all() and \
-                    np.abs(x).max() > np.finfo(self.dtype).max:
-                raise ValueError(f"{name}: values beyond the {self.dtype} range")
-            x = np.ascontiguousarray(x, dtype=self.dtype)
-        bad = _core.first_nonfinite_row(x)
+        return self._converted(x, name)
+
+    def _converted(self, a, name):
+        """a as a C-contiguous array of the model's dtype, refused (by row)
+        when it holds NaN, inf, or values beyond the dtype's range."""
+        src = a
+        if a.dtype != self.dtype or not a.flags.c_contiguous:
+            with np.errstate(over="ignore", invalid="ignore"):
+                a = np.ascontiguousarray(a, dtype=self.dtype)
+        bad = _core.first_nonfinite_row(a)
         if bad >= 0:
-            raise ValueError(f"{name}: row {bad} holds NaN or inf; inputs must be finite")
-        return x
+            if src.dtype.kind == "f" and np.isfinite(src[bad]).all():
+                raise ValueError(f"{name}: row {bad} holds values beyond the {self.dtype} "
+                                 "range")
+            raise ValueError(f"{name}: row {bad} holds NaN or inf; values must be finite")
+        return a
 
     def _check_y(self, y, batch, name="y", out_dim=None):
         """Targets as the model's dtype (batch, outputs), or int64 labels."""
@@ -287,12 +294,7 @@ class Sequential:
             raise ValueError(f"{name}: expected {what}of shape ({batch}, {out_dim}) "
                              f"to match the rows and the model's {out_dim} outputs, got "
                              f"shape {y.shape}")
-        if y.dtype != self.dtype or not y.flags.c_contiguous:
-            y = np.ascontiguousarray(y, dtype=self.dtype)
-        bad = _core.first_nonfinite_row(y)
-        if bad >= 0:
-            raise ValueError(f"{name}: row {bad} holds NaN or inf; targets must be finite")
-        return y, None
+        return self._converted(y, name), None
 
     def _check_xy(self, x, y, what, names=("x", "y")):
         x = self._check_x(x, names[0])
@@ -704,6 +706,8 @@ def _from_header(header, arrays, layers_mod, schedules):
     if spec["class_name"] != "Sequential":
         raise ModelFileError(f"unknown model type {spec['class_name']!r}")
     cfg = spec["config"]
+    if not isinstance(cfg["name"], str):
+        raise ModelFileError("the model name is not a string")
     layers = []
     for entry in cfg["layers"]:
         cls = layers_mod.LAYERS.get(entry["class_name"])
@@ -745,7 +749,8 @@ def _from_header(header, arrays, layers_mod, schedules):
                                      "the wrong shape or dtype")
             buf[...] = a
         it, sk = comp["iterations"], comp["skipped_steps"]
-        if not all(isinstance(v, int) and v >= 0 for v in (it, sk)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+                   for v in (it, sk)):
             raise ModelFileError("invalid optimizer step counts")
         opt.iterations, opt.skipped_steps = it, sk
     if arrays:

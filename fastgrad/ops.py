@@ -10,6 +10,8 @@ argument, float32 or float64; the other float arrays must match it.
 
 Kernels overwrite their outputs; nothing accumulates.
 """
+import math
+
 import numpy as np
 
 from fastgrad import _core
@@ -74,6 +76,26 @@ def _shape(name, a, ndim, shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
 
 
+def _real(name, v):
+    """v as a finite float, or a ValueError/TypeError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    return f
+
+
+def _no_overlap(name, out, *inputs):
+    """Refuse an output buffer that overlaps an input the kernel still reads."""
+    for a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name}: overlaps an input; pass a separate array")
+
+
 def _activation(activation, alpha):
     if not isinstance(activation, str):
         raise TypeError(f"activation: expected a name, got {type(activation).__name__}")
@@ -81,7 +103,7 @@ def _activation(activation, alpha):
         raise ValueError(f"activation: unknown name {activation!r}; expected one of "
                          f"{', '.join(ACTIVATIONS)}")
     code, default = ACTIVATIONS[activation]
-    alpha = default if alpha is None else float(alpha)
+    alpha = default if alpha is None else _real("alpha", alpha)
     if activation in ("leaky_relu", "elu") and not alpha >= 0:
         raise ValueError(f"alpha: expected a value >= 0 for {activation}, got {alpha}")
     return code, alpha
@@ -100,6 +122,7 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False):
                          f"({m}, {k}), got {kb}")
     n = b.shape[0] if trans_b else b.shape[1]
     out = _output("out", out, dt, (m, n))
+    _no_overlap("out", out, a, b)
     _core.matmul(a, b, out, bool(trans_a), bool(trans_b))
     return out
 
@@ -123,8 +146,10 @@ def dense_forward(x, kernel, bias=None, activation="linear", out=None, pre=None,
         bias = _input("bias", bias, dt, 1, (units,))
     code, alpha = _activation(activation, alpha)
     out = _output("out", out, dt, (x.shape[0], units))
+    _no_overlap("out", out, x, kernel, bias)
     if pre is not None:
         pre = _output("pre", pre, dt, (x.shape[0], units))
+        _no_overlap("pre", pre, x, kernel, bias, out)
     _core.dense_forward(x, kernel, bias, out, pre, code, alpha)
     return out
 
@@ -158,6 +183,12 @@ def dense_backward(dout, x, kernel, out, activation="linear", pre=None, alpha=No
     dkernel = _output("dkernel", dkernel, dt, kernel.shape)
     dbias = _output("dbias", dbias, dt, (units,)) if use_bias else None
     dx = _output("dx", dx, dt, x.shape) if need_dx else None
+    for name, buf in (("dkernel", dkernel), ("dbias", dbias), ("dx", dx)):
+        if buf is not None:
+            _no_overlap(name, buf, dout, x, kernel, out, pre)
+    _no_overlap("dkernel", dkernel, dbias, dx)
+    if dx is not None and dbias is not None:
+        _no_overlap("dx", dx, dbias)
     dpre = np.empty((batch, units), dt)
     _core.dense_backward(dout, x, kernel, out, pre, dpre, dkernel, dbias, dx, code, alpha)
     return dx, dkernel, dbias
@@ -204,12 +235,17 @@ def _labels(y, batch, classes=None):
             raise ValueError("y_true: sparse labels must be whole numbers")
     elif y.dtype.kind not in "iub":
         raise TypeError(f"y_true: expected integer labels, got dtype {y.dtype}")
-    y = np.ascontiguousarray(y, dtype=np.int64)
+    # range first, in the labels' own type, so the cast below is exact
     if classes is not None and y.size and (y.min() < 0 or y.max() >= classes):
         bad = int(np.flatnonzero((y < 0) | (y >= classes))[0])
-        raise ValueError(f"y_true: label {int(y[bad])} at row {bad} is outside "
+        v = y[bad].item()
+        raise ValueError(f"y_true: label {v:g} at row {bad} is outside "
+                         f"[0, {classes}) for {classes} classes" if isinstance(v, float) else
+                         f"y_true: label {v} at row {bad} is outside "
                          f"[0, {classes}) for {classes} classes")
-    return y
+    if y.dtype.kind == "f" and y.size and np.abs(y).max() >= 2.0**62:
+        raise ValueError("y_true: labels too large")
+    return np.ascontiguousarray(y, dtype=np.int64)
 
 
 def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
@@ -228,6 +264,7 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
     kind = LOSSES[loss]
     if from_logits and kind < 3:
         raise ValueError(f"from_logits: only the cross-entropies take logits, not {loss}")
+    delta = _real("delta", delta)
     if not delta > 0:
         raise ValueError(f"delta: expected a positive number, got {delta}")
     target = labels = None
@@ -273,7 +310,7 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
             or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
         raise ValueError(f"offsets: expected increasing integers from 0 to {n} "
                          "(tensor t is params[offsets[t]:offsets[t+1]])")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step < 2**62:
         raise ValueError(f"step: expected the 1-based step count, got {step!r}")
     opt = optimizers._CLASSES[kind](learning_rate=learning_rate, clipvalue=clipvalue,
                                     clipnorm=clipnorm, global_clipnorm=global_clipnorm,
@@ -362,6 +399,7 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
     if training and x.shape[0] < 2:
         raise ValueError(f"x: training needs at least 2 rows to estimate a variance, "
                          f"got {x.shape[0]}")
+    epsilon, momentum = _real("epsilon", epsilon), _real("momentum", momentum)
     if not epsilon > 0:
         raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
     if not 0 <= momentum <= 1:
@@ -370,10 +408,14 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
     beta = None if beta is None else _input("beta", beta, dt, 1, (f,))
     if not training and (moving_mean is None or moving_variance is None):
         raise ValueError("moving_mean, moving_variance: required in inference")
-    moving_mean = np.zeros(f, dt) if moving_mean is None else \
-        _output("moving_mean", moving_mean, dt, (f,))
-    moving_variance = np.ones(f, dt) if moving_variance is None else \
-        _output("moving_variance", moving_variance, dt, (f,))
+    if training:   # updated in place
+        moving_mean = np.zeros(f, dt) if moving_mean is None else \
+            _output("moving_mean", moving_mean, dt, (f,))
+        moving_variance = np.ones(f, dt) if moving_variance is None else \
+            _output("moving_variance", moving_variance, dt, (f,))
+    else:          # only read: any layout, read-only included (a private copy)
+        moving_mean = np.array(_input("moving_mean", moving_mean, dt, 1, (f,)))
+        moving_variance = np.array(_input("moving_variance", moving_variance, dt, 1, (f,)))
     out = _output("out", out, dt, x.shape)
     mean, rstd = np.empty(f), np.empty(f)
     _core.batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, out, mean, rstd,

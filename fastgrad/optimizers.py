@@ -65,8 +65,12 @@ class StepRecord:
 def _positive(name, value, allow_none=True, allow_zero=False):
     if value is None and allow_none:
         return None
+    try:
+        finite = math.isfinite(value)
+    except (OverflowError, TypeError):
+        finite = False
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            or not finite or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} "
                          f"finite number, got {value!r}")
     return float(value)

@@ -41,6 +41,10 @@ class ModelFileError(ValueError):
     """A file that is not a valid fastgrad model file."""
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number a model file may hold")
+
+
 def _pad(n):
     return (-n) % _ALIGN
 
@@ -103,8 +107,10 @@ def read_file(path):
         raise ModelFileError(f"{path}: header length {header_len} exceeds the file "
                              f"({len(data)} bytes); the file is truncated or damaged")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len].decode("utf-8"),
+                            parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, NaN/Infinity and over-long numbers
         raise ModelFileError(f"{path}: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
         raise ModelFileError(f"{path}: the header lacks the array table")
@@ -118,7 +124,7 @@ def read_file(path):
         off, nbytes = e.get("offset"), e.get("nbytes")
         if not isinstance(name, str) or name in arrays:
             raise ModelFileError(f"{arrays_entry_error}: missing or repeated name")
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:
             raise ModelFileError(f"{path}: array {name!r} has unknown dtype {dt!r}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):

@@ -22,8 +22,15 @@ class LearningRateSchedule:
         return dict(vars(self))
 
 
+def _finite(v):
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _number(name, v, positive=True):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) \
             or (v <= 0 if positive else v < 0):
         raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} "
                          f"number, got {v!r}")
