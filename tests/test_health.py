@@ -38,7 +38,6 @@ from fastgrad.callbacks import Callback, GradientMonitor
 
 L = fg.layers
 F64 = np.float64
-REPO = Path(__file__).resolve().parents[1]
 
 # documented thresholds (fastgrad/diagnostics.py docstring); the module
 # constants must agree with them
@@ -926,7 +925,9 @@ def test_activation_stats_off_by_default():
 @pytest.mark.slow
 def test_demo_runs_and_diagnoses(tmp_path):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    # the subprocess imports the same fastgrad as this test (installed or in-place)
+    home = str(Path(fg.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "fastgrad", "demo", "--epochs", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
