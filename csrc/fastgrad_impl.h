@@ -590,6 +590,7 @@ int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             int training)
 {
     double s1[FG_COLS], s2[FG_COLS];
+    T mhi[FG_COLS], mlo[FG_COLS], a[FG_COLS], b[FG_COLS];
     for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
         ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
         if (training) {
@@ -619,19 +620,21 @@ int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                 rstd[c0 + j] = 1.0 / sqrt((double)moving_var[c0 + j] + epsilon);
             }
         }
-        /* y = a x + b per column, a = gamma rstd, b = beta - a mean; the
-         * centering happens in double so large means lose nothing */
+        /* y = a (x - mu) + b per column, in T so that it vectorizes. The mean
+         * is split into mhi + mlo: x - mhi is exact for x near the mean
+         * (Sterbenz), so large means lose nothing. */
         for (ptrdiff_t j = 0; j < w; j++) {
-            double g = gamma ? (double)gamma[c0 + j] : 1.0;
-            s1[j] = g * rstd[c0 + j];
-            s2[j] = beta ? (double)beta[c0 + j] : 0.0;
+            double mu = mean[c0 + j];
+            mhi[j] = (T)mu;
+            mlo[j] = (T)(mu - (double)mhi[j]);
+            a[j] = (T)((gamma ? (double)gamma[c0 + j] : 1.0) * rstd[c0 + j]);
+            b[j] = beta ? beta[c0 + j] : (T)0;
         }
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *x = inp + i * F + c0;
             T *y = out + i * F + c0;
-            const double *mu = mean + c0;
             for (ptrdiff_t j = 0; j < w; j++)
-                y[j] = (T)(s1[j] * ((double)x[j] - mu[j]) + s2[j]);
+                y[j] = a[j] * ((x[j] - mhi[j]) - mlo[j]) + b[j];
         }
     }
     return FG_OK;
@@ -641,41 +644,50 @@ int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
  * xhat = (inp - mean) rstd recomputed, g = dout * gamma:
  *   dbeta  = sum_i dout        dgamma = sum_i dout xhat
  *   dinp   = rstd / B * (B g - sum_i g - xhat sum_i g xhat)
+ * Sums accumulate in double; the centering splits the mean as forward does.
  * dgamma, dbeta may be NULL; dinp may alias dout. */
 int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
                              const T *inp, const double *mean,
                              const double *rstd, const T *gamma,
                              ptrdiff_t B, ptrdiff_t F)
 {
-    double sd[FG_COLS], sdx[FG_COLS], kk[FG_COLS];
+    double sd[FG_COLS], sdx[FG_COLS];
+    T mhi[FG_COLS], mlo[FG_COLS], kk[FG_COLS];
+    double md[FG_COLS], mx[FG_COLS];
     for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
         ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
-        const double *mu = mean + c0, *rs = rstd + c0;
-        for (ptrdiff_t j = 0; j < w; j++) sd[j] = sdx[j] = 0.0;
+        const double *rs = rstd + c0;
+        for (ptrdiff_t j = 0; j < w; j++) {
+            sd[j] = sdx[j] = 0.0;
+            mhi[j] = (T)mean[c0 + j];
+            mlo[j] = (T)(mean[c0 + j] - (double)mhi[j]);
+        }
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *x = inp + i * F + c0, *dy = dout + i * F + c0;
             for (ptrdiff_t j = 0; j < w; j++) {
-                double xh = ((double)x[j] - mu[j]) * rs[j];
+                T xc = (x[j] - mhi[j]) - mlo[j];
                 sd[j] += dy[j];
-                sdx[j] += dy[j] * xh;
+                sdx[j] += (double)(dy[j] * xc);
             }
         }
         for (ptrdiff_t j = 0; j < w; j++) {
+            sdx[j] *= rs[j];           /* sum dy xhat */
             if (dbeta) dbeta[c0 + j] = (T)sd[j];
             if (dgamma) dgamma[c0 + j] = (T)sdx[j];
-        }
-        /* dinp = k (dy - sd/B - xhat sdx/B), k = gamma rstd; with
-         * xhat = xc rstd the last term is xc (rstd sdx / B) */
-        for (ptrdiff_t j = 0; j < w; j++) {
-            kk[j] = (gamma ? (double)gamma[c0 + j] : 1.0) * rs[j];
-            sd[j] /= (double)B;
-            sdx[j] *= rs[j] / (double)B;
+            /* dinp = k (dy - sd/B - xc rstd sdx/B), k = gamma rstd */
+            kk[j] = (T)((gamma ? (double)gamma[c0 + j] : 1.0) * rs[j]);
+            md[j] = sd[j] / (double)B;
+            mx[j] = sdx[j] * rs[j] / (double)B;
         }
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *x = inp + i * F + c0, *dy = dout + i * F + c0;
             T *dx = dinp + i * F + c0;
-            for (ptrdiff_t j = 0; j < w; j++)
-                dx[j] = (T)(kk[j] * ((double)dy[j] - sd[j] - ((double)x[j] - mu[j]) * sdx[j]));
+            /* dy - mean(dy) - xhat mean(dy xhat) cancels to almost nothing in
+             * small batches: that difference is taken in double */
+            for (ptrdiff_t j = 0; j < w; j++) {
+                T xc = (x[j] - mhi[j]) - mlo[j];
+                dx[j] = (T)((double)kk[j] * ((double)dy[j] - md[j] - (double)xc * mx[j]));
+            }
         }
     }
     return FG_OK;
