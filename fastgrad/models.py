@@ -265,9 +265,9 @@ class Sequential:
         """a as a C-contiguous array of the model's dtype, refused (by row)
         when it holds NaN, inf, or values beyond the dtype's range."""
         src = a
-        if a.dtype != self.dtype or not a.flags.c_contiguous:
+        if a.dtype != self.dtype or not (a.flags.c_contiguous and a.flags.aligned):
             with np.errstate(over="ignore", invalid="ignore"):
-                a = np.ascontiguousarray(a, dtype=self.dtype)
+                a = np.require(a, self.dtype, ["C", "A"])
         bad = _core.first_nonfinite_row(a)
         if bad >= 0:
             if src.dtype.kind == "f" and np.isfinite(src[bad]).all():

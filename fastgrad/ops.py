@@ -49,7 +49,8 @@ def _input(name, a, dtype, ndim, shape=None):
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the "
                         f"computation), got {a.dtype}")
     _shape(name, a, ndim, shape)
-    return np.ascontiguousarray(a)
+    # C-contiguous and aligned: C reads elements at their natural alignment
+    return np.require(a, requirements=["C", "A"])
 
 
 def _output(name, a, dtype, shape):
@@ -61,8 +62,9 @@ def _output(name, a, dtype, shape):
     if a.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {a.dtype}")
     _shape(name, a, len(shape), shape)
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array (it is written in place)")
+    if not a.flags.c_contiguous or not a.flags.aligned:
+        raise ValueError(f"{name}: expected a C-contiguous, aligned array (it is written "
+                         "in place)")
     if not a.flags.writeable:
         raise ValueError(f"{name}: expected a writable array")
     return a
@@ -245,7 +247,7 @@ def _labels(y, batch, classes=None):
                          f"[0, {classes}) for {classes} classes")
     if y.dtype.kind == "f" and y.size and np.abs(y).max() >= 2.0**62:
         raise ValueError("y_true: labels too large")
-    return np.ascontiguousarray(y, dtype=np.int64)
+    return np.require(y, np.int64, ['C', 'A'])
 
 
 def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
@@ -290,7 +292,7 @@ def _flat(name, a, dtype, n=None, writable=False):
     _shape(name, a, 1, None if n is None else (n,))
     if writable:
         return _output(name, a, dtype, a.shape)
-    return np.ascontiguousarray(a)
+    return np.require(a, requirements=['C', 'A'])
 
 
 def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
@@ -464,4 +466,4 @@ def dropout(x, rate, seed, offset=0, out=None):
 def sum_squares(x):
     """``sum(x**2)`` of any float array, accumulated in float64."""
     dt = _dtype_of("x", x)
-    return _core.sum_squares(np.ascontiguousarray(x).reshape(-1))
+    return _core.sum_squares(np.require(x, requirements=['C', 'A']).reshape(-1))

@@ -39,6 +39,8 @@ if compgen -G "$log*" > /dev/null; then
     exit 1
 fi
 if [ "$status" -ne 0 ]; then
+    echo "failed: a test failed or a sanitizer stopped the run (exit $status);" \
+         "rerun with '-x -s' to see a sanitizer's report on the terminal"
     exit "$status"
 fi
 echo "sanitizer run: clean"
