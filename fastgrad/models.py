@@ -178,6 +178,8 @@ class Sequential:
         if _check is not None:
             _check(specs)     # the loader compares shapes before anything is allocated
         self.input_dim, self.output_dim = int(input_dim), dim
+        # BatchNormalization needs two rows to estimate a variance in training
+        self._min_batch = 2 if any(l.kind == "BatchNormalization" for l in self.layers) else 1
         n_train = sum(s.size for _, s in specs if s.trainable)
         n_state = sum(s.size for _, s in specs if not s.trainable)
         self.params = np.zeros(n_train, self.dtype)
@@ -332,7 +334,7 @@ class Sequential:
     def _forward_backward(self, x, target, labels):
         """Loss of the batch; its gradients land in self.grads."""
         b = x.shape[0]
-        if b < 2 and any(l.kind == "BatchNormalization" for l in self.layers):
+        if b < self._min_batch:
             # refused before any layer runs, so nothing (dropout counters,
             # moving statistics) has moved
             raise ValueError(f"x: BatchNormalization needs at least 2 rows per batch in "
@@ -435,7 +437,7 @@ class Sequential:
             raise ValueError("x: expected at least one row")
         n = x.shape[0]
         bs = min(int(batch_size), max(n, 1))
-        if any(l.kind == "BatchNormalization" for l in self.layers) and (bs == 1 or n % bs == 1):
+        if self._min_batch == 2 and (bs == 1 or n % bs == 1):
             raise ValueError(f"batch_size: with {n} rows, batches of {bs} leave a batch of "
                              "1 row, and BatchNormalization needs at least 2 in training; "
                              "choose another batch_size")

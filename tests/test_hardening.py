@@ -1889,11 +1889,15 @@ def test_a_full_disk_when_creating_the_temporary_file(monkeypatch, two_states):
     _assert_untouched(path, old_bytes, old_weights)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root ignores folder permissions")
-def test_saving_into_a_read_only_folder_raises_and_leaves_nothing(two_states):
+def test_saving_into_a_read_only_folder_raises_and_leaves_nothing(two_states, monkeypatch):
     m, path, old_bytes, old_weights = two_states
     folder = path.parent
+    if getattr(os, "geteuid", lambda: 0)() == 0:
+        # root ignores folder permissions: refuse the temporary file as the
+        # kernel would for anyone else
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        monkeypatch.setattr(fg.saving.tempfile, "mkstemp", refuse)
     os.chmod(folder, 0o555)
     try:
         with pytest.raises(PermissionError):
