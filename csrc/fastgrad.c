@@ -10,6 +10,25 @@
 /* Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps]. */
 #define FG_EPSILON 1e-7
 
+/* The element loops are compiled for AVX-512, AVX2 and the baseline x86-64,
+ * and the loader picks one by the CPU (GNU ifunc). Built with
+ * -ffp-contract=off (no fused multiply-add) and without reassociation, every
+ * version does the same operations in the same order: bit-identical results. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && !defined(FG_NO_CLONES)
+#define FG_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef FG_TARGETS
+#define FG_TARGETS
+#endif
+/* Helpers inlined into each clone, so they get its instruction set. */
+#if defined(__GNUC__)
+#define FG_INLINE static inline __attribute__((always_inline))
+#else
+#define FG_INLINE static inline
+#endif
+
 int fg_activation_needs_pre(int act)
 {
     return act == FG_GELU || act == FG_SILU;

@@ -16,7 +16,7 @@ static inline T S(sigmoid)(T z)
 }
 
 /* y = act(z) for one element; softmax is handled per row by the caller. */
-static inline T S(act_value)(T z, int act, T alpha)
+FG_INLINE T S(act_value)(T z, int act, T alpha)
 {
     switch (act) {
     case FG_RELU:       return z <= 0 ? (T)0 : z;   /* NaN passes through */
@@ -33,7 +33,7 @@ static inline T S(act_value)(T z, int act, T alpha)
 }
 
 /* dy/dz for one element from the output y (and z where y is not enough). */
-static inline T S(act_slope)(T y, T z, int act, T alpha)
+FG_INLINE T S(act_slope)(T y, T z, int act, T alpha)
 {
     switch (act) {
     case FG_RELU:       return y > 0 ? (T)1 : (T)0;
@@ -66,7 +66,7 @@ static void S(softmax_row)(T *y, ptrdiff_t O)
 /* Dense epilogue: out = act(inp + bias), one pass; inp may be out itself
  * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
  * NULL; pre is (B,O) or NULL and receives z = inp + bias. */
-int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
+FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
                            ptrdiff_t B, ptrdiff_t O, int act, double alpha,
                            fg_act_stats *stats)
 {
@@ -117,7 +117,7 @@ int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
  * dpre, dout, out, pre are (B,O); dbias is (O) or NULL; pre may be NULL
  * unless fg_activation_needs_pre(act). dpre may alias dout.
  * dpre = dout * act'(z); dbias = sum over rows of dpre (double accumulation). */
-int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
+FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
                        const T *pre, ptrdiff_t B, ptrdiff_t O, int act,
                        double alpha)
 {
@@ -333,19 +333,46 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
     return FG_OK;
 }
 
-/* sum of x_k^2 in double. Eight partial sums in a fixed order: independent
- * chains the compiler can vectorize, and the same result from run to run. */
-static double S(sumsq)(const T *x, ptrdiff_t n)
+/* sum of x_k^2 in double. 32 partial sums in a fixed order: enough
+ * independent chains to hide the add latency once vectorized, and the same
+ * result from run to run and from one instruction set to another. */
+FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
 {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double acc[32] = {0};
     ptrdiff_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int j = 0; j < 8; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
-    for (; k < n; k++) acc[0] += (double)x[k] * (double)x[k];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 32; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
+    for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k] * (double)x[k];
+    for (int h = 16; h > 0; h /= 2)        /* pairwise */
+        for (int j = 0; j < h; j++) acc[j] += acc[j + h];
+    return acc[0];
 }
 
-double S(fg_sum_squares)(const T *x, ptrdiff_t N)
+/* du += sum (w_k - old_k)^2 and ww += sum w_k^2 in one pass, 16 partial
+ * sums each in a fixed order (as sumsq). */
+FG_INLINE void S(change_sumsq)(double *du, double *ww, const T *w, const T *old,
+                               ptrdiff_t n)
+{
+    double a[16] = {0}, b[16] = {0};
+    ptrdiff_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) {
+            double x = (double)w[k + j], d = (double)(w[k + j] - old[k + j]);
+            a[j] += d * d;
+            b[j] += x * x;
+        }
+    for (int j = 0; k < n; k++, j++) {
+        double x = (double)w[k], d = (double)(w[k] - old[k]);
+        a[j] += d * d;
+        b[j] += x * x;
+    }
+    for (int h = 8; h > 0; h /= 2)
+        for (int j = 0; j < h; j++) { a[j] += a[j + h]; b[j] += b[j + h]; }
+    *du += a[0];
+    *ww += b[0];
+}
+
+FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
 {
     return S(sumsq)(x, N);
 }
@@ -356,7 +383,7 @@ double S(fg_sum_squares)(const T *x, ptrdiff_t N)
  * then sumsq[t] = sum of grad^2 in double. penalty receives the regularizers'
  * loss, sum_t l1 sum|w| + l2 sum w^2. first_bad receives the index of the
  * first tensor holding a non-finite gradient, or -1. */
-int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
+FG_TARGETS int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
                      T *grad, const T *param, const fg_tensors *tt)
 {
     *first_bad = -1;
@@ -426,7 +453,7 @@ typedef struct {
 /* The update of n consecutive elements of one tensor. One loop per kind,
  * with loop-invariant branches only, so that each vectorizes. G(k) is the
  * scaled and clipped gradient. */
-static void S(update_range)(const S(opt_consts) *q, T *restrict w,
+FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
                             const T *restrict gr, T *restrict mt,
                             T *restrict vt, T *restrict xt, T sc, ptrdiff_t n)
 {
@@ -516,7 +543,7 @@ static void S(update_range)(const S(opt_consts) *q, T *restrict w,
  * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
  * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
  * constraint) and sum w_new^2 are accumulated too, block by block. */
-int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
+FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
                          const fg_tensors *tt, const fg_opt_config *c)
 {
     if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
@@ -548,10 +575,8 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
                 for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j];
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, sc, len);
-                /* the block is in L1: the change, then two vectorized sums */
-                for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j] - old[j];
-                du += S(sumsq)(old, len);
-                ww += S(sumsq)(w + k0, len);
+                /* the block is still in L1 */
+                S(change_sumsq)(&du, &ww, w + k0, old, len);
             }
             tt->upd_sumsq[t] = du;
             tt->w_sumsq[t] = ww;
@@ -583,7 +608,7 @@ int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
  *           moving = momentum * moving + (1 - momentum) * batch statistic
  * inference: mu, var = moving_mean, moving_var
  * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp. */
-int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
+FG_TARGETS int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             T *moving_mean, T *moving_var, const T *inp,
                             const T *gamma, const T *beta, ptrdiff_t B,
                             ptrdiff_t F, double epsilon, double momentum,
@@ -646,7 +671,7 @@ int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
  *   dinp   = rstd / B * (B g - sum_i g - xhat sum_i g xhat)
  * Sums accumulate in double; the centering splits the mean as forward does.
  * dgamma, dbeta may be NULL; dinp may alias dout. */
-int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
+FG_TARGETS int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
                              const T *inp, const double *mean,
                              const double *rstd, const T *gamma,
                              ptrdiff_t B, ptrdiff_t F)
@@ -696,7 +721,7 @@ int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
 /* Inverted dropout: out = inp * keep_k / (1 - rate), keep_k drawn with
  * probability 1 - rate from fg_random_u64(seed, offset + k). Backward is the
  * same call on the gradient with the same seed and offset. out may alias inp. */
-void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
+FG_TARGETS void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
                            uint64_t seed, uint64_t offset)
 {
     /* keep when the top 32 bits are below (1 - rate) 2^32 */
@@ -710,7 +735,7 @@ void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
 }
 
 /* Index of the first row of x (B,F) holding inf or NaN, or -1. */
-ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_t F)
+FG_TARGETS ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_t F)
 {
     for (ptrdiff_t i = 0; i < B; i++) {
         const T *r = x + i * F;
