@@ -333,43 +333,30 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
     return FG_OK;
 }
 
-/* sum of x_k^2 in double. 32 partial sums in a fixed order: enough
- * independent chains to hide the add latency once vectorized, and the same
- * result from run to run and from one instruction set to another. */
-FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
+/* acc[j] += x_k^2 (in double) for k = j mod 32: 32 partial sums, enough
+ * independent chains to hide the add latency once vectorized. lanes_total
+ * adds them pairwise. A fixed order: the same result from run to run and
+ * from one instruction set to another. */
+FG_INLINE void S(sumsq_lanes)(double *restrict acc, const T *restrict x, ptrdiff_t n)
 {
-    double acc[32] = {0};
     ptrdiff_t k = 0;
     for (; k + 32 <= n; k += 32)
         for (int j = 0; j < 32; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
     for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k] * (double)x[k];
-    for (int h = 16; h > 0; h /= 2)        /* pairwise */
+}
+
+FG_INLINE double S(lanes_total)(double *acc)
+{
+    for (int h = 16; h > 0; h /= 2)
         for (int j = 0; j < h; j++) acc[j] += acc[j + h];
     return acc[0];
 }
 
-/* du += sum (w_k - old_k)^2 and ww += sum w_k^2 in one pass, 16 partial
- * sums each in a fixed order (as sumsq). */
-FG_INLINE void S(change_sumsq)(double *du, double *ww, const T *w, const T *old,
-                               ptrdiff_t n)
+FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
 {
-    double a[16] = {0}, b[16] = {0};
-    ptrdiff_t k = 0;
-    for (; k + 16 <= n; k += 16)
-        for (int j = 0; j < 16; j++) {
-            double x = (double)w[k + j], d = (double)(w[k + j] - old[k + j]);
-            a[j] += d * d;
-            b[j] += x * x;
-        }
-    for (int j = 0; k < n; k++, j++) {
-        double x = (double)w[k], d = (double)(w[k] - old[k]);
-        a[j] += d * d;
-        b[j] += x * x;
-    }
-    for (int h = 8; h > 0; h /= 2)
-        for (int j = 0; j < h; j++) { a[j] += a[j + h]; b[j] += b[j + h]; }
-    *du += a[0];
-    *ww += b[0];
+    double acc[32] = {0};
+    S(sumsq_lanes)(acc, x, n);
+    return S(lanes_total)(acc);
 }
 
 FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
@@ -455,27 +442,31 @@ typedef struct {
  * scaled and clipped gradient. */
 FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
                             const T *restrict gr, T *restrict mt,
-                            T *restrict vt, T *restrict xt, T sc, ptrdiff_t n)
+                            T *restrict vt, T *restrict xt, T *restrict dw,
+                            T sc, ptrdiff_t n)
 {
     const T lr = q->lr, mu = q->mu, eps = q->eps, keep = q->keep, cv = q->cv;
     const T rho = q->rho, b1 = q->b1, b2 = q->b2, adam_lr = q->adam_lr;
     const int clip = q->clip;
 #define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
+/* the new weight; dw (when given) receives the change, for update ratios */
+#define PUT(k, expr) do { T w_new = (expr); if (dw) dw[k] = w_new - w[k]; \
+                          w[k] = w_new; } while (0)
     switch (q->kind) {
     case FG_SGD:
         if (mu == 0) {
-            for (ptrdiff_t k = 0; k < n; k++) w[k] = w[k] * keep - lr * G(k);
+            for (ptrdiff_t k = 0; k < n; k++) PUT(k, w[k] * keep - lr * G(k));
         } else if (q->nesterov) {
             for (ptrdiff_t k = 0; k < n; k++) {
                 T g = G(k), vel = mu * vt[k] - lr * g;
                 vt[k] = vel;
-                w[k] = w[k] * keep + mu * vel - lr * g;
+                PUT(k, w[k] * keep + mu * vel - lr * g);
             }
         } else {
             for (ptrdiff_t k = 0; k < n; k++) {
                 T vel = mu * vt[k] - lr * G(k);
                 vt[k] = vel;
-                w[k] = w[k] * keep + vel;
+                PUT(k, w[k] * keep + vel);
             }
         }
         break;
@@ -492,7 +483,7 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
             }
             T u = lr * g / SQRT(d);
             if (mu != 0) { u = mu * xt[k] + u; xt[k] = u; }
-            w[k] = w[k] * keep - u;
+            PUT(k, w[k] * keep - u);
         }
         break;
     case FG_ADAM:
@@ -504,7 +495,7 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
                 mt[k] = mm; vt[k] = vv;
                 T vh = xt[k] > vv ? xt[k] : vv;
                 xt[k] = vh;
-                w[k] = w[k] * keep - adam_lr * mm / (SQRT(vh) + eps);
+                PUT(k, w[k] * keep - adam_lr * mm / (SQRT(vh) + eps));
             }
         } else {
             for (ptrdiff_t k = 0; k < n; k++) {
@@ -512,7 +503,7 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
                 T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
                 T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
                 mt[k] = mm; vt[k] = vv;
-                w[k] = w[k] * keep - adam_lr * mm / (SQRT(vv) + eps);
+                PUT(k, w[k] * keep - adam_lr * mm / (SQRT(vv) + eps));
             }
         }
         break;
@@ -520,11 +511,12 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
         for (ptrdiff_t k = 0; k < n; k++) {
             T g = G(k), acc = vt[k] + g * g;
             vt[k] = acc;
-            w[k] = w[k] * keep - lr * g / SQRT(acc + eps);
+            PUT(k, w[k] * keep - lr * g / SQRT(acc + eps));
         }
         break;
     }
 #undef G
+#undef PUT
 }
 
 /* Pass 2: one read and one write of every parameter, gradient and moment.
@@ -558,8 +550,9 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
         double t = (double)c->step;
         q.adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
     }
+    const unsigned fp_mode = fg_flush_begin();
     enum { BLOCK = 256 };
-    T old[BLOCK];
+    T dw[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
         T *w = param + a;
@@ -567,19 +560,19 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
         T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
         const T sc = (T)tt->scale[t];
         if (!tt->upd_sumsq) {
-            S(update_range)(&q, w, gr, mt, vt, xt, sc, n);
+            S(update_range)(&q, w, gr, mt, vt, xt, NULL, sc, n);
         } else {
-            double du = 0.0, ww = 0.0;
+            double du[32] = {0}, ww[32] = {0};
             for (ptrdiff_t k0 = 0; k0 < n; k0 += BLOCK) {
                 ptrdiff_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
-                for (ptrdiff_t j = 0; j < len; j++) old[j] = w[k0 + j];
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
-                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, sc, len);
-                /* the block is still in L1 */
-                S(change_sumsq)(&du, &ww, w + k0, old, len);
+                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
+                /* the block is in L1: two vectorized sums */
+                S(sumsq_lanes)(du, dw, len);
+                S(sumsq_lanes)(ww, w + k0, len);
             }
-            tt->upd_sumsq[t] = du;
-            tt->w_sumsq[t] = ww;
+            tt->upd_sumsq[t] = S(lanes_total)(du);
+            tt->w_sumsq[t] = S(lanes_total)(ww);
         }
         /* Constraints: rare, so a second pass over the constrained tensor
          * keeps the update loops free of them. */
@@ -596,6 +589,7 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
             break;
         }
     }
+    fg_flush_end(fp_mode);
     return FG_OK;
 }
 

@@ -21,6 +21,12 @@ A step whose gradients are not all finite never reaches the weights: with
 ``skipped_steps`` counts it; with ``nonfinite="raise"`` a
 ``FloatingPointError`` names the first such tensor.
 
+On x86-64, pass 2 runs with subnormal numbers flushed to zero (read as
+zero and written as zero), as TensorFlow runs Keras on the CPU: a moment
+decaying through the subnormal range, as Adam's ``v`` does for thousands of
+steps once a gradient has gone to zero, would otherwise cost about a hundred
+cycles per element. The caller's floating-point mode is restored after.
+
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """
 import math

@@ -18,6 +18,7 @@ Layout of this file:
   7. arguments ...... bad values, fg.optimizers.get, defaults
 """
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -687,6 +688,26 @@ def test_same_inputs_bit_identical(make, dtype):
     for x, y in zip(ra, rb):
         np.testing.assert_array_equal(x["norms"], y["norms"])
         assert x["total"] == y["total"] and x["penalty"] == y["penalty"]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="subnormals are flushed on x86-64 only")
+def test_step_flushes_subnormals_and_restores_the_callers_mode():
+    # Adam under a zero gradient: v += (1 - beta_2)(0 - v). Subnormal inputs
+    # are read as zero and subnormal results written as zero, so no moment
+    # is ever left in the slow subnormal range.
+    tiny = np.finfo(F32).tiny
+    params, grads, m = np.ones(64, F32), np.zeros(64, F32), np.zeros(64, F32)
+    v = np.full(64, 3 * tiny, F32)
+    v[32:] = tiny / 4                                   # subnormal already
+    fg.ops.adam_step(params, grads, m, v, step=1)
+    # (1 - beta_2) * 3 tiny is subnormal: flushed, so v keeps its value
+    np.testing.assert_array_equal(v[:32], np.float32(3 * tiny))
+    np.testing.assert_array_equal(v[32:], 0.0)
+    np.testing.assert_array_equal(params, 1.0)
+    # the thread's floating-point mode is restored: NumPy still makes
+    # subnormals after the step
+    assert np.float32(tiny) / np.float32(4) > 0
 
 
 @pytest.mark.parametrize("make,cfg", [
