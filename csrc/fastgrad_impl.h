@@ -608,17 +608,31 @@ FG_TARGETS int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             ptrdiff_t F, double epsilon, double momentum,
                             int training)
 {
-    double s1[FG_COLS], s2[FG_COLS];
+    double s1[FG_COLS], s2[FG_COLS], sh[FG_COLS];
     T mhi[FG_COLS], mlo[FG_COLS], a[FG_COLS], b[FG_COLS];
     for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
         ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
         if (training) {
             const T *shift = inp + c0;   /* row 0 */
-            for (ptrdiff_t j = 0; j < w; j++) s1[j] = s2[j] = 0.0;
-            for (ptrdiff_t i = 0; i < B; i++) {
+            for (ptrdiff_t j = 0; j < w; j++) {
+                s1[j] = s2[j] = 0.0;
+                sh[j] = (double)shift[j];
+            }
+            /* four rows at a time: a quarter of the loads and stores of s1, s2 */
+            ptrdiff_t i = 0;
+            for (; i + 4 <= B; i += 4) {
+                const T *x = inp + i * F + c0, *x1 = x + F, *x2 = x1 + F, *x3 = x2 + F;
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    double d0 = (double)x[j] - sh[j], d1 = (double)x1[j] - sh[j];
+                    double d2 = (double)x2[j] - sh[j], d3 = (double)x3[j] - sh[j];
+                    s1[j] += (d0 + d1) + (d2 + d3);
+                    s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                }
+            }
+            for (; i < B; i++) {
                 const T *x = inp + i * F + c0;
                 for (ptrdiff_t j = 0; j < w; j++) {
-                    double d = (double)x[j] - (double)shift[j];
+                    double d = (double)x[j] - sh[j];
                     s1[j] += d;
                     s2[j] += d * d;
                 }
@@ -681,7 +695,20 @@ FG_TARGETS int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *d
             mhi[j] = (T)mean[c0 + j];
             mlo[j] = (T)(mean[c0 + j] - (double)mhi[j]);
         }
-        for (ptrdiff_t i = 0; i < B; i++) {
+        ptrdiff_t i = 0;
+        for (; i + 4 <= B; i += 4) {     /* four rows at a time, as forward */
+            const T *x0 = inp + i * F + c0, *y0 = dout + i * F + c0;
+            const T *x1 = x0 + F, *x2 = x1 + F, *x3 = x2 + F;
+            const T *y1 = y0 + F, *y2 = y1 + F, *y3 = y2 + F;
+            for (ptrdiff_t j = 0; j < w; j++) {
+                T c0_ = (x0[j] - mhi[j]) - mlo[j], c1 = (x1[j] - mhi[j]) - mlo[j];
+                T c2 = (x2[j] - mhi[j]) - mlo[j], c3 = (x3[j] - mhi[j]) - mlo[j];
+                sd[j] += ((double)y0[j] + (double)y1[j]) + ((double)y2[j] + (double)y3[j]);
+                sdx[j] += ((double)(y0[j] * c0_) + (double)(y1[j] * c1))
+                        + ((double)(y2[j] * c2) + (double)(y3[j] * c3));
+            }
+        }
+        for (; i < B; i++) {
             const T *x = inp + i * F + c0, *dy = dout + i * F + c0;
             for (ptrdiff_t j = 0; j < w; j++) {
                 T xc = (x[j] - mhi[j]) - mlo[j];
