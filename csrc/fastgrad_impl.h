@@ -333,18 +333,10 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
     return FG_OK;
 }
 
-/* acc[j] += x_k^2 (in double) for k = j mod 32: 32 partial sums, enough
- * independent chains to hide the add latency once vectorized. lanes_total
- * adds them pairwise. A fixed order: the same result from run to run and
- * from one instruction set to another. */
-FG_INLINE void S(sumsq_lanes)(double *restrict acc, const T *restrict x, ptrdiff_t n)
-{
-    ptrdiff_t k = 0;
-    for (; k + 32 <= n; k += 32)
-        for (int j = 0; j < 32; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
-    for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k] * (double)x[k];
-}
-
+/* Sums of squares accumulate in double over 32 lanes (lane j takes the
+ * elements k = j mod 32): enough independent chains to hide the add latency
+ * once vectorized. The lanes are then added pairwise. A fixed order: the
+ * same result from run to run and from one instruction set to another. */
 FG_INLINE double S(lanes_total)(double *acc)
 {
     for (int h = 16; h > 0; h /= 2)
@@ -355,8 +347,33 @@ FG_INLINE double S(lanes_total)(double *acc)
 FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
 {
     double acc[32] = {0};
-    S(sumsq_lanes)(acc, x, n);
+    ptrdiff_t k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 32; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
+    for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k] * (double)x[k];
     return S(lanes_total)(acc);
+}
+
+/* a[j] += sum of x_k^2 and b[j] += sum of y_k^2 over the lanes k = j mod 32
+ * of one block, summed first in local lanes that stay in registers. */
+FG_INLINE void S(sumsq2_block)(double *restrict a, double *restrict b,
+                               const T *restrict x, const T *restrict y, ptrdiff_t n)
+{
+    double la[32], lb[32];
+    for (int j = 0; j < 32; j++) la[j] = lb[j] = 0.0;
+    ptrdiff_t k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 32; j++) {
+            double p = (double)x[k + j], q = (double)y[k + j];
+            la[j] += p * p;
+            lb[j] += q * q;
+        }
+    for (int j = 0; k < n; k++, j++) {
+        double p = (double)x[k], q = (double)y[k];
+        la[j] += p * p;
+        lb[j] += q * q;
+    }
+    for (int j = 0; j < 32; j++) { a[j] += la[j]; b[j] += lb[j]; }
 }
 
 FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
@@ -568,8 +585,7 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
                 /* the block is in L1: two vectorized sums */
-                S(sumsq_lanes)(du, dw, len);
-                S(sumsq_lanes)(ww, w + k0, len);
+                S(sumsq2_block)(du, ww, dw, w + k0, len);
             }
             tt->upd_sumsq[t] = S(lanes_total)(du);
             tt->w_sumsq[t] = S(lanes_total)(ww);
