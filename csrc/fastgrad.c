@@ -69,9 +69,53 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
     return fg_splitmix64(seed, position);
 }
 
+/* e^x for x <= 0 (or NaN), in arithmetic only, so that the loops calling
+ * it vectorize (a libm call would not) and every instruction set rounds
+ * alike. x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact),
+ * e^r by its Taylor series (degree 7 in float, 13 in double: truncation
+ * below half an ulp), then times 2^n built in the exponent bits. Results
+ * below the smallest normal number take 2^n in two factors, so that they
+ * round once, to the right subnormal. Below -104 (float) or -746 (double)
+ * the result is 0; NaN stays NaN. Error: a few ulp. */
+static inline float fg_exp_nonpos_f32(float x)
+{
+    const float magic = 12582912.0f;               /* 1.5 * 2^23 */
+    x = x < -104.0f ? -104.0f : x;
+    float t = x * 1.44269504088896341f + magic;    /* round(x / ln2) in its low bits */
+    float n = t - magic;
+    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+              + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    int deep = n < -125.0f;                         /* 2^n = 2^(n-k) 2^k */
+    float k = deep ? -64.0f : 0.0f, two_k = deep ? 0x1p-64f : 1.0f;
+    union { float f; uint32_t i; } u, v = {.f = t - k};
+    u.i = (v.i + 127u) << 23;                       /* 2^(n-k) */
+    return p * u.f * two_k;
+}
+
+static inline double fg_exp_nonpos_f64(double x)
+{
+    const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
+    x = x < -746.0 ? -746.0 : x;
+    double t = x * 1.4426950408889634074 + magic;
+    double n = t - magic;
+    double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;                  /* 1/13! */
+    static const double inv_fact[13] = {
+        1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+        1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (int i = 0; i < 13; i++) p = inv_fact[i] + r * p;
+    int deep = n < -1021.0;
+    double k = deep ? -128.0 : 0.0, two_k = deep ? 0x1p-128 : 1.0;
+    union { double f; uint64_t i; } u, v = {.f = t - k};
+    u.i = (v.i + 1023u) << 52;
+    return p * u.f * two_k;
+}
+
 #define T float
 #define S(name) name##_f32
 #define EXP expf
+#define EXP_NONPOS fg_exp_nonpos_f32
 #define ERF erff
 #define TANH tanhf
 #define SQRT sqrtf
@@ -81,6 +125,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #undef T
 #undef S
 #undef EXP
+#undef EXP_NONPOS
 #undef ERF
 #undef TANH
 #undef SQRT
@@ -90,6 +135,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position)
 #define T double
 #define S(name) name##_f64
 #define EXP exp
+#define EXP_NONPOS fg_exp_nonpos_f64
 #define ERF erf
 #define TANH tanh
 #define SQRT sqrt

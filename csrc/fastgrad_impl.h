@@ -1,6 +1,7 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix,
- * and EXP, LOG, LOG1P, TANH, ERF, FABS are T's math functions. */
+ * and EXP, LOG, LOG1P, TANH, ERF, FABS are T's math functions (EXP_NONPOS:
+ * e^x for x <= 0 in plain arithmetic, so that its loops vectorize). */
 
 /* Column block for the bias-gradient reduction: its double accumulators
  * live on the stack, so the kernels never allocate. */
@@ -11,7 +12,7 @@
 static inline T S(sigmoid)(T z)
 {
     /* exp of -|z| never overflows; sigmoid(-|z|) = e s, sigmoid(|z|) = s */
-    T e = EXP(-FABS(z)), sv = (T)1 / ((T)1 + e);
+    T e = EXP_NONPOS(-FABS(z)), sv = (T)1 / ((T)1 + e);
     return z >= 0 ? sv : e * sv;
 }
 
@@ -57,8 +58,9 @@ static void S(softmax_row)(T *y, ptrdiff_t O)
 {
     T m = y[0];
     for (ptrdiff_t j = 1; j < O; j++) if (y[j] > m) m = y[j];
+    for (ptrdiff_t j = 0; j < O; j++) y[j] = EXP_NONPOS(y[j] - m);
     double sum = 0.0;
-    for (ptrdiff_t j = 0; j < O; j++) { y[j] = EXP(y[j] - m); sum += y[j]; }
+    for (ptrdiff_t j = 0; j < O; j++) sum += y[j];
     T inv = (T)(1.0 / sum);
     for (ptrdiff_t j = 0; j < O; j++) y[j] *= inv;
 }
@@ -94,6 +96,13 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
             break;
         case FG_SOFTMAX:
             if (O > 0) S(softmax_row)(y, O);
+            break;
+        case FG_SIGMOID:   /* its own loop: the switch of act_value would keep
+                            * the default loop scalar */
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = S(sigmoid)(y[j]);
+            break;
+        case FG_SILU:
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] * S(sigmoid)(y[j]);
             break;
         default:
             for (ptrdiff_t j = 0; j < O; j++) y[j] = S(act_value)(y[j], act, a);
@@ -187,6 +196,12 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
                 break;
             case FG_TANH:
                 for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * ((T)1 - y[j] * y[j]);
+                break;
+            case FG_SILU:
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    T sj = S(sigmoid)(z[j]);
+                    d[j] = g[j] * (sj * ((T)1 + z[j] * ((T)1 - sj)));
+                }
                 break;
             default:
                 for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * S(act_slope)(y[j], z[j], act, a);
