@@ -1,7 +1,8 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix,
- * and EXP, LOG, LOG1P, TANH, ERF, FABS are T's math functions (EXP_NONPOS:
- * e^x for x <= 0 in plain arithmetic, so that its loops vectorize). */
+ * and EXP, ERF, SQRT, FABS are T's math functions; EXP_NONPOS (e^x),
+ * EXPM1_NONPOS (e^x - 1), both for x <= 0, and TANH are fastgrad's own, in
+ * plain arithmetic, so that the loops calling them vectorize. */
 
 /* Column block for the bias-gradient reduction: its double accumulators
  * live on the stack, so the kernels never allocate. */
@@ -22,9 +23,9 @@ FG_INLINE T S(act_value)(T z, int act, T alpha)
     switch (act) {
     case FG_RELU:       return z <= 0 ? (T)0 : z;   /* NaN passes through */
     case FG_LEAKY_RELU: return z > 0 ? z : alpha * z;
-    case FG_ELU:        return z > 0 ? z : alpha * EXPM1(z);   /* expm1: exact near 0 */
+    case FG_ELU:        return z > 0 ? z : alpha * EXPM1_NONPOS(z);   /* exact near 0 */
     case FG_SELU:       return z > 0 ? (T)FG_SELU_SCALE * z
-                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * EXPM1(z);
+                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * EXPM1_NONPOS(z);
     case FG_GELU:       return (T)0.5 * z * ((T)1 + ERF(z * (T)FG_SQRT1_2));
     case FG_SILU:       return z * S(sigmoid)(z);
     case FG_SIGMOID:    return S(sigmoid)(z);
@@ -103,6 +104,22 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
             break;
         case FG_SILU:
             for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] * S(sigmoid)(y[j]);
+            break;
+        case FG_TANH:
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = TANH(y[j]);
+            break;
+        case FG_ELU:       /* e^z - 1 of min(z, 0), the unused side finite;
+                            * selected on z <= 0 so that NaN and -0 pass */
+            for (ptrdiff_t j = 0; j < O; j++) {
+                T z = y[j], em = EXPM1_NONPOS(z <= 0 ? z : (T)0);
+                y[j] = z <= 0 ? a * em : z;
+            }
+            break;
+        case FG_SELU:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                T z = y[j], em = EXPM1_NONPOS(z <= 0 ? z : (T)0);
+                y[j] = z <= 0 ? (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em : (T)FG_SELU_SCALE * z;
+            }
             break;
         default:
             for (ptrdiff_t j = 0; j < O; j++) y[j] = S(act_value)(y[j], act, a);

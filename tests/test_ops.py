@@ -373,20 +373,41 @@ def test_activation_property_wide_range(data, act):
     assert_close(dx, ref_activation_vjp(act, z, g), F64)
 
 
+SELU_SCALE, SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+
+
+def _ref_long(act, z):
+    """The activation in long double (80-bit on x86), rounded once at the end."""
+    zl = z.astype(np.longdouble)
+    if act == "sigmoid":
+        e = np.exp(-np.abs(zl))
+        return np.where(zl >= 0, 1 / (1 + e), e / (1 + e))
+    if act == "tanh":
+        return np.tanh(zl)
+    if act == "elu":
+        return np.where(zl > 0, zl, np.expm1(zl))
+    return np.where(zl > 0, SELU_SCALE * zl, SELU_SCALE * SELU_ALPHA * np.expm1(zl))
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "elu", "selu"])
 @pytest.mark.parametrize("dtype,low", [(F32, -110.0), (F64, -750.0)])
-def test_sigmoid_within_three_ulp_over_the_whole_range(dtype, low):
-    """sigmoid runs on fastgrad's own exponential (vectorized arithmetic):
-    within 3 ulp of a correctly rounded reference everywhere, subnormal
-    results included, and exactly 0 and 1 at the ends."""
-    z = np.linspace(low, 40.0, 400_001).astype(dtype)
-    y = ops.activation_forward(z.reshape(1, -1), "sigmoid").ravel()
-    zl = z.astype(np.longdouble)   # 80-bit on x86: the float64 reference rounds well
-    e = np.exp(-np.abs(zl))
-    ref = np.where(zl >= 0, 1 / (1 + e), e / (1 + e))
-    ulp = np.spacing(ref.astype(dtype)).astype(np.longdouble)
-    assert float(np.max(np.abs(y.astype(np.longdouble) - ref) / ulp)) <= 3.0
-    ends = ops.activation_forward(np.array([[-np.inf, np.inf, np.nan]], dtype), "sigmoid")
-    assert ends[0, 0] == 0 and ends[0, 1] == 1 and np.isnan(ends[0, 2])
+def test_own_exponentials_within_four_ulp_over_the_whole_range(act, dtype, low):
+    """sigmoid, tanh, elu and selu run on fastgrad's own exponential (plain
+    arithmetic, so that it vectorizes): within 4 ulp of a correctly rounded
+    reference everywhere, near zero and for subnormal results too, with
+    -0, +-inf and NaN handled as the C library would."""
+    z = np.concatenate([np.linspace(low, 40.0, 300_001), np.linspace(-1e-3, 1e-3, 20_001),
+                        np.linspace(-1e-30, 1e-30, 2_001)]).astype(dtype)
+    y = ops.activation_forward(z.reshape(1, -1), act).ravel()
+    ref = _ref_long(act, z)
+    ulp = np.spacing(np.abs(ref.astype(dtype))).astype(np.longdouble)
+    assert float(np.max(np.abs(y.astype(np.longdouble) - ref) / ulp)) <= 4.0
+    special = np.array([[-0.0, np.inf, -np.inf, np.nan]], dtype)
+    got = ops.activation_forward(special, act)[0]
+    with np.errstate(all="ignore"):
+        want = _ref_long(act, special[0]).astype(dtype)
+    np.testing.assert_array_equal(got, want)
+    assert np.signbit(got[0]) == (act != "sigmoid")   # -0 stays -0, sigmoid(-0) = 0.5
 
 
 # ---------------------------------------------------------------------------
