@@ -34,7 +34,8 @@ uncounted, so fg/copy can exceed 1). Each implementation is warmed up, then time
 in samples of repeated calls lasting about a target time, in alternating blocks;
 "~" marks an interquartile range above 10% of the median. Thread settings are
 left as found and printed. monitor's overhead = with / without - 1 and added =
-with - without, from the medians of the same run. If torch imports, adam gets
+with - without, from the medians of the same run, its two sides alternating
+sample by sample. If torch imports, adam gets
 torch columns (clip_grad_norm_ + Adam(fused=True), or foreach where fused is
 missing), bn gets nn.BatchNorm1d in training mode forward + backward and dropout
 F.dropout forward + backward (both through torch.autograd.grad); torch/fg = torch
@@ -503,7 +504,10 @@ def main(argv=None):
     for name, floor, make, args in CASES:
         if opts.only in name:
             head = not rows or rows[-1]["floor"] != floor
-            rows.append(run_case(name, floor, make, args, reps, target, rounds))
+            # monitor: a difference of a few percent, so the two sides
+            # alternate sample by sample to share the machine's drift
+            rows.append(run_case(name, floor, make, args, reps, target,
+                                 reps if floor == "step" else rounds))
             print_row(rows[-1], head)
     if opts.json:
         with open(opts.json, "w") as f:

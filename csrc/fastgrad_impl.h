@@ -386,26 +386,22 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
     return S(lanes_total)(acc);
 }
 
-/* a[j] += sum of x_k^2 and b[j] += sum of y_k^2 over the lanes k = j mod 32
- * of one block, summed first in local lanes that stay in registers. */
-FG_INLINE void S(sumsq2_block)(double *restrict a, double *restrict b,
+/* a[j] += x_k^2 and b[j] += y_k^2 for the lanes k = j mod 32 */
+FG_INLINE void S(sumsq2_lanes)(double *restrict a, double *restrict b,
                                const T *restrict x, const T *restrict y, ptrdiff_t n)
 {
-    double la[32], lb[32];
-    for (int j = 0; j < 32; j++) la[j] = lb[j] = 0.0;
     ptrdiff_t k = 0;
     for (; k + 32 <= n; k += 32)
         for (int j = 0; j < 32; j++) {
             double p = (double)x[k + j], q = (double)y[k + j];
-            la[j] += p * p;
-            lb[j] += q * q;
+            a[j] += p * p;
+            b[j] += q * q;
         }
     for (int j = 0; k < n; k++, j++) {
         double p = (double)x[k], q = (double)y[k];
-        la[j] += p * p;
-        lb[j] += q * q;
+        a[j] += p * p;
+        b[j] += q * q;
     }
-    for (int j = 0; j < 32; j++) { a[j] += la[j]; b[j] += lb[j]; }
 }
 
 FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
@@ -600,7 +596,9 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
         q.adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
     }
     const unsigned fp_mode = fg_flush_begin();
-    enum { BLOCK = 256 };
+    /* update-ratio tracking goes block by block: blocks this small let the
+     * out-of-order core run one block's sums beside the next one's update */
+    enum { BLOCK = 64 };
     T dw[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
@@ -616,8 +614,8 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
                 ptrdiff_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
-                /* the block is in L1: two vectorized sums */
-                S(sumsq2_block)(du, ww, dw, w + k0, len);
+                /* the change, from L1, into lanes kept across blocks */
+                S(sumsq2_lanes)(du, ww, dw, w + k0, len);
             }
             tt->upd_sumsq[t] = S(lanes_total)(du);
             tt->w_sumsq[t] = S(lanes_total)(ww);
