@@ -33,9 +33,9 @@ and written); copy = np.copyto of N float32 at 8 bytes each (write-allocate read
 uncounted, so fg/copy can exceed 1). Each implementation is warmed up, then timed
 in samples of repeated calls lasting about a target time, in alternating blocks;
 "~" marks an interquartile range above 10% of the median. Thread settings are
-left as found and printed. monitor's overhead = with / without - 1 and added =
-with - without, from the medians of the same run, its two sides alternating
-sample by sample. If torch imports, adam gets
+left as found and printed. monitor's two sides alternate sample by sample;
+its overhead is the median over those pairs of with / without - 1, and added
+= overhead * without. If torch imports, adam gets
 torch columns (clip_grad_norm_ + Adam(fused=True), or foreach where fused is
 missing), bn gets nn.BatchNorm1d in training mode forward + backward and dropout
 F.dropout forward + backward (both through torch.autograd.grad); torch/fg = torch
@@ -100,7 +100,8 @@ def sample(fn, n):
 
 def measure(impls, reps, target, rounds):
     """name -> (median seconds per call, interquartile range / median) over
-    ``reps`` samples of each callable in ``impls``."""
+    ``reps`` samples of each callable in ``impls``, and name -> the samples
+    in the order taken."""
     once = {}
     for name, fn in impls.items():
         fn()
@@ -112,7 +113,8 @@ def measure(impls, reps, target, rounds):
             loops = max(1, round(target / once[name]))
             samples[name] += [sample(fn, loops) for _ in range(math.ceil(reps / rounds))]
     quartiles = {name: np.percentile(s, [25, 50, 75]) for name, s in samples.items()}
-    return {name: (float(q[1]), float((q[2] - q[0]) / q[1])) for name, q in quartiles.items()}
+    return ({name: (float(q[1]), float((q[2] - q[0]) / q[1])) for name, q in quartiles.items()},
+            samples)
 
 
 def gemm_calls(specs):
@@ -398,7 +400,7 @@ CASES = ([(f"dense/{act}/{b}x{i}x{o}", "gemm", dense_case, (b, i, o, act))
 
 def run_case(name, floor, make, args, reps, target, rounds):
     impls, diff = make(*args)
-    timed = measure(impls, reps, target, rounds)
+    timed, samples = measure(impls, reps, target, rounds)
     t = {k: v[0] for k, v in timed.items()}
     row = {"case": name, "floor": floor, "seconds": t, "max_rel_diff": diff,
            "iqr_over_median": {k: v[1] for k, v in timed.items()}}
@@ -407,8 +409,10 @@ def run_case(name, floor, make, args, reps, target, rounds):
     if floor == "gemm":
         row["fastgrad_over_gemm"] = t["fastgrad"] / t["gemm"]
     elif floor == "step":
-        row["monitor_overhead"] = t["with"] / t["without"] - 1
-        row["monitor_added_seconds"] = t["with"] - t["without"]
+        # samples taken side by side: the median of their ratios cancels drift
+        pairs = np.array(samples["with"]) / np.array(samples["without"])
+        row["monitor_overhead"] = float(np.median(pairs)) - 1
+        row["monitor_added_seconds"] = row["monitor_overhead"] * t["without"]
     elif floor == "copy":
         row["gbps"] = {k: (COPY_BYTES if k == "copy" else ADAM_BYTES) * args[0] / s / 1e9
                        for k, s in t.items()}

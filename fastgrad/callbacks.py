@@ -211,48 +211,72 @@ class GradientMonitor(Callback):
             raise ValueError(f"every: expected a positive integer, got {every!r}")
         self.every = every
         self.names = []
-        self._rows = {k: [] for k in ("grad_norms", "global_norms", "clip_scales", "clipped",
-                                      "update_ratios", "nonfinite", "steps")}
+        self._n = 0          # rows recorded
+        self._buf = None     # per record kind, an array with room for more rows
         self._seen = 0
 
     def on_train_begin(self, logs=None):
-        self.names = list(self.model.weight_names)
+        names = list(self.model.weight_names)
+        if self._n and len(names) != len(self.names):
+            raise ValueError(f"model: the monitor holds records of {len(self.names)} tensors, "
+                             f"this model has {len(names)}; use a new GradientMonitor")
+        self.names = names
         self.model.optimizer.track_updates(True)
 
     def on_train_end(self, logs=None):
         self.model.optimizer.track_updates(False)
+
+    def _room(self):
+        # rows are written into arrays that double when full: a step
+        # allocates nothing
+        cap = 0 if self._buf is None else len(self._buf["steps"])
+        if self._n < cap:
+            return
+        width, new = len(self.names), max(64, 2 * cap)
+        shapes = {"grad_norms": (new, width), "clip_scales": (new, width),
+                  "update_ratios": (new, width), "global_norms": (new,),
+                  "clipped": (new,), "nonfinite": (new,), "steps": (new,)}
+        types = {"clipped": bool, "nonfinite": bool, "steps": np.int64}
+        buf = {k: np.empty(shape, types.get(k, float)) for k, shape in shapes.items()}
+        if self._buf is not None:
+            for k, old in self._buf.items():
+                buf[k][:self._n] = old[:self._n]
+        self._buf = buf
 
     def on_batch_end(self, batch, logs=None):
         self._seen += 1
         if (self._seen - 1) % self.every:
             return
         rec = self.model.optimizer.last_step
-        r = self._rows
-        r["grad_norms"].append(rec.grad_norms.copy())
-        r["global_norms"].append(rec.global_norm)
-        r["clip_scales"].append(rec.clip_scale.copy())
-        r["clipped"].append(rec.clipped)
-        r["nonfinite"].append(rec.nonfinite)
-        r["steps"].append(rec.step)
+        self._room()
+        b, n = self._buf, self._n
+        b["grad_norms"][n] = rec.grad_norms
+        b["global_norms"][n] = rec.global_norm
+        b["clip_scales"][n] = rec.clip_scale
+        b["clipped"][n] = rec.clipped
+        b["nonfinite"][n] = rec.nonfinite
+        b["steps"][n] = rec.step
         ratio = rec.update_ratio
-        r["update_ratios"].append(ratio.copy() if ratio is not None and not rec.nonfinite
-                                  else np.full(len(self.names), np.nan))
+        b["update_ratios"][n] = ratio if ratio is not None and not rec.nonfinite else np.nan
+        self._n = n + 1
 
     on_train_batch_end = on_batch_end
 
-    def _array(self, key, width=None):
-        rows = self._rows[key]
-        if width is not None:
-            return np.array(rows, dtype=float).reshape(len(rows), width)
-        return np.array(rows)
+    def _array(self, key):
+        if self._buf is None:
+            width = len(self.names)
+            shape = (0, width) if key in ("grad_norms", "clip_scales", "update_ratios") else (0,)
+            types = {"clipped": bool, "nonfinite": bool, "steps": np.int64}
+            return np.empty(shape, types.get(key, float))
+        return self._buf[key][:self._n].copy()
 
-    grad_norms = property(lambda self: self._array("grad_norms", len(self.names)))
-    clip_scales = property(lambda self: self._array("clip_scales", len(self.names)))
-    update_ratios = property(lambda self: self._array("update_ratios", len(self.names)))
-    global_norms = property(lambda self: np.array(self._rows["global_norms"], dtype=float))
-    clipped = property(lambda self: np.array(self._rows["clipped"], dtype=bool))
-    nonfinite = property(lambda self: np.array(self._rows["nonfinite"], dtype=bool))
-    steps = property(lambda self: np.array(self._rows["steps"], dtype=np.int64))
+    grad_norms = property(lambda self: self._array("grad_norms"))
+    clip_scales = property(lambda self: self._array("clip_scales"))
+    update_ratios = property(lambda self: self._array("update_ratios"))
+    global_norms = property(lambda self: self._array("global_norms"))
+    clipped = property(lambda self: self._array("clipped"))
+    nonfinite = property(lambda self: self._array("nonfinite"))
+    steps = property(lambda self: self._array("steps"))
 
     def plot(self, path, kernels_only=True):
         """Draw each layer's gradient norm over the steps on a log scale and

@@ -701,6 +701,46 @@ def test_monitor_every_k(every):
     np.testing.assert_array_equal(some.global_norms, all_steps.global_norms[::every])
 
 
+def test_monitor_keeps_every_row_across_fits_and_buffer_growth():
+    # 3 fits of 12 steps, then 60 more: the record buffers grow past their
+    # first size and keep every row, each step's row equal to its record
+    x, y = _monitor_data()
+    model = _small()
+    mon = GradientMonitor()
+    rows = []
+
+    class Spy(fg.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):
+            rec = self.model.optimizer.last_step
+            rows.append((rec.step, rec.grad_norms.copy(), rec.update_ratio.copy()))
+
+    for epochs in (2, 2, 2, 10):
+        model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0,
+                  callbacks=[mon, Spy()])
+    assert mon.grad_norms.shape == mon.update_ratios.shape == (96, 6)
+    np.testing.assert_array_equal(mon.steps, np.arange(1, 97))
+    np.testing.assert_array_equal(mon.steps, [r[0] for r in rows])
+    np.testing.assert_array_equal(mon.grad_norms, np.array([r[1] for r in rows]))
+    np.testing.assert_array_equal(mon.update_ratios, np.array([r[2] for r in rows]))
+    assert mon.clipped.dtype == bool and not mon.clipped.any()
+    # what the properties return is a copy: the records cannot be edited
+    mon.grad_norms[:] = 0
+    assert mon.grad_norms.any()
+
+
+def test_monitor_empty_and_refuses_a_model_of_another_shape():
+    mon = GradientMonitor()
+    assert mon.grad_norms.shape == (0, 0) and mon.steps.shape == (0,)
+    x, y = _monitor_data()
+    model = _small()
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[mon])
+    other = fg.Sequential([L.Dense(3, activation="softmax", input_dim=8)], seed=0)
+    other.compile(fg.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="monitor holds records of 6 tensors"):
+        other.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[mon])
+    assert mon.grad_norms.shape == (3, 6)
+
+
 @pytest.mark.parametrize("every", [0, -1, 1.5, True, "2"])
 def test_monitor_every_validation(every):
     with pytest.raises(ValueError, match="every"):
