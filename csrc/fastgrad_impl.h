@@ -1,5 +1,6 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix,
+ * SQ_FUSABLE says whether d d, d a T widened to double, is exact,
  * and EXP, ERF, SQRT, FABS are T's math functions; EXP_NONPOS (e^x),
  * EXPM1_NONPOS (e^x - 1), both for x <= 0, and TANH are fastgrad's own, in
  * plain arithmetic, so that the loops calling them vectorize. */
@@ -386,23 +387,34 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
     return S(lanes_total)(acc);
 }
 
-/* a[j] += x_k^2 and b[j] += y_k^2 for the lanes k = j mod 32 */
-FG_INLINE void S(sumsq2_lanes)(double *restrict a, double *restrict b,
-                               const T *restrict x, const T *restrict y, ptrdiff_t n)
+/* a[j] += x_k^2 and b[j] += y_k^2 for the lanes k = j mod 32; fused
+ * multiply-adds when asked, which round alike when SQ_FUSABLE. */
+#define FG_SQ_LANES(ADD)                                                    \
+    do {                                                                    \
+        ptrdiff_t k = 0;                                                    \
+        for (; k + 32 <= n; k += 32)                                        \
+            for (int j = 0; j < 32; j++) {                                  \
+                double p = (double)x[k + j], q = (double)y[k + j];          \
+                a[j] = ADD(a[j], p);                                        \
+                b[j] = ADD(b[j], q);                                        \
+            }                                                               \
+        for (int j = 0; k < n; k++, j++) {                                  \
+            double p = (double)x[k], q = (double)y[k];                      \
+            a[j] = ADD(a[j], p);                                            \
+            b[j] = ADD(b[j], q);                                            \
+        }                                                                   \
+    } while (0)
+#define FG_MUL_ADD(acc, d) ((acc) + (d) * (d))
+#define FG_FMA(acc, d) fma((d), (d), (acc))
+FG_INLINE void S(sumsq2_lanes)(double *restrict a, double *restrict b, const T *restrict x,
+                               const T *restrict y, ptrdiff_t n, int fused)
 {
-    ptrdiff_t k = 0;
-    for (; k + 32 <= n; k += 32)
-        for (int j = 0; j < 32; j++) {
-            double p = (double)x[k + j], q = (double)y[k + j];
-            a[j] += p * p;
-            b[j] += q * q;
-        }
-    for (int j = 0; k < n; k++, j++) {
-        double p = (double)x[k], q = (double)y[k];
-        a[j] += p * p;
-        b[j] += q * q;
-    }
+    if (SQ_FUSABLE && fused) FG_SQ_LANES(FG_FMA);
+    else FG_SQ_LANES(FG_MUL_ADD);
 }
+#undef FG_SQ_LANES
+#undef FG_MUL_ADD
+#undef FG_FMA
 
 FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
 {
@@ -595,6 +607,7 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
         double t = (double)c->step;
         q.adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
     }
+    const int fused = fg_has_fma();
     const unsigned fp_mode = fg_flush_begin();
     /* update-ratio tracking goes block by block: blocks this small let the
      * out-of-order core run one block's sums beside the next one's update */
@@ -615,7 +628,7 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
                 /* the change, from L1, into lanes kept across blocks */
-                S(sumsq2_lanes)(du, ww, dw, w + k0, len);
+                S(sumsq2_lanes)(du, ww, dw, w + k0, len, fused);
             }
             tt->upd_sumsq[t] = S(lanes_total)(du);
             tt->w_sumsq[t] = S(lanes_total)(ww);
