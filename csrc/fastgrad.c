@@ -17,8 +17,12 @@
  * version does the same operations in the same order: bit-identical results. */
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones) && !defined(FG_NO_CLONES)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define FG_TARGETS __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#define FG_CLONES 1
+#define FG_CLONES_FMA 1   /* both vector builds have FMA */
+#else   /* compilers without x86-64-v3 clones: AVX2 without FMA */
+#define FG_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #endif
 #endif
 #ifndef FG_TARGETS
@@ -32,7 +36,7 @@ static inline int fg_has_fma(void)
 {
 #if defined(__aarch64__) || defined(__FMA__)
     return 1;
-#elif defined(FG_CLONES)
+#elif defined(FG_CLONES_FMA)
     /* the vector builds inline it; the baseline one, run only on CPUs
      * without AVX2, calls the C library's, which such a CPU's FMA backs */
     return __builtin_cpu_supports("fma");
