@@ -203,6 +203,10 @@ class GradientMonitor(Callback):
     nonfinite      (steps,) whether the step's gradients were not finite
                    (the step was then skipped)
     steps          (steps,) the optimizer step numbers recorded
+
+    Gradient norms and clip scales are free; the update ratios add two sums
+    of squares over the parameters to the steps recorded (a few percent of a
+    step at small batches), and nothing to the steps in between.
     """
 
     def __init__(self, every=1):
@@ -221,10 +225,10 @@ class GradientMonitor(Callback):
             raise ValueError(f"model: the monitor holds records of {len(self.names)} tensors, "
                              f"this model has {len(names)}; use a new GradientMonitor")
         self.names = names
-        self.model.optimizer.track_updates(True)
+        self.model.optimizer._want_updates(self, True)
 
     def on_train_end(self, logs=None):
-        self.model.optimizer.track_updates(False)
+        self.model.optimizer._want_updates(self, None)
 
     def _room(self):
         # rows are written into arrays that double when full: a step
@@ -242,6 +246,14 @@ class GradientMonitor(Callback):
             for k, old in self._buf.items():
                 buf[k][:self._n] = old[:self._n]
         self._buf = buf
+
+    def on_batch_begin(self, batch, logs=None):
+        # the update ratios cost two sums over the parameters in the step:
+        # only for the steps that will be recorded
+        if self.every > 1:
+            self.model.optimizer._want_updates(self, self._seen % self.every == 0)
+
+    on_train_batch_begin = on_batch_begin
 
     def on_batch_end(self, batch, logs=None):
         self._seen += 1

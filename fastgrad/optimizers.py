@@ -110,6 +110,7 @@ class Optimizer:
         self.last_step = None
         self._params = None
         self._track = False
+        self._update_wishes = {}   # GradientMonitor -> wants update ratios
 
     # -- state ------------------------------------------------------------
     def build(self, params, grads, tensors):
@@ -151,6 +152,18 @@ class Optimizer:
 
     def _slots_used(self):
         return self._slots
+
+    def _want_updates(self, owner, enabled):
+        """Tracking on while any owner (a GradientMonitor) wants it; None
+        withdraws the owner's wish."""
+        wants = self._update_wishes
+        if enabled is None:
+            wants.pop(id(owner), None)
+        else:
+            wants[id(owner)] = bool(enabled)
+        on = any(wants.values())
+        if on != self._track:
+            self.track_updates(on)
 
     def track_updates(self, enabled=True):
         """Also measure each tensor's update-to-weight ratio

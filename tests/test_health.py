@@ -699,6 +699,24 @@ def test_monitor_every_k(every):
     np.testing.assert_array_equal(some.grad_norms, all_steps.grad_norms[::every])
     np.testing.assert_array_equal(some.update_ratios, all_steps.update_ratios[::every])
     np.testing.assert_array_equal(some.global_norms, all_steps.global_norms[::every])
+    # the sparse monitor's pauses do not starve the dense one
+    assert not np.isnan(all_steps.update_ratios).any()
+
+
+def test_monitor_every_k_tracks_updates_only_on_recorded_steps():
+    x, y = _monitor_data()
+    model = _small()
+    tracked = []
+
+    class Spy(fg.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):
+            tracked.append(self.model.optimizer.last_step.update_ratio is not None)
+
+    mon = GradientMonitor(every=3)
+    model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0, callbacks=[mon, Spy()])
+    assert tracked == [k % 3 == 0 for k in range(12)]
+    assert not np.isnan(mon.update_ratios).any() and mon.update_ratios.shape == (4, 6)
+    assert not model.optimizer._track   # off again after fit
 
 
 def test_monitor_keeps_every_row_across_fits_and_buffer_growth():
