@@ -18,43 +18,6 @@ static inline T S(sigmoid)(T z)
     return z >= 0 ? sv : e * sv;
 }
 
-/* y = act(z) for one element; softmax is handled per row by the caller. */
-FG_INLINE T S(act_value)(T z, int act, T alpha)
-{
-    switch (act) {
-    case FG_RELU:       return z <= 0 ? (T)0 : z;   /* NaN passes through */
-    case FG_LEAKY_RELU: return z > 0 ? z : alpha * z;
-    case FG_ELU:        return z > 0 ? z : alpha * EXPM1_NONPOS(z);   /* exact near 0 */
-    case FG_SELU:       return z > 0 ? (T)FG_SELU_SCALE * z
-                                     : (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * EXPM1_NONPOS(z);
-    case FG_GELU:       return (T)0.5 * z * ((T)1 + ERF(z * (T)FG_SQRT1_2));
-    case FG_SILU:       return z * S(sigmoid)(z);
-    case FG_SIGMOID:    return S(sigmoid)(z);
-    case FG_TANH:       return TANH(z);
-    default:            return z;   /* linear */
-    }
-}
-
-/* dy/dz for one element from the output y (and z where y is not enough). */
-FG_INLINE T S(act_slope)(T y, T z, int act, T alpha)
-{
-    switch (act) {
-    case FG_RELU:       return y > 0 ? (T)1 : (T)0;
-    case FG_LEAKY_RELU: return y > 0 ? (T)1 : alpha;
-    case FG_ELU:        return y > 0 ? (T)1 : y + alpha;
-    case FG_SELU:       return y > 0 ? (T)FG_SELU_SCALE : y + (T)(FG_SELU_SCALE * FG_SELU_ALPHA);
-    case FG_GELU:       return (T)0.5 * ((T)1 + ERF(z * (T)FG_SQRT1_2))
-                               + z * (T)FG_INV_SQRT_2PI * EXP((T)-0.5 * z * z);
-    case FG_SILU: {
-        T s = S(sigmoid)(z);
-        return s * ((T)1 + z * ((T)1 - s));
-    }
-    case FG_SIGMOID:    return y * ((T)1 - y);
-    case FG_TANH:       return (T)1 - y * y;
-    default:            return (T)1;
-    }
-}
-
 /* Softmax of one row of length O, in place on y (which holds z on entry). */
 static void S(softmax_row)(T *y, ptrdiff_t O)
 {
@@ -99,8 +62,7 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
         case FG_SOFTMAX:
             if (O > 0) S(softmax_row)(y, O);
             break;
-        case FG_SIGMOID:   /* its own loop: the switch of act_value would keep
-                            * the default loop scalar */
+        case FG_SIGMOID:
             for (ptrdiff_t j = 0; j < O; j++) y[j] = S(sigmoid)(y[j]);
             break;
         case FG_SILU:
@@ -122,8 +84,9 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
                 y[j] = z <= 0 ? (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em : (T)FG_SELU_SCALE * z;
             }
             break;
-        default:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = S(act_value)(y[j], act, a);
+        case FG_GELU:      /* erf is the C library's: this loop stays scalar */
+            for (ptrdiff_t j = 0; j < O; j++)
+                y[j] = (T)0.5 * y[j] * ((T)1 + ERF(y[j] * (T)FG_SQRT1_2));
             break;
         }
         if (stats) {   /* only when asked: a second look at the row, in cache */
@@ -221,8 +184,17 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
                     d[j] = g[j] * (sj * ((T)1 + z[j] * ((T)1 - sj)));
                 }
                 break;
-            default:
-                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * S(act_slope)(y[j], z[j], act, a);
+            case FG_SELU:
+                for (ptrdiff_t j = 0; j < w; j++) {
+                    T yj = y[j];
+                    d[j] = g[j] * (yj > 0 ? (T)FG_SELU_SCALE
+                                          : yj + (T)(FG_SELU_SCALE * FG_SELU_ALPHA));
+                }
+                break;
+            case FG_GELU:
+                for (ptrdiff_t j = 0; j < w; j++)
+                    d[j] = g[j] * ((T)0.5 * ((T)1 + ERF(z[j] * (T)FG_SQRT1_2))
+                                   + z[j] * (T)FG_INV_SQRT_2PI * EXP((T)-0.5 * z[j] * z[j]));
                 break;
             }
             if (dbias) for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];

@@ -230,18 +230,23 @@ class GradientMonitor(Callback):
     def on_train_end(self, logs=None):
         self.model.optimizer._want_updates(self, None)
 
+    # record kind -> (one value per tensor?, dtype)
+    _KINDS = {"grad_norms": (True, float), "clip_scales": (True, float),
+              "update_ratios": (True, float), "global_norms": (False, float),
+              "clipped": (False, bool), "nonfinite": (False, bool), "steps": (False, np.int64)}
+
+    def _alloc(self, rows):
+        width = len(self.names)
+        return {k: np.empty((rows, width) if wide else (rows,), dtype)
+                for k, (wide, dtype) in self._KINDS.items()}
+
     def _room(self):
         # rows are written into arrays that double when full: a step
         # allocates nothing
         cap = 0 if self._buf is None else len(self._buf["steps"])
         if self._n < cap:
             return
-        width, new = len(self.names), max(64, 2 * cap)
-        shapes = {"grad_norms": (new, width), "clip_scales": (new, width),
-                  "update_ratios": (new, width), "global_norms": (new,),
-                  "clipped": (new,), "nonfinite": (new,), "steps": (new,)}
-        types = {"clipped": bool, "nonfinite": bool, "steps": np.int64}
-        buf = {k: np.empty(shape, types.get(k, float)) for k, shape in shapes.items()}
+        buf = self._alloc(max(64, 2 * cap))
         if self._buf is not None:
             for k, old in self._buf.items():
                 buf[k][:self._n] = old[:self._n]
@@ -275,12 +280,8 @@ class GradientMonitor(Callback):
     on_train_batch_end = on_batch_end
 
     def _array(self, key):
-        if self._buf is None:
-            width = len(self.names)
-            shape = (0, width) if key in ("grad_norms", "clip_scales", "update_ratios") else (0,)
-            types = {"clipped": bool, "nonfinite": bool, "steps": np.int64}
-            return np.empty(shape, types.get(key, float))
-        return self._buf[key][:self._n].copy()
+        buf = self._alloc(0) if self._buf is None else self._buf
+        return buf[key][:self._n].copy()
 
     grad_norms = property(lambda self: self._array("grad_norms"))
     clip_scales = property(lambda self: self._array("clip_scales"))
