@@ -1,5 +1,6 @@
 /* Instantiates the kernels of fastgrad_impl.h for float and double. */
 #include <math.h>
+#include <string.h>
 #include "fastgrad.h"
 
 #define FG_SELU_ALPHA 1.6732632423543772848170429916717
@@ -11,39 +12,18 @@
 #define FG_EPSILON 1e-7
 
 /* The element loops are compiled for AVX-512, AVX2 and the baseline x86-64,
- * and the loader picks one by the CPU (GNU ifunc; the AVX2 build is x86-64-v3:
- * AVX2 with FMA). Built with
+ * and the loader picks one by the CPU (GNU ifunc). Built with
  * -ffp-contract=off (no fused multiply-add) and without reassociation, every
  * version does the same operations in the same order: bit-identical results. */
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones) && !defined(FG_NO_CLONES)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define FG_TARGETS __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#define FG_CLONES_FMA 1   /* both vector builds have FMA */
-#else   /* compilers without x86-64-v3 clones: AVX2 without FMA */
 #define FG_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
 #endif
 #endif
 #ifndef FG_TARGETS
 #define FG_TARGETS
 #endif
 
-/* Whether the CPU has fused multiply-add, asked once per optimizer step.
- * For d a float widened to double, d d is exact, so fma(d, d, acc) rounds
- * exactly as acc + d d does: the same result, one instruction less. */
-static inline int fg_has_fma(void)
-{
-#if defined(__aarch64__) || defined(__FMA__)
-    return 1;
-#elif defined(FG_CLONES_FMA)
-    /* the vector builds inline it; the baseline one, run only on CPUs
-     * without AVX2, calls the C library's, which such a CPU's FMA backs */
-    return __builtin_cpu_supports("fma");
-#else
-    return 0;   /* fma() would be a call per element */
-#endif
-}
 /* Helpers inlined into each clone, so they get its instruction set. */
 #if defined(__GNUC__)
 #define FG_INLINE static inline __attribute__((always_inline))
@@ -173,7 +153,6 @@ static inline double fg_tanh_f64(double x)
 #define S(name) name##_f32
 #define EXP expf
 #define EXP_NONPOS fg_exp_nonpos_f32
-#define SQ_FUSABLE 1   /* float squares are exact in double */
 #define ERF erff
 #define TANH fg_tanh_f32
 #define SQRT sqrtf
@@ -184,7 +163,6 @@ static inline double fg_tanh_f64(double x)
 #undef S
 #undef EXP
 #undef EXP_NONPOS
-#undef SQ_FUSABLE
 #undef ERF
 #undef TANH
 #undef SQRT
@@ -195,7 +173,6 @@ static inline double fg_tanh_f64(double x)
 #define S(name) name##_f64
 #define EXP exp
 #define EXP_NONPOS fg_exp_nonpos_f64
-#define SQ_FUSABLE 0   /* a product of doubles rounds */
 #define ERF erf
 #define TANH fg_tanh_f64
 #define SQRT sqrt
