@@ -72,13 +72,15 @@ def run(seed=0, epochs=10, plot=None, out=print):
         out(f"after {epochs} epochs ({time.perf_counter() - t0:.1f}s): train loss "
             f"{h['loss'][-1]:.4g}, held-out accuracy {acc:.3f} (chance {1 / CLASSES:.2f}), "
             f"steps clipped {h['clip_rate'][-1]:.0%}")
-        results.append((title, report, acc, h["loss"][-1]))
-    out("\n=== summary ===")
-    out(f"{'case':<50} {'diagnosis':<10} {'first/last grad norm':>21} {'accuracy':>9}")
-    for title, report, acc, loss in results:
+        results.append((title, report, acc, h["loss"][-1], float(np.mean(h["clip_rate"]))))
+    out("\n=== summary ===  (diagnosis and gradient norms at the start; the rest after "
+        "training)")
+    out(f"{'case':<50} {'diagnosis':<10} {'first/last grad norm':>21} {'clipped':>8} "
+        f"{'loss':>7} {'accuracy':>9}")
+    for title, report, acc, loss, clip in results:
         d = [r for r in report.layers if r.kind == "Dense"]
         out(f"{title:<50} {report.status:<10} {d[0].grad_norm:>9.2g} / {d[-1].grad_norm:<9.2g} "
-            f"{acc:>9.3f}")
+            f"{clip:>8.0%} {loss:>7.4g} {acc:>9.3f}")
     out(f"total {time.perf_counter() - t_all:.1f}s")
     if plot:
         _plot(results, plot)
@@ -94,7 +96,7 @@ def _plot(results, path):
     except ImportError:
         raise SystemExit('--plot needs matplotlib: pip install "fastgrad[plot]"') from None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for title, report, acc, _ in results:
+    for title, report, acc, *_ in results:
         g = [r.grad_norm for r in report.layers if r.kind == "Dense"]
         ax.plot(range(1, len(g) + 1), g, marker="o", ms=3,
                 label=f"{title} ({report.status}, acc {acc:.2f})")
