@@ -5,6 +5,7 @@
 from cython cimport floating
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
+from libc.math cimport sqrt
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -67,8 +68,10 @@ def matmul(const floating[:, ::1] a not None, const floating[:, ::1] b not None,
     cdef Py_ssize_t K = a.shape[0] if trans_a else a.shape[1]
     cdef Py_ssize_t Kb = b.shape[1] if trans_b else b.shape[0]
     cdef Py_ssize_t N = b.shape[0] if trans_b else b.shape[1]
-    _check(K == Kb, f"matmul: inner sizes differ ({K} and {Kb})")
-    _check(out.shape[0] == M and out.shape[1] == N, f"out: expected shape ({M}, {N})")
+    if K != Kb:
+        raise ValueError(f"matmul: inner sizes differ ({K} and {Kb})")
+    if not (out.shape[0] == M and out.shape[1] == N):
+        raise ValueError(f"out: expected shape ({M}, {N})")
     for n, s in ((M, "a"), (N, "b"), (K, "a")):
         _blas_size(n, s)
     with nogil:
@@ -96,13 +99,23 @@ cdef inline const floating *_cptr2(const floating[:, ::1] v) noexcept nogil:
 
 
 cdef int _check_act(int act, double alpha) except -1:
-    _check(0 <= act < FG_N_ACTIVATIONS, f"unknown activation code {act}")
+    if not (0 <= act < FG_N_ACTIVATIONS):
+        raise ValueError(f"unknown activation code {act}")
     return 0
 
 
-cdef int _same2(object v, Py_ssize_t r, Py_ssize_t c, str name) except -1:
+# Checks take typed views and raise with a formatted message only on failure:
+# a Python object per argument, or an f-string built for every call, would
+# cost more than the kernels at small sizes.
+cdef int _same2(const floating[:, ::1] v, Py_ssize_t r, Py_ssize_t c, str name) except -1:
     if v is not None and (v.shape[0] != r or v.shape[1] != c):
-        raise ValueError(f"{name}: expected shape ({r}, {c}), got {tuple(v.shape)[:2]}")
+        raise ValueError(f"{name}: expected shape ({r}, {c}), got ({v.shape[0]}, {v.shape[1]})")
+    return 0
+
+
+cdef int _len1(const floating[::1] v, Py_ssize_t n, bint required, str name) except -1:
+    if (v is None and required) or (v is not None and v.shape[0] != n):
+        raise ValueError(f"{name}: expected shape ({n},)")
     return 0
 
 
@@ -110,7 +123,8 @@ cdef fg_act_stats *_stats(fg_act_stats *st, unsigned char[::1] alive, bint want,
                          Py_ssize_t O) except? NULL:
     if not want:
         return NULL
-    _check(alive is None or alive.shape[0] == O, f"alive: expected shape ({O},)")
+    if not (alive is None or alive.shape[0] == O):
+        raise ValueError(f"alive: expected shape ({O},)")
     st.alive = &alive[0] if alive is not None and O > 0 else NULL
     st.saturated = 0
     return st
@@ -129,7 +143,7 @@ def bias_act_forward(const floating[:, ::1] inp not None, const floating[::1] bi
     _check_act(act, alpha)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
-    _check(bias is None or bias.shape[0] == O, f"bias: expected shape ({O},)")
+    _len1(bias, O, False, "bias")
     with nogil:
         s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp) \
             if floating is float else \
@@ -149,7 +163,7 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _same2(dpre, B, O, "dpre")
-    _check(dbias is None or dbias.shape[0] == O, f"dbias: expected shape ({O},)")
+    _len1(dbias, O, False, "dbias")
     _check(pre is not None or not fg_activation_needs_pre(act),
            "pre: this activation's derivative needs the pre-activation")
     with nogil:
@@ -173,10 +187,11 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     cdef fg_act_stats st
     cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
     _check_act(act, alpha)
-    _check(kernel.shape[0] == I, f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    if kernel.shape[0] != I:
+        raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
-    _check(bias is None or bias.shape[0] == O, f"bias: expected shape ({O},)")
+    _len1(bias, O, False, "bias")
     _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
     with nogil:
         _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
@@ -202,7 +217,8 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
     cdef int s
     _check_act(act, alpha)
-    _check(kernel.shape[0] == I, f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    if kernel.shape[0] != I:
+        raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
     _same2(dout, B, O, "dout")
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
@@ -210,7 +226,7 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     _same2(dkernel, I, O, "dkernel")
     _same2(dx, B, I, "dx")
     _check(dpre is not None and dkernel is not None, "dpre and dkernel are required")
-    _check(dbias is None or dbias.shape[0] == O, f"dbias: expected shape ({O},)")
+    _len1(dbias, O, False, "dbias")
     _check(pre is not None or not fg_activation_needs_pre(act),
            "pre: this activation's derivative needs the pre-activation")
     _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
@@ -238,12 +254,14 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
     cdef double loss = 0.0
     cdef int s
     cdef const int64_t *lab = NULL
-    _check(0 <= kind < FG_N_LOSSES, f"unknown loss code {kind}")
+    if not (0 <= kind < FG_N_LOSSES):
+        raise ValueError(f"unknown loss code {kind}")
     _same2(dpred, B, O, "dpred")
     _same2(prob, B, O, "prob")
-    _check(rows is None or rows.shape[0] == B, f"rows: expected shape ({B},)")
+    _len1(rows, B, False, "rows")
     if kind == 5:  # sparse: labels replace the target
-        _check(labels is not None and labels.shape[0] == B, f"y: expected {B} integer labels")
+        if not (labels is not None and labels.shape[0] == B):
+            raise ValueError(f"y: expected {B} integer labels")
         if B > 0:
             lab = &labels[0]
     else:
@@ -276,7 +294,9 @@ cdef class TensorTable:
     scale, cvalue (T,) float64; constraint (T,) int32 codes; cols (T,) int64.
     ``scale`` is rewritten before each step (the clip factors)."""
     cdef fg_tensors tt
-    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols, upd_sumsq, w_sumsq
+    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols
+    cdef readonly object upd_sumsq, w_sumsq, ratio
+    cdef double *ratio_ptr
     cdef readonly Py_ssize_t size
 
     def __init__(self, const int64_t[::1] offset, const double[::1] l1,
@@ -286,7 +306,8 @@ cdef class TensorTable:
         _check(T >= 0, "offset: expected at least one entry")
         for name, arr in (("l1", l1), ("l2", l2), ("scale", scale), ("constraint", constraint),
                           ("cvalue", cvalue), ("cols", cols)):
-            _check(arr.shape[0] == T, f"{name}: expected {T} entries")
+            if arr.shape[0] != T:
+                raise ValueError(f"{name}: expected {T} entries")
         _check(offset[0] == 0, "offset: must start at 0")
         for t in range(T):
             _check(offset[t + 1] >= offset[t], "offset: must not decrease")
@@ -306,41 +327,48 @@ cdef class TensorTable:
         self.tt.constraint = &constraint[0] if T else NULL
         self.tt.cvalue = &cvalue[0] if T else NULL
         self.tt.cols = &cols[0] if T else NULL
-        self.tt.upd_sumsq = NULL
-        self.tt.w_sumsq = NULL
-        self.upd_sumsq = self.w_sumsq = None
+        self.track_updates(None, None, None)
 
-    def track_updates(self, double[::1] upd_sumsq, double[::1] w_sumsq):
-        """Have the step write each tensor's sum of squared updates and of
-        squared new weights into these arrays; None for both stops it."""
+    def track_updates(self, double[::1] upd_sumsq, double[::1] w_sumsq, double[::1] ratio):
+        """Have each step write every tensor's sum of squared updates and of
+        squared new weights into upd_sumsq and w_sumsq, and its
+        update-to-weight ratio ||w_new - w_old|| / ||w_new|| into ratio
+        (||w_new - w_old|| where w_new is all zeros); None for all stops it."""
         cdef Py_ssize_t T = self.tt.n_tensors
-        if upd_sumsq is None or w_sumsq is None:
-            self.tt.upd_sumsq = self.tt.w_sumsq = NULL
-            self.upd_sumsq = self.w_sumsq = None
+        if upd_sumsq is None or w_sumsq is None or ratio is None:
+            self.tt.upd_sumsq = self.tt.w_sumsq = self.ratio_ptr = NULL
+            self.upd_sumsq = self.w_sumsq = self.ratio = None
             return
-        _check(upd_sumsq.shape[0] == T and w_sumsq.shape[0] == T,
-               f"upd_sumsq, w_sumsq: expected {T} entries")
-        self.upd_sumsq, self.w_sumsq = upd_sumsq.base, w_sumsq.base
+        if upd_sumsq.shape[0] != T or w_sumsq.shape[0] != T or ratio.shape[0] != T:
+            raise ValueError(f"upd_sumsq, w_sumsq, ratio: expected {T} entries")
+        self.upd_sumsq, self.w_sumsq, self.ratio = upd_sumsq.base, w_sumsq.base, ratio.base
         self.tt.upd_sumsq = &upd_sumsq[0] if T else NULL
         self.tt.w_sumsq = &w_sumsq[0] if T else NULL
+        self.ratio_ptr = &ratio[0] if T else NULL
 
 
-def grad_norms(double[::1] sumsq not None, floating[::1] grad not None, const floating[::1] param not None,
-               TensorTable table not None):
+def grad_norms(double[::1] sumsq not None, double[::1] norms not None, floating[::1] grad not None,
+               const floating[::1] param not None, TensorTable table not None):
     """Adds regularizer gradients into grad and writes each tensor's sum of
-    squared gradients into sumsq. Returns (index of the first tensor with a
-    non-finite gradient or -1, the regularization penalty)."""
+    squared gradients into sumsq and its square root into norms. Returns
+    (index of the first tensor with a non-finite gradient or -1, the
+    regularization penalty, the global norm sqrt(sum(sumsq)))."""
     cdef int64_t bad = -1
-    cdef double penalty = 0.0
-    _check(sumsq.shape[0] == table.tt.n_tensors, f"sumsq: expected {table.tt.n_tensors} entries")
-    _check(grad.shape[0] == table.size and param.shape[0] == table.size,
-           f"grads and params: expected {table.size} elements")
+    cdef double penalty = 0.0, total = 0.0
+    cdef Py_ssize_t t, T = table.tt.n_tensors
+    if sumsq.shape[0] != T or norms.shape[0] != T:
+        raise ValueError(f"sumsq, norms: expected {T} entries")
+    if not (grad.shape[0] == table.size and param.shape[0] == table.size):
+        raise ValueError(f"grads and params: expected {table.size} elements")
     with nogil:
         if floating is float:
             fg_grad_norms_f32(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
         else:
             fg_grad_norms_f64(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
-    return bad, penalty
+        for t in range(T):
+            norms[t] = sqrt(sumsq[t])
+            total += sumsq[t]
+    return bad, penalty, sqrt(total)
 
 
 def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] v,
@@ -349,18 +377,23 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
                    double rho, double beta_1, double beta_2, double epsilon,
                    double weight_decay, double clipvalue, bint nesterov,
                    bint centered, bint amsgrad, int64_t step):
-    """The fused update of every parameter (formulas in csrc/fastgrad_impl.h)."""
+    """The fused update of every parameter (formulas in csrc/fastgrad_impl.h);
+    with the table tracking updates, also the update-to-weight ratios."""
     cdef fg_opt_config c
+    cdef Py_ssize_t t
+    cdef double du, ww
     cdef int s
     cdef Py_ssize_t N = table.size
-    _check(param.shape[0] == N and grad.shape[0] == N, f"params and grads: expected {N} elements")
-    _check(0 <= kind < 4, f"unknown optimizer code {kind}")
+    if not (param.shape[0] == N and grad.shape[0] == N):
+        raise ValueError(f"params and grads: expected {N} elements")
+    if not (0 <= kind < 4):
+        raise ValueError(f"unknown optimizer code {kind}")
     cdef bint need_m = kind == 2 or (kind == 1 and centered)
     cdef bint need_v = kind != 0 or momentum != 0
     cdef bint need_x = (kind == 2 and amsgrad) or (kind == 1 and momentum != 0)
-    for name, arr, need in (("m", m, need_m), ("v", v, need_v), ("vmax", vmax, need_x)):
-        if need:
-            _check(arr is not None and arr.shape[0] == N, f"{name}: expected {N} elements")
+    if need_m: _len1(m, N, True, "m")
+    if need_v: _len1(v, N, True, "v")
+    if need_x: _len1(vmax, N, True, "vmax")
     _check(step >= 1, "step: expected a count >= 1")
     c.kind, c.lr, c.momentum, c.rho = kind, lr, momentum, rho
     c.beta_1, c.beta_2, c.epsilon, c.weight_decay = beta_1, beta_2, epsilon, weight_decay
@@ -374,6 +407,11 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
             s = fg_optimizer_step_f64(_ptr1(param), _ptr1(m) if need_m else NULL,
                                       _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
                                       _cptr1(grad), &table.tt, &c)
+        if s == FG_OK and table.ratio_ptr != NULL:
+            for t in range(table.tt.n_tensors):
+                du = sqrt(table.tt.upd_sumsq[t])
+                ww = table.tt.w_sumsq[t]
+                table.ratio_ptr[t] = du / sqrt(ww) if ww > 0 else du
     if s != FG_OK:
         _raise(s)
 
@@ -387,11 +425,12 @@ def batchnorm_forward(const floating[:, ::1] inp not None, const floating[::1] g
     mean and rstd (float64) receive mu and 1 / sqrt(var + epsilon)."""
     cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
     _same2(out, B, F, "out")
-    for name, arr in (("gamma", gamma), ("beta", beta)):
-        _check(arr is None or arr.shape[0] == F, f"{name}: expected shape ({F},)")
-    for name, arr in (("moving_mean", moving_mean), ("moving_variance", moving_var),
-                      ("mean", mean), ("rstd", rstd)):
-        _check(arr is not None and arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    _len1(gamma, F, False, "gamma")
+    _len1(beta, F, False, "beta")
+    _len1(moving_mean, F, True, "moving_mean")
+    _len1(moving_var, F, True, "moving_variance")
+    _len1(mean, F, True, "mean")
+    _len1(rstd, F, True, "rstd")
     _check(not training or B > 0, "x: training needs at least one row")
     _check(epsilon > 0, "epsilon: expected a positive number")
     with nogil:
@@ -415,10 +454,11 @@ def batchnorm_backward(const floating[:, ::1] dout not None, const floating[:, :
     _same2(dout, B, F, "dout")
     _same2(dinp, B, F, "dinp")
     _check(dinp is not None, "dinp is required")
-    for name, arr in (("gamma", gamma), ("dgamma", dgamma), ("dbeta", dbeta)):
-        _check(arr is None or arr.shape[0] == F, f"{name}: expected shape ({F},)")
-    for name, arr in (("mean", mean), ("rstd", rstd)):
-        _check(arr is not None and arr.shape[0] == F, f"{name}: expected shape ({F},)")
+    _len1(gamma, F, False, "gamma")
+    _len1(dgamma, F, False, "dgamma")
+    _len1(dbeta, F, False, "dbeta")
+    _len1(mean, F, True, "mean")
+    _len1(rstd, F, True, "rstd")
     with nogil:
         if floating is float:
             fg_batchnorm_backward_f32(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout),
@@ -446,6 +486,19 @@ def dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None, 
 
 def random_u64(uint64_t seed, uint64_t position):
     return fg_random_u64(seed, position)
+
+
+def label_range(const int64_t[::1] y not None):
+    """(min, max) of y in one pass; (0, -1) when empty."""
+    cdef Py_ssize_t k, n = y.shape[0]
+    cdef int64_t lo = 0, hi = -1
+    if n:
+        lo = hi = y[0]
+        with nogil:
+            for k in range(1, n):
+                if y[k] < lo: lo = y[k]
+                if y[k] > hi: hi = y[k]
+    return lo, hi
 
 
 def first_nonfinite_row(const floating[:, ::1] x not None):

@@ -238,7 +238,11 @@ def _labels(y, batch, classes=None):
     elif y.dtype.kind not in "iub":
         raise TypeError(f"y_true: expected integer labels, got dtype {y.dtype}")
     # range first, in the labels' own type, so the cast below is exact
-    if classes is not None and y.size and (y.min() < 0 or y.max() >= classes):
+    if classes is not None and y.size and y.dtype == np.int64 and y.flags.c_contiguous:
+        lo, hi = _core.label_range(y)   # the common case, in one pass
+    elif classes is not None and y.size:
+        lo, hi = y.min(), y.max()
+    if classes is not None and y.size and (lo < 0 or hi >= classes):
         bad = int(np.flatnonzero((y < 0) | (y >= classes))[0])
         v = y[bad].item()
         raise ValueError(f"y_true: label {v:g} at row {bad} is outside "

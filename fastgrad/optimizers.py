@@ -172,9 +172,9 @@ class Optimizer:
         self._track = bool(enabled)
         if self._params is not None:
             if self._track:
-                self._table.track_updates(self._upd, self._wsq)
+                self._table.track_updates(self._upd, self._wsq, self._ratio)
             else:
-                self._table.track_updates(None, None)
+                self._table.track_updates(None, None, None)
 
     def _init_moments(self):
         pass
@@ -194,9 +194,8 @@ class Optimizer:
         if self._params is None:
             raise RuntimeError("optimizer: not built; compile and build the model first")
         lr = self.current_learning_rate()
-        bad, penalty = _core.grad_norms(self._sumsq, self._grads, self._params, self._table)
-        np.sqrt(self._sumsq, out=self._norms)
-        total = math.sqrt(float(self._sumsq.sum()))
+        bad, penalty, total = _core.grad_norms(self._sumsq, self._norms, self._grads,
+                                               self._params, self._table)
         scale = self._scale
         scale.fill(1.0)
         if bad >= 0:
@@ -226,10 +225,7 @@ class Optimizer:
                              *self._flags(), self.iterations)
         self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
                                     clipped, False, None, penalty)
-        if self._track:
-            np.sqrt(self._upd, out=self._ratio)
-            np.divide(self._ratio, np.sqrt(self._wsq), out=self._ratio,
-                      where=self._wsq > 0)
+        if self._track:   # the step wrote the ratios
             self.last_step.update_ratio = self._ratio
         return self.last_step
 

@@ -586,6 +586,22 @@ def test_sparse_labels_match_one_hot_and_accept_column():
             np.testing.assert_allclose(got[2], want[2], rtol=1e-14, atol=0)
 
 
+def test_sparse_labels_out_of_range_refused_in_every_layout():
+    # contiguous int64 labels take a one-pass range check, the rest NumPy's
+    p = np.full((6, 4), 0.25)
+    base = np.array([0, 1, 2, 3, 2, 1], np.int64)
+    for row, value in ((0, -1), (5, 4), (3, 2**40)):
+        bad = base.copy()
+        bad[row] = value
+        wide = np.stack([bad, bad], axis=1)[:, 0]          # strided int64
+        for lab in (bad, wide, bad.astype(np.int32) if abs(value) < 2**31 else bad,
+                    bad.astype(F64)):
+            with pytest.raises(ValueError, match=f"at row {row} is outside"):
+                ops.loss_forward_backward(lab, p, "sparse_categorical_crossentropy")
+    assert ops.loss_forward_backward(base, p, "sparse_categorical_crossentropy")[0] == \
+        pytest.approx(np.log(4.0), rel=1e-15)
+
+
 # ---------------------------------------------------------------------------
 # 4. dense_forward / dense_backward / matmul vs NumPy
 # ---------------------------------------------------------------------------
