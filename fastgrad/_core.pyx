@@ -492,6 +492,8 @@ def label_range(const int64_t[::1] y not None):
     """(min, max) of y in one pass; (0, -1) when empty."""
     cdef Py_ssize_t k, n = y.shape[0]
     cdef int64_t lo = 0, hi = -1
+    if n and (<size_t>&y[0]) % sizeof(int64_t):
+        raise ValueError("y: expected an aligned array")
     if n:
         lo = hi = y[0]
         with nogil:

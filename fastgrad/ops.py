@@ -238,7 +238,8 @@ def _labels(y, batch, classes=None):
     elif y.dtype.kind not in "iub":
         raise TypeError(f"y_true: expected integer labels, got dtype {y.dtype}")
     # range first, in the labels' own type, so the cast below is exact
-    if classes is not None and y.size and y.dtype == np.int64 and y.flags.c_contiguous:
+    if (classes is not None and y.size and y.dtype == np.int64 and y.flags.c_contiguous
+            and y.flags.aligned):
         lo, hi = _core.label_range(y)   # the common case, in one pass
     elif classes is not None and y.size:
         lo, hi = y.min(), y.max()

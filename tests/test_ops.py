@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import special
 
-from fastgrad import ops
+from fastgrad import _core, ops
 
 F32, F64 = np.float32, np.float64
 DTYPES = [F32, F64]
@@ -600,6 +600,12 @@ def test_sparse_labels_out_of_range_refused_in_every_layout():
                 ops.loss_forward_backward(lab, p, "sparse_categorical_crossentropy")
     assert ops.loss_forward_backward(base, p, "sparse_categorical_crossentropy")[0] == \
         pytest.approx(np.log(4.0), rel=1e-15)
+    # the compiled range check itself refuses a misaligned buffer
+    raw = np.zeros(6 * 8 + 1, np.uint8)[1:].view(np.int64)
+    assert not raw.flags.aligned
+    with pytest.raises(ValueError, match="aligned"):
+        _core.label_range(raw)
+    assert _core.label_range(base) == (0, 3)
 
 
 # ---------------------------------------------------------------------------
