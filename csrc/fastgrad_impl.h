@@ -358,14 +358,14 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
     return S(lanes_total)(acc);
 }
 
-/* Update-ratio sums, over blocks of FG_UPD_BLOCK (64) elements: lane j takes
- * the elements k = j mod 16 of a block; squares and the 4-term lane sums are
- * in T, and the block's lanes are then added in double. All terms are
- * positive, so a float total is off by less than 4 roundings, 2.4e-7
+/* Update-ratio sums, over blocks of FG_UPD_BLOCK (128) elements: lane j
+ * takes the elements k = j mod 16 of a block; squares and the 8-term lane
+ * sums are in T, and the block's lanes are then added in double. All terms
+ * are positive, so a float total is off by less than 8 roundings, 4.8e-7
  * relative. Widening every element to double first would take twice the
  * vector work, and the ratios only need to show orders of magnitude. */
 #ifndef FG_UPD_BLOCK
-#define FG_UPD_BLOCK 64
+#define FG_UPD_BLOCK 128
 #endif
 #if defined(__GNUC__)
 typedef T S(lanes) __attribute__((vector_size(16 * sizeof(T))));
