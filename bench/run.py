@@ -33,8 +33,9 @@ and written); copy = np.copyto of N float32 at 8 bytes each (write-allocate read
 uncounted, so fg/copy can exceed 1). Each implementation is warmed up, then timed
 in samples of repeated calls lasting about a target time, in alternating blocks;
 "~" marks an interquartile range above 10% of the median. Thread settings are
-left as found and printed. monitor's two sides alternate sample by sample;
-its overhead is the median over those pairs of with / without - 1, and added
+left as found and printed. monitor's two sides alternate sample by sample,
+three times as many samples as the other cases take; its overhead is the
+median over those pairs of with / without - 1, and added
 = overhead * without. If torch imports, adam gets
 torch columns (clip_grad_norm_ + Adam(fused=True), or foreach where fused is
 missing), bn gets nn.BatchNorm1d in training mode forward + backward and dropout
@@ -509,9 +510,11 @@ def main(argv=None):
         if opts.only in name:
             head = not rows or rows[-1]["floor"] != floor
             # monitor: a difference of a few percent, so the two sides
-            # alternate sample by sample to share the machine's drift
-            rows.append(run_case(name, floor, make, args, reps, target,
-                                 reps if floor == "step" else rounds))
+            # alternate sample by sample to share the machine's drift, over
+            # three times the samples
+            n = 3 * reps if floor == "step" else reps
+            rows.append(run_case(name, floor, make, args, n, target,
+                                 n if floor == "step" else rounds))
             print_row(rows[-1], head)
     if opts.json:
         with open(opts.json, "w") as f:
