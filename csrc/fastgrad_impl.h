@@ -363,7 +363,9 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
  * sums are in T, and the block's lanes are then added in double. All terms
  * are positive, so a float total is off by less than 8 roundings, 4.8e-7
  * relative. Widening every element to double first would take twice the
- * vector work, and the ratios only need to show orders of magnitude. */
+ * vector work, and the ratios only need to show orders of magnitude (float
+ * weights or updates beyond 1.8e19 in magnitude, whose squares overflow,
+ * give a ratio of 0 or NaN). */
 #ifndef FG_UPD_BLOCK
 #define FG_UPD_BLOCK 128
 #endif
