@@ -341,9 +341,9 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
  * elements k = j mod 32): enough independent chains to hide the add latency
  * once vectorized. The lanes are then added pairwise. A fixed order: the
  * same result from run to run and from one instruction set to another. */
-FG_INLINE double S(lanes_total)(double *acc)
+FG_INLINE double S(lanes_total)(double *acc, int lanes)
 {
-    for (int h = 16; h > 0; h /= 2)
+    for (int h = lanes / 2; h > 0; h /= 2)
         for (int j = 0; j < h; j++) acc[j] += acc[j + h];
     return acc[0];
 }
@@ -355,7 +355,7 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
     for (; k + 32 <= n; k += 32)
         for (int j = 0; j < 32; j++) acc[j] += (double)x[k + j] * (double)x[k + j];
     for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k] * (double)x[k];
-    return S(lanes_total)(acc);
+    return S(lanes_total)(acc, 32);
 }
 
 /* Update-ratio sums, over blocks of FG_UPD_BLOCK (128) elements: lane j
@@ -405,9 +405,7 @@ FG_INLINE double S(dlanes_total)(const S(dlanes) *acc)
 {
     double l[16];
     memcpy(l, acc, sizeof l);
-    for (int h = 8; h > 0; h /= 2)
-        for (int j = 0; j < h; j++) l[j] += l[j + h];
-    return l[0];
+    return S(lanes_total)(l, 16);
 }
 
 FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)

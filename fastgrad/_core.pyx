@@ -70,8 +70,7 @@ def matmul(const floating[:, ::1] a not None, const floating[:, ::1] b not None,
     cdef Py_ssize_t N = b.shape[0] if trans_b else b.shape[1]
     if K != Kb:
         raise ValueError(f"matmul: inner sizes differ ({K} and {Kb})")
-    if not (out.shape[0] == M and out.shape[1] == N):
-        raise ValueError(f"out: expected shape ({M}, {N})")
+    _same2(out, M, N, "out")
     for n, s in ((M, "a"), (N, "b"), (K, "a")):
         _blas_size(n, s)
     with nogil:

@@ -238,18 +238,17 @@ def _labels(y, batch, classes=None):
     elif y.dtype.kind not in "iub":
         raise TypeError(f"y_true: expected integer labels, got dtype {y.dtype}")
     # range first, in the labels' own type, so the cast below is exact
-    if (classes is not None and y.size and y.dtype == np.int64 and y.flags.c_contiguous
-            and y.flags.aligned):
-        lo, hi = _core.label_range(y)   # the common case, in one pass
-    elif classes is not None and y.size:
-        lo, hi = y.min(), y.max()
-    if classes is not None and y.size and (lo < 0 or hi >= classes):
-        bad = int(np.flatnonzero((y < 0) | (y >= classes))[0])
-        v = y[bad].item()
-        raise ValueError(f"y_true: label {v:g} at row {bad} is outside "
-                         f"[0, {classes}) for {classes} classes" if isinstance(v, float) else
-                         f"y_true: label {v} at row {bad} is outside "
-                         f"[0, {classes}) for {classes} classes")
+    if classes is not None and y.size:
+        if y.dtype == np.int64 and y.flags.c_contiguous and y.flags.aligned:
+            lo, hi = _core.label_range(y)   # the common case, in one pass
+        else:
+            lo, hi = y.min(), y.max()
+        if lo < 0 or hi >= classes:
+            bad = int(np.flatnonzero((y < 0) | (y >= classes))[0])
+            v = y[bad].item()
+            v = f"{v:g}" if isinstance(v, float) else v
+            raise ValueError(f"y_true: label {v} at row {bad} is outside "
+                             f"[0, {classes}) for {classes} classes")
     if y.dtype.kind == "f" and y.size and np.abs(y).max() >= 2.0**62:
         raise ValueError("y_true: labels too large")
     return np.require(y, np.int64, ['C', 'A'])
