@@ -27,7 +27,12 @@ with the same loss.
 
 Columns: median seconds per call; np/fg = NumPy / fastgrad (> 1: fastgrad faster);
 GEMMs = the gemm calls fastgrad makes (fastgrad._core.matmul, same BLAS) timed
-alone; fg/GEMM = fastgrad / GEMMs (1.0: nothing but BLAS). adam's GB/s counts 32
+alone; fg/GEMM = fastgrad / GEMMs (1.0: nothing but BLAS). train also times
+GEMMs+w, the same GEMMs followed by one in-place pass over the three kernels
+(w *= 1 in NumPy): the least memory traffic any optimizer step adds, and with
+two BLAS threads at small batches a large part of the cost of a step, because
+the BLAS thread on the other core must then fetch its half of every kernel back
+(fg/G+w = fastgrad / GEMMs+w). adam's GB/s counts 32
 bytes per parameter for every implementation (grads read twice; params, m, v read
 and written); copy = np.copyto of N float32 at 8 bytes each (write-allocate reads
 uncounted, so fg/copy can exceed 1). Each implementation is warmed up, then timed
@@ -176,8 +181,9 @@ def train_case(batch):
     model = mlp(fg.optimizers.SGD(learning_rate=LR))
     weights = model.get_weights()  # W1, b1, W2, b2, W3, b3
     np_step = numpy_train_step(x, labels, [w.copy() for w in weights])
+    gemms = train_gemms(x, weights)
     impls = {"fastgrad": lambda: model.train_on_batch(x, labels), "numpy": np_step,
-             "gemm": gemm_calls(train_gemms(x, weights))}
+             "gemm": gemm_calls(gemms), "gemm_write": gemms_then_write(gemms, weights[::2])}
     loss = np_step()
     return impls, abs(impls["fastgrad"]() - loss) / loss
 
@@ -214,6 +220,18 @@ def numpy_train_step(x, labels, params):
         for param, grad in zip(params, grads):
             param -= LR * grad
         return float(loss)
+    return step
+
+
+def gemms_then_write(specs, kernels):
+    """The GEMMs of ``specs``, then each of ``kernels`` rewritten in place
+    once, as the cheapest optimizer step would."""
+    run = gemm_calls(specs)
+
+    def step():
+        run()
+        for w in kernels:
+            np.multiply(w, 1.0, out=w)
     return step
 
 
@@ -409,6 +427,8 @@ def run_case(name, floor, make, args, reps, target, rounds):
         row["numpy_over_fastgrad"] = t["numpy"] / t["fastgrad"]
     if floor == "gemm":
         row["fastgrad_over_gemm"] = t["fastgrad"] / t["gemm"]
+        if "gemm_write" in t:
+            row["fastgrad_over_gemm_write"] = t["fastgrad"] / t["gemm_write"]
     elif floor == "step":
         # samples taken side by side: the median of their ratios cancels drift
         pairs = np.array(samples["with"]) / np.array(samples["without"])
@@ -445,6 +465,9 @@ def cells(row):
             ("np/fg", f"{row['numpy_over_fastgrad']:.2f}x")]
     if row["floor"] == "gemm":
         out += [("GEMMs", fmt_time(row, "gemm")), ("fg/GEMM", f"{row['fastgrad_over_gemm']:.2f}")]
+        if "gemm_write" in row["seconds"]:
+            out += [("GEMMs+w", fmt_time(row, "gemm_write")),
+                    ("fg/G+w", f"{row['fastgrad_over_gemm_write']:.2f}")]
     elif row["floor"] == "copy":
         out += [("copy", fmt_time(row, "copy"))]
         out += [(f"{k} GB/s", f"{row['gbps'][k]:.1f}") for k in ("copy", "fastgrad", "numpy")]
