@@ -104,19 +104,31 @@ def sample(fn, n):
     return (time.perf_counter() - t0) / n
 
 
+def settle(fn):
+    """Call ``fn`` for SETTLE seconds of wall time; return its mean seconds per
+    call over the second half, by when another pool's threads have gone idle.
+    (Counting calls from a time taken before settling would not do: that
+    first time is itself inflated by the spinning threads, up to 40-fold.)"""
+    t0 = t = time.perf_counter()
+    half, n = None, 0
+    while t - t0 < SETTLE or n == 0:
+        fn()
+        t = time.perf_counter()
+        if half is not None:
+            n += 1
+        elif t - t0 >= SETTLE / 2:
+            half = t
+    return max((t - half) / n, 1e-7)
+
+
 def measure(impls, reps, target, rounds):
     """name -> (median seconds per call, interquartile range / median) over
     ``reps`` samples of each callable in ``impls``, and name -> the samples
     in the order taken."""
-    once = {}
-    for name, fn in impls.items():
-        fn()
-        once[name] = max(sample(fn, 1), 1e-7)
     samples = {name: [] for name in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
-            sample(fn, math.ceil(SETTLE / once[name]))
-            loops = max(1, round(target / once[name]))
+            loops = max(1, round(target / settle(fn)))
             samples[name] += [sample(fn, loops) for _ in range(math.ceil(reps / rounds))]
     quartiles = {name: np.percentile(s, [25, 50, 75]) for name, s in samples.items()}
     return ({name: (float(q[1]), float((q[2] - q[0]) / q[1])) for name, q in quartiles.items()},
