@@ -242,22 +242,24 @@ class Sequential:
             opt.build(self.params, self.grads, self._tensors)
 
     # -- input checks -----------------------------------------------------
-    def _require_built(self, what):
+    def _require_built(self, what, input_dim=None):
         if not self.built:
-            self.build()
+            self.build(input_dim)
 
     def _require_compiled(self, what):
         if self.optimizer is None:
             raise RuntimeError(f"{what}: the model is not compiled; call "
                                "model.compile(optimizer, loss) first")
 
-    def _check_x(self, x, name="x"):
+    def _check_x(self, x, name="x", dim=None):
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise TypeError(f"{name}: expected an array of numbers, got dtype {x.dtype}")
         if x.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
-        dim = self.input_dim if self.built else self.layers[0].input_dim if self.layers else None
+        if dim is None:
+            dim = self.input_dim if self.built else self.layers[0].input_dim if self.layers \
+                else None
         if dim is not None and x.shape[1] != dim:
             raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
                              f"(shape {x.shape})")
@@ -298,8 +300,10 @@ class Sequential:
                              f"shape {y.shape}")
         return self._converted(y, name), None
 
-    def _check_xy(self, x, y, what, names=("x", "y")):
-        x = self._check_x(x, names[0])
+    def _check_xy(self, x, y, what, names=("x", "y"), build=True, dim=None):
+        """x and y checked and converted; with build, the model is then
+        built for x's features if it was not yet (only after every check)."""
+        x = self._check_x(x, names[0], dim)
         n = len(y) if hasattr(y, "__len__") else None
         if n is not None and n != x.shape[0]:
             raise ValueError(f"{names[1]}: expected {x.shape[0]} rows to match "
@@ -308,9 +312,18 @@ class Sequential:
         # a refused first call leaves the model as it was
         target, labels = self._check_y(y, x.shape[0], names[1],
                                        None if self.built else self._output_dim_for(x.shape[1]))
-        if not self.built:
+        if build and not self.built:
             self.build(x.shape[1])
         return x, target, labels
+
+    def _check_training_rows(self, n):
+        """Refuse a training batch BatchNormalization cannot use, before
+        anything is built or run."""
+        if n == 0:
+            raise ValueError("x: expected at least one row")
+        if n < 2 and any(l.kind == "BatchNormalization" for l in self.layers):
+            raise ValueError(f"x: BatchNormalization needs at least 2 rows per batch in "
+                             f"training to estimate a variance, got {n}")
 
     # -- buffers ----------------------------------------------------------
     def _prepare(self, batch):
@@ -364,7 +377,9 @@ class Sequential:
         """One forward, backward and optimizer step on one batch. Returns the
         loss (a float) or [loss, *metrics] when metrics were compiled."""
         self._require_compiled("train_on_batch")
-        x, target, labels = self._check_xy(x, y, "train_on_batch")
+        x, target, labels = self._check_xy(x, y, "train_on_batch", build=False)
+        self._check_training_rows(x.shape[0])
+        self._require_built("train_on_batch", x.shape[1])
         self._prepare(x.shape[0])
         loss, mets = self._train_step(x, target, labels)
         return float(loss) if mets is None else [float(loss), *mets]
@@ -376,7 +391,9 @@ class Sequential:
         ``weight_names``. Changes no weight, no moving statistic, no dropout
         counter and no optimizer state."""
         self._require_compiled("compute_gradients")
-        x, target, labels = self._check_xy(x, y, "compute_gradients")
+        x, target, labels = self._check_xy(x, y, "compute_gradients", build=False)
+        self._check_training_rows(x.shape[0])
+        self._require_built("compute_gradients", x.shape[1])
         self._prepare(x.shape[0])
         state = self.state.copy()
         counters = [(l, l.counter) for l in self.layers if hasattr(l, "counter")]
@@ -415,7 +432,14 @@ class Sequential:
         if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
             raise ValueError(f"validation_split: expected a fraction in [0, 1), got "
                              f"{validation_split!r}")
-        x, target, labels = self._check_xy(x, y, "fit")
+        if callbacks is None:
+            callbacks = []
+        elif isinstance(callbacks, callbacks_mod.Callback) or not all(
+                isinstance(cb, callbacks_mod.Callback) for cb in callbacks):
+            raise TypeError("callbacks: expected a list of fastgrad.callbacks.Callback "
+                            f"objects, got {callbacks!r}")
+        # every check comes before the model is built or anything moves
+        x, target, labels = self._check_xy(x, y, "fit", build=False)
         if validation_split and validation_data is None:
             cut = int(x.shape[0] * (1 - validation_split))
             if cut < 1 or cut == x.shape[0]:
@@ -432,21 +456,23 @@ class Sequential:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a tuple (x_val, y_val)")
             vx, vt, vl = self._check_xy(*validation_data, "fit",
-                                        names=("validation_data[0]", "validation_data[1]"))
+                                        names=("validation_data[0]", "validation_data[1]"),
+                                        build=False, dim=x.shape[1])
         if x.shape[0] == 0:
             raise ValueError("x: expected at least one row")
         n = x.shape[0]
         bs = min(int(batch_size), max(n, 1))
-        if self._min_batch == 2 and (bs == 1 or n % bs == 1):
+        if any(l.kind == "BatchNormalization" for l in self.layers) and (bs == 1 or n % bs == 1):
             raise ValueError(f"batch_size: with {n} rows, batches of {bs} leave a batch of "
                              "1 row, and BatchNormalization needs at least 2 in training; "
                              "choose another batch_size")
+        self._require_built("fit", x.shape[1])
         self._prepare(bs)
         ybuf = np.empty((bs,) + (target.shape[1:] if target is not None else ()),
                         target.dtype if target is not None else np.int64)
         xbuf = np.empty((bs, x.shape[1]), self.dtype)
         history = callbacks_mod.History()
-        cbs = list(callbacks or []) + [history]   # last, so it sees every callback's logs
+        cbs = list(callbacks) + [history]   # last, so it sees every callback's logs
         for cb in cbs:
             cb.set_model(self)
         self.stop_training = False

@@ -1725,6 +1725,66 @@ def test_a_failed_first_fit_leaves_the_model_unbuilt():
     assert_same_bits(m.get_weights(), ref.get_weights())
 
 
+def _unbuilt_bn_model():
+    m = fg.Sequential([Dense(8, activation="tanh"), BatchNormalization(),
+                       Dense(3, activation="softmax")], seed=4)
+    m.compile("adam", "sparse_categorical_crossentropy")
+    return m
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda m: m.fit(X60, Y60, validation_data=(X60[:4], Y60[:3]), verbose=0), ValueError,
+     "validation_data"),
+    (lambda m: m.fit(X60, Y60, validation_data=(X60[:4], Y60[:4] + 3), verbose=0), ValueError,
+     "validation_data"),
+    (lambda m: m.fit(X60, Y60, validation_data=(X60[:4, :3], Y60[:4]), verbose=0), ValueError,
+     r"validation_data\[0\].*4 features"),
+    (lambda m: m.fit(X60, Y60, validation_split=0.999, verbose=0), ValueError,
+     "validation_split"),
+    (lambda m: m.fit(X60[:0], Y60[:0], verbose=0), ValueError, r"\bx\b"),
+    (lambda m: m.fit(X60[:41], Y60[:41], batch_size=20, verbose=0), ValueError, "batch_size"),
+    (lambda m: m.fit(X60, Y60, batch_size=1, verbose=0), ValueError, "batch_size"),
+    (lambda m: m.fit(X60, Y60, callbacks=[print], verbose=0), TypeError, "callbacks"),
+    (lambda m: m.fit(X60, Y60, callbacks=fg.callbacks.History(), verbose=0), TypeError,
+     "callbacks"),
+    (lambda m: m.train_on_batch(X60[:1], Y60[:1]), ValueError, "BatchNormalization"),
+    (lambda m: m.train_on_batch(X60[:0], Y60[:0]), ValueError, r"\bx\b.*row"),
+    (lambda m: m.compute_gradients(X60[:1], Y60[:1]), ValueError, "BatchNormalization"),
+])
+def test_a_refused_call_leaves_an_unbuilt_model_unbuilt(call, exc, pattern):
+    """Every argument check runs before the first call builds the model."""
+    m = _unbuilt_bn_model()
+    with pytest.raises(exc) as info:
+        call(m)
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert not m.built
+    m.add(Dense(3, activation="softmax"))      # still open for layers
+    assert len(m.layers) == 4
+    # and it builds as a fresh model would: the generator did not move
+    m2 = _unbuilt_bn_model()
+    m2.add(Dense(3, activation="softmax"))
+    m.fit(X60, Y60, epochs=1, batch_size=20, verbose=0)
+    m2.fit(X60, Y60, epochs=1, batch_size=20, verbose=0)
+    assert_same_bits(m.get_weights(), m2.get_weights())
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.fit(X60, Y60, batch_size=1, verbose=0),
+    lambda m: m.fit(X60[:41], Y60[:41], batch_size=20, verbose=0),
+    lambda m: m.fit(X60, Y60, validation_data=(X60[:4], Y60[:3]), verbose=0),
+    lambda m: m.fit(X60, Y60, callbacks=[object()], verbose=0),
+    lambda m: m.train_on_batch(X60[:1], Y60[:1]),
+    lambda m: m.train_on_batch(X60[:0], Y60[:0]),
+])
+def test_a_refused_call_leaves_a_built_model_unchanged(call):
+    m = _unbuilt_bn_model()
+    m.fit(X60, Y60, epochs=1, batch_size=20, verbose=0)
+    before = _state(m)
+    with pytest.raises((ValueError, TypeError)):
+        call(m)
+    _assert_state(m, before)
+
+
 def test_batch_normalization_refuses_a_one_row_batch_before_training():
     x, y = blobs(65, d=5)
     m = bn_dropout_model()
