@@ -6,6 +6,12 @@ update (Keras 3 formulas):
     NonNeg()                       w *= (w >= 0)
     ClipValue(clip_value=0.01)     w = clip(w, -clip_value, clip_value)
                                    (weight clipping, as in WGAN)
+
+The optimizer applies them inside its compiled step, so a layer takes only
+these three classes, and MaxNorm on a Dense kernel only with axis=0 (one
+norm per unit, Keras' default); a bias or BatchNormalization weight is a
+vector, where axis 0 and -1 are the same. Layers check this when they are
+created, so compile never fails on a constraint.
 """
 import numpy as np
 
@@ -23,8 +29,8 @@ class MaxNorm(Constraint):
     def __init__(self, max_value=2.0, axis=0):
         if not (np.isfinite(max_value) and max_value > 0):
             raise ValueError(f"max_value: expected a positive number, got {max_value!r}")
-        if axis not in (0, -1, 1):
-            raise ValueError(f"axis: expected 0 or -1, got {axis!r}")
+        if isinstance(axis, bool) or axis not in (0, -1, 1):
+            raise ValueError(f"axis: expected 0, 1 or -1, got {axis!r}")
         self.max_value, self.axis = float(max_value), int(axis)
 
     def __call__(self, w):
@@ -70,6 +76,24 @@ def get(identifier):
         return _NAMES[identifier["class_name"]](**identifier.get("config", {}))
     raise ValueError(f"constraint: expected None, 'max_norm', 'non_neg', 'clip_value' or "
                      f"a fastgrad.constraints.Constraint, got {identifier!r}")
+
+
+def check(constraint, ndim, arg):
+    """The constraint for a weight of ``ndim`` dimensions given as ``arg``,
+    refused (naming arg) when the compiled step cannot apply it."""
+    c = get(constraint)
+    if c is None:
+        return None
+    if type(c) not in (MaxNorm, NonNeg, ClipValue):
+        raise TypeError(f"{arg}: expected MaxNorm, NonNeg or ClipValue (they run inside the "
+                        f"compiled optimizer step), got {type(c).__name__}")
+    if isinstance(c, MaxNorm):
+        supported = (0,) if ndim == 2 else (0, -1)
+        if c.axis not in supported:
+            what = "a kernel supports only axis=0 (one norm per unit)" if ndim == 2 else \
+                "a vector supports axis=0 or axis=-1"
+            raise ValueError(f"{arg}: MaxNorm(axis={c.axis}) is not supported; {what}")
+    return c
 
 
 def serialize(c):

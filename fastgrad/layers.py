@@ -102,8 +102,8 @@ class Dense(Layer):
         self.bias_initializer = initializers.get(bias_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
+        self.kernel_constraint = constraints.check(kernel_constraint, 2, "kernel_constraint")
+        self.bias_constraint = constraints.check(bias_constraint, 1, "bias_constraint")
         self._code, self._alpha = ops.ACTIVATIONS[self.activation]
         self._needs_pre = self.activation in ops.NEEDS_PRE
         self.collect_stats = False   # set by fastgrad.diagnose
@@ -252,8 +252,8 @@ class BatchNormalization(Layer):
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
         self.beta_regularizer = regularizers.get(beta_regularizer)
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
+        self.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
 
     def build(self, input_dim):
         self.input_dim = self.output_dim = input_dim

@@ -225,21 +225,28 @@ class Sequential:
             metrics = []
         elif isinstance(metrics, (str, metrics_mod.Metric)):
             metrics = [metrics]
+        elif not isinstance(metrics, (list, tuple)):
+            raise TypeError(f"metrics: expected a list of metric names or "
+                            f"fastgrad.metrics.Metric objects, got {metrics!r}")
+        metrics = list(metrics)
         mets = [metrics_mod.get(m, loss_obj.name) for m in metrics]
-        self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
-        self._metric_names = [m if isinstance(m, str) else m.name for m in metrics]
-        self._metric_names = ["accuracy" if n in ("acc", "accuracy") else n
-                              for n in self._metric_names]
+        names = [m if isinstance(m, str) else m.name for m in metrics]
+        names = ["accuracy" if n in ("acc", "accuracy") else n for n in names]
         last = self.layers[-1] if self.layers else None
         act = getattr(last, "activation", None)
-        self._fused = (not loss_obj.from_logits and loss_obj.name in _FUSED
-                       and act == _FUSED[loss_obj.name])
-        self._from_logits = loss_obj.from_logits or self._fused
-        self._loss_code = ops.LOSSES[loss_obj.name]
-        if self.layers and self.layers[0].input_dim is not None:
+        fused = (not loss_obj.from_logits and loss_obj.name in _FUSED
+                 and act == _FUSED[loss_obj.name])
+        loss_code = ops.LOSSES[loss_obj.name]
+        # every argument is resolved and checked (layers checked their
+        # constraints when created): only now does anything change
+        if not self.built and self.layers and self.layers[0].input_dim is not None:
             self.build()
         if self.built:
             opt.build(self.params, self.grads, self._tensors)
+        self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
+        self._metric_names, self._metric_specs = names, metrics
+        self._fused, self._from_logits = fused, loss_obj.from_logits or fused
+        self._loss_code = loss_code
 
     # -- input checks -----------------------------------------------------
     def _require_built(self, what, input_dim=None):

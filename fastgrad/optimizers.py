@@ -125,15 +125,14 @@ class Optimizer:
             if reg is not None:
                 l1[t], l2[t] = reg.l1, reg.l2
             if con is not None:
+                # layers refuse any other constraint when they are created
                 kind = type(con).__name__
                 constraint[t] = _CONSTRAINTS[kind]
                 if kind == "MaxNorm":
                     cvalue[t] = con.max_value
-                    # axis 0 of a (rows, cols) kernel: one norm per column
-                    cols[t] = shape[-1] if len(shape) == 2 and con.axis == 0 else \
-                        (shape[0] if len(shape) == 2 else 0)
-                    if len(shape) == 2 and con.axis != 0:
-                        raise ValueError("MaxNorm: only axis=0 is supported for kernels")
+                    # axis 0 of a (rows, cols) kernel: one norm per column;
+                    # a vector: one norm over it all
+                    cols[t] = shape[-1] if len(shape) == 2 else 0
                 elif kind == "ClipValue":
                     cvalue[t] = con.clip_value
         self._scale = np.ones(T)

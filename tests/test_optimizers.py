@@ -18,6 +18,7 @@ Layout of this file:
   7. arguments ...... bad values, fg.optimizers.get, defaults
 """
 import math
+import re
 import platform
 
 import numpy as np
@@ -752,6 +753,44 @@ def test_model_constraint_holds_after_training():
     k, b = model.get_weights()[:2]
     assert np.all(np.linalg.norm(k.astype(F64), axis=0) <= 0.3 * (1 + 1e-6))
     assert np.all(b >= 0)
+
+
+@pytest.mark.parametrize("make,exc,pattern", [
+    (lambda: Dense(3, kernel_constraint=constraints.MaxNorm(axis=-1)), ValueError,
+     r"kernel_constraint.*axis=-1.*axis=0"),
+    (lambda: Dense(3, kernel_constraint=constraints.MaxNorm(axis=1)), ValueError,
+     r"kernel_constraint.*axis=1"),
+    (lambda: Dense(3, kernel_constraint={"class_name": "MaxNorm", "config": {"axis": -1}}),
+     ValueError, r"kernel_constraint.*axis"),
+    (lambda: Dense(3, bias_constraint=constraints.MaxNorm(axis=1)), ValueError,
+     r"bias_constraint.*axis=1"),
+    (lambda: fg.layers.BatchNormalization(gamma_constraint=constraints.MaxNorm(axis=1)),
+     ValueError, r"gamma_constraint.*axis"),
+    (lambda: Dense(3, kernel_constraint=type("Custom", (constraints.Constraint,), {})()),
+     TypeError, r"kernel_constraint.*Custom"),
+    (lambda: constraints.MaxNorm(axis=2), ValueError, r"\baxis\b"),
+    (lambda: constraints.MaxNorm(axis=True), ValueError, r"\baxis\b"),
+])
+def test_constraints_the_step_cannot_apply_are_refused_when_the_layer_is_made(make, exc,
+                                                                              pattern):
+    with pytest.raises(exc) as info:
+        make()
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_max_norm_on_vectors_takes_axis_0_or_minus_1_alike():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 3)) * 5
+    got = []
+    for axis in (0, -1):
+        m = fg.Sequential([Dense(3, input_dim=4,
+                                 bias_constraint=constraints.MaxNorm(0.1, axis=axis))], seed=2)
+        m.compile(optimizers.SGD(0.5), "mse")
+        m.fit(x, y, epochs=2, verbose=0)
+        got.append(m.get_weights())
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    assert np.linalg.norm(got[0][1].astype(F64)) <= 0.1 * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -1669,6 +1669,38 @@ def test_bad_arguments_raise_naming_the_argument_and_change_nothing(trained, cal
     assert model.optimizer.iterations == before[1] + 2
 
 
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda m: m.compile("adamx", "sparse_categorical_crossentropy"), ValueError,
+     "optimizer"),
+    (lambda m: m.compile("sgd", "cross_entropy_xyz"), ValueError, "loss"),
+    (lambda m: m.compile("sgd", "sparse_categorical_crossentropy", ["accuracy", "f1_xyz"]),
+     ValueError, "metric"),
+    (lambda m: m.compile("sgd", "sparse_categorical_crossentropy", 5), TypeError, "metrics"),
+    (lambda m: m.compile("sgd", "sparse_categorical_crossentropy", [3]), TypeError,
+     "metrics"),
+])
+@pytest.mark.parametrize("built", [False, True])
+def test_a_refused_compile_leaves_the_model_as_it_was(call, exc, pattern, built):
+    model = fg.Sequential([Dense(8, activation="tanh", input_dim=4),
+                           Dense(3, activation="softmax")], seed=4)
+    if built:
+        model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+        model.fit(X60, Y60, epochs=1, verbose=0)
+        before = _state(model)
+    opt, loss, mets = model.optimizer, model.loss, model.metrics
+    with pytest.raises(exc) as info:
+        call(model)
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert model.built == built
+    assert model.optimizer is opt and model.loss is loss and model.metrics is mets
+    if built:
+        _assert_state(model, before)
+        model.fit(X60, Y60, epochs=1, verbose=0)
+        assert model.optimizer.iterations == before[1] + 2
+    else:
+        model.add(Dense(3, activation="softmax"))    # still open for layers
+
+
 def test_validation_data_errors_name_validation_data():
     """A bad validation set is reported as such, not as a bad x or y."""
     model = mlp()
