@@ -5,11 +5,24 @@ import numpy as np
 
 
 class Callback:
-    """Base class; ``self.model`` is set by fit. Hooks receive ``logs``
-    dicts of the current loss and metrics."""
+    """Base class for the hooks ``Model.fit`` calls (Keras 3 names).
+
+    Before training, fit calls ``set_params`` with ``{"verbose", "epochs",
+    "steps"}`` (steps: batches per epoch), kept as ``self.params``, and
+    ``set_model``, kept as ``self.model``. Hooks receive ``logs`` dicts of
+    the current loss and metrics.
+
+    Per batch, fit calls ``on_train_batch_begin`` / ``on_train_batch_end``;
+    by default these call ``on_batch_begin`` / ``on_batch_end``, so a
+    subclass may override either name. A callback that overrides neither
+    costs nothing per batch."""
 
     def __init__(self):
         self.model = None
+        self.params = None
+
+    def set_params(self, params):
+        self.params = params
 
     def set_model(self, model):
         self.model = model
@@ -32,8 +45,20 @@ class Callback:
     def on_batch_end(self, batch, logs=None):
         pass
 
-    on_train_batch_begin = on_batch_begin
-    on_train_batch_end = on_batch_end
+    def on_train_batch_begin(self, batch, logs=None):
+        self.on_batch_begin(batch, logs=logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_batch_end(batch, logs=logs)
+
+
+def _batch_hooks(callbacks, when):
+    """The bound on_train_batch_<when> of the callbacks that override it or
+    on_batch_<when>: the others would only run the base class's no-ops."""
+    names = (f"on_train_batch_{when}", f"on_batch_{when}")
+    return [getattr(cb, names[0]) for cb in callbacks
+            if any(getattr(type(cb), n) is not getattr(Callback, n)
+                   or n in getattr(cb, "__dict__", ()) for n in names)]
 
 
 class History(Callback):
@@ -125,8 +150,6 @@ class TerminateOnNaN(Callback):
         if loss is not None and not math.isfinite(loss):
             print(f"Batch {batch}: invalid loss {loss}, terminating training")
             self.model.stop_training = True
-
-    on_train_batch_end = on_batch_end
 
 
 class LearningRateScheduler(Callback):
@@ -258,8 +281,6 @@ class GradientMonitor(Callback):
         if self.every > 1:
             self.model.optimizer._want_updates(self, self._seen % self.every == 0)
 
-    on_train_batch_begin = on_batch_begin
-
     def on_batch_end(self, batch, logs=None):
         self._seen += 1
         if (self._seen - 1) % self.every:
@@ -276,8 +297,6 @@ class GradientMonitor(Callback):
         ratio = rec.update_ratio
         b["update_ratios"][n] = ratio if ratio is not None and not rec.nonfinite else np.nan
         self._n = n + 1
-
-    on_train_batch_end = on_batch_end
 
     def _array(self, key):
         buf = self._alloc(0) if self._buf is None else self._buf

@@ -480,8 +480,12 @@ class Sequential:
         xbuf = np.empty((bs, x.shape[1]), self.dtype)
         history = callbacks_mod.History()
         cbs = list(callbacks) + [history]   # last, so it sees every callback's logs
+        params = {"verbose": verbose, "epochs": epochs, "steps": -(-n // bs)}
         for cb in cbs:
+            cb.set_params(params)
             cb.set_model(self)
+        batch_begin = callbacks_mod._batch_hooks(cbs, "begin")
+        batch_end = callbacks_mod._batch_hooks(cbs, "end")
         self.stop_training = False
         for cb in cbs:
             cb.on_train_begin()
@@ -504,8 +508,8 @@ class Sequential:
                     xb = np.take(x, idx, axis=0, out=xbuf[:b])
                     yb = np.take(target if target is not None else labels, idx, axis=0,
                                  out=ybuf[:b])
-                for cb in cbs:
-                    cb.on_batch_begin(step)
+                for hook in batch_begin:
+                    hook(step)
                 loss, mets = self._train_step(xb, yb if labels is None else None,
                                               yb if labels is not None else None)
                 sums[0] += loss * b
@@ -518,8 +522,8 @@ class Sequential:
                     finite_steps += 1
                 clipped_steps += rec.clipped
                 logs = {"loss": float(loss)}
-                for cb in cbs:
-                    cb.on_batch_end(step, logs)
+                for hook in batch_end:
+                    hook(step, logs)
                 if bar is not None:
                     bar.update(stop, sums[0] / stop, self._metric_names,
                                sums[1:] / stop)

@@ -622,6 +622,67 @@ def test_callback_hook_order_and_counts():
     assert cb.model is model
 
 
+class KerasStyle(fg.callbacks.Callback):
+    """Overrides only the Keras 3 names of the batch hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.events.append(("train_batch_begin", batch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.events.append(("train_batch_end", batch, logs["loss"]))
+
+
+class BothNames(Recorder):
+    """Overrides on_train_batch_end and hands on to on_batch_end, as a Keras
+    subclass calling super() does."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.events.append(("train_batch_end", batch))
+        super().on_train_batch_end(batch, logs)
+
+
+def test_keras_batch_hooks_fire_and_default_to_the_old_names():
+    n, bs, epochs = 50, 16, 2
+    x, y = blobs(n)
+    model = mlp()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    keras_cb, old_names, both = KerasStyle(), Recorder(), BothNames()
+    patched = fg.callbacks.Callback()
+    patched_ends = []
+    patched.on_batch_end = lambda batch, logs=None: patched_ends.append(batch)
+    model.fit(x, y, epochs=epochs, batch_size=bs, verbose=0, shuffle=False,
+              callbacks=[keras_cb, old_names, both, patched])
+    nb = math.ceil(n / bs)
+    assert [e[:2] for e in keras_cb.events] == [
+        (k, b) for _ in range(epochs) for b in range(nb)
+        for k in ("train_batch_begin", "train_batch_end")]
+    losses = [e[2] for e in keras_cb.events if e[0] == "train_batch_end"]
+    assert losses == old_names.batch_losses[0] + old_names.batch_losses[1]
+    assert [e for e in old_names.events if "batch" in e[0]] == [
+        (k, b) for _ in range(epochs) for b in range(nb) for k in ("batch_begin", "batch_end")]
+    assert [e for e in both.events if "batch" in e[0]] == [
+        e for _ in range(epochs) for b in range(nb)
+        for e in (("batch_begin", b), ("train_batch_end", b), ("batch_end", b))]
+    assert patched_ends == list(range(nb)) * epochs
+
+
+def test_callbacks_get_the_keras_params_and_the_model():
+    x, y = blobs(50)
+    model = mlp()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    cb = fg.callbacks.Callback()
+    assert cb.params is None and cb.model is None
+    h = model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb])
+    assert cb.params == {"verbose": 0, "epochs": 3, "steps": 4}
+    assert cb.model is model and h.params == cb.params and h.model is model
+    model.fit(x, y, epochs=1, batch_size=50, verbose=2, callbacks=[cb])
+    assert cb.params == {"verbose": 2, "epochs": 1, "steps": 1}
+
+
 def keras_early_stopping(values, mode, min_delta, patience):
     """Keras 3's rule: returns (stopped_epoch or None, best_epoch)."""
     best, best_epoch, wait = None, None, 0
