@@ -1,5 +1,6 @@
 """Callbacks: hooks called by ``Model.fit`` (Keras names)."""
 import math
+import warnings
 
 import numpy as np
 
@@ -90,7 +91,10 @@ class EarlyStopping(Callback):
     ``min_delta`` for ``patience`` epochs (Keras 3 rules: with a
     ``baseline``, patience restarts only on epochs that beat it). With
     ``restore_best_weights`` the weights of the best epoch are put back when
-    it stops."""
+    it stops. Defaults: monitor="val_loss", min_delta=0, patience=0,
+    mode="auto" (max for accuracy-like names, else min). An epoch whose logs
+    lack ``monitor`` (val_loss without validation data) gives a warning
+    naming the logged metrics and does not count."""
 
     def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, verbose=0,
                  mode="auto", baseline=None, restore_best_weights=False, start_from_epoch=0):
@@ -117,8 +121,12 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
         if current is None:
-            raise ValueError(f"monitor: {self.monitor!r} is not among the logged values "
-                             f"{sorted(logs or {})}")
+            # as Keras 3: warn and keep training (e.g. val_loss without
+            # validation data)
+            warnings.warn(f"EarlyStopping: the monitored metric {self.monitor!r} is not "
+                          f"available; the logged metrics are {', '.join(logs or {})}",
+                          stacklevel=2)
+            return
         if epoch < self.start_from_epoch:
             return
         if self.restore_best_weights and self.best_weights is None:

@@ -30,6 +30,7 @@ import pickle
 import re
 import struct
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -776,6 +777,25 @@ def test_early_stopping_matches_reference_on_random_sequences():
     drive_early_stopping(cb, [1.0, 2.0], "m")
     d, ran = drive_early_stopping(cb, [5.0, 4.0, 3.0], "m")
     assert ran == 3 and not d.stop_training
+
+
+def test_early_stopping_without_its_metric_warns_and_training_goes_on():
+    """Keras 3: EarlyStopping() (val_loss) without validation data warns
+    each epoch, naming the metric and the logged ones, and never stops."""
+    x, y = blobs(60)
+    model = mlp()
+    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    es = fg.callbacks.EarlyStopping(patience=0)
+    with pytest.warns(UserWarning) as record:
+        h = model.fit(x, y, epochs=3, verbose=0, callbacks=[es])
+    assert len(h.history["loss"]) == 3 and model.optimizer.iterations == 6
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 3
+    assert all("'val_loss'" in m and "loss" in m and "accuracy" in m for m in messages)
+    # with the metric there, the same callback works as usual
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, epochs=2, verbose=0, validation_split=0.2, callbacks=[es])
 
 
 def test_early_stopping_through_fit_restores_the_best_weights():
