@@ -17,6 +17,7 @@ Layout of this file:
   6. determinism, model integration
   7. arguments ...... bad values, fg.optimizers.get, defaults
 """
+import inspect
 import math
 import re
 import platform
@@ -548,6 +549,83 @@ def test_cosine_decay_with_warmup():
         assert s(k) == pytest.approx(exp, rel=1e-12)
     assert s(10) == pytest.approx(0.2)
     assert s(110) == pytest.approx(0.02) and s(1000) == pytest.approx(0.02)
+
+
+def keras_cosine_decay(step, initial, decay_steps, alpha=0.0, warmup_target=None,
+                       warmup_steps=0):
+    """NumPy form of the formula in Keras 3's CosineDecay docstring."""
+    step = np.asarray(step, F64)
+
+    def decayed(s, start):
+        s = np.minimum(s, decay_steps)
+        return start * ((1 - alpha) * 0.5 * (1 + np.cos(np.pi * s / decay_steps)) + alpha)
+
+    if warmup_target is None:      # no warmup: warmup_steps plays no part
+        return decayed(step, initial)
+    warm = initial + (warmup_target - initial) * step / max(warmup_steps, 1)
+    return np.where(step < warmup_steps, warm, decayed(step - warmup_steps, warmup_target))
+
+
+@pytest.mark.parametrize("args", [
+    dict(initial=1.0, decay_steps=10, warmup_steps=5),
+    dict(initial=0.1, decay_steps=40, alpha=0.2, warmup_steps=7),
+    dict(initial=0.1, decay_steps=40, alpha=0.2),
+    dict(initial=0.0, decay_steps=30, alpha=0.1, warmup_target=0.3, warmup_steps=8),
+    dict(initial=0.05, decay_steps=25, warmup_target=0.01, warmup_steps=0),
+])
+def test_cosine_decay_matches_the_keras_formula(args):
+    s = schedules.CosineDecay(args["initial"], args["decay_steps"], args.get("alpha", 0.0),
+                              warmup_target=args.get("warmup_target"),
+                              warmup_steps=args.get("warmup_steps", 0))
+    steps = np.arange(0, 120)
+    ref = keras_cosine_decay(steps, **args)
+    np.testing.assert_allclose([s(int(k)) for k in steps], ref, rtol=1e-13, atol=1e-16)
+    if "warmup_target" not in args:
+        assert s(0) == pytest.approx(args["initial"])
+    # the example: CosineDecay(1.0, 10, warmup_steps=5)(5) is half way down
+    assert schedules.CosineDecay(1.0, 10, warmup_steps=5)(5) == pytest.approx(0.5, rel=1e-15)
+
+
+# Keras 3 signatures: (name, default) in order; E marks "no default"
+E = inspect.Parameter.empty
+KERAS_SIGNATURES = {
+    schedules.ExponentialDecay: [
+        ("initial_learning_rate", E), ("decay_steps", E), ("decay_rate", E),
+        ("staircase", False), ("name", "ExponentialDecay")],
+    schedules.PiecewiseConstantDecay: [
+        ("boundaries", E), ("values", E), ("name", "PiecewiseConstant")],
+    schedules.CosineDecay: [
+        ("initial_learning_rate", E), ("decay_steps", E), ("alpha", 0.0),
+        ("name", "CosineDecay"), ("warmup_target", None), ("warmup_steps", 0)],
+}
+
+
+@pytest.mark.parametrize("cls", list(KERAS_SIGNATURES), ids=lambda c: c.__name__)
+def test_schedule_signatures_are_keras_3(cls):
+    params = inspect.signature(cls).parameters.values()
+    assert [(p.name, p.default) for p in params] == KERAS_SIGNATURES[cls]
+
+
+def test_schedule_positions_names_and_configs():
+    c = schedules.CosineDecay(0.1, 10, 0.2, "warm", 0.5, 3)
+    assert (c.alpha, c.name, c.warmup_target, c.warmup_steps) == (0.2, "warm", 0.5, 3)
+    e = schedules.ExponentialDecay(0.1, 10, 0.5, True, "exp")
+    p = schedules.PiecewiseConstantDecay([5], [0.1, 0.01], "steps")
+    for sched, name in ((c, "warm"), (e, "exp"), (p, "steps")):
+        cfg = schedules.serialize(sched)
+        assert cfg["config"]["name"] == name
+        back = schedules.deserialize(cfg)
+        assert type(back) is type(sched) and back.get_config() == sched.get_config()
+        assert [back(k) for k in range(20)] == [sched(k) for k in range(20)]
+        # a config from before schedules had names gets the default name
+        old = {"class_name": cfg["class_name"],
+               "config": {k: v for k, v in cfg["config"].items() if k != "name"}}
+        assert schedules.deserialize(old).name == dict(KERAS_SIGNATURES[type(sched)])["name"]
+    for make in (lambda: schedules.CosineDecay(0.1, 10, name=3),
+                 lambda: schedules.ExponentialDecay(0.1, 10, 0.5, name=["x"]),
+                 lambda: schedules.PiecewiseConstantDecay([1], [1.0, 0.5], name=1.5)):
+        with pytest.raises(TypeError, match="name"):
+            make()
 
 
 SCHEDS = [lambda: schedules.ExponentialDecay(0.2, 2, 0.5),

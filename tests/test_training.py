@@ -1326,6 +1326,19 @@ def test_rebuilt_file_loads(tmp_path, small_file):
     assert any(n.endswith("kernel") for n in names)
 
 
+def test_a_file_whose_schedule_has_no_name_loads(tmp_path, small_file):
+    """Files written before schedules took Keras' name= still load."""
+    data, weights = small_file
+
+    def drop_name(h):
+        del h["compile"]["optimizer"]["config"]["learning_rate"]["config"]["name"]
+
+    m = load_bytes(tmp_path, _edit(data, drop_name))
+    assert_same_bits(m.get_weights(), weights)
+    assert m.optimizer.learning_rate.name == "ExponentialDecay"
+    assert m.optimizer.learning_rate(7) == fg.schedules.ExponentialDecay(0.01, 10, 0.9)(7)
+
+
 def test_truncated_files_raise_value_error(tmp_path, small_file):
     data, _ = small_file
     cuts = sorted(set(range(0, len(data), 7)) | {1, 8, 19, 20, len(data) - 1})
