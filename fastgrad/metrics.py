@@ -6,7 +6,9 @@
     mse, mae   mean squared / absolute error over all entries
 
 A metric is ``metric(y_true, y_pred) -> float`` averaged over the batch;
-the model weights per-batch values by batch size over an epoch.
+the model weights per-batch values by batch size over an epoch. A metric
+given as an object is saved with its configuration (``get_config``), so
+``load_model`` restores it with the same settings.
 """
 import numpy as np
 
@@ -16,6 +18,9 @@ class Metric:
 
     def __call__(self, y_true, y_pred, from_logits=False):
         raise NotImplementedError
+
+    def get_config(self):
+        return {}
 
 
 class MeanSquaredError(Metric):
@@ -49,10 +54,21 @@ class SparseCategoricalAccuracy(Metric):
 
 
 class BinaryAccuracy(Metric):
+    """Share of predictions on the target's side of ``threshold`` (default
+    0.5): ``(y_pred > threshold) == (y_true > 0.5)``; for logits the
+    threshold is moved to ``log(threshold / (1 - threshold))``."""
+
     name = "accuracy"
 
     def __init__(self, threshold=0.5):
-        self.threshold = threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) \
+                or not 0 < threshold < 1:
+            raise ValueError(f"threshold: expected a number strictly between 0 and 1, "
+                             f"got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def get_config(self):
+        return {"threshold": self.threshold}
 
     def __call__(self, y_true, y_pred, from_logits=False):
         # a logit above log(t / (1 - t)) is a probability above t
@@ -86,3 +102,18 @@ def get(identifier, loss_name=None):
         raise ValueError(f"metrics: unknown name {identifier!r}; expected 'accuracy', "
                          f"{', '.join(_CLASSES)}")
     raise TypeError(f"metrics: expected a name or a fastgrad.metrics.Metric, got {identifier!r}")
+
+
+_NAMES = {c.__name__: c for c in (MeanSquaredError, MeanAbsoluteError, CategoricalAccuracy,
+                                  SparseCategoricalAccuracy, BinaryAccuracy)}
+
+
+def serialize(metric):
+    return {"class_name": type(metric).__name__, "config": metric.get_config()}
+
+
+def deserialize(config):
+    """The metric a ``serialize`` dict describes."""
+    if not isinstance(config, dict) or config.get("class_name") not in _NAMES:
+        raise ValueError(f"metrics: unknown metric {config!r}")
+    return _NAMES[config["class_name"]](**config.get("config", {}))

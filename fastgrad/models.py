@@ -711,7 +711,11 @@ def _save(model, path):
         header["compile"] = {
             "optimizer": {"class_name": type(opt).__name__, "config": opt.get_config()},
             "loss": {"class_name": type(model.loss).__name__, "config": model.loss.get_config()},
-            "metrics": list(model._metric_names),
+            # names as given (accuracy resolves from the loss); objects
+            # with their configuration
+            "metrics": [name if isinstance(spec, str) else metrics_mod.serialize(m)
+                        for spec, name, m in zip(model._metric_specs, model._metric_names,
+                                                 model.metrics)],
             "iterations": opt.iterations, "skipped_steps": opt.skipped_steps,
         }
         arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
@@ -779,7 +783,10 @@ def _from_header(header, arrays, layers_mod, schedules):
         lcls = {c.__name__: c for c in losses._CLASSES.values()}.get(comp["loss"]["class_name"])
         if ocls is None or lcls is None:
             raise ModelFileError("unknown optimizer or loss type")
-        model.compile(ocls(**oc), lcls(**comp["loss"]["config"]), comp["metrics"])
+        # files from before metric objects were saved hold names only
+        mets = [m if isinstance(m, str) else metrics_mod.deserialize(m)
+                for m in comp["metrics"]]
+        model.compile(ocls(**oc), lcls(**comp["loss"]["config"]), mets)
         opt = model.optimizer
         for k, buf in opt.variables().items():
             a = arrays.pop(f"optimizer/{k}", None)

@@ -1096,6 +1096,59 @@ def test_save_load_round_trip(tmp_path, dtype):
     _assert_same_model(model, fg.models.load_model(path))
 
 
+def test_metric_objects_are_saved_with_their_configuration(tmp_path):
+    x, labels = blobs(120, k=2, seed=4)
+    y = labels.reshape(-1, 1).astype(F32)
+    model = mlp(k=1, out_act="sigmoid", seed=1)
+    model.compile(fg.optimizers.Adam(0.05), "mse",
+                  metrics=[fg.metrics.BinaryAccuracy(threshold=0.9), "mae",
+                           fg.metrics.MeanSquaredError()])
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    path = tmp_path / "m.fgm"
+    model.save(str(path))
+    loaded = fg.load_model(str(path))
+    acc = loaded.metrics[0]
+    # a BinaryAccuracy with its threshold, not the accuracy the loss (mse) implies
+    assert type(acc) is fg.metrics.BinaryAccuracy and acc.threshold == 0.9
+    assert [type(m) for m in loaded.metrics] == [type(m) for m in model.metrics]
+    assert loaded.evaluate(x, y, verbose=0) == model.evaluate(x, y, verbose=0)
+    p = model.predict(x)
+    assert model.evaluate(x, y, verbose=0)[1] == pytest.approx(
+        np_accuracy("binary", p, y, threshold=0.9), abs=1e-12)
+    # a saved model saves the same way again
+    loaded.save(str(tmp_path / "again.fgm"))
+    assert fg.load_model(str(tmp_path / "again.fgm")).metrics[0].threshold == 0.9
+
+
+def test_files_with_metric_names_only_still_load(tmp_path, small_file):
+    """Files written before metric objects were saved with their
+    configuration hold names; they load as before."""
+    data, weights = small_file
+    _, _, header, _ = split_file(data)
+    assert header["compile"]["metrics"] == ["accuracy"]
+    m = load_bytes(tmp_path, data)
+    assert type(m.metrics[0]) is fg.metrics.SparseCategoricalAccuracy
+
+    def bad(h):
+        h["compile"]["metrics"] = [{"class_name": "F1Score", "config": {}}]
+
+    with pytest.raises(ValueError, match="F1Score"):
+        load_bytes(tmp_path, _edit(data, bad), "bad.fgm")
+
+    def bad_threshold(h):
+        h["compile"]["metrics"] = [{"class_name": "BinaryAccuracy",
+                                    "config": {"threshold": 2.0}}]
+
+    with pytest.raises(ValueError, match="threshold"):
+        load_bytes(tmp_path, _edit(data, bad_threshold), "bad2.fgm")
+
+
+def test_binary_accuracy_threshold_is_checked():
+    for bad in (0.0, 1.0, -0.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="threshold"):
+            fg.metrics.BinaryAccuracy(threshold=bad)
+
+
 def test_save_load_uncompiled_and_overwrite(tmp_path):
     model = mlp(seed=3)
     model.build()
