@@ -4,6 +4,8 @@ import warnings
 
 import numpy as np
 
+from fastgrad.schedules import LearningRateSchedule
+
 
 class Callback:
     """Base class for the hooks ``Model.fit`` calls (Keras 3 names).
@@ -162,13 +164,23 @@ class TerminateOnNaN(Callback):
 
 class LearningRateScheduler(Callback):
     """Set the optimizer's learning rate at the start of each epoch to
-    ``schedule(epoch, lr)`` (or ``schedule(epoch)``)."""
+    ``schedule(epoch, lr)`` (or ``schedule(epoch)``). As in Keras, an
+    optimizer whose learning_rate is a schedule object is refused with a
+    TypeError when training begins, before any step."""
 
     def __init__(self, schedule, verbose=0):
         super().__init__()
         if not callable(schedule):
             raise TypeError(f"schedule: expected a function, got {schedule!r}")
         self.schedule, self.verbose = schedule, verbose
+
+    def on_train_begin(self, logs=None):
+        lr = self.model.optimizer.learning_rate
+        if isinstance(lr, LearningRateSchedule):
+            raise TypeError(f"learning_rate: the optimizer was created with a schedule "
+                            f"({type(lr).__name__}), which LearningRateScheduler would "
+                            "replace; give the optimizer a float learning_rate, or drop "
+                            "the LearningRateScheduler")
 
     def on_epoch_begin(self, epoch, logs=None):
         opt = self.model.optimizer

@@ -90,10 +90,8 @@ class Optimizer:
 
     def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None, nonfinite="skip", name=None):
-        if isinstance(learning_rate, schedules.LearningRateSchedule):
-            self.learning_rate = learning_rate
-        else:
-            self.learning_rate = _positive("learning_rate", learning_rate, False, True)
+        self._learning_rate = None
+        self.learning_rate = learning_rate
         self.weight_decay = _positive("weight_decay", weight_decay, True, True)
         self.clipnorm = _positive("clipnorm", clipnorm)
         self.clipvalue = _positive("clipvalue", clipvalue)
@@ -111,6 +109,25 @@ class Optimizer:
         self._params = None
         self._track = False
         self._update_wishes = {}   # GradientMonitor -> wants update ratios
+
+    @property
+    def learning_rate(self):
+        """A float >= 0, or the schedule the optimizer was created with.
+        As in Keras, a schedule may replace a float or another schedule,
+        but a float cannot replace a schedule (TypeError)."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if isinstance(value, schedules.LearningRateSchedule):
+            self._learning_rate = value
+            return
+        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            raise TypeError(f"learning_rate: this optimizer was created with a schedule "
+                            f"({type(self._learning_rate).__name__}), so its rate cannot be "
+                            f"set to {value!r}; create it with a float learning_rate to set "
+                            "the rate (as LearningRateScheduler does)")
+        self._learning_rate = _positive("learning_rate", value, False, True)
 
     # -- state ------------------------------------------------------------
     def build(self, params, grads, tensors):
@@ -183,7 +200,7 @@ class Optimizer:
         return dict(self._moments)
 
     def current_learning_rate(self):
-        lr = self.learning_rate
+        lr = self._learning_rate
         return float(lr(self.iterations)) if callable(lr) else lr
 
     # -- the step ---------------------------------------------------------
@@ -237,7 +254,7 @@ class Optimizer:
         return False, False, False
 
     def get_config(self):
-        lr = self.learning_rate
+        lr = self._learning_rate
         return {
             "learning_rate": schedules.serialize(lr) if callable(lr) else lr,
             "weight_decay": self.weight_decay, "clipnorm": self.clipnorm,

@@ -902,6 +902,39 @@ def test_learning_rate_scheduler_sets_the_rate_per_epoch():
     assert m2.optimizer.learning_rate == pytest.approx(0.05, rel=1e-15)
 
 
+def test_learning_rate_scheduler_refuses_an_optimizer_with_a_schedule():
+    """Keras raises TypeError rather than replace a schedule with a float."""
+    x, y = blobs(60)
+    model = mlp()
+    sched = fg.schedules.CosineDecay(0.01, 100)
+    model.compile(fg.optimizers.Adam(sched), "sparse_categorical_crossentropy")
+    before = _state(model)
+    cb = fg.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1)
+    with pytest.raises(TypeError, match=r"learning_rate.*CosineDecay"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[cb])
+    _assert_state(model, before)
+    assert model.optimizer.learning_rate is sched
+    model.fit(x, y, epochs=1, verbose=0)      # trains on with its schedule
+
+
+def test_optimizer_learning_rate_assignment_follows_keras():
+    opt = fg.optimizers.SGD(fg.schedules.ExponentialDecay(0.1, 10, 0.5))
+    with pytest.raises(TypeError, match=r"learning_rate.*ExponentialDecay"):
+        opt.learning_rate = 0.01
+    assert isinstance(opt.learning_rate, fg.schedules.ExponentialDecay)
+    opt.learning_rate = fg.schedules.PiecewiseConstantDecay([5], [0.2, 0.1])  # allowed
+    assert opt.current_learning_rate() == 0.2
+    opt = fg.optimizers.SGD(0.1)
+    opt.learning_rate = 0.05
+    assert opt.learning_rate == 0.05 and opt.get_config()["learning_rate"] == 0.05
+    for bad in (-0.1, float("nan"), "fast", None):
+        with pytest.raises((ValueError, TypeError), match="learning_rate"):
+            opt.learning_rate = bad
+    assert opt.learning_rate == 0.05
+    opt.learning_rate = fg.schedules.CosineDecay(0.1, 10)
+    assert opt.current_learning_rate() == pytest.approx(0.1)
+
+
 def test_learning_rate_scheduler_rate_is_in_the_history():
     """Keras' LearningRateScheduler adds "learning_rate" to the epoch logs,
     and History (which Keras runs after the user's callbacks) records it."""
