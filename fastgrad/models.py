@@ -426,7 +426,11 @@ class Sequential:
         ``history`` maps "loss", the metrics, their "val_" forms, and
         "grad_norm" (mean global gradient norm of the epoch's applied steps) and
         "clip_rate" (fraction of its steps where clipping fired) to per-epoch
-        lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch."""
+        lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+        callbacks: a list of fastgrad.callbacks.Callback; each gets
+        set_params({"verbose", "epochs", "steps"}) and set_model(model), then
+        the Keras 3 hooks (on_train_batch_begin/end per batch). Every argument
+        is checked before the model is built or anything changes."""
         self._require_compiled("fit")
         for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
                             ("initial_epoch", initial_epoch, 0)):
