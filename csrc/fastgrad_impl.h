@@ -1,8 +1,9 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix, and
- * EXP, ERF, SQRT, FABS are T's math functions; EXP_NONPOS (e^x),
- * EXPM1_NONPOS (e^x - 1), both for x <= 0, and TANH are fastgrad's own, in
- * plain arithmetic, so that the loops calling them vectorize. */
+ * SQRT, FABS are T's math functions; EXP_NONPOS (e^x), EXPM1_NONPOS
+ * (e^x - 1), both for x <= 0, TANH, GELU and GELU_GRAD (its derivative) are
+ * fastgrad's own, in plain arithmetic, so that the loops calling them
+ * vectorize (GELU in double keeps the C library's erfc). */
 
 /* Column block for the bias-gradient reduction: its double accumulators
  * live on the stack, so the kernels never allocate. */
@@ -83,9 +84,8 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
                 y[j] = z <= 0 ? (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em : (T)FG_SELU_SCALE * z;
             }
             break;
-        case FG_GELU:      /* erf is the C library's: this loop stays scalar */
-            for (ptrdiff_t j = 0; j < O; j++)
-                y[j] = (T)0.5 * y[j] * ((T)1 + ERF(y[j] * (T)FG_SQRT1_2));
+        case FG_GELU:
+            for (ptrdiff_t j = 0; j < O; j++) y[j] = GELU(y[j]);
             break;
         }
         if (stats) {   /* only when asked: a second look at the row, in cache */
@@ -191,9 +191,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
                 }
                 break;
             case FG_GELU:
-                for (ptrdiff_t j = 0; j < w; j++)
-                    d[j] = g[j] * ((T)0.5 * ((T)1 + ERF(z[j] * (T)FG_SQRT1_2))
-                                   + z[j] * (T)FG_INV_SQRT_2PI * EXP((T)-0.5 * z[j] * z[j]));
+                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * GELU_GRAD(z[j]);
                 break;
             }
             if (dbias) for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];

@@ -9,7 +9,8 @@ None (linear). Formulas, with z the input:
     leaky_relu  z if z > 0 else negative_slope * z     (negative_slope = 0.2)
     elu         z if z > 0 else alpha * (exp(z) - 1)   (alpha = 1.0)
     selu        scale * elu(z, alpha), alpha = 1.67326324, scale = 1.05070098
-    gelu        z * Phi(z) = z * (1 + erf(z / sqrt(2))) / 2   (exact form)
+    gelu        z * Phi(z) = z * erfc(-z / sqrt(2)) / 2   (exact form; Phi the
+                normal distribution function, accurate in its left tail)
     silu        z * sigmoid(z)
     sigmoid     1 / (1 + exp(-z))
     tanh        tanh(z)
