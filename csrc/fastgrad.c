@@ -1,4 +1,5 @@
 /* Instantiates the kernels of fastgrad_impl.h for float and double. */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include "fastgrad.h"
@@ -206,6 +207,7 @@ static inline double fg_gelu_grad_f64(double z)
 #define TANH fg_tanh_f32
 #define SQRT sqrtf
 #define FABS fabsf
+#define T_MAX FLT_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f32
 #include "fastgrad_impl.h"
 #undef T
@@ -216,6 +218,7 @@ static inline double fg_gelu_grad_f64(double z)
 #undef TANH
 #undef SQRT
 #undef FABS
+#undef T_MAX
 #undef EXPM1_NONPOS
 
 #define T double
@@ -226,5 +229,6 @@ static inline double fg_gelu_grad_f64(double z)
 #define TANH fg_tanh_f64
 #define SQRT sqrt
 #define FABS fabs
+#define T_MAX DBL_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f64
 #include "fastgrad_impl.h"

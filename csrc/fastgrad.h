@@ -99,8 +99,9 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position);
     int fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
                          T *grad,                                              \
                          const T *param, const fg_tensors *tt);                \
-    int fg_optimizer_step##S(T *param, T *m, T *v, T *vmax, const T *grad,     \
-                             const fg_tensors *tt, const fg_opt_config *c);     \
+    int fg_optimizer_step##S(int64_t *first_overflow, T *param, T *m, T *v,    \
+                             T *vmax, const T *grad, const fg_tensors *tt,     \
+                             const fg_opt_config *c);                          \
     int fg_batchnorm_forward##S(T *out, double *mean, double *rstd,             \
                                 T *moving_mean, T *moving_var, const T *inp,    \
                                 const T *gamma, const T *beta, ptrdiff_t B,     \

@@ -487,7 +487,7 @@ typedef struct {
 /* The update of n consecutive elements of one tensor. One loop per kind,
  * with loop-invariant branches only, so that each vectorizes. G(k) is the
  * scaled and clipped gradient. */
-FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
+FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
                             const T *restrict gr, T *restrict mt,
                             T *restrict vt, T *restrict xt, T *restrict dw,
                             T sc, ptrdiff_t n)
@@ -496,9 +496,12 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
     const T rho = q->rho, b1 = q->b1, b2 = q->b2, adam_lr = q->adam_lr;
     const int clip = q->clip;
 #define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
-/* the new weight; dw (when given) receives the change, for update ratios */
+/* the new weight; dw (when given) receives the change, for update ratios;
+ * an integer OR records a weight that is no longer finite (an update
+ * overflowing the type's range): free in a loop bound by memory */
 #define PUT(k, expr) do { T w_new = (expr); if (dw) dw[k] = w_new - w[k]; \
-                          w[k] = w_new; } while (0)
+                          w[k] = w_new; bad |= !(FABS(w_new) <= T_MAX); } while (0)
+    int bad = 0;
     switch (q->kind) {
     case FG_SGD:
         if (mu == 0) {
@@ -564,6 +567,7 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
     }
 #undef G
 #undef PUT
+    return bad;
 }
 
 /* Pass 2: one read and one write of every parameter, gradient and moment.
@@ -581,10 +585,14 @@ FG_INLINE void S(update_range)(const S(opt_consts) *q, T *restrict w,
  *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
  * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
  * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
- * constraint) and sum w_new^2 are accumulated too, block by block. */
-FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad,
-                         const fg_tensors *tt, const fg_opt_config *c)
+ * constraint) and sum w_new^2 are accumulated too, block by block.
+ * first_overflow receives the first tensor whose weights are not all finite
+ * after the step (finite gradients whose update overflowed), or -1. */
+FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *v,
+                         T *vmax, const T *grad, const fg_tensors *tt,
+                         const fg_opt_config *c)
 {
+    *first_overflow = -1;
     if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
     S(opt_consts) q;
     q.kind = c->kind; q.clip = c->clipvalue > 0; q.nesterov = c->nesterov;
@@ -608,11 +616,14 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
         const T *gr = grad + a;
         T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
         const T sc = (T)tt->scale[t];
+        int bad;
         if (!tt->upd_sumsq) {
-            S(update_range)(&q, w, gr, mt, vt, xt, NULL, sc, n);
+            bad = S(update_range)(&q, w, gr, mt, vt, xt, NULL, sc, n);
         } else {
             S(dlanes) du = {0}, ww = {0};
             ptrdiff_t k0 = 0;
+            /* the flags go unused here (and compile away): a weight that is
+             * not finite shows in the sums, checked below */
             for (; k0 + BLOCK <= n; k0 += BLOCK) {
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, BLOCK);
@@ -629,6 +640,9 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
             }
             tt->upd_sumsq[t] = S(dlanes_total)(&du);
             tt->w_sumsq[t] = S(dlanes_total)(&ww);
+            /* inf or NaN in the sums: an update that overflowed, or only
+             * squares past the range; a look at the weights tells */
+            bad = !(tt->upd_sumsq[t] + tt->w_sumsq[t] <= DBL_MAX);
         }
         /* Constraints: rare, so a second pass over the constrained tensor
          * keeps the update loops free of them. */
@@ -644,6 +658,11 @@ FG_TARGETS int S(fg_optimizer_step)(T *param, T *m, T *v, T *vmax, const T *grad
             S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
             break;
         }
+        if (bad && (tt->upd_sumsq || tt->constraint[t] != FG_NO_CONSTRAINT)) {
+            bad = 0;   /* a constraint (ClipValue) may have mended it */
+            for (ptrdiff_t k = 0; k < n; k++) bad |= !(FABS(w[k]) <= T_MAX);
+        }
+        if (bad && *first_overflow < 0) *first_overflow = t;
     }
     fg_flush_end(fp_mode);
     return FG_OK;

@@ -377,8 +377,11 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
                    double weight_decay, double clipvalue, bint nesterov,
                    bint centered, bint amsgrad, int64_t step):
     """The fused update of every parameter (formulas in csrc/fastgrad_impl.h);
-    with the table tracking updates, also the update-to-weight ratios."""
+    with the table tracking updates, also the update-to-weight ratios.
+    Returns the first tensor whose weights are not all finite after the
+    step (an update that overflowed), or -1."""
     cdef fg_opt_config c
+    cdef int64_t overflow = -1
     cdef Py_ssize_t t
     cdef double du, ww
     cdef int s
@@ -399,11 +402,11 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
     c.clipvalue, c.nesterov, c.centered, c.amsgrad, c.step = clipvalue, nesterov, centered, amsgrad, step
     with nogil:
         if floating is float:
-            s = fg_optimizer_step_f32(_ptr1(param), _ptr1(m) if need_m else NULL,
+            s = fg_optimizer_step_f32(&overflow, _ptr1(param), _ptr1(m) if need_m else NULL,
                                       _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
                                       _cptr1(grad), &table.tt, &c)
         else:
-            s = fg_optimizer_step_f64(_ptr1(param), _ptr1(m) if need_m else NULL,
+            s = fg_optimizer_step_f64(&overflow, _ptr1(param), _ptr1(m) if need_m else NULL,
                                       _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
                                       _cptr1(grad), &table.tt, &c)
         if s == FG_OK and table.ratio_ptr != NULL:
@@ -413,6 +416,7 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
                 table.ratio_ptr[t] = du / sqrt(ww) if ww > 0 else du
     if s != FG_OK:
         _raise(s)
+    return overflow
 
 
 def batchnorm_forward(const floating[:, ::1] inp not None, const floating[::1] gamma,

@@ -64,10 +64,10 @@ cdef extern from "fastgrad.h" nogil:
                           const float *param, const fg_tensors *tt)
     int fg_grad_norms_f64(double *sumsq, double *penalty, int64_t *first_bad, double *grad,
                           const double *param, const fg_tensors *tt)
-    int fg_optimizer_step_f32(float *param, float *m, float *v, float *vmax,
+    int fg_optimizer_step_f32(int64_t *first_overflow, float *param, float *m, float *v, float *vmax,
                               const float *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
-    int fg_optimizer_step_f64(double *param, double *m, double *v, double *vmax,
+    int fg_optimizer_step_f64(int64_t *first_overflow, double *param, double *m, double *v, double *vmax,
                               const double *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
 

@@ -335,7 +335,7 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
     rec = opt.apply()
     return {"grad_norms": rec.grad_norms.copy(), "global_norm": rec.global_norm,
             "clip_scale": rec.clip_scale.copy(), "clipped": rec.clipped,
-            "nonfinite": rec.nonfinite}
+            "nonfinite": rec.nonfinite, "overflow": rec.overflow}
 
 
 _STEP_DOC = """
@@ -344,8 +344,11 @@ _STEP_DOC = """
     one step of the optimizer of the same name (formula in its docstring),
     through the same two compiled passes. ``offsets`` splits the flat buffers
     into tensors for ``clipnorm`` (default: one tensor). ``grads`` is not
-    modified. A step with a non-finite gradient changes nothing. Returns a
-    dict: grad_norms, global_norm, clip_scale, clipped, nonfinite."""
+    modified. A step with a non-finite gradient changes nothing; one whose
+    update overflows the weights' range warns (RuntimeWarning). Returns a
+    dict: grad_norms, global_norm, clip_scale, clipped, nonfinite, and
+    overflow (the first tensor, "tensor_<t>", whose weights are no longer
+    all finite, or None)."""
 
 
 def sgd_step(params, grads, learning_rate=0.01, momentum=0.0, nesterov=False,

@@ -19,7 +19,11 @@ Clipping (at most one of them, as in Keras):
 A step whose gradients are not all finite never reaches the weights: with
 ``nonfinite="skip"`` (default) weights and moments stay as they are and
 ``skipped_steps`` counts it; with ``nonfinite="raise"`` a
-``FloatingPointError`` names the first such tensor.
+``FloatingPointError`` names the first such tensor. Finite gradients can
+still overflow the weights' range (say SGD with a learning rate of 1e30);
+the update pass notices at no cost, and the step, already applied, is
+reported: ``StepRecord.overflow`` names the tensor, and a RuntimeWarning
+(``nonfinite="skip"``) or FloatingPointError (``"raise"``) says so.
 
 On x86-64, pass 2 runs with subnormal numbers flushed to zero (read as
 zero and written as zero), as TensorFlow runs Keras on the CPU: a moment
@@ -31,6 +35,7 @@ Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -53,10 +58,13 @@ class StepRecord:
     penalty      the regularizers' loss at the weights before the step
     update_ratio (tensors,) ||w_new - w_old|| / ||w_new|| of each tensor when
                  the optimizer tracks updates (``track_updates()``), else None
+    overflow     name of the first tensor whose weights are not all finite
+                 after this (applied) step, or None
     """
 
     __slots__ = ("step", "learning_rate", "grad_norms", "global_norm", "clip_scale",
-                 "clipped", "nonfinite", "bad_tensor", "penalty", "update_ratio")
+                 "clipped", "nonfinite", "bad_tensor", "penalty", "update_ratio",
+                 "overflow")
 
     def __init__(self, step, learning_rate, grad_norms, global_norm, clip_scale,
                  clipped, nonfinite, bad_tensor=None, penalty=0.0):
@@ -66,6 +74,7 @@ class StepRecord:
         self.nonfinite, self.bad_tensor = nonfinite, bad_tensor
         self.penalty = penalty
         self.update_ratio = None
+        self.overflow = None
 
 
 def _positive(name, value, allow_none=True, allow_zero=False):
@@ -235,15 +244,24 @@ class Optimizer:
             clipped = bool(self._norms.size) and _any_above(self._grads, self.clipvalue)
         self.iterations += 1
         m = self._moments
-        _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"), self._grads,
-                             self._table, self._kind, lr, *self._hyper(),
-                             self.weight_decay or 0.0, self.clipvalue or 0.0,
-                             *self._flags(), self.iterations)
-        self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
-                                    clipped, False, None, penalty)
+        over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
+                                    self._grads, self._table, self._kind, lr, *self._hyper(),
+                                    self.weight_decay or 0.0, self.clipvalue or 0.0,
+                                    *self._flags(), self.iterations)
+        rec = self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
+                                          clipped, False, None, penalty)
         if self._track:   # the step wrote the ratios
-            self.last_step.update_ratio = self._ratio
-        return self.last_step
+            rec.update_ratio = self._ratio
+        if over >= 0:
+            rec.overflow = self._names[over]
+            msg = (f"the update of {rec.overflow} overflowed: its weights are not all finite "
+                   f"after step {self.iterations}, whose gradients were finite (lower the "
+                   "learning rate, or clip the gradients; or the weights were not finite "
+                   "before)")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return rec
 
     def _hyper(self):
         """(momentum, rho, beta_1, beta_2, epsilon)."""

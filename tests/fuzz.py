@@ -935,12 +935,20 @@ def _expect(call, result):
             want = float(np.sum(x * x))
         _compare(np.array(result), np.array(want), np.array(abs(want)), np.float32)
     else:
-        keys = {"grad_norms", "global_norm", "clip_scale", "clipped", "nonfinite"}
+        keys = {"grad_norms", "global_norm", "clip_scale", "clipped", "nonfinite", "overflow"}
         if not isinstance(result, dict) or set(result) != keys:
             raise HarnessFailure(f"{k} returned {result!r:.80}")
         offsets = kw.get("offsets")
         tensors = 1 if offsets is None else len(offsets) - 1
         arrcheck(result["grad_norms"], (tensors,), np.float64, "grad_norms")
+        over = result["overflow"]
+        params = kw["params"]
+        if over is not None and (not isinstance(over, str) or not over.startswith("tensor_")
+                                 or np.all(np.isfinite(params))):
+            raise HarnessFailure(f"overflow {over!r} reported with params all finite "
+                                 "or not naming a tensor")
+        if over is None and not result["nonfinite"] and not np.all(np.isfinite(params)):
+            raise HarnessFailure("params not all finite after the step, and no overflow reported")
 
 
 def _opp(a, t):

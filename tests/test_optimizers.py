@@ -745,6 +745,52 @@ def test_nonfinite_through_a_model():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("make", [
+    # (optimizer for the type's largest value big, gradient of the bad element)
+    lambda nf, big: (optimizers.SGD(big ** 0.6, nonfinite=nf), -big ** 0.45),
+    lambda nf, big: (optimizers.SGD(big ** 0.6, momentum=0.9, nonfinite=nf), -big ** 0.45),
+    lambda nf, big: (optimizers.Adagrad(0.75 * big, nonfinite=nf), -1.0)],
+    ids=["sgd", "momentum", "adagrad"])
+def test_an_update_that_overflows_is_reported(make, track, dtype):
+    """Finite gradients (with a finite norm) whose update leaves the type's
+    range: the step is applied (nothing can undo it in place) but never
+    silently: the record names the first such tensor, with a RuntimeWarning
+    or a FloatingPointError."""
+    big = float(np.finfo(dtype).max)
+    for mode in ("skip", "raise"):
+        opt, g = make(mode, big)
+        params = np.full(SIZE, 0.5 * big, dtype)
+        grads = np.zeros(SIZE, dtype)
+        opt.build(params, grads, TENSORS)
+        opt.track_updates(track)
+        opt.apply()     # a finite step first
+        assert opt.last_step.overflow is None and np.all(np.isfinite(params))
+        grads[13] = g   # dense/bias: w - lr g passes the maximum
+        if mode == "skip":
+            with pytest.warns(RuntimeWarning, match="update of dense/bias overflowed"):
+                rec = opt.apply()
+            assert rec.overflow == "dense/bias" and not rec.nonfinite
+        else:
+            with pytest.raises(FloatingPointError, match="update of dense/bias overflowed"):
+                opt.apply()
+        assert not np.isfinite(params[13]) and opt.iterations == 2
+        assert np.all(np.isfinite(np.delete(params, 13)))
+
+
+def test_clip_value_constraint_mends_an_overflow_so_none_is_reported():
+    rng = np.random.default_rng(15)
+    clip = fg.constraints.ClipValue(1.0)
+    model = fg.Sequential([Dense(2, input_dim=3, kernel_constraint=clip,
+                                 bias_constraint=clip)], seed=0)
+    model.compile(optimizer=optimizers.SGD(1e38, nonfinite="raise"), loss="mse")
+    x, y = rng.normal(size=(4, 3)), rng.normal(size=(4, 2)) * 100
+    model.train_on_batch(x, y)    # would raise if the clipped kernel were reported
+    assert model.optimizer.last_step.overflow is None
+    assert all(np.all(np.abs(w) <= 1.0) for w in model.get_weights())
+
+
 # ---------------------------------------------------------------------------
 # 6. determinism and model integration
 # ---------------------------------------------------------------------------
