@@ -204,7 +204,8 @@ class LearningRateScheduler(Callback):
 class ModelCheckpoint(Callback):
     """Save the model (``model.save``) after each epoch to ``filepath``,
     which may hold ``{epoch}`` and logged names (``{val_loss:.3f}``). With
-    ``save_best_only`` only when ``monitor`` improved."""
+    ``save_best_only`` only when ``monitor`` improved; an epoch whose logs
+    lack ``monitor`` gives a warning and saves nothing, as in Keras 3."""
 
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
                  mode="auto"):
@@ -219,9 +220,11 @@ class ModelCheckpoint(Callback):
         path = self.filepath.format(epoch=epoch + 1, **logs)
         if self.save_best_only:
             current = logs.get(self.monitor)
-            if current is None:
-                raise ValueError(f"monitor: {self.monitor!r} is not among the logged values "
-                                 f"{sorted(logs)}")
+            if current is None:   # as Keras 3: warn, and save nothing this epoch
+                warnings.warn(f"ModelCheckpoint: can save the best model only with "
+                              f"{self.monitor!r} available, skipping; the logged metrics are "
+                              f"{', '.join(logs)}", stacklevel=2)
+                return
             improved = self.best is None or (current < self.best if self.mode == "min"
                                              else current > self.best)
             if not improved:

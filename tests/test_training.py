@@ -998,6 +998,19 @@ def test_model_checkpoint_save_best_only(tmp_path):
     assert_same_bits(fg.load_model(str(path)).get_weights(), inj2.weights[1])
 
 
+def test_model_checkpoint_best_only_without_its_metric_warns_and_saves_nothing(tmp_path):
+    """Keras 3: save_best_only with val_loss but no validation data warns each
+    epoch and saves nothing; training goes on."""
+    x, y = blobs(48)
+    model = mlp()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    ck = fg.callbacks.ModelCheckpoint(str(tmp_path / "best.fgm"), save_best_only=True)
+    with pytest.warns(UserWarning, match="'val_loss' available") as record:
+        h = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ck])
+    assert len(record) == 2 and len(h.history["loss"]) == 2
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------
 # 4. verbose
 # ---------------------------------------------------------------------------
