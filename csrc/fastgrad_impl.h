@@ -30,6 +30,15 @@ static void S(softmax_row)(T *y, ptrdiff_t O)
     for (ptrdiff_t j = 0; j < O; j++) y[j] *= inv;
 }
 
+/* e[j] = exp(x[j] - shift) in double for j < n, all arguments <= 0:
+ * fastgrad's exponential, which vectorizes, for runs of 16 or more; the C
+ * library's for shorter ones, where the polynomial's latency would dominate. */
+static inline void S(exp_shifted)(double *e, const T *x, double shift, ptrdiff_t n)
+{
+    if (n >= 16) for (ptrdiff_t j = 0; j < n; j++) e[j] = fg_exp_nonpos_f64((double)x[j] - shift);
+    else for (ptrdiff_t j = 0; j < n; j++) e[j] = exp((double)x[j] - shift);
+}
+
 /* Dense epilogue: out = act(inp + bias), one pass; inp may be out itself
  * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
  * NULL; pre is (B,O) or NULL and receives z = inp + bias. */
@@ -209,7 +218,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
  * dpred = d loss / d pred, or d loss / d logits when from_logits.
  * prob receives sigmoid/softmax(pred) when from_logits.
  * param is Huber's delta. */
-int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
+FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
                                 const T *pred, const T *target,
                                 const int64_t *labels, ptrdiff_t B,
                                 ptrdiff_t O, int kind, int from_logits,
@@ -288,22 +297,45 @@ int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
 #define FG_TARGET(j) (sparse ? ((j) == lab ? 1.0 : 0.0) : (double)t[j])
             if (O == 0) break;
             if (from_logits) {
-                /* l = sum_j t_j (lse - z_j), lse = m + log sum exp(z - m) */
+                /* l = sum_j t_j (lse - z_j), lse = m + log sum exp(z - m):
+                 * a block of exponentials on the stack, added in four fixed
+                 * chains */
                 double m = p[0];
                 for (ptrdiff_t j = 1; j < O; j++) if (p[j] > m) m = p[j];
-                double s = 0.0, tsum = 0.0, tz = 0.0;
-                for (ptrdiff_t j = 0; j < O; j++) s += exp((double)p[j] - m);
-                double lse = m + log(s);
-                for (ptrdiff_t j = 0; j < O; j++) {
-                    double y = FG_TARGET(j);
+                double eb[FG_COLS], s4[4] = {0.0, 0.0, 0.0, 0.0};
+                for (ptrdiff_t j0 = 0; j0 < O; j0 += FG_COLS) {
+                    ptrdiff_t w = O - j0 < FG_COLS ? O - j0 : FG_COLS, k = 0;
+                    S(exp_shifted)(eb, p + j0, m, w);
+                    for (; k + 4 <= w; k += 4) {
+                        s4[0] += eb[k]; s4[1] += eb[k + 1]; s4[2] += eb[k + 2]; s4[3] += eb[k + 3];
+                    }
+                    for (; k < w; k++) s4[k & 3] += eb[k];
+                }
+                double lse = m + log((s4[0] + s4[1]) + (s4[2] + s4[3]));
+                double tsum = 0.0, tz = 0.0;
+                if (sparse) {
+                    tsum = 1.0; tz = (double)p[lab];
+                } else for (ptrdiff_t j = 0; j < O; j++) {
+                    double y = t[j];
                     tsum += y; tz += y * (double)p[j];
                 }
                 row = tsum * lse - tz;
-                for (ptrdiff_t j = 0; j < O; j++) {
-                    double sm = exp((double)p[j] - lse);
-                    if (q) q[j] = (T)sm;
-                    if (d) d[j] = (T)((sm * tsum - FG_TARGET(j)) * invB);
+                double sm_lab = 0.0;
+                /* dl/dz_j = softmax_j tsum - t_j, block by block through the
+                 * stack, one simple loop per output so that each vectorizes;
+                 * sparse: t is 0 but at the label, mended after */
+                for (ptrdiff_t j0 = 0; j0 < O; j0 += FG_COLS) {
+                    ptrdiff_t w = O - j0 < FG_COLS ? O - j0 : FG_COLS;
+                    S(exp_shifted)(eb, p + j0, lse, w);
+                    if (sparse && lab >= j0 && lab < j0 + w) sm_lab = eb[lab - j0];
+                    if (q) for (ptrdiff_t j = 0; j < w; j++) q[j0 + j] = (T)eb[j];
+                    if (d && sparse)
+                        for (ptrdiff_t j = 0; j < w; j++) d[j0 + j] = (T)(eb[j] * tsum * invB);
+                    else if (d)
+                        for (ptrdiff_t j = 0; j < w; j++)
+                            d[j0 + j] = (T)((eb[j] * tsum - (double)t[j0 + j]) * invB);
                 }
+                if (d && sparse) d[lab] = (T)((sm_lab * tsum - 1.0) * invB);
             } else {
                 /* Keras: q = p / sum(p), clipped to [eps, 1 - eps];
                  * l = -sum_j t_j log q_j.  dl/dp_k = (Tu - [k unclipped] t_k / q_k) / sum(p),
