@@ -33,7 +33,7 @@ def example(seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastgrad")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a 20-layer network trained four ways, diagnosed")
+    demo = sub.add_parser("demo", help="a 20-layer network trained five ways, diagnosed")
     demo.add_argument("--plot", metavar="PATH", help="save a figure comparing the cases")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=10)

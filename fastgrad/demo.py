@@ -1,11 +1,11 @@
 """``python -m fastgrad demo``: the same 20-layer dense network, trained
-four ways on data it generates, each diagnosed before training.
+five ways on data it generates, each diagnosed before training.
 
 1. sigmoid, Glorot initialization          the gradient vanishes
 2. ReLU, He initialization                 cured by the activation and init
 3. sigmoid with BatchNormalization         cured by normalization
-4. ReLU, oversized N(0, 0.25^2) init       the gradient explodes,
-   then the same with global_clipnorm=1.0  tamed by clipping
+4. ReLU, oversized N(0, 0.25^2) init       the gradient explodes
+5. the same with global_clipnorm=1.0       tamed by clipping
 """
 import time
 

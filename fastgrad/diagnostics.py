@@ -4,25 +4,30 @@ One forward and backward pass in training mode on (x, y) (the first
 ``batch_size`` rows, all by default) gives, per layer with weights, the L2
 norm of the loss gradient of its main weight (a Dense kernel, a
 BatchNormalization gamma), that weight's norm, and the activation
-statistics of the pass. Nothing persists: the weights, the
-BatchNormalization moving statistics, the dropout counters and the
-optimizer are as they were.
+statistics of the pass. The weights, the BatchNormalization moving
+statistics, the dropout counters and the optimizer are left as they were;
+the pass's gradients stay in ``model.grads``, and a model not built yet is
+built first (drawing its initial weights).
 
-Thresholds (module constants), for g_l the kernel gradient norm of Dense
-layer l (l = 1 the first), w_l its weight norm:
+Thresholds (module constants), for g_l the main-weight gradient norm of
+layer l and w_l that weight's norm (a weight of norm 0 gives an infinite
+g_l / w_l), and g_L the kernel gradient norm of the last Dense layer:
 
-- exploding: any gradient not finite; or any g_l > EXPLODING_NORM; or any
-  g_l / w_l > EXPLODING_RATIO. The absolute and relative tests matter
-  because in a ReLU network with an oversized initialization activations
-  and backpropagated errors grow together, so first and last layers can be
-  equally huge and their ratio alone shows nothing.
-- vanishing (if not exploding): g_1 / g_L < VANISHING_DROP (the gradient
-  shrinks by that much on its way from the last Dense layer to the first),
-  or some g_l / w_l < VANISHING_RATIO.
+- exploding, for any layer with weights (Dense or BatchNormalization):
+  g_l not finite, or g_l > EXPLODING_NORM, or g_l / w_l > EXPLODING_RATIO.
+  The absolute and relative tests matter because in a ReLU network with an
+  oversized initialization activations and backpropagated errors grow
+  together, so first and last layers can be equally huge and their ratio
+  alone shows nothing.
+- vanishing, for a Dense layer that is not exploding: g_l / g_L <
+  VANISHING_DROP (the gradient shrinks by that much on its way back from
+  the last Dense layer; tested when g_L > 0), or g_l / w_l <
+  VANISHING_RATIO.
 - healthy otherwise.
 
-Each layer row carries its own status by the same tests (vanishing for a
-layer: g_l / g_L < VANISHING_DROP or g_l / w_l < VANISHING_RATIO).
+Each layer row carries its own status by these tests. The report's status
+is "exploding" if any row is exploding, else "vanishing" if any row is
+vanishing, else "healthy".
 """
 import math
 

@@ -1,8 +1,8 @@
 """Layers. Each layer declares its weights; the model allocates them in its
 flat buffers and hands every layer views into them. A layer's forward and
 backward are one compiled call each, writing into work buffers allocated
-once for the largest batch seen, so a steady training step allocates
-nothing.
+once for the largest batch seen, so they allocate nothing in a steady
+training step.
 
 Layer protocol (used by models.Sequential):
     build(input_dim) -> output_dim, and fills self.weight_specs

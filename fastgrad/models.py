@@ -5,8 +5,9 @@ their gradients in another (``model.grads``) and non-trainable state (such
 as BatchNormalization's moving statistics) in a third; layers and the
 optimizer hold views. A training step is one compiled call per layer and
 direction, one for the loss and two for the optimizer, writing into buffers
-allocated for the largest batch seen: after the first step it allocates
-nothing.
+allocated for the largest batch seen: after the first step it allocates no
+arrays beyond the compiled metrics' NumPy temporaries, sized by the batch's
+predictions (fastgrad.metrics).
 
 When the last layer's activation is softmax (with categorical or sparse
 categorical cross-entropy) or sigmoid (with binary cross-entropy), training
@@ -31,8 +32,8 @@ _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentrop
 
 
 class _ProgressBar:
-    """The live bar of ``fit(verbose=1)``: tqdm when it is installed (an
-    optional extra), otherwise one carriage-returned line."""
+    """The live bar of ``fit(verbose=1)``: tqdm when it is installed,
+    otherwise one carriage-returned line."""
 
     def __init__(self, epoch, epochs, total):
         self.t0, self.total = time.perf_counter(), total

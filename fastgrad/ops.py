@@ -1,12 +1,18 @@
 """The compiled kernels, callable on NumPy arrays.
 
-Every function checks its arguments and raises ``TypeError`` (wrong type or
-dtype) or ``ValueError`` (wrong shape, unknown name) naming the argument,
-before any compiled code runs. Inputs of any memory layout are accepted
-(non-contiguous ones are copied once); ``out``-style buffers must already be
-C-contiguous, writable and of the computation's dtype, since they are
-written in place. The computation's dtype is that of the first array
-argument, float32 or float64; the other float arrays must match it.
+Every function checks its arguments and raises ``ValueError`` or
+``TypeError`` naming the argument, before any compiled code runs: wrong
+shapes, unknown names and out-of-range values raise ``ValueError``, arrays
+of the wrong type or dtype ``TypeError``, and some scalars of the wrong type
+(a string rate, a float seed or step, a number as loss name) ``ValueError``.
+Inputs of any memory layout are accepted (non-contiguous ones are copied
+once); ``out``-style buffers must already be C-contiguous, writable and of
+the computation's dtype, since they are written in place. The computation's
+dtype, float32 or float64, is that of the first array argument, except in
+``loss_forward_backward``, where it is ``y_pred``'s (``y_true`` is converted
+to it). The other float arrays must match it, except ``batchnorm_backward``'s
+``mean`` and ``rstd``, which are float64, as ``batchnorm_forward`` returns
+them.
 
 Kernels overwrite their outputs; nothing accumulates.
 """

@@ -17,19 +17,22 @@ Clipping (at most one of them, as in Keras):
 ``weight_decay``: w -= learning_rate * weight_decay * w before the update.
 
 A step whose gradients are not all finite never reaches the weights: with
-``nonfinite="skip"`` (default) weights and moments stay as they are and
-``skipped_steps`` counts it; with ``nonfinite="raise"`` a
-``FloatingPointError`` names the first such tensor. Finite gradients can
-still overflow the weights' range (say SGD with a learning rate of 1e30);
-the update pass notices at no cost, and the step, already applied, is
-reported: ``StepRecord.overflow`` names the tensor, and a RuntimeWarning
-(``nonfinite="skip"``) or FloatingPointError (``"raise"``) says so.
+``nonfinite="skip"`` (default) the weights, the moments and, in a model's
+training step, BatchNormalization's moving statistics stay as they were
+before the step, and ``skipped_steps`` counts it; with
+``nonfinite="raise"`` a ``FloatingPointError`` names the first such tensor.
+Finite gradients can still overflow the weights' range (say SGD with a
+learning rate of 1e30); the update pass notices at no cost, and the step,
+already applied, is reported: ``StepRecord.overflow`` names the tensor,
+and a RuntimeWarning (``nonfinite="skip"``) or FloatingPointError
+(``"raise"``) says so.
 
 On x86-64, pass 2 runs with subnormal numbers flushed to zero (read as
 zero and written as zero), as TensorFlow runs Keras on the CPU: a moment
 decaying through the subnormal range, as Adam's ``v`` does for thousands of
-steps once a gradient has gone to zero, would otherwise cost about a hundred
-cycles per element. The caller's floating-point mode is restored after.
+steps once a gradient has gone to zero, would otherwise make the pass tens
+of times slower, depending on the CPU. The caller's floating-point mode is
+restored after.
 
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """

@@ -5,8 +5,12 @@ Layout (little-endian):
     magic        8 bytes  b"FGMODEL\\0"
     version      uint32   FORMAT_VERSION
     header_len   uint64   bytes of the JSON header that follows
-    header       JSON     {"model": architecture, "arrays": [...], "optimizer": ...,
-                           "rng": generator state, "layers": per-layer random state}
+    header       JSON     {"format": "fastgrad.model", "fastgrad_version": ...,
+                           "model": architecture, "rng": generator state,
+                           "layers_random": each Dropout layer's seed and counter,
+                           "compile": null or {"optimizer", "loss", "metrics",
+                                     "iterations", "skipped_steps"},
+                           "arrays": [...]}
     data         the arrays, each at a 64-byte aligned offset from the start
                  of the data section, in the order the header lists them
 
