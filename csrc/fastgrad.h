@@ -95,6 +95,7 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position);
                                     ptrdiff_t O, int kind, int from_logits,    \
                                     double param);                             \
     double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
+    int fg_any_abs_above##S(const T *x, ptrdiff_t N, double limit);            \
     ptrdiff_t fg_first_nonfinite_row##S(const T *x, ptrdiff_t B, ptrdiff_t F);  \
     int fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
                          T *grad,                                              \

@@ -388,6 +388,20 @@ FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
     return S(lanes_total)(acc, 32);
 }
 
+/* 1 when some |x[k]| > limit (NaN never is), else 0: blocks of 1024 whose
+ * loops vectorize, with an exit after the first block that has one. */
+FG_TARGETS int S(fg_any_abs_above)(const T *x, ptrdiff_t N, double limit)
+{
+    const T lim = (T)limit;
+    for (ptrdiff_t k0 = 0; k0 < N; k0 += 1024) {
+        ptrdiff_t w = N - k0 < 1024 ? N - k0 : 1024;
+        int hit = 0;
+        for (ptrdiff_t k = 0; k < w; k++) hit |= FABS(x[k0 + k]) > lim;
+        if (hit) return 1;
+    }
+    return 0;
+}
+
 /* Update-ratio sums, over blocks of FG_UPD_BLOCK (128) elements: lane j
  * takes the elements k = j mod 16 of a block; squares and the 8-term lane
  * sums are in T, and the block's lanes are then added in double. All terms

@@ -286,6 +286,15 @@ def sum_squares(const floating[::1] x not None):
     return r
 
 
+def any_abs_above(const floating[::1] x not None, double limit):
+    """Whether some |x[k]| > limit (NaN never is)."""
+    cdef int r
+    with nogil:
+        r = fg_any_abs_above_f32(_cptr1(x), x.shape[0], limit) if floating is float \
+            else fg_any_abs_above_f64(_cptr1(x), x.shape[0], limit)
+    return r != 0
+
+
 cdef class TensorTable:
     """The per-tensor table of a flat parameter buffer, checked once.
 

@@ -40,6 +40,8 @@ cdef extern from "fastgrad.h" nogil:
     Py_ssize_t fg_first_nonfinite_row_f64(const double *x, Py_ssize_t B, Py_ssize_t F)
     double fg_sum_squares_f32(const float *x, Py_ssize_t N)
     double fg_sum_squares_f64(const double *x, Py_ssize_t N)
+    int fg_any_abs_above_f32(const float *x, Py_ssize_t N, double limit)
+    int fg_any_abs_above_f64(const double *x, Py_ssize_t N, double limit)
 
     ctypedef struct fg_opt_config:
         int kind

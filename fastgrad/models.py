@@ -186,6 +186,8 @@ class Sequential:
         self.params = np.zeros(n_train, self.dtype)
         self.grads = np.zeros(n_train, self.dtype)
         self.state = np.zeros(n_state, self.dtype)
+        # the state before a training step, put back if its update is skipped
+        self._state_before = np.empty_like(self.state)
         self._tensors, self._specs = [], specs
         offs = {True: 0, False: 0}
         views = {id(layer): ({}, {}) for layer in self.layers}
@@ -370,8 +372,18 @@ class Sequential:
         return loss, h, prob
 
     def _train_step(self, x, target, labels):
+        opt, stateful = self.optimizer, self.state.size > 0
+        if stateful:
+            np.copyto(self._state_before, self.state)
         loss, h, prob = self._forward_backward(x, target, labels)
-        rec = self.optimizer.apply()
+        steps = opt.iterations
+        try:
+            rec = opt.apply()
+        finally:
+            # a step refused for non-finite gradients (skipped or raised)
+            # leaves the moving statistics as they were too
+            if stateful and opt.iterations == steps:
+                np.copyto(self.state, self._state_before)
         loss += rec.penalty
         if not self.metrics:
             return loss, None

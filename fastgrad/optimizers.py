@@ -285,9 +285,9 @@ class Optimizer:
 
 
 def _any_above(grads, limit):
-    # Only for the record: whether clipvalue changed anything. max|g| costs a
-    # read of the gradients, which clipvalue users accept.
-    return bool(grads.size) and float(np.max(np.abs(grads))) > limit
+    # Only for the record: whether clipvalue changed anything. It costs a
+    # read of the gradients (no temporary), which clipvalue users accept.
+    return _core.any_abs_above(grads, limit)
 
 
 class SGD(Optimizer):

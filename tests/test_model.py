@@ -415,13 +415,19 @@ def test_train_on_batch_steady_state_allocates_nothing(optimizer):
     assert not np.array_equal(model.get_weights()[0], w0[0])
 
 
-def test_train_on_batch_makes_no_batch_sized_temporaries():
-    # hidden layers of 256 units: any (32, 256) float32 temporary is 32 KiB
+@pytest.mark.parametrize("optimizer, bn", [
+    (lambda: fg.optimizers.Adam(1e-3, clipnorm=1.0), False),
+    (lambda: fg.optimizers.SGD(1e-2, clipvalue=0.01), False),
+    (lambda: fg.optimizers.Adam(1e-3, global_clipnorm=1.0), True),
+], ids=["adam-clipnorm", "sgd-clipvalue", "adam-batchnorm"])
+def test_train_on_batch_makes_no_batch_sized_temporaries(optimizer, bn):
+    # hidden layers of 256 units: any (32, 256) float32 temporary is 32 KiB,
+    # and one over the 70 000 parameters 280 KB
     rng = np.random.default_rng(0)
-    model = fg.Sequential([Dense(256, "relu", input_dim=10), Dense(256, "gelu"),
-                           Dense(4, "softmax")], seed=0)
-    model.compile(optimizer=fg.optimizers.Adam(1e-3, clipnorm=1.0),
-                  loss="categorical_crossentropy")
+    model = fg.Sequential([Dense(256, "relu", input_dim=10)]
+                          + ([fg.layers.BatchNormalization()] if bn else [])
+                          + [Dense(256, "gelu"), Dense(4, "softmax")], seed=0)
+    model.compile(optimizer=optimizer(), loss="categorical_crossentropy")
     x = rng.normal(size=(32, 10)).astype(F32)
     y = np.eye(4, dtype=F32)[rng.integers(0, 4, 32)]
     gc.collect()

@@ -823,6 +823,22 @@ def test_sgd_nesterov_differs_from_plain_momentum():
 # 6. sum_squares
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_any_abs_above_matches_numpy_across_block_edges(dtype):
+    """clipvalue's record: whether some |x| > limit, in blocks of 1024."""
+    from fastgrad import _core
+    rng = np.random.default_rng(21)
+    for n in (0, 1, 1023, 1024, 1025, 5000):
+        for where in ([] if n == 0 else [0, n // 2, n - 1]) + [None]:
+            x = rng.uniform(-0.5, 0.5, n).astype(dtype)
+            if where is not None:
+                x[where] = -0.75 if where % 2 else 0.75
+            assert _core.any_abs_above(x, 0.6) == bool(np.any(np.abs(x) > 0.6))
+            if n > 1:   # NaN, elsewhere, is never above
+                x[(where or 0) + 1 if (where or 0) + 1 < n else 0] = np.nan
+                assert _core.any_abs_above(x, 0.6) == (where is not None)
+
+
 def test_sum_squares_float32_accumulates_in_double():
     rng = np.random.default_rng(6)
     x = (rng.standard_normal(1_000_000) + 3.0).astype(F32)

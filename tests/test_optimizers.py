@@ -745,6 +745,35 @@ def test_nonfinite_through_a_model():
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_refused_step_leaves_the_moving_statistics_too():
+    """The forward pass moves BatchNormalization's statistics before the
+    gradients are known; a step refused for non-finite gradients (skipped or
+    raised) puts them back, so every weight is as before."""
+    rng = np.random.default_rng(16)
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    for mode in ("skip", "raise"):
+        model = fg.Sequential([Dense(4, input_dim=3), fg.layers.BatchNormalization(),
+                               Dense(2)], dtype="float64", seed=0)
+        model.compile(optimizer=optimizers.SGD(0.01, nonfinite=mode), loss="mse")
+        model.train_on_batch(x, y)            # a finite step moves the statistics
+        w = model.get_weights()
+        w[0][...] = 1e300                     # batch variance overflows: gradients are not finite
+        model.set_weights(w)
+        before = model.get_weights()
+        if mode == "skip":
+            model.train_on_batch(x, y)
+            assert model.optimizer.skipped_steps == 1
+        else:
+            with pytest.raises(FloatingPointError):
+                model.train_on_batch(x, y)
+        for a, b in zip(model.get_weights(), before):
+            np.testing.assert_array_equal(a, b)
+        w[0][...] = 0.5                       # finite again: the next step moves them
+        model.set_weights(w)
+        model.train_on_batch(x, y)
+        assert not np.array_equal(model.get_weights()[4], before[4])
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("track", [False, True])
 @pytest.mark.parametrize("make", [
