@@ -743,6 +743,36 @@ def test_out_buffer_aliasing_an_input_gives_the_right_result_or_is_refused(dt):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
+def test_elementwise_kernels_take_an_input_as_their_output(dt):
+    """activation_forward/backward, dropout and batchnorm_forward/backward
+    may write over their input: the same bits as into a separate array."""
+    rng = np.random.default_rng(5)
+    x, g = rnd(rng, (7, 9), dt), rnd(rng, (7, 9), dt)
+    for act in sorted(ops.ACTIVATIONS):
+        y = ops.activation_forward(x, act)
+        a = x.copy()
+        ops.activation_forward(a, act, out=a)
+        assert same_bits(a, y), act
+        kw = {"x": x} if act in ops.NEEDS_PRE else {}
+        dx = ops.activation_backward(g, y, act, **kw)
+        d = g.copy()
+        ops.activation_backward(d, y, act, dx=d, **kw)
+        assert same_bits(d, dx), act
+    want = ops.dropout(x, 0.3, seed=11)
+    a = x.copy()
+    ops.dropout(a, 0.3, seed=11, out=a)
+    assert same_bits(a, want)
+    out, mean, rstd = ops.batchnorm_forward(x, training=True)
+    a = x.copy()
+    ops.batchnorm_forward(a, training=True, out=a)
+    assert same_bits(a, out)
+    dx, _, _ = ops.batchnorm_backward(g, x, mean, rstd)
+    d = g.copy()
+    ops.batchnorm_backward(d, x, mean, rstd, dx=d)
+    assert same_bits(d, dx)
+
+
 # -- model methods -----------------------------------------------------------
 
 def _classifier(dtype="float32", seed=7):
