@@ -245,7 +245,8 @@ class GradientMonitor(Callback):
     global_norms   (steps,) their joint norm
     clip_scales    (steps, tensors) factor clipping applied (1 = none)
     clipped        (steps,) whether clipping fired
-    update_ratios  (steps, tensors) ||w_new - w_old|| / ||w_new||
+    update_ratios  (steps, tensors) ||w_new - w_old|| / ||w_new||, w_new the
+                   optimizer's result before any weight constraint
     nonfinite      (steps,) whether the step's gradients were not finite
                    (the step was then skipped)
     steps          (steps,) the optimizer step numbers recorded

@@ -60,7 +60,8 @@ class StepRecord:
     bad_tensor   name of the first tensor with a non-finite gradient, or None
     penalty      the regularizers' loss at the weights before the step
     update_ratio (tensors,) ||w_new - w_old|| / ||w_new|| of each tensor when
-                 the optimizer tracks updates (``track_updates()``), else None
+                 the optimizer tracks updates (``track_updates()``), else None;
+                 w_new is the optimizer's result before any weight constraint
     overflow     name of the first tensor whose weights are not all finite
                  after this (applied) step, or None
     """
@@ -195,8 +196,9 @@ class Optimizer:
 
     def track_updates(self, enabled=True):
         """Also measure each tensor's update-to-weight ratio
-        ||w_new - w_old|| / ||w_new|| in the update pass (a little extra work
-        per step; off by default). The GradientMonitor turns it on."""
+        ||w_new - w_old|| / ||w_new|| in the update pass, w_new before any
+        weight constraint (a little extra work per step; off by default). The
+        GradientMonitor turns it on."""
         self._track = bool(enabled)
         if self._params is not None:
             if self._track:

@@ -267,6 +267,13 @@ def test_ops_batchnorm_float32_large_mean_small_spread():
                                        training=False, epsilon=eps)
     np.testing.assert_allclose(out2, np_bn(x, mu.astype(F32), var.astype(F32), eps=eps),
                                atol=2e-5)
+    # the backward keeps the split mean too: dx, dgamma, dbeta against float64
+    dy = rng.standard_normal((B, F)).astype(F32)
+    dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, mean, rstd)
+    want = np_bn_backward(dy, x, None, eps)
+    for got, ref in zip((dx, dgamma, dbeta), want):
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err < 1e-5, err
 
 
 def test_layer_float32_large_mean_small_spread_in_training():

@@ -391,9 +391,9 @@ def _ref_long(act, z):
 
 @pytest.mark.parametrize("act", ["sigmoid", "tanh", "elu", "selu"])
 @pytest.mark.parametrize("dtype,low", [(F32, -110.0), (F64, -750.0)])
-def test_own_exponentials_within_four_ulp_over_the_whole_range(act, dtype, low):
+def test_own_exponentials_within_three_ulp_over_the_whole_range(act, dtype, low):
     """sigmoid, tanh, elu and selu run on fastgrad's own exponential (plain
-    arithmetic, so that it vectorizes): within 4 ulp of a correctly rounded
+    arithmetic, so that it vectorizes): within 3 ulp of a correctly rounded
     reference everywhere, near zero and for subnormal results too, with
     -0, +-inf and NaN handled as the C library would."""
     z = np.concatenate([np.linspace(low, 40.0, 300_001), np.linspace(-1e-3, 1e-3, 20_001),
@@ -401,7 +401,7 @@ def test_own_exponentials_within_four_ulp_over_the_whole_range(act, dtype, low):
     y = ops.activation_forward(z.reshape(1, -1), act).ravel()
     ref = _ref_long(act, z)
     ulp = np.spacing(np.abs(ref.astype(dtype))).astype(np.longdouble)
-    assert float(np.max(np.abs(y.astype(np.longdouble) - ref) / ulp)) <= 4.0
+    assert float(np.max(np.abs(y.astype(np.longdouble) - ref) / ulp)) <= 3.0
     special = np.array([[-0.0, np.inf, -np.inf, np.nan]], dtype)
     got = ops.activation_forward(special, act)[0]
     with np.errstate(all="ignore"):

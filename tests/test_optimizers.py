@@ -745,6 +745,21 @@ def test_nonfinite_through_a_model():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_non_neg_zeroes_every_negative_however_small(dtype):
+    dt = np.dtype(dtype)
+    tiny = np.finfo(dt).smallest_subnormal
+    bias = np.array([-5e-4, -1e-6, -1e-30, -tiny, -0.0, 1e-6, 2.0], dt)
+    model = fg.Sequential([Dense(7, input_dim=3, bias_constraint=fg.constraints.NonNeg())],
+                          dtype=dtype, seed=0)
+    model.compile(optimizer=optimizers.SGD(0.0), loss="mse")   # lr 0: only the constraint acts
+    w = model.get_weights()
+    model.set_weights([w[0], bias])
+    x, y = np.ones((4, 3), dt), np.zeros((4, 7), dt)
+    model.train_on_batch(x, y)
+    np.testing.assert_array_equal(model.get_weights()[1], np.maximum(bias, 0))
+
+
 def test_a_refused_step_leaves_the_moving_statistics_too():
     """The forward pass moves BatchNormalization's statistics before the
     gradients are known; a step refused for non-finite gradients (skipped or

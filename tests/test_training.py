@@ -2146,3 +2146,21 @@ def test_summary_lists_layers_shapes_and_counts(capsys):
     model.summary(print_fn=got.append)
     assert "\n".join(got).strip() == out.strip()
 
+
+def test_fused_softmax_probabilities_over_several_blocks_of_classes():
+    """Metrics read the probabilities the fused softmax cross-entropy writes;
+    with 1100 classes they span three blocks of 512."""
+    rng = np.random.default_rng(23)
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    model = fg.Sequential([Dense(1100, "softmax", input_dim=12)], seed=0)
+    model.compile(fg.optimizers.SGD(0.0), "sparse_categorical_crossentropy", ["accuracy"])
+    p = model.predict(x, verbose=0)
+    y = p.argmax(axis=1)
+    y[::2] = (y[::2] + 1) % 1100             # half the rows wrong
+    want = float(np.mean(p.argmax(axis=1) == y))
+    loss, acc = model.evaluate(x, y, verbose=0)
+    assert acc == pytest.approx(want, abs=1e-12) and want == 0.5
+    loss2, acc2 = model.train_on_batch(x, y)  # lr 0: the same probabilities
+    assert acc2 == pytest.approx(want, abs=1e-12)
+    ref = -np.mean(np.log(p.astype(np.float64)[np.arange(64), y]))
+    assert loss == pytest.approx(ref, rel=1e-5) and loss2 == pytest.approx(ref, rel=1e-5)
