@@ -543,13 +543,15 @@ def main(argv=None):
     rows = []
     for name, floor, make, args in CASES:
         if opts.only in name:
-            head = not rows or rows[-1]["floor"] != floor
             # monitor: a difference of a few percent, so the two sides
             # alternate sample by sample to share the machine's drift, over
             # three times the samples
             n = 3 * reps if floor == "step" else reps
             rows.append(run_case(name, floor, make, args, n, target,
                                  n if floor == "step" else rounds))
+            # a header whenever the columns change (train adds GEMMs+w)
+            head = len(rows) == 1 or [h for h, _ in cells(rows[-2])] != \
+                [h for h, _ in cells(rows[-1])]
             print_row(rows[-1], head)
     if opts.json:
         with open(opts.json, "w") as f:
