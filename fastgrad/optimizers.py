@@ -36,6 +36,7 @@ restored after.
 
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """
+import math
 import warnings
 
 import numpy as np
@@ -213,8 +214,28 @@ class Optimizer:
         return dict(self._moments)
 
     def current_learning_rate(self):
+        """The rate of the next step: the float, or the schedule's value at
+        ``iterations``. A schedule's value that is not a finite number >= 0
+        raises ValueError naming the schedule and the step, so ``apply``
+        refuses the step before anything changes."""
         lr = self._learning_rate
-        return float(lr(self.iterations)) if callable(lr) else lr
+        if not callable(lr):
+            return lr
+        try:
+            value = lr(self.iterations)
+        except OverflowError:   # Python's float power overflows by raising
+            value = math.inf
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            rate = math.nan
+        if not (rate >= 0 and math.isfinite(rate)):   # NaN fails both
+            name = getattr(lr, "name", None)
+            raise ValueError(f"learning_rate: the schedule {type(lr).__name__}"
+                             f"{f' {name!r}' if name else ''} gave {value!r} at step "
+                             f"{self.iterations} (the number of steps taken); expected a "
+                             "finite number >= 0, so the step is refused and nothing changed")
+        return rate
 
     # -- the step ---------------------------------------------------------
     def apply(self):
