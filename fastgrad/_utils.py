@@ -86,7 +86,7 @@ class Hyper:
     read (the optimizer reads its hyperparameters every step) and
     ``vars(obj)`` lists it."""
 
-    def __init__(self, check, **bounds):
+    def __init__(self, check, /, **bounds):
         self.check, self.bounds = check, bounds
 
     def __set_name__(self, owner, name):

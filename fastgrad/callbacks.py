@@ -195,9 +195,7 @@ class LearningRateScheduler(Callback):
             lr = self.schedule(epoch, current)
         except TypeError:
             lr = self.schedule(epoch)
-        lr = float(lr)
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"schedule: returned {lr!r}; expected a finite number >= 0")
+        lr = check_real("schedule", lr, low=0.0)   # its return value
         opt.learning_rate = lr
         if self.verbose:
             print(f"Epoch {epoch + 1}: learning rate {lr:.6g}")
