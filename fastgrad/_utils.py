@@ -1,9 +1,9 @@
 """Shared helpers: argument checks and name registries.
 
-Checks raise ValueError naming the argument and what was expected, for a
-value out of range and for one of the wrong kind alike (as every check of
-fastgrad did before them), and return the value in canonical form (an int,
-a float):
+Checks raise ValueError naming the argument and what was expected, both
+for a value out of range and for one of the wrong kind (fastgrad's rule for
+numeric arguments), and return the value in canonical form (an int, a
+float):
 
     check_int(name, value, low=None, high=None, none=False)
     check_real(name, value, low=None, high=None, low_open=False,
@@ -69,7 +69,7 @@ def check_real(name, value, low=None, high=None, low_open=False, high_open=False
 
 
 def check_choice(name, value, choices):
-    """``value`` if it is one of ``choices`` (compared with ==)."""
+    """``value`` if it is one of the strings ``choices``."""
     if isinstance(value, str) and value in choices:
         return value
     raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, "
