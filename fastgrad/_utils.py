@@ -151,14 +151,17 @@ class Registry:
         return {"class_name": type(obj).__name__, "config": obj.get_config()}
 
     def deserialize(self, config):
-        """The object a ``serialize`` dict describes (a name is also taken)."""
+        """The object a ``serialize`` dict describes; its class_name may
+        also be a lower-case name, and a name alone is taken too."""
         if isinstance(config, str):
             return self.lookup(config)()
         if not isinstance(config, dict):
             raise TypeError(f"{self.arg}: expected a dict with 'class_name' and 'config', "
                             f"got {config!r}")
         name, cfg = config.get("class_name"), config.get("config", {})
-        cls = self.classes.get(name) if isinstance(name, str) else None
+        # a lower-case name too, as Keras 3 reads its optimizers' names
+        cls = self.classes.get(name) or self.names.get(name.lower()) \
+            if isinstance(name, str) else None
         if cls is None:
             raise ValueError(f"{self.arg}: unknown class_name {name!r}; expected one of "
                              f"{', '.join(self.classes)}")

@@ -205,17 +205,18 @@ def test_a_schedule_overflowing_refuses_the_step():
 # registries
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module,arg,name,class_name", [
-    (losses, "loss", "mse", "Huber"),
-    (optimizers, "optimizer", "adam", "Adam"),
-    (metrics, "metrics", "mae", "BinaryAccuracy"),
-    (initializers, "initializer", "he_normal", "HeNormal"),
-    (regularizers, "regularizer", "l1_l2", "L1L2"),
-    (constraints, "constraint", "non_neg", "NonNeg"),
-    (schedules, "schedule", "CosineDecay", "CosineDecay"),
-    (layers, "layer", "dense", "Dense"),
+@pytest.mark.parametrize("module,arg,name,class_name,config", [
+    (losses, "loss", "huber", "Huber", {}),
+    (optimizers, "optimizer", "adam", "Adam", {}),
+    (metrics, "metrics", "mae", "MeanAbsoluteError", {}),
+    (initializers, "initializer", "he_normal", "HeNormal", {}),
+    (regularizers, "regularizer", "l1_l2", "L1L2", {}),
+    (constraints, "constraint", "non_neg", "NonNeg", {}),
+    (schedules, "schedule", "CosineDecay", "CosineDecay", {"initial_learning_rate": 0.1,
+                                                            "decay_steps": 10}),
+    (layers, "layer", "dense", "Dense", {"units": 2}),
 ], ids=lambda v: getattr(v, "__name__", None))
-def test_registries_share_one_error_policy(module, arg, name, class_name):
+def test_registries_share_one_error_policy(module, arg, name, class_name, config):
     known = rf"expected one of (.*, )?{name}\b"
     with pytest.raises(ValueError, match=rf"^{arg}: unknown name 'no_such'; {known}"):
         module.get("no_such")
@@ -233,6 +234,10 @@ def test_registries_share_one_error_policy(module, arg, name, class_name):
             module.serialize(bad)
     with pytest.raises(TypeError, match=rf"^{arg}: expected 'config' to be a dict"):
         module.deserialize({"class_name": class_name, "config": [1.0]})
+    # the class name, or the lower-case name (Keras 3 reads "adam" so)
+    for key in (class_name, name):
+        obj = module.deserialize({"class_name": key, "config": config})
+        assert type(obj).__name__ == class_name
 
 
 def test_activations_serialize_to_names_and_share_the_error_policy():
