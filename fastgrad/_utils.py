@@ -60,7 +60,7 @@ def check_real(name, value, low=None, high=None, low_open=False, high_open=False
     try:
         v = float(value)
     except OverflowError:   # an int beyond the float range
-        v = math.copysign(math.inf, value)
+        v = math.inf if value > 0 else -math.inf
     if math.isnan(v) or (finite and math.isinf(v)) \
             or (low is not None and (v <= low if low_open else v < low)) \
             or (high is not None and (v >= high if high_open else v > high)):

@@ -34,7 +34,7 @@ def _cases():
     values)."""
     p = functools.partial
     decay = (*NONFINITE, -0.1, 1.0, "0.9")          # [0, 1)
-    positive = (*NONFINITE, 0.0, -1.0, "1")          # (0, inf)
+    positive = (*NONFINITE, 0.0, -1.0, "1", 10**400)  # (0, inf); an int beyond float
     non_negative = (*NONFINITE, -1e-3, None)         # [0, inf)
     seed = (-1, 1.5, True, "0")
     exponential = p(schedules.ExponentialDecay, initial_learning_rate=0.1, decay_steps=10,
@@ -115,7 +115,7 @@ def _cases():
     out = []
     for make, arg, bads in table:
         name = getattr(make, "func", make).__name__
-        out += [pytest.param(make, arg, bad, id=f"{name}-{arg}={bad!r}") for bad in bads]
+        out += [pytest.param(make, arg, bad, id=f"{name}-{arg}={bad!r:.24}") for bad in bads]
     return out
 
 
