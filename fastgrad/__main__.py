@@ -1,5 +1,6 @@
-"""``python -m fastgrad demo``: vanishing and exploding gradients and their
-cures, diagnosed; ``python -m fastgrad example``: a small classifier."""
+"""``fastgrad demo`` (or ``python -m fastgrad demo``): vanishing and exploding
+gradients and their cures, diagnosed; ``fastgrad example``: a small
+classifier."""
 import argparse
 import sys
 import time
@@ -31,7 +32,7 @@ def example(seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastgrad")
+    parser = argparse.ArgumentParser(prog="fastgrad")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a 20-layer network trained five ways, diagnosed")
     demo.add_argument("--plot", metavar="PATH", help="save a figure comparing the cases")

@@ -9,6 +9,8 @@ or anything changes, and holds the model's lock while it runs.
 import contextlib
 import functools
 import math
+import signal
+import threading
 
 import numpy as np
 
@@ -40,6 +42,48 @@ def preserved_state(model):
         model.state[...] = state
         for layer, counter in counters:
             layer.counter = counter
+
+
+class _StepGuard:
+    """Ctrl-C during ``fit`` lands between optimizer steps, never inside one.
+
+    A step moves the moving statistics and dropout counters in its forward
+    pass, then the weights, moments and step count in the optimizer; broken
+    off in between, they would disagree. While fit runs in the main thread,
+    a SIGINT that arrives inside a step is held and delivered (to the
+    handler that was in place) as soon as the step is complete."""
+
+    def __init__(self):
+        self.in_step = False
+        self.pending = None
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _on_signal(self, signum, frame):
+        if self.in_step:
+            self.pending = (signum, frame)
+        else:
+            self._deliver(signum, frame)
+
+    def _deliver(self, signum, frame):
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def step_done(self):
+        self.in_step = False
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._deliver(*pending)
 
 
 class _EpochStats:
@@ -185,16 +229,17 @@ class Trainer:
             "verbose": verbose, "epochs": epochs, "steps": batches.steps})
         self.stop_training = False
         cbs.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
-            cbs.on_epoch_begin(epoch)
-            logs = self._fit_epoch(batches, shuffle, cbs)
-            if val is not None:
-                vals = self._evaluate(val, batches.size)
-                for name, v in zip(["loss"] + self._metric_names, vals):
-                    logs["val_" + name] = v
-            cbs.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
+        with _StepGuard() as guard:
+            for epoch in range(initial_epoch, epochs):
+                cbs.on_epoch_begin(epoch)
+                logs = self._fit_epoch(batches, shuffle, cbs, guard)
+                if val is not None:
+                    vals = self._evaluate(val, batches.size)
+                    for name, v in zip(["loss"] + self._metric_names, vals):
+                        logs["val_" + name] = v
+                cbs.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
         cbs.on_train_end()
         self.history = history
         return history
@@ -212,14 +257,18 @@ class Trainer:
             return _data.split_validation(train, validation_split)
         return train, None
 
-    def _fit_epoch(self, batches, shuffle, cbs):
+    def _fit_epoch(self, batches, shuffle, cbs, guard):
         """One pass of optimizer steps over the batches; returns the epoch's
         logs (loss and metrics weighted by rows, grad_norm, clip_rate)."""
         order = self._rng.permutation(batches.rows) if shuffle else None
         stats = _EpochStats(len(self.metrics))
         for step, (_, (x, target, labels)) in enumerate(batches(order)):
             cbs.on_train_batch_begin(step)
-            loss, mets = self._train_step(x, target, labels)
+            guard.in_step = True
+            try:
+                loss, mets = self._train_step(x, target, labels)
+            finally:
+                guard.step_done()
             stats.add(x.shape[0], loss, mets, self.optimizer.last_step)
             cbs.on_train_batch_end(step, {"loss": float(loss),
                                           **dict(zip(self._metric_names, mets or ())),

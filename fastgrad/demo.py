@@ -1,4 +1,4 @@
-"""``python -m fastgrad demo``: the same 20-layer dense network, trained
+"""``fastgrad demo``: the same 20-layer dense network, trained
 five ways on data it generates, each diagnosed before training.
 
 1. sigmoid, Glorot initialization          the gradient vanishes
