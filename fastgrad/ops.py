@@ -324,11 +324,17 @@ def _flat(name, a, dtype, n=None, writable=False):
     return np.require(a, requirements=['C', 'A'])
 
 
+_FLAGS = frozenset({"nesterov", "centered", "amsgrad"})
+
+
 def _setting(name, v):
     """An optimizer setting as a float; the range is checked by StepConfig."""
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name}: expected a number, got {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
 
 
 def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
@@ -355,7 +361,7 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
     lr = _setting("learning_rate", learning_rate)
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"learning_rate: expected a finite number >= 0, got {learning_rate!r}")
-    settings = {k: v if isinstance(v, bool) else _setting(k, v) for k, v in hyper.items()}
+    settings = {k: bool(v) if k in _FLAGS else _setting(k, v) for k, v in hyper.items()}
     clips = {"clipvalue": clipvalue, "clipnorm": clipnorm, "global_clipnorm": global_clipnorm,
              "weight_decay": weight_decay}
     for k, v in clips.items():
