@@ -330,7 +330,7 @@ _FLAGS = frozenset({"nesterov", "centered", "amsgrad"})
 def _setting(name, v):
     """An optimizer setting as a float; the range is checked by StepConfig."""
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a number, got {v!r}")
+        raise TypeError(f"{name}: expected a number, got {v!r}")
     try:
         return float(v)
     except OverflowError:
@@ -546,5 +546,5 @@ def dropout(x, rate, seed, offset=0, out=None):
 
 def sum_squares(x):
     """``sum(x**2)`` of any float array, accumulated in float64."""
-    dt = _dtype_of("x", x)
+    _dtype_of("x", x)
     return _core.sum_squares(np.require(x, requirements=['C', 'A']).reshape(-1))

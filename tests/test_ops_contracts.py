@@ -9,7 +9,11 @@
 3. The compiled layer: one table of codes, a message per failure, and a
    StepConfig that checks its settings and follows an optimizer's.
 """
+import ast
+import re
 import tracemalloc
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +46,7 @@ OFFSETS = [0, 7, 20, 33]   # three tensors, for clipnorm
 def _clip(g, offsets, clipnorm=None, global_clipnorm=None, clipvalue=None):
     g = g.copy()
     if clipnorm is not None:
-        for a, b in zip(offsets[:-1], offsets[1:]):
+        for a, b in pairwise(offsets):
             n = np.sqrt(np.sum(g[a:b] ** 2))
             if n > clipnorm:
                 g[a:b] *= clipnorm / n
@@ -97,14 +101,14 @@ def ref_adagrad(w, g, a, lr, eps, wd):
 
 
 CASES = {
-    "sgd": dict(momentum=0.0, nesterov=False),
-    "sgd-momentum": dict(momentum=0.9, nesterov=False),
-    "sgd-nesterov": dict(momentum=0.9, nesterov=True),
-    "rmsprop": dict(momentum=0.0, centered=False),
-    "rmsprop-centered-momentum": dict(momentum=0.5, centered=True),
-    "adam": dict(amsgrad=False),
-    "adam-amsgrad": dict(amsgrad=True),
-    "adagrad": dict(),
+    "sgd": {"momentum": 0.0, "nesterov": False},
+    "sgd-momentum": {"momentum": 0.9, "nesterov": False},
+    "sgd-nesterov": {"momentum": 0.9, "nesterov": True},
+    "rmsprop": {"momentum": 0.0, "centered": False},
+    "rmsprop-centered-momentum": {"momentum": 0.5, "centered": True},
+    "adam": {"amsgrad": False},
+    "adam-amsgrad": {"amsgrad": True},
+    "adagrad": {},
 }
 CLIPS = {"none": {}, "clipnorm": {"clipnorm": 0.8}, "global": {"global_clipnorm": 1.5},
          "clipvalue": {"clipvalue": 0.3}, "decay": {"weight_decay": 0.05}}
@@ -116,7 +120,7 @@ def _run(case, params, grads_list, state, clip, dt):
     kw = dict(CASES[case])
     reports = []
     for t, g in enumerate(grads_list, start=1):
-        common = dict(offsets=OFFSETS, **clip)
+        common = {"offsets": OFFSETS, **clip}
         if kind == "sgd":
             reports.append(ops.sgd_step(params, g, 0.1, velocity=state[0] if kw["momentum"]
                                         else None, step=t, **kw, **common))
@@ -145,7 +149,7 @@ def _reference(case, w, grads_list, state, clip):
     norms = []
     for t, g in enumerate(grads_list, start=1):
         g = g.astype(F64)
-        norms.append([np.sqrt(np.sum(g[a:b] ** 2)) for a, b in zip(OFFSETS[:-1], OFFSETS[1:])])
+        norms.append([np.sqrt(np.sum(g[a:b] ** 2)) for a, b in pairwise(OFFSETS)])
         g = _clip(g, OFFSETS, **clipping)
         if kind == "sgd":
             w, s = ref_sgd(w, g, state[0], 0.1, kw["momentum"], kw["nesterov"], wd)
@@ -438,3 +442,44 @@ def test_a_setting_changed_after_build_reaches_the_compiled_step(name, value):
     stale = run(lambda: fg.optimizers.SGD(**base))
     assert all(np.array_equal(a, b) for a, b in zip(changed, fresh))
     assert not all(np.array_equal(a, b) for a, b in zip(changed, stale))
+
+
+def _pyx_signatures():
+    """{name: [argument names]} of the def functions and methods of _core.pyx."""
+    src = (Path(_core.__file__).parent / "_core.pyx").read_text()
+    sigs = {}
+    for cls, name, args in re.findall(r"^(    )?def (\w+)\((.*?)\):", src, re.DOTALL | re.MULTILINE):
+        args = re.sub(r"\[[^\]]*\]", "", args).replace("not None", "")
+        names = [a.split("=")[0].split()[-1] for a in args.split(",") if a.strip()]
+        sigs[("method " if cls else "") + name] = [n for n in names if n not in ("self", "*")]
+    return sigs
+
+
+def _stub_signatures():
+    tree = ast.parse((Path(_core.__file__).parent / "_core.pyi").read_text())
+    sigs, names = {}, set()
+
+    def args_of(f):
+        a = f.args
+        return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"]
+
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            sigs[node.name] = args_of(node)
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names.add(node.name)
+            for f in node.body:
+                if isinstance(f, ast.FunctionDef):
+                    sigs["method " + f.name] = args_of(f)
+        elif isinstance(node, ast.AnnAssign) and not node.target.id.startswith("_"):
+            names.add(node.target.id)
+    return names, sigs
+
+
+def test_the_type_stub_covers_the_compiled_module():
+    names, sigs = _stub_signatures()
+    assert names == {n for n in dir(_core) if not n.startswith("_")}
+    pyx = _pyx_signatures()
+    pyx.pop("method __repr__")
+    assert sigs == pyx
