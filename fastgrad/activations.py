@@ -2,7 +2,8 @@
 
 Each function applies the compiled kernel to a 2-D float array (softmax over
 the last axis); ``get(name)`` resolves a name, a function of this module, or
-None (linear). Formulas, with z the input:
+None (linear); ``serialize(fn)`` gives the name back, as Keras 3 does for its
+own activations, and ``deserialize(name)`` the function. Formulas, with z the input:
 
     linear      z
     relu        max(z, 0)
@@ -16,9 +17,12 @@ None (linear). Formulas, with z the input:
     tanh        tanh(z)
     softmax     exp(z_j - max z) / sum_k exp(z_k - max z), per row
 """
+import types
+
 import numpy as np
 
 from fastgrad import ops
+from fastgrad._utils import Registry
 
 
 def _apply(x, name, alpha=None):
@@ -76,11 +80,25 @@ def softmax(x, axis=-1):
 swish = silu
 _BY_NAME = {f.__name__: f for f in (linear, relu, leaky_relu, elu, selu, gelu, silu,
                                     sigmoid, tanh, softmax)}
+_REGISTRY = Registry("activation", types.FunctionType, {**_BY_NAME, "swish": silu})
 
 
 def get(identifier):
-    """The activation function for a name, a function of this module or None."""
+    """The activation function for a name (any case), a function of this
+    module or None (linear)."""
     return _BY_NAME[name_of(identifier)]
+
+
+def serialize(activation):
+    """The activation's name ("relu", ...)."""
+    return name_of(activation)
+
+
+def deserialize(config):
+    """The activation function for a name ``serialize`` gave."""
+    if not isinstance(config, str):
+        raise TypeError(f"activation: expected a name to deserialize, got {config!r}")
+    return get(config)
 
 
 def name_of(identifier):
@@ -88,13 +106,7 @@ def name_of(identifier):
     if identifier is None:
         return "linear"
     if isinstance(identifier, str):
-        key = identifier.lower()
-        if key == "swish":
-            key = "silu"
-        if key in _BY_NAME:
-            return key
-        raise ValueError(f"activation: unknown name {identifier!r}; expected one of "
-                         f"{', '.join(_BY_NAME)}")
+        return _REGISTRY.lookup(identifier).__name__
     for name, fn in _BY_NAME.items():
         if identifier is fn:
             return name

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 
+from fastgrad._utils import Hyper, check_int, check_real
 from fastgrad.schedules import LearningRateSchedule
 
 
@@ -80,6 +81,10 @@ class History(Callback):
             self.history.setdefault(k, []).append(v)
 
 
+def _magnitude(name, value):
+    return abs(check_real(name, value))
+
+
 def _mode_op(mode, monitor):
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
@@ -98,14 +103,15 @@ class EarlyStopping(Callback):
     lack ``monitor`` (val_loss without validation data) gives a warning
     naming the logged metrics and does not count."""
 
+    min_delta, baseline = Hyper(_magnitude), Hyper(check_real, none=True)
+    patience, start_from_epoch = Hyper(check_int, low=0), Hyper(check_int, low=0)
+
     def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, verbose=0,
                  mode="auto", baseline=None, restore_best_weights=False, start_from_epoch=0):
         super().__init__()
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience: expected an integer >= 0, got {patience!r}")
         self.monitor, self.patience, self.verbose = monitor, patience, verbose
         self.mode = _mode_op(mode, monitor)
-        self.min_delta = abs(float(min_delta))
+        self.min_delta = min_delta
         self.baseline, self.restore_best_weights = baseline, restore_best_weights
         self.start_from_epoch = start_from_epoch
 
@@ -256,10 +262,10 @@ class GradientMonitor(Callback):
     step at small batches), and nothing to the steps in between.
     """
 
+    every = Hyper(check_int, low=1)
+
     def __init__(self, every=1):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every: expected a positive integer, got {every!r}")
         self.every = every
         self.names = []
         self._n = 0          # rows recorded

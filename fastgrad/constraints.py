@@ -15,6 +15,8 @@ created, so compile never fails on a constraint.
 """
 import numpy as np
 
+from fastgrad._utils import Hyper, Registry, check_int, check_real
+
 
 class Constraint:
     def __call__(self, w):
@@ -25,13 +27,15 @@ class Constraint:
         return {}
 
 
+def _positive():
+    return Hyper(check_real, low=0.0, low_open=True)
+
+
 class MaxNorm(Constraint):
+    max_value, axis = _positive(), Hyper(check_int, low=-1, high=1)
+
     def __init__(self, max_value=2.0, axis=0):
-        if not (np.isfinite(max_value) and max_value > 0):
-            raise ValueError(f"max_value: expected a positive number, got {max_value!r}")
-        if isinstance(axis, bool) or axis not in (0, -1, 1):
-            raise ValueError(f"axis: expected 0, 1 or -1, got {axis!r}")
-        self.max_value, self.axis = float(max_value), int(axis)
+        self.max_value, self.axis = max_value, axis
 
     def __call__(self, w):
         w = np.asarray(w)
@@ -49,10 +53,10 @@ class NonNeg(Constraint):
 
 
 class ClipValue(Constraint):
+    clip_value = _positive()
+
     def __init__(self, clip_value=0.01):
-        if not (np.isfinite(clip_value) and clip_value > 0):
-            raise ValueError(f"clip_value: expected a positive number, got {clip_value!r}")
-        self.clip_value = float(clip_value)
+        self.clip_value = clip_value
 
     def __call__(self, w):
         return np.clip(w, -self.clip_value, self.clip_value)
@@ -61,21 +65,27 @@ class ClipValue(Constraint):
         return {"clip_value": self.clip_value}
 
 
-_CLASSES = {"max_norm": MaxNorm, "maxnorm": MaxNorm, "non_neg": NonNeg, "nonneg": NonNeg,
-            "clip_value": ClipValue}
-_NAMES = {"MaxNorm": MaxNorm, "NonNeg": NonNeg, "ClipValue": ClipValue}
+max_norm, non_neg = MaxNorm, NonNeg   # Keras' lower-case aliases
+_REGISTRY = Registry("constraint", Constraint, {
+    "max_norm": MaxNorm, "maxnorm": MaxNorm, "non_neg": NonNeg, "nonneg": NonNeg,
+    "clip_value": ClipValue}, none=None)
 
 
 def get(identifier):
-    """A Constraint from None, a name, an instance or a config."""
-    if identifier is None or isinstance(identifier, Constraint):
-        return identifier
-    if isinstance(identifier, str) and identifier.lower() in _CLASSES:
-        return _CLASSES[identifier.lower()]()
-    if isinstance(identifier, dict) and identifier.get("class_name") in _NAMES:
-        return _NAMES[identifier["class_name"]](**identifier.get("config", {}))
-    raise ValueError(f"constraint: expected None, 'max_norm', 'non_neg', 'clip_value' or "
-                     f"a fastgrad.constraints.Constraint, got {identifier!r}")
+    """A Constraint from None (returned), a name ("max_norm", "non_neg",
+    "clip_value", any case, or a class name), a ``serialize`` dict, a class
+    or an instance (returned as it is)."""
+    return _REGISTRY.get(identifier)
+
+
+def serialize(constraint):
+    """``{"class_name": "MaxNorm", "config": constraint.get_config()}``; None for None."""
+    return _REGISTRY.serialize(constraint)
+
+
+def deserialize(config):
+    """The constraint a ``serialize`` dict describes."""
+    return _REGISTRY.deserialize(config)
 
 
 def check(constraint, ndim, arg):
@@ -94,9 +104,3 @@ def check(constraint, ndim, arg):
                 "a vector supports axis=0 or axis=-1"
             raise ValueError(f"{arg}: MaxNorm(axis={c.axis}) is not supported; {what}")
     return c
-
-
-def serialize(c):
-    if c is None:
-        return None
-    return {"class_name": type(c).__name__, "config": c.get_config()}

@@ -23,6 +23,8 @@ draws from the generator the model passes (the model's seed).
 """
 import numpy as np
 
+from fastgrad._utils import Hyper, Registry, check_choice, check_int, check_real
+
 _TRUNC_STD = 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
 
 
@@ -39,6 +41,14 @@ class Initializer:
 
     def get_config(self):
         return {k: v for k, v in vars(self).items()}
+
+
+def _seed():   # None (the model's generator) or a seed for numpy's default_rng
+    return Hyper(check_int, low=0, none=True)
+
+
+def _finite():
+    return Hyper(check_real)
 
 
 def _fans(shape):
@@ -60,14 +70,13 @@ def _truncated_normal(rng, shape, stddev):
 class VarianceScaling(Initializer):
     """N or U with variance ``scale / n``, n = fan_in, fan_out or their mean."""
 
+    scale = Hyper(check_real, low=0.0, low_open=True)
+    mode = Hyper(check_choice, choices=("fan_in", "fan_out", "fan_avg"))
+    distribution = Hyper(check_choice,
+                         choices=("truncated_normal", "untruncated_normal", "uniform"))
+    seed = _seed()
+
     def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None):
-        if not scale > 0:
-            raise ValueError(f"scale: expected a positive number, got {scale}")
-        if mode not in ("fan_in", "fan_out", "fan_avg"):
-            raise ValueError(f"mode: expected 'fan_in', 'fan_out' or 'fan_avg', got {mode!r}")
-        if distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
-            raise ValueError("distribution: expected 'truncated_normal', "
-                             f"'untruncated_normal' or 'uniform', got {distribution!r}")
         self.scale, self.mode, self.distribution, self.seed = scale, mode, distribution, seed
 
     def get_config(self):
@@ -118,6 +127,10 @@ class LecunNormal(VarianceScaling):
 
 
 class Orthogonal(Initializer):
+    """``gain * Q``, Q orthogonal (Haar-distributed); gain any finite number."""
+
+    gain, seed = _finite(), _seed()
+
     def __init__(self, gain=1.0, seed=None):
         self.gain, self.seed = gain, seed
 
@@ -133,6 +146,10 @@ class Orthogonal(Initializer):
 
 
 class RandomNormal(Initializer):
+    """N(mean, stddev^2); stddev >= 0."""
+
+    mean, stddev, seed = _finite(), Hyper(check_real, low=0.0), _seed()
+
     def __init__(self, mean=0.0, stddev=0.05, seed=None):
         self.mean, self.stddev, self.seed = mean, stddev, seed
 
@@ -141,6 +158,10 @@ class RandomNormal(Initializer):
 
 
 class RandomUniform(Initializer):
+    """U(minval, maxval), both finite."""
+
+    minval, maxval, seed = _finite(), _finite(), _seed()
+
     def __init__(self, minval=-0.05, maxval=0.05, seed=None):
         self.minval, self.maxval, self.seed = minval, maxval, seed
 
@@ -149,6 +170,8 @@ class RandomUniform(Initializer):
 
 
 class Constant(Initializer):
+    value = _finite()
+
     def __init__(self, value=0.0):
         self.value = value
 
@@ -172,7 +195,7 @@ class Ones(Constant):
         return {}
 
 
-_CLASSES = {
+_REGISTRY = Registry("initializer", Initializer, {
     "glorot_uniform": GlorotUniform, "glorot_normal": GlorotNormal,
     "xavier_uniform": GlorotUniform, "xavier_normal": GlorotNormal,
     "he_uniform": HeUniform, "he_normal": HeNormal,
@@ -180,26 +203,20 @@ _CLASSES = {
     "orthogonal": Orthogonal, "random_normal": RandomNormal,
     "random_uniform": RandomUniform, "zeros": Zeros, "ones": Ones,
     "constant": Constant, "variance_scaling": VarianceScaling,
-}
+})
 
 
 def get(identifier):
-    """An initializer from a name, an Initializer, or a config dict."""
-    if isinstance(identifier, Initializer):
-        return identifier
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key in _CLASSES:
-            return _CLASSES[key]()
-        raise ValueError(f"initializer: unknown name {identifier!r}; expected one of "
-                         f"{', '.join(_CLASSES)}")
-    if isinstance(identifier, dict) and identifier.get("class_name") in _NAMES:
-        return _NAMES[identifier["class_name"]](**identifier.get("config", {}))
-    raise TypeError(f"initializer: expected a name or an Initializer, got {identifier!r}")
+    """An initializer from a name (any case, or a class name), a
+    ``serialize`` dict, a class, or an Initializer (returned as it is)."""
+    return _REGISTRY.get(identifier)
 
 
-def serialize(init):
-    return {"class_name": type(init).__name__, "config": init.get_config()}
+def serialize(initializer):
+    """``{"class_name": "HeNormal", "config": initializer.get_config()}``."""
+    return _REGISTRY.serialize(initializer)
 
 
-_NAMES = {cls.__name__: cls for cls in set(_CLASSES.values())}
+def deserialize(config):
+    """The initializer a ``serialize`` dict describes."""
+    return _REGISTRY.deserialize(config)

@@ -13,6 +13,7 @@ Layer protocol (used by models.Sequential):
 import numpy as np
 
 from fastgrad import _core, activations, constraints, initializers, ops, regularizers
+from fastgrad._utils import Hyper, Registry, check_int, check_real
 
 
 class WeightSpec:
@@ -29,18 +30,16 @@ class WeightSpec:
 class Layer:
     """Base class. ``name`` is given by the model when not set."""
 
+    input_dim = Hyper(check_int, low=1, none=True)
+
     def __init__(self, name=None, input_dim=None, input_shape=None):
         if input_shape is not None:
-            if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1
-                    or int(input_shape[0]) < 1):
+            if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1:
                 raise ValueError("input_shape: expected (features,) with features >= 1, "
                                  f"got {input_shape!r}")
-            input_dim = int(input_shape[0])
-        if input_dim is not None and (not isinstance(input_dim, (int, np.integer))
-                                      or input_dim < 1):
-            raise ValueError(f"input_dim: expected a positive integer, got {input_dim!r}")
+            input_dim = check_int("input_shape[0]", input_shape[0], low=1)
         self.name = name
-        self.input_dim = None if input_dim is None else int(input_dim)
+        self.input_dim = input_dim
         self.output_dim = None
         self.weight_specs = []
         self.weights, self.grads = {}, {}
@@ -87,15 +86,15 @@ class Dense(Layer):
     glorot_uniform kernel, zero bias. When a BatchNormalization follows, its
     shift makes the bias redundant: pass ``use_bias=False``."""
 
+    units = Hyper(check_int, low=1)
+
     def __init__(self, units, activation=None, use_bias=True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None,
                  kernel_constraint=None, bias_constraint=None,
                  input_dim=None, input_shape=None, name=None):
         super().__init__(name, input_dim, input_shape)
-        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
-            raise ValueError(f"units: expected a positive integer, got {units!r}")
-        self.units = int(units)
+        self.units = units
         self.activation = activations.name_of(activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -227,7 +226,11 @@ class BatchNormalization(Layer):
     gamma (scale=True) and beta (center=True) are trained; the moving
     statistics are state, never touched by the optimizer. Weights in
     get_weights() order: gamma, beta, moving_mean, moving_variance.
-    Training needs batches of at least 2 rows."""
+    Training needs batches of at least 2 rows. momentum is in [0, 1],
+    epsilon finite and > 0."""
+
+    momentum = Hyper(check_real, low=0.0, high=1.0)
+    epsilon = Hyper(check_real, low=0.0, low_open=True)
 
     def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones",
@@ -237,14 +240,7 @@ class BatchNormalization(Layer):
         super().__init__(name, input_dim, input_shape)
         if axis not in (-1, 1):
             raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
-            raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
-        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
-            raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
-        try:
-            self.momentum, self.epsilon = float(momentum), float(epsilon)
-        except OverflowError:
-            raise ValueError("epsilon: expected a finite positive number") from None
+        self.momentum, self.epsilon = momentum, epsilon
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
@@ -320,16 +316,14 @@ class Dropout(Layer):
     and a counter that advances with every training batch, so they are
     reproduced, not stored."""
 
+    rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
+    seed = Hyper(check_int, low=0, none=True)
+
     def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None):
         super().__init__(name, input_dim, input_shape)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ValueError(f"rate: expected a number in [0, 1), got {rate!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed: expected None or a non-negative integer, got {seed!r}")
-        self.rate, self.seed = float(rate), seed
+        self.rate, self.seed = rate, seed
         self.counter = 0                      # random numbers drawn so far
-        self._seed = None if seed is None else int(seed) % 2**64
+        self._seed = None if self.seed is None else self.seed % 2**64
 
     def init_random(self, rng):
         if self._seed is None:
@@ -360,3 +354,21 @@ class Dropout(Layer):
 
 
 LAYERS = {cls.__name__: cls for cls in (Dense, Activation, BatchNormalization, Dropout)}
+_REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
+                                      "batch_normalization": BatchNormalization,
+                                      "dropout": Dropout})
+
+
+def get(identifier):
+    """A layer from a ``serialize`` dict or a Layer (returned as it is)."""
+    return _REGISTRY.get(identifier)
+
+
+def serialize(layer):
+    """``{"class_name": "Dense", "config": layer.get_config()}``."""
+    return _REGISTRY.serialize(layer)
+
+
+def deserialize(config):
+    """The (unbuilt) layer a ``serialize`` dict describes."""
+    return _REGISTRY.deserialize(config)

@@ -22,11 +22,10 @@ logits z: ``max(z,0) - z t + log(1 + exp(-|z|))`` and
 Classes are called as ``loss(y_true, y_pred) -> float``; functions return the
 per-sample losses ``l_i`` as an array, as in Keras.
 """
-import math
-
 import numpy as np
 
 from fastgrad import ops
+from fastgrad._utils import Hyper, Registry, check_real
 
 
 class Loss:
@@ -70,15 +69,11 @@ class MeanAbsoluteError(Loss):
 
 class Huber(Loss):
     name = "huber"
+    delta = Hyper(check_real, low=0.0, low_open=True)
 
     def __init__(self, delta=1.0):
         super().__init__()
-        try:
-            self.delta = float(delta)
-        except (OverflowError, TypeError):
-            raise ValueError(f"delta: expected a positive number, got {delta!r}") from None
-        if not (self.delta > 0 and math.isfinite(self.delta)):
-            raise ValueError(f"delta: expected a positive number, got {delta!r}")
+        self.delta = delta
 
     def get_config(self):
         return {"delta": self.delta}
@@ -140,6 +135,7 @@ _CLASSES = {
     "categorical_crossentropy": CategoricalCrossentropy,
     "sparse_categorical_crossentropy": SparseCategoricalCrossentropy,
 }
+_REGISTRY = Registry("loss", Loss, _CLASSES)
 _FUNCTIONS = {
     mean_squared_error: MeanSquaredError, mean_absolute_error: MeanAbsoluteError,
     huber: Huber, binary_crossentropy: BinaryCrossentropy,
@@ -149,16 +145,20 @@ _FUNCTIONS = {
 
 
 def get(identifier):
-    """A Loss instance from a name, a Loss instance, or a loss function."""
-    if isinstance(identifier, Loss):
-        return identifier
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key in _CLASSES:
-            return _CLASSES[key]()
-        raise ValueError(f"loss: unknown name {identifier!r}; expected one of "
-                         f"{', '.join(_CLASSES)}")
-    if callable(identifier) and identifier in _FUNCTIONS:
+    """A Loss instance from a name (any case, or a class name), a
+    ``serialize`` dict, a Loss instance (returned as it is), or a loss
+    function of this module."""
+    if callable(identifier) and not isinstance(identifier, (Loss, type)) \
+            and identifier in _FUNCTIONS:
         return _FUNCTIONS[identifier]()
-    raise TypeError(f"loss: expected a name, a fastgrad.losses.Loss or one of its "
-                    f"functions, got {identifier!r}")
+    return _REGISTRY.get(identifier)
+
+
+def serialize(loss):
+    """``{"class_name": "Huber", "config": loss.get_config()}``."""
+    return _REGISTRY.serialize(loss)
+
+
+def deserialize(config):
+    """The Loss a ``serialize`` dict describes."""
+    return _REGISTRY.deserialize(config)

@@ -12,6 +12,8 @@ given as an object is saved with its configuration (``get_config``), so
 """
 import numpy as np
 
+from fastgrad._utils import Hyper, Registry, check_real
+
 
 class Metric:
     name = None
@@ -23,11 +25,17 @@ class Metric:
         return {}
 
 
+def _error(y_true, y_pred):
+    """y_pred - y_true in float64, y_true in the shape of y_pred."""
+    return np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(
+        np.shape(y_pred))
+
+
 class MeanSquaredError(Metric):
     name = "mse"
 
     def __call__(self, y_true, y_pred, from_logits=False):
-        d = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(np.shape(y_pred))
+        d = _error(y_true, y_pred)
         return float(np.mean(d * d))
 
 
@@ -35,7 +43,7 @@ class MeanAbsoluteError(Metric):
     name = "mae"
 
     def __call__(self, y_true, y_pred, from_logits=False):
-        d = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(np.shape(y_pred))
+        d = _error(y_true, y_pred)
         return float(np.mean(np.abs(d)))
 
 
@@ -59,13 +67,10 @@ class BinaryAccuracy(Metric):
     threshold is moved to ``log(threshold / (1 - threshold))``."""
 
     name = "accuracy"
+    threshold = Hyper(check_real, low=0.0, high=1.0, low_open=True, high_open=True)
 
     def __init__(self, threshold=0.5):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) \
-                or not 0 < threshold < 1:
-            raise ValueError(f"threshold: expected a number strictly between 0 and 1, "
-                             f"got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = threshold
 
     def get_config(self):
         return {"threshold": self.threshold}
@@ -77,43 +82,34 @@ class BinaryAccuracy(Metric):
         return float(np.mean((np.asarray(y_pred) > t) == (y_true > 0.5)))
 
 
-_CLASSES = {"mse": MeanSquaredError, "mean_squared_error": MeanSquaredError,
-            "mae": MeanAbsoluteError, "mean_absolute_error": MeanAbsoluteError,
-            "categorical_accuracy": CategoricalAccuracy,
-            "sparse_categorical_accuracy": SparseCategoricalAccuracy,
-            "binary_accuracy": BinaryAccuracy}
+# "accuracy" resolves from the loss in get(); listed for the error message
+_REGISTRY = Registry("metrics", Metric, {
+    "accuracy": CategoricalAccuracy, "acc": CategoricalAccuracy,
+    "mse": MeanSquaredError, "mean_squared_error": MeanSquaredError,
+    "mae": MeanAbsoluteError, "mean_absolute_error": MeanAbsoluteError,
+    "categorical_accuracy": CategoricalAccuracy,
+    "sparse_categorical_accuracy": SparseCategoricalAccuracy,
+    "binary_accuracy": BinaryAccuracy})
 
 
 def get(identifier, loss_name=None):
-    """A Metric from a name or instance; "accuracy"/"acc" follows the loss."""
-    if isinstance(identifier, Metric):
-        return identifier
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key in ("accuracy", "acc"):
-            if loss_name == "sparse_categorical_crossentropy":
-                return SparseCategoricalAccuracy()
-            if loss_name == "binary_crossentropy":
-                return BinaryAccuracy()
-            return CategoricalAccuracy()
-        if key in _CLASSES:
-            m = _CLASSES[key]()
-            return m
-        raise ValueError(f"metrics: unknown name {identifier!r}; expected 'accuracy', "
-                         f"{', '.join(_CLASSES)}")
-    raise TypeError(f"metrics: expected a name or a fastgrad.metrics.Metric, got {identifier!r}")
-
-
-_NAMES = {c.__name__: c for c in (MeanSquaredError, MeanAbsoluteError, CategoricalAccuracy,
-                                  SparseCategoricalAccuracy, BinaryAccuracy)}
+    """A Metric from a name (any case, or a class name), a ``serialize``
+    dict or an instance (returned as it is); "accuracy"/"acc" follows the
+    loss named ``loss_name``."""
+    if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
+        if loss_name == "sparse_categorical_crossentropy":
+            return SparseCategoricalAccuracy()
+        if loss_name == "binary_crossentropy":
+            return BinaryAccuracy()
+        return CategoricalAccuracy()
+    return _REGISTRY.get(identifier)
 
 
 def serialize(metric):
-    return {"class_name": type(metric).__name__, "config": metric.get_config()}
+    """``{"class_name": "BinaryAccuracy", "config": metric.get_config()}``."""
+    return _REGISTRY.serialize(metric)
 
 
 def deserialize(config):
     """The metric a ``serialize`` dict describes."""
-    if not isinstance(config, dict) or config.get("class_name") not in _NAMES:
-        raise ValueError(f"metrics: unknown metric {config!r}")
-    return _NAMES[config["class_name"]](**config.get("config", {}))
+    return _REGISTRY.deserialize(config)

@@ -37,12 +37,12 @@ restored after.
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
 """
 import math
-import numbers
 import warnings
 
 import numpy as np
 
 from fastgrad import _core, schedules
+from fastgrad._utils import Hyper, Registry, check_choice, check_real
 
 # settings the compiled step is configured with when the optimizer is built
 _STEP_SETTINGS = frozenset({"momentum", "rho", "beta_1", "beta_2", "epsilon", "weight_decay",
@@ -83,18 +83,17 @@ class StepRecord:
         self.overflow = None
 
 
-def _positive(name, value, allow_none=True, allow_zero=False):
-    if value is None and allow_none:
-        return None
-    try:
-        finite = math.isfinite(value)
-    except (OverflowError, TypeError):
-        finite = False
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not finite or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} "
-                         f"finite number, got {value!r}")
-    return float(value)
+# hyperparameters, checked whenever they are set
+def _clip():
+    return Hyper(check_real, low=0.0, low_open=True, none=True)
+
+
+def _decay():   # in [0, 1)
+    return Hyper(check_real, low=0.0, high=1.0, high_open=True)
+
+
+def _epsilon():
+    return Hyper(check_real, low=0.0, low_open=True)
 
 
 class Optimizer:
@@ -102,20 +101,20 @@ class Optimizer:
 
     _kind = None
     _slots = ()  # which of the moment buffers m, v, vmax this optimizer uses
+    weight_decay = Hyper(check_real, low=0.0, none=True)
+    clipnorm, clipvalue, global_clipnorm = _clip(), _clip(), _clip()
+    nonfinite = Hyper(check_choice, choices=("skip", "raise"))
 
     def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None, nonfinite="skip", name=None):
         self._learning_rate = None
         self.learning_rate = learning_rate
-        self.weight_decay = _positive("weight_decay", weight_decay, True, True)
-        self.clipnorm = _positive("clipnorm", clipnorm)
-        self.clipvalue = _positive("clipvalue", clipvalue)
-        self.global_clipnorm = _positive("global_clipnorm", global_clipnorm)
+        self.weight_decay = weight_decay
+        self.clipnorm, self.clipvalue = clipnorm, clipvalue
+        self.global_clipnorm = global_clipnorm
         if sum(c is not None for c in (clipnorm, clipvalue, global_clipnorm)) > 1:
             raise ValueError("clipnorm, clipvalue, global_clipnorm: only one of them "
                              "can be set")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite: expected 'skip' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.name = name or type(self).__name__.lower()
         self.iterations = 0      # steps applied
@@ -142,7 +141,7 @@ class Optimizer:
                             f"({type(self._learning_rate).__name__}), so its rate cannot be "
                             f"set to {value!r}; create it with a float learning_rate to set "
                             "the rate (as LearningRateScheduler does)")
-        self._learning_rate = _positive("learning_rate", value, False, True)
+        self._learning_rate = check_real("learning_rate", value, low=0.0)
 
     # -- state ------------------------------------------------------------
     def build(self, params, grads, tensors):
@@ -153,7 +152,7 @@ class Optimizer:
         l1, l2, cvalue = np.zeros(T), np.zeros(T), np.zeros(T)
         constraint = np.full(T, _core.CONSTRAINT_CODES[None], np.intc)
         cols = np.zeros(T, np.int64)
-        for t, (name, off, shape, reg, con) in enumerate(tensors):
+        for t, (_, off, shape, reg, con) in enumerate(tensors):
             offset[t], offset[t + 1] = off, off + int(np.prod(shape))
             if reg is not None:
                 l1[t], l2[t] = reg.l1, reg.l2
@@ -179,7 +178,8 @@ class Optimizer:
         old = getattr(self, "_moments", None)
         self._moments = {s: np.zeros_like(params) for s in self._slots_used()}
         self._init_moments()
-        if old is not None and all(k in old and old[k].shape == params.shape for k in self._moments):
+        if old is not None and all(k in old and old[k].shape == params.shape
+                                   for k in self._moments):
             for k in self._moments:
                 self._moments[k][...] = old[k]
 
@@ -187,10 +187,18 @@ class Optimizer:
         return self._slots
 
     def __setattr__(self, name, value):
+        if name not in _STEP_SETTINGS or self.__dict__.get("_config") is None:
+            super().__setattr__(name, value)
+            return
+        # a setting changed after build reaches the compiled step, or is
+        # put back when the step refuses it (a second clipping, say)
+        old = getattr(self, name)
         super().__setattr__(name, value)
-        # a setting changed after build reaches the compiled step
-        if name in _STEP_SETTINGS and self.__dict__.get("_config") is not None:
+        try:
             self._config = self._step_config()
+        except (TypeError, ValueError):
+            super().__setattr__(name, old)
+            raise
 
     def _step_config(self):
         return _core.StepConfig(
@@ -230,8 +238,28 @@ class Optimizer:
         return dict(self._moments)
 
     def current_learning_rate(self):
+        """The rate of the next step: the float, or the schedule's value at
+        ``iterations``. A schedule's value that is not a finite number >= 0
+        raises ValueError naming the schedule and the step, so ``apply``
+        refuses the step before anything changes."""
         lr = self._learning_rate
-        return float(lr(self.iterations)) if callable(lr) else lr
+        if not callable(lr):
+            return lr
+        try:
+            value = lr(self.iterations)
+        except OverflowError:   # Python's float power overflows by raising
+            value = math.inf
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            rate = math.nan
+        if not (rate >= 0 and math.isfinite(rate)):   # NaN fails both
+            name = getattr(lr, "name", None)
+            raise ValueError(f"learning_rate: the schedule {type(lr).__name__}"
+                             f"{f' {name!r}' if name else ''} gave {value!r} at step "
+                             f"{self.iterations} (the number of steps taken); expected a "
+                             "finite number >= 0, so the step is refused and nothing changed")
+        return rate
 
     # -- the step ---------------------------------------------------------
     def apply(self):
@@ -284,6 +312,15 @@ class Optimizer:
             "nonfinite": self.nonfinite,
         }
 
+    @classmethod
+    def from_config(cls, config):
+        """The optimizer a ``get_config`` dict describes; a serialized
+        schedule as learning rate is rebuilt."""
+        config = dict(config)
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+        return cls(**config)
+
 
 class SGD(Optimizer):
     """Stochastic gradient descent, with momentum and Nesterov momentum
@@ -295,12 +332,11 @@ class SGD(Optimizer):
     """
 
     _kind = "sgd"
+    momentum = _decay()
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.momentum = _positive("momentum", momentum, False, True)
-        if self.momentum >= 1:
-            raise ValueError(f"momentum: expected a value in [0, 1), got {momentum}")
+        self.momentum = momentum
         self.nesterov = bool(nesterov)
 
     def _slots_used(self):
@@ -324,17 +360,12 @@ class RMSprop(Optimizer):
     """
 
     _kind = "rmsprop"
+    rho, momentum, epsilon = _decay(), _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
                  centered=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.rho = _positive("rho", rho, False, True)
-        if self.rho >= 1:
-            raise ValueError(f"rho: expected a value in [0, 1), got {rho}")
-        self.momentum = _positive("momentum", momentum, False, True)
-        if self.momentum >= 1:
-            raise ValueError(f"momentum: expected a value in [0, 1), got {momentum}")
-        self.epsilon = _positive("epsilon", epsilon)
+        self.rho, self.momentum, self.epsilon = rho, momentum, epsilon
         self.centered = bool(centered)
 
     def _slots_used(self):
@@ -360,15 +391,12 @@ class Adam(Optimizer):
     """
 
     _kind = "adam"
+    beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  amsgrad=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        for name, b in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0 <= b < 1:
-                raise ValueError(f"{name}: expected a value in [0, 1), got {b!r}")
-        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
-        self.epsilon = _positive("epsilon", epsilon)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.amsgrad = bool(amsgrad)
 
     def _slots_used(self):
@@ -406,13 +434,13 @@ class Adagrad(Optimizer):
 
     _kind = "adagrad"
     _slots = ("v",)
+    initial_accumulator_value, epsilon = Hyper(check_real, low=0.0), _epsilon()
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
                  **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.initial_accumulator_value = _positive(
-            "initial_accumulator_value", initial_accumulator_value, False, True)
-        self.epsilon = _positive("epsilon", epsilon)
+        self.initial_accumulator_value = initial_accumulator_value
+        self.epsilon = epsilon
 
     def _init_moments(self):
         self._moments["v"].fill(self.initial_accumulator_value)
@@ -426,18 +454,24 @@ class Adagrad(Optimizer):
                 "epsilon": self.epsilon}
 
 
+# lower-case names, as in Keras
 _CLASSES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad}
+_REGISTRY = Registry("optimizer", Optimizer, _CLASSES)
 
 
 def get(identifier):
-    """An optimizer from a name ("sgd", "rmsprop", "adam", "adamw", "adagrad")
-    or an Optimizer instance."""
-    if isinstance(identifier, Optimizer):
-        return identifier
-    if isinstance(identifier, str) and identifier.lower() in _CLASSES:
-        return _CLASSES[identifier.lower()]()
-    if isinstance(identifier, str):
-        raise ValueError(f"optimizer: unknown name {identifier!r}; expected one of "
-                         f"{', '.join(_CLASSES)}")
-    raise TypeError(f"optimizer: expected a name or a fastgrad.optimizers.Optimizer, "
-                    f"got {identifier!r}")
+    """An optimizer from a name ("sgd", "rmsprop", "adam", "adamw",
+    "adagrad", any case, or a class name), a ``serialize`` dict, or an
+    Optimizer instance (returned as it is)."""
+    return _REGISTRY.get(identifier)
+
+
+def serialize(optimizer):
+    """``{"class_name": "Adam", "config": optimizer.get_config()}``; a
+    schedule given as learning rate is serialized inside the config."""
+    return _REGISTRY.serialize(optimizer)
+
+
+def deserialize(config):
+    """The optimizer a ``serialize`` dict describes (with a fresh state)."""
+    return _REGISTRY.deserialize(config)

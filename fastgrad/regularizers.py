@@ -7,13 +7,16 @@ inside the optimizer's compiled step:
 """
 import numpy as np
 
+from fastgrad._utils import Hyper, Registry, check_real
+
 
 class Regularizer:
+    """Base class; l1 and l2 are finite and >= 0."""
+
+    l1, l2 = Hyper(check_real, low=0.0), Hyper(check_real, low=0.0)
+
     def __init__(self, l1=0.0, l2=0.0):
-        for name, v in (("l1", l1), ("l2", l2)):
-            if not (isinstance(v, (int, float, np.floating)) and np.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
-        self.l1, self.l2 = float(l1), float(l2)
+        self.l1, self.l2 = l1, l2
 
     def __call__(self, w):
         """The penalty for weights w."""
@@ -44,23 +47,23 @@ class L2(Regularizer):
         return {"l2": self.l2}
 
 
-_CLASSES = {"l1": L1, "l2": L2, "l1l2": L1L2, "l1_l2": L1L2}
-_NAMES = {"L1": L1, "L2": L2, "L1L2": L1L2}
+l1, l2, l1_l2 = L1, L2, L1L2   # Keras' lower-case aliases
+_REGISTRY = Registry("regularizer", Regularizer,
+                     {"l1": L1, "l2": L2, "l1l2": L1L2, "l1_l2": L1L2}, none=None)
 
 
 def get(identifier):
-    """A Regularizer from None, a name ("l1", "l2", "l1l2"), an instance or a config."""
-    if identifier is None or isinstance(identifier, Regularizer):
-        return identifier
-    if isinstance(identifier, str) and identifier.lower() in _CLASSES:
-        return _CLASSES[identifier.lower()]()
-    if isinstance(identifier, dict) and identifier.get("class_name") in _NAMES:
-        return _NAMES[identifier["class_name"]](**identifier.get("config", {}))
-    raise ValueError(f"regularizer: expected None, 'l1', 'l2', 'l1l2' or a "
-                     f"fastgrad.regularizers.Regularizer, got {identifier!r}")
+    """A Regularizer from None (returned), a name ("l1", "l2", "l1l2" or
+    "l1_l2", any case, or a class name), a ``serialize`` dict, a class or an
+    instance (returned as it is)."""
+    return _REGISTRY.get(identifier)
 
 
-def serialize(reg):
-    if reg is None:
-        return None
-    return {"class_name": type(reg).__name__, "config": reg.get_config()}
+def serialize(regularizer):
+    """``{"class_name": "L2", "config": regularizer.get_config()}``; None for None."""
+    return _REGISTRY.serialize(regularizer)
+
+
+def deserialize(config):
+    """The regularizer a ``serialize`` dict describes."""
+    return _REGISTRY.deserialize(config)

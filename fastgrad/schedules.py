@@ -20,6 +20,8 @@ positions and defaults are Keras 3's; ``name`` only labels the schedule.
 """
 import math
 
+from fastgrad._utils import Hyper, Registry, check_real
+
 
 class LearningRateSchedule:
     def __call__(self, step):
@@ -29,38 +31,43 @@ class LearningRateSchedule:
         return dict(vars(self))
 
 
-def _finite(v):
+def _check_name(name, value):
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string or None, got {value!r}")
+    return value
+
+
+def _check_list(name, values, **bounds):
     try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"{name}: expected a list of numbers, got {values!r}") from None
+    return [check_real(f"{name}[{i}]", v, **bounds) for i, v in enumerate(values)]
 
 
-def _name(name):
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name: expected a string or None, got {name!r}")
-    return name
+def _rate():    # a learning rate: finite, >= 0
+    return Hyper(check_real, low=0.0)
 
 
-def _number(name, v, positive=True):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) \
-            or (v <= 0 if positive else v < 0):
-        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} "
-                         f"number, got {v!r}")
-    return v
+def _steps():
+    return Hyper(check_real, low=0.0, low_open=True)
 
 
 class ExponentialDecay(LearningRateSchedule):
     """Exponential decay: ``initial_learning_rate * decay_rate ** (step /
     decay_steps)``, the exponent floored when ``staircase``."""
 
+    initial_learning_rate, decay_steps = _rate(), _steps()
+    decay_rate = Hyper(check_real, low=0.0, low_open=True)
+    name = Hyper(_check_name)
+
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
                  name="ExponentialDecay"):
-        self.initial_learning_rate = float(_number("initial_learning_rate", initial_learning_rate, False))
-        self.decay_steps = _number("decay_steps", decay_steps)
-        self.decay_rate = float(_number("decay_rate", decay_rate))
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
         self.staircase = bool(staircase)
-        self.name = _name(name)
+        self.name = name
 
     def __call__(self, step):
         p = step / self.decay_steps
@@ -71,17 +78,21 @@ class ExponentialDecay(LearningRateSchedule):
 
 class PiecewiseConstantDecay(LearningRateSchedule):
     """``values[0]`` up to and including ``boundaries[0]``, then ``values[i]``
-    for ``boundaries[i-1] < step <= boundaries[i]``, ``values[-1]`` after."""
+    for ``boundaries[i-1] < step <= boundaries[i]``, ``values[-1]`` after.
+    Values are learning rates: finite and >= 0."""
+
+    boundaries = Hyper(_check_list)
+    values = Hyper(_check_list, low=0.0)
+    name = Hyper(_check_name)
 
     def __init__(self, boundaries, values, name="PiecewiseConstant"):
-        boundaries, values = list(boundaries), [float(v) for v in values]
-        if len(values) != len(boundaries) + 1:
-            raise ValueError(f"values: expected {len(boundaries) + 1} values (one more than "
-                             f"boundaries), got {len(values)}")
-        if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
-            raise ValueError("boundaries: expected increasing numbers")
         self.boundaries, self.values = boundaries, values
-        self.name = _name(name)
+        if len(self.values) != len(self.boundaries) + 1:
+            raise ValueError(f"values: expected {len(self.boundaries) + 1} values (one more "
+                             f"than boundaries), got {len(self.values)}")
+        if any(b >= a for b, a in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError("boundaries: expected increasing numbers")
+        self.name = name
 
     def __call__(self, step):
         for b, v in zip(self.boundaries, self.values):
@@ -98,15 +109,19 @@ class CosineDecay(LearningRateSchedule):
     ``warmup_target`` over ``warmup_steps`` steps, then decays from
     ``warmup_target`` to ``warmup_target * alpha`` over ``decay_steps``."""
 
+    initial_learning_rate, decay_steps, alpha = _rate(), _steps(), _rate()
+    warmup_target = Hyper(check_real, low=0.0, none=True)
+    warmup_steps = Hyper(check_real, low=0.0)
+    name = Hyper(_check_name)
+
     def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name="CosineDecay",
                  warmup_target=None, warmup_steps=0):
-        self.initial_learning_rate = float(_number("initial_learning_rate", initial_learning_rate, False))
-        self.decay_steps = _number("decay_steps", decay_steps)
-        self.alpha = float(_number("alpha", alpha, False))
-        self.name = _name(name)
-        self.warmup_target = None if warmup_target is None else float(
-            _number("warmup_target", warmup_target, False))
-        self.warmup_steps = _number("warmup_steps", warmup_steps, False)
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.alpha = alpha
+        self.name = name
+        self.warmup_target = warmup_target
+        self.warmup_steps = warmup_steps
 
     def _decay(self, s, start):
         cos = 0.5 * (1.0 + math.cos(math.pi * min(s, self.decay_steps) / self.decay_steps))
@@ -122,16 +137,21 @@ class CosineDecay(LearningRateSchedule):
         return self._decay(step - self.warmup_steps, self.warmup_target)
 
 
-_NAMES = {c.__name__: c for c in (ExponentialDecay, PiecewiseConstantDecay, CosineDecay)}
+_REGISTRY = Registry("schedule", LearningRateSchedule, {}, classes=(
+    ExponentialDecay, PiecewiseConstantDecay, CosineDecay))
+
+
+def get(identifier):
+    """A schedule from a ``serialize`` dict or a schedule (returned as it is)."""
+    return _REGISTRY.get(identifier)
 
 
 def serialize(schedule):
-    return {"class_name": type(schedule).__name__, "config": schedule.get_config()}
+    """``{"class_name": "CosineDecay", "config": schedule.get_config()}``."""
+    return _REGISTRY.serialize(schedule)
 
 
 def deserialize(config):
     """The schedule a ``serialize`` dict describes; configs written before
     schedules had a ``name`` get the default name."""
-    if not isinstance(config, dict) or config.get("class_name") not in _NAMES:
-        raise ValueError(f"learning_rate: unknown schedule {config!r}")
-    return _NAMES[config["class_name"]](**config.get("config", {}))
+    return _REGISTRY.deserialize(config)
