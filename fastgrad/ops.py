@@ -428,19 +428,19 @@ def rmsprop_step(params, grads, v, learning_rate=0.001, rho=0.9, momentum=0.0,
                  epsilon=1e-7, centered=False, m=None, momentum_buffer=None, step=1,
                  offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
                  weight_decay=None):
-    return _optimizer_step("rmsprop", params, grads, step, learning_rate,
-                           {"v": ("v", v), "m": ("m", m), "vmax": ("momentum_buffer", momentum_buffer)}, offsets, clipvalue,
-                           clipnorm, global_clipnorm, weight_decay, rho=rho,
+    moments = {"v": ("v", v), "m": ("m", m), "vmax": ("momentum_buffer", momentum_buffer)}
+    return _optimizer_step("rmsprop", params, grads, step, learning_rate, moments, offsets,
+                           clipvalue, clipnorm, global_clipnorm, weight_decay, rho=rho,
                            momentum=momentum, epsilon=epsilon, centered=centered)
 
 
 def adam_step(params, grads, m, v, step, learning_rate=0.001, beta_1=0.9, beta_2=0.999,
               epsilon=1e-7, amsgrad=False, vmax=None, offsets=None, clipvalue=None,
               clipnorm=None, global_clipnorm=None, weight_decay=None):
-    return _optimizer_step("adam", params, grads, step, learning_rate,
-                           {"m": ("m", m), "v": ("v", v), "vmax": ("vmax", vmax)}, offsets, clipvalue, clipnorm,
-                           global_clipnorm, weight_decay, beta_1=beta_1, beta_2=beta_2,
-                           epsilon=epsilon, amsgrad=amsgrad)
+    moments = {"m": ("m", m), "v": ("v", v), "vmax": ("vmax", vmax)}
+    return _optimizer_step("adam", params, grads, step, learning_rate, moments, offsets,
+                           clipvalue, clipnorm, global_clipnorm, weight_decay, beta_1=beta_1,
+                           beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad)
 
 
 def adagrad_step(params, grads, accumulator, learning_rate=0.001, epsilon=1e-7, step=1,

@@ -279,11 +279,17 @@ class Optimizer:
                 raise FloatingPointError(f"gradient of {self._names[bad]} is not finite; "
                                          "the step was not applied")
             return self.last_step
-        m = self._moments
-        over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
-                                    self._grads, self._table, self._config, lr,
-                                    self.iterations + 1)
+        # counted before the compiled step: an interrupt arriving during it is
+        # raised as it returns, and must find the count matching the weights
         self.iterations += 1
+        m = self._moments
+        try:
+            over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
+                                        self._grads, self._table, self._config, lr,
+                                        self.iterations)
+        except ValueError:   # refused before anything changed
+            self.iterations -= 1
+            raise
         rec = self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
                                           clipped, False, None, penalty)
         if self._track:   # the step wrote the ratios

@@ -394,8 +394,9 @@ def test_each_failure_has_its_own_message():
                                     sparse, False, 1.0)
     with pytest.raises(ValueError, match="^pre: this activation's derivative needs"):
         _core.act_backward(x, x, None, out, None, _core.ACTIVATION_CODES["gelu"], 0.0)
-    with pytest.raises(ValueError, match=f"^kind: unknown optimizer code {len(_core.OPTIMIZER_CODES)}"):
-        _core.StepConfig(len(_core.OPTIMIZER_CODES))
+    n_opt = len(_core.OPTIMIZER_CODES)
+    with pytest.raises(ValueError, match=f"^kind: unknown optimizer code {n_opt}"):
+        _core.StepConfig(n_opt)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -448,7 +449,8 @@ def _pyx_signatures():
     """{name: [argument names]} of the def functions and methods of _core.pyx."""
     src = (Path(_core.__file__).parent / "_core.pyx").read_text()
     sigs = {}
-    for cls, name, args in re.findall(r"^(    )?def (\w+)\((.*?)\):", src, re.DOTALL | re.MULTILINE):
+    pattern = re.compile(r"^(    )?def (\w+)\((.*?)\):", re.DOTALL | re.MULTILINE)
+    for cls, name, args in pattern.findall(src):
         args = re.sub(r"\[[^\]]*\]", "", args).replace("not None", "")
         names = [a.split("=")[0].split()[-1] for a in args.split(",") if a.strip()]
         sigs[("method " if cls else "") + name] = [n for n in names if n not in ("self", "*")]
