@@ -1,9 +1,9 @@
 """Shared helpers: argument checks and name registries.
 
-Checks raise ValueError naming the argument and what was expected, for a
-value out of range and for one of the wrong kind alike (as every check of
-fastgrad did before them), and return the value in canonical form (an int,
-a float):
+Checks raise ValueError naming the argument and what was expected, both
+for a value out of range and for one of the wrong kind (fastgrad's rule for
+numeric arguments), and return the value in canonical form (an int, a
+float):
 
     check_int(name, value, low=None, high=None, none=False)
     check_real(name, value, low=None, high=None, low_open=False,
@@ -60,7 +60,7 @@ def check_real(name, value, low=None, high=None, low_open=False, high_open=False
     try:
         v = float(value)
     except OverflowError:   # an int beyond the float range
-        v = math.copysign(math.inf, value)
+        v = math.inf if value > 0 else -math.inf
     if math.isnan(v) or (finite and math.isinf(v)) \
             or (low is not None and (v <= low if low_open else v < low)) \
             or (high is not None and (v >= high if high_open else v > high)):
@@ -69,7 +69,7 @@ def check_real(name, value, low=None, high=None, low_open=False, high_open=False
 
 
 def check_choice(name, value, choices):
-    """``value`` if it is one of ``choices`` (compared with ==)."""
+    """``value`` if it is one of the strings ``choices``."""
     if isinstance(value, str) and value in choices:
         return value
     raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, "
@@ -86,7 +86,7 @@ class Hyper:
     read (the optimizer reads its hyperparameters every step) and
     ``vars(obj)`` lists it."""
 
-    def __init__(self, check, **bounds):
+    def __init__(self, check, /, **bounds):
         self.check, self.bounds = check, bounds
 
     def __set_name__(self, owner, name):
@@ -151,14 +151,17 @@ class Registry:
         return {"class_name": type(obj).__name__, "config": obj.get_config()}
 
     def deserialize(self, config):
-        """The object a ``serialize`` dict describes (a name is also taken)."""
+        """The object a ``serialize`` dict describes; its class_name may
+        also be a lower-case name, and a name alone is taken too."""
         if isinstance(config, str):
             return self.lookup(config)()
         if not isinstance(config, dict):
             raise TypeError(f"{self.arg}: expected a dict with 'class_name' and 'config', "
                             f"got {config!r}")
         name, cfg = config.get("class_name"), config.get("config", {})
-        cls = self.classes.get(name) if isinstance(name, str) else None
+        # a lower-case name too, as Keras 3 reads its optimizers' names
+        cls = self.classes.get(name) or self.names.get(name.lower()) \
+            if isinstance(name, str) else None
         if cls is None:
             raise ValueError(f"{self.arg}: unknown class_name {name!r}; expected one of "
                              f"{', '.join(self.classes)}")

@@ -31,9 +31,8 @@ vanishing, else "healthy".
 """
 import math
 
-import numpy as np
-
 from fastgrad import _core
+from fastgrad.models import snake_case
 
 EXPLODING_NORM = 1e3
 EXPLODING_RATIO = 10.0
@@ -100,41 +99,18 @@ def _ranges(names):
 def diagnose(model, x, y, batch_size=None):
     """Diagnose gradient health from one training-mode pass; see the module
     docstring for the thresholds. Returns a GradientReport."""
-    with model._lock:
-        return _diagnose(model, x, y, batch_size)
+    if model.optimizer is None:
+        raise RuntimeError("diagnose: the model is not compiled; call "
+                           "model.compile(optimizer, loss) first")
+    with model.training_pass(x, y, batch_size, activation_stats=True) as loss:
+        return _report(model, loss)
 
 
-def _diagnose(model, x, y, batch_size):
-    model._require_compiled("diagnose")
-    x, target, labels = model._check_xy(x, y, "diagnose")
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        x = x[:batch_size]
-        target = target[:batch_size] if target is not None else None
-        labels = labels[:batch_size] if labels is not None else None
-    if x.shape[0] < 2 and any(l.kind == "BatchNormalization" for l in model.layers):
-        raise ValueError("x: BatchNormalization needs at least 2 rows")
-    state = model.state.copy()
-    counters = [(l, l.counter) for l in model.layers if hasattr(l, "counter")]
-    stat_layers = [l for l in model.layers if hasattr(l, "collect_stats")]
-    model._prepare(x.shape[0])
-    try:
-        for l in stat_layers:
-            l.collect_stats = True
-        loss, _, _ = model._forward_backward(x, target, labels)
-    finally:
-        for l in stat_layers:
-            l.collect_stats = False
-        model.state[...] = state
-        for l, c in counters:
-            l.counter = c
-    return _report(model, float(loss))
-
-
-def _report(model, loss):
+def _layer_rows(model):
+    """One LayerHealth per layer with weights, input side first; an
+    Activation layer's statistics join the row of the layer before it."""
     rows = []
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         stats = getattr(layer, "activation_stats", None) or {}
         # activation statistics of an Activation layer describe the Dense before it
         if layer.kind == "Activation" and rows:
@@ -155,8 +131,12 @@ def _report(model, loss):
             grad_norm=_norm(layer.grads[key]), weight_norm=_norm(layer.weights[key]),
             dead_fraction=stats.get("dead_fraction", 0.0),
             saturated_fraction=stats.get("saturated_fraction", 0.0)))
-    dense = [r for r in rows if r.kind == "Dense"]
-    last = dense[-1].grad_norm if dense else None
+    return rows
+
+
+def _classify(rows, last):
+    """Each row's ratio and status by the module's thresholds; last is the
+    last Dense layer's kernel gradient norm (None without Dense layers)."""
     for r in rows:
         r.ratio = r.grad_norm / r.weight_norm if r.weight_norm > 0 else math.inf
         if not math.isfinite(r.grad_norm) or r.grad_norm > EXPLODING_NORM \
@@ -167,6 +147,13 @@ def _report(model, loss):
             r.status = "vanishing"
         else:
             r.status = "healthy"
+
+
+def _report(model, loss):
+    rows = _layer_rows(model)
+    dense = [r for r in rows if r.kind == "Dense"]
+    last = dense[-1].grad_norm if dense else None
+    _classify(rows, last)
     findings = []
     if not math.isfinite(loss) or any(not math.isfinite(r.grad_norm) for r in rows):
         findings.append("non-finite loss or gradients")
@@ -188,7 +175,8 @@ def _report(model, loss):
             status = "vanishing"
     dead = [r for r in rows if r.dead_fraction > DEAD_RELU]
     if dead:
-        findings.append(f"over {DEAD_RELU:.0%} dead ReLU units in {_ranges([r.name for r in dead])}")
+        findings.append(f"over {DEAD_RELU:.0%} dead ReLU units in "
+                        f"{_ranges([r.name for r in dead])}")
     sat = [r for r in rows if r.saturated_fraction > SATURATED]
     if sat:
         findings.append(f"over {SATURATED:.0%} saturated outputs in "
@@ -203,7 +191,7 @@ def _init_name(init):
         extra = f"(stddev={init.stddev:g})"
     elif n == "RandomUniform":
         extra = f"(minval={init.minval:g}, maxval={init.maxval:g})"
-    return "".join("_" + c.lower() if c.isupper() else c for c in n).lstrip("_") + extra
+    return snake_case(n) + extra
 
 
 def _suggest(model, status, rows, dead, sat):
@@ -211,7 +199,7 @@ def _suggest(model, status, rows, dead, sat):
     dense = [r for r in rows if r.kind == "Dense"]
     hidden = dense[:-1]
     squashing = [r for r in hidden if r.activation in ("sigmoid", "tanh")]
-    has_bn = any(l.kind == "BatchNormalization" for l in model.layers)
+    has_bn = any(layer.kind == "BatchNormalization" for layer in model.layers)
     opt = model.optimizer
     clipping = opt is not None and any(getattr(opt, k, None) is not None
                                        for k in ("clipnorm", "clipvalue", "global_clipnorm"))

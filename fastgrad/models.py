@@ -14,100 +14,47 @@ categorical cross-entropy) or sigmoid (with binary cross-entropy), training
 and evaluation compute the loss from its logits, fused and stable; predict
 returns the activation's output.
 """
-import functools
-import math
-import sys
 import threading
-import time
 
 import numpy as np
 
-from fastgrad import _core, callbacks as callbacks_mod, losses, metrics as metrics_mod, ops
-from fastgrad import optimizers
+from fastgrad import _core, losses, metrics as metrics_mod, ops, optimizers
+from fastgrad._trainer import Trainer, locked
+from fastgrad._utils import check_int
 from fastgrad.layers import Layer
+from fastgrad.saving import load_model, save_model
+
+__all__ = ["Sequential", "load_model"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",
           "binary_crossentropy": "sigmoid"}
 
 
-class _ProgressBar:
-    """The live bar of ``fit(verbose=1)``: tqdm when it is installed,
-    otherwise one carriage-returned line."""
-
-    def __init__(self, epoch, epochs, total):
-        self.t0, self.total = time.perf_counter(), total
-        self.desc = f"Epoch {epoch + 1}/{epochs}"
-        self._last = 0
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.tqdm = None
-        else:
-            self.tqdm = tqdm(total=total, desc=self.desc, unit="sample", leave=False,
-                             file=sys.stdout, mininterval=0.2)
-
-        self.live = self.tqdm is not None or sys.stdout.isatty()
-
-    def update(self, done, loss, names, values):
-        post = {"loss": f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in zip(names, values)}}
-        if self.tqdm is not None:
-            self.tqdm.update(done - self._last)
-            self.tqdm.set_postfix(post, refresh=False)
-        elif self.live:
-            now = time.perf_counter()
-            if done < self.total and now - getattr(self, "_shown", 0) < 0.2:
-                self._last = done
-                return
-            self._shown = now
-            rate = done / max(now - self.t0, 1e-9)
-            fill = 20 * done // max(self.total, 1)
-            stats = " - ".join(f"{k}: {v}" for k, v in post.items())
-            print(f"\r{self.desc} [{'=' * fill}{'.' * (20 - fill)}] {done}/{self.total} - "
-                  f"{rate:,.0f} samples/s - {stats}", end="", file=sys.stdout, flush=True)
-        self._last = done
-
-    def close(self):
-        if self.tqdm is not None:
-            self.tqdm.close()
-        elif self.live:
-            print("\r\033[K", end="", file=sys.stdout)   # clear the bar's line
+def snake_case(name):
+    """"BatchNormalization" -> "batch_normalization"."""
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
-def _locked(method):
-    """Serialize calls on one model: layers share work buffers, so two
-    threads must not run passes on the same model at once. Other models,
-    and the compiled kernels, run in parallel (they release the GIL)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
-def _snake(name):
-    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
-    return out.replace("batch_normalization", "batch_normalization")
-
-
-class Sequential:
+class Sequential(Trainer):
     """A linear stack of layers.
 
     ``Sequential(layers=None, dtype="float32", seed=None)``: dtype is
     "float32" or "float64"; seed makes initialization, shuffling and dropout
-    reproducible (same seed, data and settings: bit-identical weights)."""
+    reproducible (same seed, data and settings: bit-identical weights).
+
+    This class holds the model: its layers, the flat buffers and one
+    training step. The loops over data (fit, evaluate, predict, ...) come
+    from fastgrad._trainer.Trainer."""
 
     def __init__(self, layers=None, dtype="float32", seed=None, name="sequential"):
         if dtype not in _DTYPES:
-            key = np.dtype(dtype).name if isinstance(dtype, type) or isinstance(dtype, np.dtype) else dtype
+            key = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else dtype
             if key not in _DTYPES:
                 raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
             dtype = key
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed: expected None or a non-negative integer, got {seed!r}")
+        self.seed = check_int("seed", seed, low=0, none=True)
         self.dtype = _DTYPES[dtype]
-        self.seed = seed
         self.name = name
         self.layers = []
         self.built = False
@@ -122,7 +69,7 @@ class Sequential:
             self.add(layer)
 
     # -- structure --------------------------------------------------------
-    @_locked
+    @locked
     def add(self, layer):
         """Append a layer (before the model is built)."""
         if not isinstance(layer, Layer):
@@ -130,20 +77,17 @@ class Sequential:
         if self.built:
             raise ValueError("layer: the model is already built (its weights exist); add "
                              "every layer before the first compile, fit or predict")
-        if any(layer is l for l in self.layers):
+        if any(layer is other for other in self.layers):
             raise ValueError(f"layer: {layer.name or layer.kind} is already in the model")
-        if self.layers and (layer.input_dim is not None and layer.name is None
-                            and False):
-            pass
         if layer.name is None:
-            base = _snake(layer.kind)
-            taken = {l.name for l in self.layers}
+            base = snake_case(layer.kind)
+            taken = {other.name for other in self.layers}
             k, name = 0, base
             while name in taken:
                 k += 1
                 name = f"{base}_{k}"
             layer.name = name
-        elif any(l.name == layer.name for l in self.layers):
+        elif any(other.name == layer.name for other in self.layers):
             raise ValueError(f"layer: the name {layer.name!r} is already used in this model")
         self.layers.append(layer)
 
@@ -159,14 +103,18 @@ class Sequential:
             dim = layer.build(dim)
         return dim, [(layer, s) for layer in self.layers for s in layer.weight_specs]
 
-    def _output_dim_for(self, input_dim):
-        dim = input_dim
-        for layer in self.layers:
-            dim = getattr(layer, "units", dim)
-        return dim
+    def weight_shapes(self, input_dim=None):
+        """``[(name, shape, trainable)]`` of every weight, in get_weights()
+        order, for inputs of ``input_dim`` features (default: the model's),
+        computed without building the model or allocating anything."""
+        if input_dim is None:
+            input_dim = self.input_dim if self.built else self.layers[0].input_dim \
+                if self.layers else None
+        _, specs = self._plan(input_dim)
+        return [(f"{layer.name}/{s.name}", s.shape, s.trainable) for layer, s in specs]
 
-    @_locked
-    def build(self, input_dim=None, _check=None):
+    @locked
+    def build(self, input_dim=None):
         """Create the weights for inputs of ``input_dim`` features."""
         if self.built:
             return
@@ -176,11 +124,7 @@ class Sequential:
             raise ValueError("input_dim: unknown; give the first layer input_dim= or "
                              "input_shape=, or call fit/predict")
         dim, specs = self._plan(input_dim)
-        if _check is not None:
-            _check(specs)     # the loader compares shapes before anything is allocated
         self.input_dim, self.output_dim = int(input_dim), dim
-        # BatchNormalization needs two rows to estimate a variance in training
-        self._min_batch = 2 if any(l.kind == "BatchNormalization" for l in self.layers) else 1
         n_train = sum(s.size for _, s in specs if s.trainable)
         n_state = sum(s.size for _, s in specs if not s.trainable)
         self.params = np.zeros(n_train, self.dtype)
@@ -189,6 +133,7 @@ class Sequential:
         # the state before a training step, put back if its update is skipped
         self._state_before = np.empty_like(self.state)
         self._tensors, self._specs = [], specs
+        self._dropouts = [layer for layer in self.layers if hasattr(layer, "counter")]
         offs = {True: 0, False: 0}
         views = {id(layer): ({}, {}) for layer in self.layers}
         for layer, s in specs:
@@ -215,11 +160,11 @@ class Sequential:
         return [t[0] for t in getattr(self, "_tensors", [])]
 
     def count_params(self):
-        self._require_built("count_params")
+        self._require_built()
         return self.params.size + self.state.size
 
     # -- compile ----------------------------------------------------------
-    @_locked
+    @locked
     def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
         """Choose the optimizer, loss and metrics (names or objects)."""
         opt = optimizers.get(optimizer)
@@ -251,8 +196,27 @@ class Sequential:
         self._fused, self._from_logits = fused, loss_obj.from_logits or fused
         self._loss_code = loss_code
 
-    # -- input checks -----------------------------------------------------
-    def _require_built(self, what, input_dim=None):
+    def get_compile_config(self):
+        """compile's arguments, serialized (Keras 3's name), or None before
+        compile: {"optimizer", "loss", "metrics"}, metrics given by name as
+        names (accuracy resolves from the loss), objects as their
+        ``serialize`` dicts."""
+        if self.optimizer is None:
+            return None
+        return {"optimizer": optimizers.serialize(self.optimizer),
+                "loss": losses.serialize(self.loss),
+                "metrics": [name if isinstance(spec, str) else metrics_mod.serialize(m)
+                            for spec, name, m in zip(self._metric_specs, self._metric_names,
+                                                     self.metrics)]}
+
+    def compile_from_config(self, config):
+        """compile from a ``get_compile_config()`` dict (Keras 3's name)."""
+        self.compile(optimizers.deserialize(config["optimizer"]),
+                     losses.deserialize(config["loss"]),
+                     [m if isinstance(m, str) else metrics_mod.deserialize(m)
+                      for m in config["metrics"]])
+
+    def _require_built(self, input_dim=None):
         if not self.built:
             self.build(input_dim)
 
@@ -261,81 +225,7 @@ class Sequential:
             raise RuntimeError(f"{what}: the model is not compiled; call "
                                "model.compile(optimizer, loss) first")
 
-    def _check_x(self, x, name="x", dim=None):
-        x = np.asarray(x)
-        if x.dtype.kind not in "biuf":
-            raise TypeError(f"{name}: expected an array of numbers, got dtype {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
-        if dim is None:
-            dim = self.input_dim if self.built else self.layers[0].input_dim if self.layers \
-                else None
-        if dim is not None and x.shape[1] != dim:
-            raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
-                             f"(shape {x.shape})")
-        return self._converted(x, name)
-
-    def _converted(self, a, name):
-        """a as a C-contiguous array of the model's dtype, refused (by row)
-        when it holds NaN, inf, or values beyond the dtype's range."""
-        src = a
-        if a.dtype != self.dtype or not (a.flags.c_contiguous and a.flags.aligned):
-            with np.errstate(over="ignore", invalid="ignore"):
-                a = np.require(a, self.dtype, ["C", "A"])
-        bad = _core.first_nonfinite_row(a)
-        if bad >= 0:
-            if src.dtype.kind == "f" and np.isfinite(src[bad]).all():
-                raise ValueError(f"{name}: row {bad} holds values beyond the {self.dtype} "
-                                 "range")
-            raise ValueError(f"{name}: row {bad} holds NaN or inf; values must be finite")
-        return a
-
-    def _check_y(self, y, batch, name="y", out_dim=None):
-        """Targets as the model's dtype (batch, outputs), or int64 labels."""
-        out_dim = self.output_dim if out_dim is None else out_dim
-        if self.loss.name == "sparse_categorical_crossentropy":
-            try:
-                return None, ops._labels(y, batch, out_dim)
-            except (ValueError, TypeError) as e:
-                raise type(e)(str(e).replace("y_true:", f"{name}:", 1)) from None
-        y = np.asarray(y)
-        if y.dtype.kind not in "biuf":
-            raise TypeError(f"{name}: expected an array of numbers, got dtype {y.dtype}")
-        if y.ndim == 1 and out_dim == 1:
-            y = y.reshape(-1, 1)
-        if y.ndim != 2 or y.shape != (batch, out_dim):
-            what = ("one-hot targets " if self.loss.name == "categorical_crossentropy" else "")
-            raise ValueError(f"{name}: expected {what}of shape ({batch}, {out_dim}) "
-                             f"to match the rows and the model's {out_dim} outputs, got "
-                             f"shape {y.shape}")
-        return self._converted(y, name), None
-
-    def _check_xy(self, x, y, what, names=("x", "y"), build=True, dim=None):
-        """x and y checked and converted; with build, the model is then
-        built for x's features if it was not yet (only after every check)."""
-        x = self._check_x(x, names[0], dim)
-        n = len(y) if hasattr(y, "__len__") else None
-        if n is not None and n != x.shape[0]:
-            raise ValueError(f"{names[1]}: expected {x.shape[0]} rows to match "
-                             f"{names[0]}, got {n}")
-        # checked against the output size before the model is built, so that
-        # a refused first call leaves the model as it was
-        target, labels = self._check_y(y, x.shape[0], names[1],
-                                       None if self.built else self._output_dim_for(x.shape[1]))
-        if build and not self.built:
-            self.build(x.shape[1])
-        return x, target, labels
-
-    def _check_training_rows(self, n):
-        """Refuse a training batch BatchNormalization cannot use, before
-        anything is built or run."""
-        if n == 0:
-            raise ValueError("x: expected at least one row")
-        if n < 2 and any(l.kind == "BatchNormalization" for l in self.layers):
-            raise ValueError(f"x: BatchNormalization needs at least 2 rows per batch in "
-                             f"training to estimate a variance, got {n}")
-
-    # -- buffers ----------------------------------------------------------
+    # -- one batch ----------------------------------------------------------
     def _prepare(self, batch):
         """Work buffers for batches of up to ``batch`` rows."""
         if batch <= self._cap:
@@ -346,7 +236,6 @@ class Sequential:
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
 
-    # -- the step ---------------------------------------------------------
     def _forward(self, x, training, logits):
         h = x
         last = len(self.layers) - 1
@@ -354,312 +243,80 @@ class Sequential:
             h = layer.forward(h, training, logits and i == last)
         return h
 
-    def _forward_backward(self, x, target, labels):
-        """Loss of the batch; its gradients land in self.grads."""
-        b = x.shape[0]
-        if b < self._min_batch:
-            # refused before any layer runs, so nothing (dropout counters,
-            # moving statistics) has moved
-            raise ValueError(f"x: BatchNormalization needs at least 2 rows per batch in "
-                             f"training to estimate a variance, got {b}")
-        h = self._forward(x, True, self._fused)
-        d = self._dlogits[:b]
+    def _batch_loss(self, h, target, labels, d):
+        """(loss, predictions) of a batch's outputs h (logits when fused);
+        with d, the loss's gradient with respect to h lands in it."""
+        b = h.shape[0]
         prob = self._prob[:b] if self._fused else None
         loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
                                            self._from_logits, self.loss.delta)
+        return loss, (prob if self._fused else h)
+
+    def _batch_metrics(self, pred, target, labels):
+        y_true = labels if labels is not None else target
+        return [m(y_true, pred, self._from_logits and not self._fused) for m in self.metrics]
+
+    def _forward_backward(self, x, target, labels):
+        """(loss, predictions) of a batch in training mode; the gradients
+        land in self.grads. Callers have checked the batch's rows
+        (fastgrad._data.check_training_rows), so no layer refuses it after
+        others have run."""
+        h = self._forward(x, True, self._fused)
+        d = self._dlogits[:x.shape[0]]
+        loss, pred = self._batch_loss(h, target, labels, d)
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
-        return loss, h, prob
+        return loss, pred
 
     def _train_step(self, x, target, labels):
+        """One optimizer step; (loss with penalties, metrics or None)."""
         opt, stateful = self.optimizer, self.state.size > 0
         if stateful:
             np.copyto(self._state_before, self.state)
-        loss, h, prob = self._forward_backward(x, target, labels)
-        steps = opt.iterations
+        counters = [(layer, layer.counter) for layer in self._dropouts]
+        steps, finished = opt.iterations, False
         try:
+            loss, pred = self._forward_backward(x, target, labels)
             rec = opt.apply()
+            finished = True
         finally:
             # a step refused for non-finite gradients (skipped or raised)
-            # leaves the moving statistics as they were too
+            # leaves the moving statistics as they were too; one broken off
+            # (an error, Ctrl-C) also the dropout counters
             if stateful and opt.iterations == steps:
                 np.copyto(self.state, self._state_before)
+            if not finished and opt.iterations == steps:
+                for layer, counter in counters:
+                    layer.counter = counter
         loss += rec.penalty
         if not self.metrics:
             return loss, None
-        pred = prob if self._fused else h
-        y_true = labels if labels is not None else target
-        return loss, [m(y_true, pred, self._from_logits and not self._fused)
-                      for m in self.metrics]
-
-    @_locked
-    def train_on_batch(self, x, y):
-        """One forward, backward and optimizer step on one batch. Returns the
-        loss (a float) or [loss, *metrics] when metrics were compiled."""
-        self._require_compiled("train_on_batch")
-        x, target, labels = self._check_xy(x, y, "train_on_batch", build=False)
-        self._check_training_rows(x.shape[0])
-        self._require_built("train_on_batch", x.shape[1])
-        self._prepare(x.shape[0])
-        loss, mets = self._train_step(x, target, labels)
-        return float(loss) if mets is None else [float(loss), *mets]
-
-    @_locked
-    def compute_gradients(self, x, y):
-        """Loss of one batch in training mode and the gradients of that loss
-        (without regularization penalties), as copies in the order of
-        ``weight_names``. Changes no weight, no moving statistic, no dropout
-        counter and no optimizer state."""
-        self._require_compiled("compute_gradients")
-        x, target, labels = self._check_xy(x, y, "compute_gradients", build=False)
-        self._check_training_rows(x.shape[0])
-        self._require_built("compute_gradients", x.shape[1])
-        self._prepare(x.shape[0])
-        state = self.state.copy()
-        counters = [(l, l.counter) for l in self.layers if hasattr(l, "counter")]
-        try:
-            loss, _, _ = self._forward_backward(x, target, labels)
-        finally:   # training mode moved the moving statistics and dropout counters
-            self.state[...] = state
-            for l, c in counters:
-                l.counter = c
-        grads = []
-        for name, off, shape, _, _ in self._tensors:
-            grads.append(self.grads[off:off + int(np.prod(shape))].reshape(shape).copy())
-        return float(loss), grads
-
-    # -- fit --------------------------------------------------------------
-    @_locked
-    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
-            shuffle=True, callbacks=None, verbose=1, initial_epoch=0):
-        """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
-        (the last one may be smaller), shuffled each epoch from the model's
-        seed. ``validation_split`` holds out that fraction of the rows, taken
-        from the end before shuffling, as Keras does. Returns a History whose
-        ``history`` maps "loss", the metrics, their "val_" forms, and
-        "grad_norm" (mean global gradient norm of the epoch's applied steps) and
-        "clip_rate" (fraction of its steps where clipping fired) to per-epoch
-        lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
-        callbacks: a list of fastgrad.callbacks.Callback; each gets
-        set_params({"verbose", "epochs", "steps"}) and set_model(model), then
-        the Keras 3 hooks (on_train_batch_begin/end per batch). Every argument
-        is checked before the model is built or anything changes."""
-        self._require_compiled("fit")
-        for name, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
-                            ("initial_epoch", initial_epoch, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-        if verbose == "auto":
-            verbose = 1
-        if verbose not in (0, 1, 2):
-            raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
-        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
-            raise ValueError(f"validation_split: expected a fraction in [0, 1), got "
-                             f"{validation_split!r}")
-        if callbacks is None:
-            callbacks = []
-        elif isinstance(callbacks, callbacks_mod.Callback) or not all(
-                isinstance(cb, callbacks_mod.Callback) for cb in callbacks):
-            raise TypeError("callbacks: expected a list of fastgrad.callbacks.Callback "
-                            f"objects, got {callbacks!r}")
-        # every check comes before the model is built or anything moves
-        x, target, labels = self._check_xy(x, y, "fit", build=False)
-        if validation_split and validation_data is None:
-            cut = int(x.shape[0] * (1 - validation_split))
-            if cut < 1 or cut == x.shape[0]:
-                raise ValueError(f"validation_split: {validation_split} of {x.shape[0]} rows "
-                                 "leaves no rows for training or none for validation")
-            vx = x[cut:]
-            vt = target[cut:] if target is not None else None
-            vl = labels[cut:] if labels is not None else None
-            x = x[:cut]
-            target = target[:cut] if target is not None else None
-            labels = labels[:cut] if labels is not None else None
-            validation_data = True
-        elif validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data: expected a tuple (x_val, y_val)")
-            vx, vt, vl = self._check_xy(*validation_data, "fit",
-                                        names=("validation_data[0]", "validation_data[1]"),
-                                        build=False, dim=x.shape[1])
-        if x.shape[0] == 0:
-            raise ValueError("x: expected at least one row")
-        n = x.shape[0]
-        bs = min(int(batch_size), max(n, 1))
-        if any(l.kind == "BatchNormalization" for l in self.layers) and (bs == 1 or n % bs == 1):
-            raise ValueError(f"batch_size: with {n} rows, batches of {bs} leave a batch of "
-                             "1 row, and BatchNormalization needs at least 2 in training; "
-                             "choose another batch_size")
-        self._require_built("fit", x.shape[1])
-        self._prepare(bs)
-        ybuf = np.empty((bs,) + (target.shape[1:] if target is not None else ()),
-                        target.dtype if target is not None else np.int64)
-        xbuf = np.empty((bs, x.shape[1]), self.dtype)
-        history = callbacks_mod.History()
-        cbs = list(callbacks) + [history]   # last, so it sees every callback's logs
-        params = {"verbose": verbose, "epochs": epochs, "steps": -(-n // bs)}
-        for cb in cbs:
-            cb.set_params(params)
-            cb.set_model(self)
-        batch_begin = callbacks_mod._batch_hooks(cbs, "begin")
-        batch_end = callbacks_mod._batch_hooks(cbs, "end")
-        self.stop_training = False
-        for cb in cbs:
-            cb.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
-            for cb in cbs:
-                cb.on_epoch_begin(epoch)
-            t0 = time.perf_counter()
-            order = self._rng.permutation(n) if shuffle else None
-            sums = np.zeros(1 + len(self.metrics))
-            gsum, clipped_steps, steps, finite_steps = 0.0, 0, 0, 0
-            bar = _ProgressBar(epoch, epochs, n) if verbose == 1 else None
-            for step, start in enumerate(range(0, n, bs)):
-                stop = min(start + bs, n)
-                b = stop - start
-                if order is None:
-                    xb = x[start:stop]
-                    yb = (target if target is not None else labels)[start:stop]
-                else:
-                    idx = order[start:stop]
-                    xb = np.take(x, idx, axis=0, out=xbuf[:b])
-                    yb = np.take(target if target is not None else labels, idx, axis=0,
-                                 out=ybuf[:b])
-                for hook in batch_begin:
-                    hook(step)
-                loss, mets = self._train_step(xb, yb if labels is None else None,
-                                              yb if labels is not None else None)
-                sums[0] += loss * b
-                if mets:
-                    sums[1:] += np.asarray(mets) * b
-                rec = self.optimizer.last_step
-                steps += 1
-                if not rec.nonfinite:   # skipped steps have no meaningful norm
-                    gsum += rec.global_norm
-                    finite_steps += 1
-                clipped_steps += rec.clipped
-                logs = {"loss": float(loss)}
-                for hook in batch_end:
-                    hook(step, logs)
-                if bar is not None:
-                    bar.update(stop, sums[0] / stop, self._metric_names,
-                               sums[1:] / stop)
-                if self.stop_training:
-                    break
-            seen = max(min(stop, n), 1) if n else 1
-            logs = {"loss": float(sums[0] / seen)}
-            for name, s in zip(self._metric_names, sums[1:]):
-                logs[name] = float(s / seen)
-            logs["grad_norm"] = gsum / finite_steps if finite_steps else math.nan
-            logs["clip_rate"] = clipped_steps / max(steps, 1)
-            if validation_data is not None:
-                vals = self._evaluate(vx, vt, vl, bs)
-                logs["val_loss"] = vals[0]
-                for name, v in zip(self._metric_names, vals[1:]):
-                    logs["val_" + name] = v
-            if bar is not None:
-                bar.close()
-            if verbose:
-                dt = time.perf_counter() - t0
-                line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                print(f"Epoch {epoch + 1}/{epochs} - {dt:.2f}s - {n / max(dt, 1e-9):,.0f} "
-                      f"samples/s - {line}", file=sys.stdout, flush=True)
-            for cb in cbs:
-                cb.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-        for cb in cbs:
-            cb.on_train_end()
-        self.history = history
-        return history
-
-    # -- inference --------------------------------------------------------
-    def _evaluate(self, x, target, labels, batch_size):
-        n = x.shape[0]
-        bs = min(batch_size, max(n, 1))
-        self._prepare(bs)
-        sums = np.zeros(1 + len(self.metrics))
-        for start in range(0, n, bs):
-            stop = min(start + bs, n)
-            b = stop - start
-            xb = x[start:stop]
-            tb = target[start:stop] if target is not None else None
-            lb = labels[start:stop] if labels is not None else None
-            h = self._forward(xb, False, self._fused)
-            prob = self._prob[:b] if self._fused else None
-            loss = _core.loss_forward_backward(h, tb, lb, None, None, prob, self._loss_code,
-                                               self._from_logits, self.loss.delta)
-            sums[0] += loss * b
-            pred = prob if self._fused else h
-            y_true = lb if lb is not None else tb
-            for k, m in enumerate(self.metrics):
-                sums[1 + k] += b * m(y_true, pred, self._from_logits and not self._fused)
-        out = sums / max(n, 1)
-        out[0] += self._penalty()
-        return [float(v) for v in out]
+        return loss, self._batch_metrics(pred, target, labels)
 
     def _penalty(self):
-        total = 0.0
-        for layer, s in self._specs:
-            if s.trainable and s.regularizer is not None:
-                total += s.regularizer(layer.weights[s.name])
-        return total
+        """The regularization penalties at the current weights."""
+        return sum(s.regularizer(layer.weights[s.name]) for layer, s in self._specs
+                   if s.trainable and s.regularizer is not None)
 
-    @_locked
-    def evaluate(self, x, y, batch_size=32, verbose=1):
-        """Loss (with regularization penalties) and metrics in inference mode,
-        averaged over all rows. Returns a float or [loss, *metrics]."""
-        self._require_compiled("evaluate")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        x, target, labels = self._check_xy(x, y, "evaluate")
-        vals = self._evaluate(x, target, labels, int(batch_size))
-        if verbose:
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in
-                             zip(["loss"] + self._metric_names, vals)))
-        return vals[0] if not self.metrics else vals
-
-    @_locked
-    def predict(self, x, batch_size=None, verbose=0):
-        """Outputs for x in inference mode, in batches of ``batch_size``
-        (default 32); an array of the model's dtype, shape (rows, outputs)."""
-        if batch_size is None:
-            batch_size = 32
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        x = self._check_x(x)
-        if not self.built:
-            self.build(x.shape[1])
-        n = x.shape[0]
-        out = np.empty((n, self.output_dim), self.dtype)
-        bs = min(int(batch_size), max(n, 1))
-        self._prepare(bs)
-        for start in range(0, n, bs):
-            stop = min(start + bs, n)
-            out[start:stop] = self._forward(x[start:stop], False, False)
-        return out
-
-    @_locked
+    # -- weights and files ------------------------------------------------
+    @locked
     def save(self, path):
         """Write the model to one file: architecture, weights, optimizer
         configuration and state, and random-generator state (see
         fastgrad.saving). The write is atomic."""
-        _save(self, path)
+        save_model(self, path)
 
-    # -- weights ----------------------------------------------------------
-    @_locked
+    @locked
     def get_weights(self):
         """Copies of every weight, layer by layer (Dense: kernel, bias)."""
-        self._require_built("get_weights")
+        self._require_built()
         return [layer.weights[s.name].copy() for layer, s in self._specs]
 
-    @_locked
+    @locked
     def set_weights(self, weights):
         """Set every weight from a list like get_weights() returns; the whole
         list is checked before anything changes."""
-        self._require_built("set_weights")
+        self._require_built()
         weights = list(weights)
         if len(weights) != len(self._specs):
             raise ValueError(f"weights: expected {len(self._specs)} arrays, got {len(weights)}")
@@ -667,7 +324,8 @@ class Sequential:
         for (layer, s), w in zip(self._specs, weights):
             w = np.asarray(w)
             if w.dtype.kind not in "biuf":
-                raise TypeError(f"weights: {layer.name}/{s.name} must be numbers, got dtype {w.dtype}")
+                raise TypeError(f"weights: {layer.name}/{s.name} must be numbers, got dtype "
+                                f"{w.dtype}")
             if w.shape != s.shape:
                 raise ValueError(f"weights: {layer.name}/{s.name} expected shape {s.shape}, "
                                  f"got {w.shape}")
@@ -703,129 +361,3 @@ class Sequential:
             print_fn(f" Non-trainable params: {s:,}")
         else:
             print_fn(" Total params: unknown until the model is built")
-
-
-def _save(model, path):
-    from fastgrad import __version__, saving
-
-    if not model.built:
-        raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
-                         "the first layer input_dim) before saving")
-    header = {
-        "format": "fastgrad.model", "fastgrad_version": __version__,
-        "model": {"class_name": "Sequential", "config": {
-            "name": model.name, "dtype": model.dtype.name, "seed": model.seed,
-            "input_dim": model.input_dim,
-            "layers": [{"class_name": l.kind, "config": l.get_config()} for l in model.layers]}},
-        "rng": model._rng.bit_generator.state,
-        "layers_random": {l.name: {"seed": l._seed, "counter": l.counter}
-                          for l in model.layers if hasattr(l, "counter")},
-        "compile": None,
-    }
-    arrays = [(f"weights/{l.name}/{s.name}", l.weights[s.name]) for l, s in model._specs]
-    opt = model.optimizer
-    if opt is not None:
-        header["compile"] = {
-            "optimizer": {"class_name": type(opt).__name__, "config": opt.get_config()},
-            "loss": {"class_name": type(model.loss).__name__, "config": model.loss.get_config()},
-            # names as given (accuracy resolves from the loss); objects
-            # with their configuration
-            "metrics": [name if isinstance(spec, str) else metrics_mod.serialize(m)
-                        for spec, name, m in zip(model._metric_specs, model._metric_names,
-                                                 model.metrics)],
-            "iterations": opt.iterations, "skipped_steps": opt.skipped_steps,
-        }
-        arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
-    saving.write_file(path, header, arrays)
-
-
-def load_model(path):
-    """Read a model written by ``model.save(path)``: architecture, weights,
-    optimizer and its state, and the random generators' state, so that
-    ``fit`` continues exactly where the saved model stopped. Raises
-    ``fastgrad.saving.ModelFileError`` (a ValueError) for any file that is
-    not a valid model file."""
-    from fastgrad import layers as layers_mod, saving, schedules
-
-    header, arrays = saving.read_file(path)
-    try:
-        return _from_header(header, arrays, layers_mod, schedules)
-    except saving.ModelFileError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
-        raise saving.ModelFileError(f"{path}: invalid model description ({type(e).__name__}: "
-                                    f"{e})") from None
-
-
-def _from_header(header, arrays, layers_mod, schedules):
-    from fastgrad.saving import ModelFileError
-
-    if header.get("format") != "fastgrad.model":
-        raise ModelFileError("not a fastgrad model description")
-    spec = header["model"]
-    if spec["class_name"] != "Sequential":
-        raise ModelFileError(f"unknown model type {spec['class_name']!r}")
-    cfg = spec["config"]
-    if not isinstance(cfg["name"], str):
-        raise ModelFileError("the model name is not a string")
-    layers = []
-    for entry in cfg["layers"]:
-        cls = layers_mod.LAYERS.get(entry["class_name"])
-        if cls is None:
-            raise ModelFileError(f"unknown layer type {entry['class_name']!r}")
-        layers.append(cls(**entry["config"]))
-    model = Sequential(layers, dtype=cfg["dtype"], seed=cfg["seed"], name=cfg["name"])
-
-    def check(specs):
-        for layer, s in specs:
-            key = f"weights/{layer.name}/{s.name}"
-            if key not in arrays:
-                raise ModelFileError(f"the weight {key} is missing")
-            a = arrays[key]
-            if a.shape != s.shape or a.dtype != model.dtype:
-                raise ModelFileError(f"the weight {key} has shape {a.shape} and dtype "
-                                     f"{a.dtype}; the architecture needs {s.shape} "
-                                     f"{model.dtype}")
-
-    model.build(cfg["input_dim"], _check=check)
-    for layer, s in model._specs:
-        layer.weights[s.name][...] = arrays.pop(f"weights/{layer.name}/{s.name}")
-    comp = header.get("compile")
-    if comp is not None:
-        oc = dict(comp["optimizer"]["config"])
-        if isinstance(oc.get("learning_rate"), dict):
-            oc["learning_rate"] = schedules.deserialize(oc["learning_rate"])
-        ocls = {c.__name__: c for c in optimizers._CLASSES.values()}.get(
-            comp["optimizer"]["class_name"])
-        lcls = {c.__name__: c for c in losses._CLASSES.values()}.get(comp["loss"]["class_name"])
-        if ocls is None or lcls is None:
-            raise ModelFileError("unknown optimizer or loss type")
-        # files from before metric objects were saved hold names only
-        mets = [m if isinstance(m, str) else metrics_mod.deserialize(m)
-                for m in comp["metrics"]]
-        model.compile(ocls(**oc), lcls(**comp["loss"]["config"]), mets)
-        opt = model.optimizer
-        for k, buf in opt.variables().items():
-            a = arrays.pop(f"optimizer/{k}", None)
-            if a is None or a.shape != buf.shape or a.dtype != buf.dtype:
-                raise ModelFileError(f"the optimizer state optimizer/{k} is missing or has "
-                                     "the wrong shape or dtype")
-            buf[...] = a
-        it, sk = comp["iterations"], comp["skipped_steps"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
-                   for v in (it, sk)):
-            raise ModelFileError("invalid optimizer step counts")
-        opt.iterations, opt.skipped_steps = it, sk
-    if arrays:
-        raise ModelFileError(f"unexpected arrays in the file: {', '.join(sorted(arrays))}")
-    state = header["rng"]
-    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
-        raise ModelFileError("invalid random-generator state")
-    model._rng.bit_generator.state = state
-    for layer in model.layers:
-        if hasattr(layer, "counter"):
-            r = header["layers_random"][layer.name]
-            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in ("seed", "counter")):
-                raise ModelFileError(f"invalid random state for layer {layer.name}")
-            layer._seed, layer.counter = r["seed"], r["counter"]
-    return model

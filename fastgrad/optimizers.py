@@ -27,6 +27,11 @@ already applied, is reported: ``StepRecord.overflow`` names the tensor,
 and a RuntimeWarning (``nonfinite="skip"``) or FloatingPointError
 (``"raise"``) says so.
 
+Hyperparameters are checked whenever they are set (ValueError naming the
+argument). A learning-rate schedule is evaluated at every step; a value
+that is not a finite number >= 0 refuses the step with a ValueError naming
+the schedule and the step, before anything changes.
+
 On x86-64, pass 2 runs with subnormal numbers flushed to zero (read as
 zero and written as zero), as TensorFlow runs Keras on the CPU: a moment
 decaying through the subnormal range, as Adam's ``v`` does for thousands of

@@ -25,6 +25,9 @@ every weight matches the shape the architecture gives it. Any failure is a
 Saving writes a temporary file in the target's folder and moves it over
 the target with ``os.replace``, so an interrupted save leaves the previous
 file intact.
+
+``save_model(model, path)`` and ``load_model(path)`` turn a model into such
+a file and back; ``write_file`` and ``read_file`` handle the layout.
 """
 import json
 import os
@@ -32,6 +35,8 @@ import struct
 import tempfile
 
 import numpy as np
+
+from fastgrad import layers
 
 MAGIC = b"FGMODEL\0"
 FORMAT_VERSION = 1
@@ -121,36 +126,160 @@ def read_file(path):
     base = _PREFIX.size + header_len
     arrays, end = {}, 0
     for i, e in enumerate(header["arrays"]):
-        arrays_entry_error = f"{path}: array entry {i}"
-        if not isinstance(e, dict):
-            raise ModelFileError(f"{arrays_entry_error} is not an object")
-        name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
-        off, nbytes = e.get("offset"), e.get("nbytes")
-        if not isinstance(name, str) or name in arrays:
-            raise ModelFileError(f"{arrays_entry_error}: missing or repeated name")
-        if not isinstance(dt, str) or dt not in _DTYPES:
-            raise ModelFileError(f"{path}: array {name!r} has unknown dtype {dt!r}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):
-            raise ModelFileError(f"{path}: array {name!r} has an invalid shape {shape!r}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                   for v in (off, nbytes)):
-            raise ModelFileError(f"{path}: array {name!r} has an invalid offset or size")
-        count = 1
-        for s in shape:
-            count *= s
-        if count * _DTYPES[dt].itemsize != nbytes:
-            raise ModelFileError(f"{path}: array {name!r} holds {nbytes} bytes but its shape "
-                                 f"{tuple(shape)} and dtype {dt} need "
-                                 f"{count * _DTYPES[dt].itemsize}")
+        name, dt, shape, off, nbytes = _entry(path, i, e, arrays)
         if off < end:
             raise ModelFileError(f"{path}: array {name!r} overlaps the one before it")
         if base + off + nbytes > len(data):
             raise ModelFileError(f"{path}: array {name!r} extends past the end of the file; "
                                  "the file is truncated")
+        count = nbytes // _DTYPES[dt].itemsize
         arrays[name] = np.frombuffer(data, _DTYPES[dt], count, base + off).reshape(shape).copy()
         end = off + nbytes + _pad(nbytes)
     if base + end != len(data):
         raise ModelFileError(f"{path}: {len(data) - base - end} bytes after the last array "
                              "do not belong to it (trailing data or a damaged table)")
     return header, arrays
+
+
+def _entry(path, i, e, arrays):
+    """(name, dtype, shape, offset, nbytes) of array table entry i, checked
+    on its own: a new name, a known dtype, a bounded shape whose size agrees
+    with nbytes."""
+    if not isinstance(e, dict):
+        raise ModelFileError(f"{path}: array entry {i} is not an object")
+    name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
+    off, nbytes = e.get("offset"), e.get("nbytes")
+    if not isinstance(name, str) or name in arrays:
+        raise ModelFileError(f"{path}: array entry {i}: missing or repeated name")
+    if not isinstance(dt, str) or dt not in _DTYPES:
+        raise ModelFileError(f"{path}: array {name!r} has unknown dtype {dt!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):
+        raise ModelFileError(f"{path}: array {name!r} has an invalid shape {shape!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for v in (off, nbytes)):
+        raise ModelFileError(f"{path}: array {name!r} has an invalid offset or size")
+    count = 1
+    for s in shape:
+        count *= s
+    if count * _DTYPES[dt].itemsize != nbytes:
+        raise ModelFileError(f"{path}: array {name!r} holds {nbytes} bytes but its shape "
+                             f"{tuple(shape)} and dtype {dt} need "
+                             f"{count * _DTYPES[dt].itemsize}")
+    return name, dt, shape, off, nbytes
+
+
+# -- models ---------------------------------------------------------------
+def save_model(model, path):
+    """Write ``model`` to ``path``: architecture, weights, optimizer
+    configuration and state, and the random generators' state (shuffling,
+    dropout). ``model.save(path)`` calls this."""
+    from fastgrad import __version__
+
+    if not model.built:
+        raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
+                         "the first layer input_dim) before saving")
+    header = {
+        "format": "fastgrad.model", "fastgrad_version": __version__,
+        "model": {"class_name": "Sequential", "config": {
+            "name": model.name, "dtype": model.dtype.name, "seed": model.seed,
+            "input_dim": model.input_dim,
+            "layers": [layers.serialize(layer) for layer in model.layers]}},
+        "rng": model._rng.bit_generator.state,
+        "layers_random": {layer.name: {"seed": layer._seed, "counter": layer.counter}
+                          for layer in model.layers if hasattr(layer, "counter")},
+        "compile": None,
+    }
+    arrays = [(f"weights/{name}", w) for (name, _, _), w in
+              zip(model.weight_shapes(), model.get_weights())]
+    opt = model.optimizer
+    if opt is not None:
+        header["compile"] = {**model.get_compile_config(), "iterations": opt.iterations,
+                             "skipped_steps": opt.skipped_steps}
+        arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
+    write_file(path, header, arrays)
+
+
+def load_model(path):
+    """Read a model written by ``model.save(path)``: architecture, weights,
+    optimizer and its state, and the random generators' state, so that
+    ``fit`` continues exactly where the saved model stopped. Raises
+    ``ModelFileError`` (a ValueError) for any file that is not a valid
+    model file."""
+    header, arrays = read_file(path)
+    try:
+        model = _model(header, arrays)
+        _compile(model, header.get("compile"), arrays)
+        if arrays:
+            raise ModelFileError(f"unexpected arrays in the file: {', '.join(sorted(arrays))}")
+        _restore_random(model, header)
+        return model
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise ModelFileError(f"{path}: invalid model description ({type(e).__name__}: "
+                             f"{e})") from None
+
+
+def _model(header, arrays):
+    """The architecture, built, with its weights (taken out of arrays)."""
+    from fastgrad.models import Sequential
+
+    if header.get("format") != "fastgrad.model":
+        raise ModelFileError("not a fastgrad model description")
+    spec = header["model"]
+    if spec["class_name"] != "Sequential":
+        raise ModelFileError(f"unknown model type {spec['class_name']!r}")
+    cfg = spec["config"]
+    if not isinstance(cfg["name"], str):
+        raise ModelFileError("the model name is not a string")
+    model = Sequential([layers.deserialize(entry) for entry in cfg["layers"]],
+                       dtype=cfg["dtype"], seed=cfg["seed"], name=cfg["name"])
+    # every weight is compared with the architecture before anything is
+    # allocated: the file's arrays bound what a description may ask for
+    weights = []
+    for name, shape, _ in model.weight_shapes(cfg["input_dim"]):
+        a = arrays.pop(f"weights/{name}", None)
+        if a is None:
+            raise ModelFileError(f"the weight weights/{name} is missing")
+        if a.shape != shape or a.dtype != model.dtype:
+            raise ModelFileError(f"the weight weights/{name} has shape {a.shape} and dtype "
+                                 f"{a.dtype}; the architecture needs {shape} {model.dtype}")
+        weights.append(a)
+    model.build(cfg["input_dim"])
+    model.set_weights(weights)
+    return model
+
+
+def _compile(model, comp, arrays):
+    """Compile the model as saved and put back its optimizer's state."""
+    if comp is None:
+        return
+    # (files from before metric objects were saved hold metric names only)
+    model.compile_from_config(comp)
+    opt = model.optimizer
+    for k, buf in opt.variables().items():
+        a = arrays.pop(f"optimizer/{k}", None)
+        if a is None or a.shape != buf.shape or a.dtype != buf.dtype:
+            raise ModelFileError(f"the optimizer state optimizer/{k} is missing or has "
+                                 "the wrong shape or dtype")
+        buf[...] = a
+    it, sk = comp["iterations"], comp["skipped_steps"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+               for v in (it, sk)):
+        raise ModelFileError("invalid optimizer step counts")
+    opt.iterations, opt.skipped_steps = it, sk
+
+
+def _restore_random(model, header):
+    """The model's generator (shuffling) and the dropout layers' streams."""
+    state = header["rng"]
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise ModelFileError("invalid random-generator state")
+    model._rng.bit_generator.state = state
+    for layer in model.layers:
+        if hasattr(layer, "counter"):
+            r = header["layers_random"][layer.name]
+            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in ("seed", "counter")):
+                raise ModelFileError(f"invalid random state for layer {layer.name}")
+            layer._seed, layer.counter = r["seed"], r["counter"]

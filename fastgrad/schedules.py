@@ -19,6 +19,7 @@ positions and defaults are Keras 3's; ``name`` only labels the schedule.
                    then decay(min(step - warmup_steps, decay_steps), warmup_target)
 """
 import math
+import numbers
 
 from fastgrad._utils import Hyper, Registry, check_real
 
@@ -37,12 +38,18 @@ def _check_name(name, value):
     return value
 
 
-def _check_list(name, values, **bounds):
+def _step_count(name, value, **bounds):
+    """check_real, an integer kept an int (as Keras' configs hold step counts)."""
+    checked = check_real(name, value, **bounds)
+    return int(value) if isinstance(value, numbers.Integral) else checked
+
+
+def _check_list(name, values, check=check_real, **bounds):
     try:
         values = list(values)
     except TypeError:
         raise ValueError(f"{name}: expected a list of numbers, got {values!r}") from None
-    return [check_real(f"{name}[{i}]", v, **bounds) for i, v in enumerate(values)]
+    return [check(f"{name}[{i}]", v, **bounds) for i, v in enumerate(values)]
 
 
 def _rate():    # a learning rate: finite, >= 0
@@ -50,7 +57,7 @@ def _rate():    # a learning rate: finite, >= 0
 
 
 def _steps():
-    return Hyper(check_real, low=0.0, low_open=True)
+    return Hyper(_step_count, low=0.0, low_open=True)
 
 
 class ExponentialDecay(LearningRateSchedule):
@@ -81,7 +88,7 @@ class PiecewiseConstantDecay(LearningRateSchedule):
     for ``boundaries[i-1] < step <= boundaries[i]``, ``values[-1]`` after.
     Values are learning rates: finite and >= 0."""
 
-    boundaries = Hyper(_check_list)
+    boundaries = Hyper(_check_list, check=_step_count)
     values = Hyper(_check_list, low=0.0)
     name = Hyper(_check_name)
 
@@ -111,7 +118,7 @@ class CosineDecay(LearningRateSchedule):
 
     initial_learning_rate, decay_steps, alpha = _rate(), _steps(), _rate()
     warmup_target = Hyper(check_real, low=0.0, none=True)
-    warmup_steps = Hyper(check_real, low=0.0)
+    warmup_steps = Hyper(_step_count, low=0.0)
     name = Hyper(_check_name)
 
     def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name="CosineDecay",

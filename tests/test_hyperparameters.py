@@ -1,21 +1,29 @@
 """Every hyperparameter of every class is checked when it is set, in the
 constructor and by assignment later, and a learning-rate schedule's value is
-checked at every step.
+checked at every step. A refused value raises ValueError whose message
+starts with the argument's name, and leaves the object as it was.
 
-A refused value raises ValueError whose message starts with the argument's
-name, and leaves the object as it was.
+Every registry (activations, losses, optimizers, metrics, initializers,
+regularizers, constraints, schedules, layers) has Keras 3's get /
+serialize / deserialize with one error policy, and reads Keras' own
+configurations (checked against keras when it is installed).
 """
 import functools
+import json
 import math
+import os
 import re
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import (callbacks, constraints, initializers, layers, losses, metrics,
-                      optimizers, regularizers, schedules)
+from fastgrad import (activations, callbacks, constraints, initializers, layers, losses,
+                      metrics, optimizers, regularizers, schedules)
+
+os.environ.setdefault("KERAS_BACKEND", "jax")   # read when keras is first imported
 
 NAN, INF = math.nan, math.inf
 NONFINITE = (NAN, INF, -INF)
@@ -26,7 +34,7 @@ def _cases():
     values)."""
     p = functools.partial
     decay = (*NONFINITE, -0.1, 1.0, "0.9")          # [0, 1)
-    positive = (*NONFINITE, 0.0, -1.0, "1")          # (0, inf)
+    positive = (*NONFINITE, 0.0, -1.0, "1", 10**400)  # (0, inf); an int beyond float
     non_negative = (*NONFINITE, -1e-3, None)         # [0, inf)
     seed = (-1, 1.5, True, "0")
     exponential = p(schedules.ExponentialDecay, initial_learning_rate=0.1, decay_steps=10,
@@ -107,7 +115,7 @@ def _cases():
     out = []
     for make, arg, bads in table:
         name = getattr(make, "func", make).__name__
-        out += [pytest.param(make, arg, bad, id=f"{name}-{arg}={bad!r}") for bad in bads]
+        out += [pytest.param(make, arg, bad, id=f"{name}-{arg}={bad!r:.24}") for bad in bads]
     return out
 
 
@@ -191,3 +199,158 @@ def test_a_schedule_overflowing_refuses_the_step():
     with pytest.raises(ValueError, match=r"ExponentialDecay .* gave inf at step 1\b"):
         model.train_on_batch(x, y)
     _assert_same_state(model, before)
+
+
+# ---------------------------------------------------------------------------
+# registries
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module,arg,name,class_name,config", [
+    (losses, "loss", "huber", "Huber", {}),
+    (optimizers, "optimizer", "adam", "Adam", {}),
+    (metrics, "metrics", "mae", "MeanAbsoluteError", {}),
+    (initializers, "initializer", "he_normal", "HeNormal", {}),
+    (regularizers, "regularizer", "l1_l2", "L1L2", {}),
+    (constraints, "constraint", "non_neg", "NonNeg", {}),
+    (schedules, "schedule", "CosineDecay", "CosineDecay", {"initial_learning_rate": 0.1,
+                                                            "decay_steps": 10}),
+    (layers, "layer", "dense", "Dense", {"units": 2}),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_registries_share_one_error_policy(module, arg, name, class_name, config):
+    known = rf"expected one of (.*, )?{name}\b"
+    with pytest.raises(ValueError, match=rf"^{arg}: unknown name 'no_such'; {known}"):
+        module.get("no_such")
+    with pytest.raises(ValueError, match=rf"^{arg}: unknown name 'no_such'; {known}"):
+        module.deserialize("no_such")
+    with pytest.raises(ValueError, match=rf"^{arg}: unknown class_name 'NoSuch'; expected "
+                                         rf"one of (.*, )?{class_name}\b"):
+        module.deserialize({"class_name": "NoSuch", "config": {}})
+    for bad in (2.5, [name], object()):
+        with pytest.raises(TypeError, match=rf"^{arg}: expected"):
+            module.get(bad)
+        with pytest.raises(TypeError, match=rf"^{arg}: expected"):
+            module.deserialize(bad)
+        with pytest.raises(TypeError, match=rf"^{arg}: expected"):
+            module.serialize(bad)
+    with pytest.raises(TypeError, match=rf"^{arg}: expected 'config' to be a dict"):
+        module.deserialize({"class_name": class_name, "config": [1.0]})
+    # the class name, or the lower-case name (Keras 3 reads "adam" so)
+    for key in (class_name, name):
+        obj = module.deserialize({"class_name": key, "config": config})
+        assert type(obj).__name__ == class_name
+
+
+def test_activations_serialize_to_names_and_share_the_error_policy():
+    for name in ("relu", "GELU", "swish", "softmax", None):
+        fn = activations.get(name)
+        assert activations.deserialize(activations.serialize(fn)) is fn
+    assert activations.serialize(activations.swish) == "silu"   # Keras' name for it
+    assert activations.get(None) is activations.linear
+    with pytest.raises(ValueError, match=r"^activation: unknown name 'no_such'; expected "
+                                         r"one of .*\brelu\b"):
+        activations.deserialize("no_such")
+    for bad in (2.5, {"class_name": "relu"}):
+        with pytest.raises(TypeError, match="^activation: expected"):
+            activations.deserialize(bad)
+        with pytest.raises(TypeError, match="^activation: expected"):
+            activations.serialize(bad)
+
+
+def _behaviour(obj):
+    """What the object computes, on fixed inputs."""
+    w = np.linspace(-2.0, 2.0, 12).reshape(3, 4)
+    if isinstance(obj, schedules.LearningRateSchedule):
+        return [obj(step) for step in range(20)]
+    if isinstance(obj, initializers.Initializer):
+        return obj((3, 4))
+    if isinstance(obj, (regularizers.Regularizer, constraints.Constraint)):
+        return obj(w)
+    if isinstance(obj, (losses.Loss, metrics.Metric)):
+        return obj((w > 0.3).astype(np.float32), (0.2 * w + 0.5).astype(np.float32))
+    return None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optimizers.SGD(0.05, momentum=0.9, nesterov=True, clipnorm=1.0),
+    lambda: optimizers.Adam(schedules.CosineDecay(0.1, 10, warmup_target=0.2, warmup_steps=3),
+                            amsgrad=True, weight_decay=0.01, nonfinite="raise"),
+    lambda: optimizers.RMSprop(rho=0.8, momentum=0.5, centered=True, global_clipnorm=2.0),
+    lambda: optimizers.AdamW(weight_decay=0.1, clipvalue=0.5),
+    lambda: optimizers.Adagrad(initial_accumulator_value=0.2, epsilon=1e-6),
+    lambda: losses.Huber(0.5),
+    lambda: losses.BinaryCrossentropy(from_logits=True),
+    lambda: losses.MeanSquaredError(),
+    lambda: metrics.BinaryAccuracy(0.7),
+    lambda: metrics.MeanAbsoluteError(),
+    lambda: initializers.RandomNormal(0.1, 0.2, seed=3),
+    lambda: initializers.RandomUniform(-0.1, 0.3, seed=3),
+    lambda: initializers.Orthogonal(0.5, seed=1),
+    lambda: initializers.HeNormal(seed=5),
+    lambda: initializers.VarianceScaling(2.0, "fan_out", "uniform", seed=4),
+    lambda: initializers.Constant(0.3),
+    lambda: regularizers.L1L2(0.1, 0.2),
+    lambda: regularizers.l2(0.3),
+    lambda: constraints.MaxNorm(1.5),
+    lambda: constraints.non_neg(),
+    lambda: constraints.ClipValue(0.1),
+    lambda: schedules.ExponentialDecay(0.1, 10, 0.5, True),
+    lambda: schedules.PiecewiseConstantDecay([5, 9], [0.1, 0.01, 0.001], name="steps"),
+    lambda: layers.Dense(4, activation="gelu", kernel_regularizer="l2",
+                         kernel_constraint="max_norm", input_dim=3, name="d"),
+    lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-2, center=False),
+    lambda: layers.Dropout(0.3, seed=7),
+    lambda: layers.Activation("tanh"),
+], ids=lambda make: make.__code__.co_names[1])   # the class's name, from the lambda
+def test_serialize_and_deserialize_round_trip_through_json(make):
+    obj = make()
+    module = sys.modules[type(obj).__module__]
+    config = module.serialize(obj)
+    assert config == {"class_name": type(obj).__name__, "config": obj.get_config()}
+    for back in (module.deserialize(json.loads(json.dumps(config))), module.get(config)):
+        assert type(back) is type(obj)
+        assert back.get_config() == obj.get_config()
+        np.testing.assert_array_equal(_behaviour(back), _behaviour(obj))
+    assert module.serialize(None) is None
+
+
+@pytest.mark.parametrize("module,names", [
+    (optimizers, ["sgd", "rmsprop", "adam", "adamw", "adagrad"]),
+    (initializers, ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
+                    "lecun_uniform", "lecun_normal", "orthogonal", "random_normal",
+                    "random_uniform", "zeros", "ones", "variance_scaling"]),
+    (regularizers, ["l1", "l2", "l1l2"]),
+    (constraints, ["max_norm", "non_neg"]),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_names_resolve_to_the_classes_keras_gives(module, names):
+    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
+    kmod = getattr(keras, module.__name__.rsplit(".", 1)[1])
+    for name in names + [n.upper() for n in names]:
+        assert type(module.get(name)).__name__ == type(kmod.get(name.lower())).__name__, name
+    assert (regularizers.l1, regularizers.l2, regularizers.l1_l2) == (
+        regularizers.L1, regularizers.L2, regularizers.L1L2)
+    assert (constraints.max_norm, constraints.non_neg) == (constraints.MaxNorm,
+                                                           constraints.NonNeg)
+
+
+@pytest.mark.parametrize("path,args", [
+    ("optimizers.schedules.ExponentialDecay", (0.1, 10, 0.5, True)),
+    ("optimizers.schedules.PiecewiseConstantDecay", ([5, 9], [0.1, 0.01, 0.001])),
+    ("optimizers.schedules.CosineDecay", (0.1, 10, 0.1, "cos", 0.2, 3)),
+    ("regularizers.L1", (0.1,)), ("regularizers.L2", (0.2,)), ("regularizers.L1L2", (0.1, 0.2)),
+    ("constraints.MaxNorm", (1.5,)), ("constraints.NonNeg", ()),
+    ("initializers.RandomNormal", (0.1, 0.2, 3)), ("initializers.RandomUniform", (-0.1, 0.2, 3)),
+    ("initializers.Orthogonal", (0.5, 1)), ("initializers.Constant", (0.3,)),
+    ("initializers.Zeros", ()),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_keras_configurations_load_and_go_back(path, args):
+    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
+    *where, cls = path.split(".")
+    kmod = functools.reduce(getattr, where, keras)
+    module = getattr(fg, where[-1])
+    kobj = getattr(kmod, cls)(*args)
+    obj = module.deserialize(kmod.serialize(kobj))   # with Keras' "module" key and all
+    assert type(obj).__name__ == cls and obj.get_config() == kobj.get_config()
+    assert kmod.deserialize(module.serialize(obj)).get_config() == kobj.get_config()
+    if where[-1] == "schedules":
+        np.testing.assert_allclose([obj(s) for s in range(15)],
+                                   [float(kobj(s)) for s in range(15)], rtol=1e-6)

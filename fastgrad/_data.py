@@ -1,0 +1,161 @@
+"""User arrays on their way into a model: checks and conversion, the rule
+on training batch sizes, the validation split, and the batch iterator that
+fit, evaluate and predict share.
+
+Data travel as a triple ``(x, target, labels)``: x the inputs, and either
+target (the model's dtype, shape (rows, outputs)) or labels (int64 class
+labels, for sparse categorical cross-entropy); the other one is None.
+"""
+import numpy as np
+
+from fastgrad import _core, ops
+
+
+def converted(a, dtype, name):
+    """a as a C-contiguous array of dtype, refused (by row) when it holds
+    NaN, inf, or values beyond the dtype's range."""
+    src = a
+    if a.dtype != dtype or not (a.flags.c_contiguous and a.flags.aligned):
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = np.require(a, dtype, ["C", "A"])
+    bad = _core.first_nonfinite_row(a)
+    if bad >= 0:
+        if src.dtype.kind == "f" and np.isfinite(src[bad]).all():
+            raise ValueError(f"{name}: row {bad} holds values beyond the {dtype} range")
+        raise ValueError(f"{name}: row {bad} holds NaN or inf; values must be finite")
+    return a
+
+
+def check_x(model, x, name="x", dim=None):
+    """Inputs as the model's dtype, (rows, features) with the features the
+    model takes (``dim``, else the built model's or the first layer's)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected an array of numbers, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
+    if dim is None:
+        dim = model.input_dim if model.built else model.layers[0].input_dim if model.layers \
+            else None
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
+                         f"(shape {x.shape})")
+    return converted(x, model.dtype, name)
+
+
+def _output_dim(model, input_dim):
+    """The model's outputs for input_dim features, before it is built."""
+    dim = input_dim
+    for layer in model.layers:
+        dim = getattr(layer, "units", dim)
+    return dim
+
+
+def check_y(model, y, rows, name="y", out_dim=None):
+    """(target, labels): targets as the model's dtype (rows, outputs), or
+    int64 labels for sparse categorical cross-entropy."""
+    out_dim = model.output_dim if out_dim is None else out_dim
+    if model.loss.name == "sparse_categorical_crossentropy":
+        try:
+            return None, ops._labels(y, rows, out_dim)
+        except (ValueError, TypeError) as e:
+            raise type(e)(str(e).replace("y_true:", f"{name}:", 1)) from None
+    y = np.asarray(y)
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected an array of numbers, got dtype {y.dtype}")
+    if y.ndim == 1 and out_dim == 1:
+        y = y.reshape(-1, 1)
+    if y.ndim != 2 or y.shape != (rows, out_dim):
+        what = ("one-hot targets " if model.loss.name == "categorical_crossentropy" else "")
+        raise ValueError(f"{name}: expected {what}of shape ({rows}, {out_dim}) "
+                         f"to match the rows and the model's {out_dim} outputs, got "
+                         f"shape {y.shape}")
+    return converted(y, model.dtype, name), None
+
+
+def check_xy(model, x, y, names=("x", "y"), dim=None):
+    """(x, target, labels) checked and converted for a compiled model. It
+    builds nothing: y is checked against the outputs the model will have, so
+    that a refused first call leaves an unbuilt model as it was."""
+    x = check_x(model, x, names[0], dim)
+    n = len(y) if hasattr(y, "__len__") else None
+    if n is not None and n != x.shape[0]:
+        raise ValueError(f"{names[1]}: expected {x.shape[0]} rows to match "
+                         f"{names[0]}, got {n}")
+    out_dim = None if model.built else _output_dim(model, x.shape[1])
+    return (x, *check_y(model, y, x.shape[0], names[1], out_dim))
+
+
+def take_rows(data, rows):
+    """The rows (a slice) of each array of the triple."""
+    return tuple(None if a is None else a[rows] for a in data)
+
+
+def split_validation(data, fraction):
+    """(training, validation) triples: the last ``fraction`` of the rows are
+    held out, taken before any shuffling, as Keras does."""
+    n = data[0].shape[0]
+    cut = int(n * (1 - fraction))
+    if cut < 1 or cut == n:
+        raise ValueError(f"validation_split: {fraction} of {n} rows leaves no rows for "
+                         "training or none for validation")
+    return take_rows(data, slice(None, cut)), take_rows(data, slice(cut, None))
+
+
+# -- the one rule on training batch sizes ---------------------------------
+def min_training_rows(layers):
+    """Rows a training batch needs: BatchNormalization estimates a variance
+    from the batch, which takes two rows; other layers need one."""
+    return 2 if any(layer.kind == "BatchNormalization" for layer in layers) else 1
+
+
+def check_training_rows(layers, rows, batch_size=None):
+    """Refuse, before anything is built or run, training on ``rows`` rows
+    as one batch or, given ``batch_size``, in batches of that size (the
+    last one smaller) when a batch would be too small for the layers."""
+    if rows == 0:
+        raise ValueError("x: expected at least one row")
+    need = min_training_rows(layers)
+    if batch_size is None:
+        if rows < need:
+            raise ValueError(f"x: BatchNormalization needs at least {need} rows per batch "
+                             f"in training to estimate a variance, got {rows}")
+        return
+    bs = min(batch_size, rows)
+    smallest = min(bs, rows % bs or bs)
+    if smallest < need:
+        raise ValueError(f"batch_size: with {rows} rows, batches of {bs} leave a batch of "
+                         f"{smallest} row{'s' * (smallest != 1)}, and BatchNormalization "
+                         f"needs at least {need} in training; choose another batch_size")
+
+
+class Batches:
+    """Consecutive batches of the rows of arrays (None entries stay None),
+    ``size`` rows each and the last one smaller. Calling it yields
+    ``(stop, batch)``: the rows done so far and the batch's tuple of arrays.
+
+    Without an order the batches are views. With ``gather=True`` the
+    iterator owns one buffer per array, and ``batches(order)`` (order a
+    permutation of the rows) gathers each batch's rows into them, so a
+    pass over the data allocates no arrays."""
+
+    def __init__(self, arrays, batch_size, gather=False):
+        self.arrays = tuple(arrays)
+        self.rows = self.arrays[0].shape[0]
+        self.size = min(batch_size, max(self.rows, 1))
+        self.steps = -(-self.rows // self.size)
+        self._bufs = tuple(None if a is None or not gather else
+                           np.empty((self.size,) + a.shape[1:], a.dtype) for a in self.arrays)
+
+    def __call__(self, order=None):
+        for start in range(0, self.rows, self.size):
+            stop = min(start + self.size, self.rows)
+            if order is None:
+                yield stop, tuple(None if a is None else a[start:stop] for a in self.arrays)
+                continue
+            idx, b = order[start:stop], stop - start
+            # a permutation's indices are valid: mode="clip" gathers straight
+            # into the buffer, where the default mode="raise" makes a temporary
+            yield stop, tuple(None if a is None else np.take(a, idx, axis=0, out=buf[:b],
+                                                             mode="clip")
+                              for a, buf in zip(self.arrays, self._bufs))
