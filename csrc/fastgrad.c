@@ -57,19 +57,17 @@ int fg_activation_needs_pre(int act)
     return act == FG_GELU || act == FG_SILU;
 }
 
-/* splitmix64 (Steele, Lea, Flood 2014): state seed + (position + 1) * gamma,
- * then its finalizer. Static inline so the dropout loop has no call in it. */
+/* Dropout's counter-based generator, splitmix64 (Steele, Lea, Flood 2014):
+ * state seed + (position + 1) * gamma, then its finalizer. Element k of a call
+ * with (seed, offset) draws position offset + k, so a mask is recomputed
+ * rather than stored, and a seed reproduces every mask. Static inline so the
+ * dropout loop has no call in it. */
 static inline uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
 {
     uint64_t z = seed + (position + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
-}
-
-uint64_t fg_random_u64(uint64_t seed, uint64_t position)
-{
-    return fg_splitmix64(seed, position);
 }
 
 /* e^x for x <= 0 (or NaN), in arithmetic only, so that the loops calling

@@ -8,7 +8,8 @@
  * (suffix _f32) and double (suffix _f64), generated from fastgrad_impl.h.
  * Argument order: outputs, then saved state, then inputs, then sizes, then
  * options. Gradients carry the forward name prefixed with d.
- * Kernels return FG_OK or a negative status; they never abort the process.
+ * Kernels that can fail return FG_OK or a negative status naming the
+ * failure; the others return nothing. None aborts the process.
  * Reductions accumulate in double. Matrix products are not here: the Cython
  * layer calls an optimized BLAS and these kernels do what surrounds it. */
 #ifndef FASTGRAD_H
@@ -17,30 +18,37 @@
 #include <stdint.h>
 #include <stddef.h>
 
+/* The one declaration of every code: _kernels.pxd mirrors these enums by
+ * name and _core.pyx builds the Python tables from them. */
 enum fg_status {
     FG_OK = 0,
-    FG_EINVAL = -1,   /* unknown activation or loss code */
-    FG_ELABEL = -2    /* a sparse label outside [0, O) */
+    FG_EACTIVATION = -1,  /* unknown activation code */
+    FG_ELOSS = -2,        /* unknown loss code */
+    FG_ELABEL = -3,       /* a sparse label outside [0, O) */
+    FG_EOPTIMIZER = -4,   /* unknown optimizer code */
+    FG_ENEEDS_PRE = -5    /* the activation's derivative needs pre, not given */
 };
 
-/* Activation codes; the Python table ACTIVATIONS lists them in this order. */
+/* Activation codes. */
 enum fg_activation {
     FG_LINEAR = 0, FG_RELU, FG_LEAKY_RELU, FG_ELU, FG_SELU, FG_GELU,
     FG_SILU, FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_N_ACTIVATIONS
 };
 
-/* Loss codes; the Python table LOSSES lists them in this order. */
+/* Loss codes. */
 enum fg_loss {
     FG_MSE = 0, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY,
     FG_CATEGORICAL_CROSSENTROPY, FG_SPARSE_CATEGORICAL_CROSSENTROPY,
     FG_N_LOSSES
 };
 
-/* Optimizer codes; optimizers.py mirrors them. */
+/* Optimizer codes. */
 enum fg_optimizer { FG_SGD = 0, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_N_OPTIMIZERS };
 
 /* Constraint codes, applied to a tensor right after its update. */
-enum fg_constraint { FG_NO_CONSTRAINT = 0, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE };
+enum fg_constraint {
+    FG_NO_CONSTRAINT = 0, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE, FG_N_CONSTRAINTS
+};
 
 /* Hyperparameters of one optimizer step; unused fields are ignored.
  * lr is this step's learning rate (schedules are evaluated by the caller),
@@ -77,11 +85,6 @@ typedef struct {
 /* 1 when the activation's derivative needs the pre-activation z, not just y. */
 int fg_activation_needs_pre(int act);
 
-/* Dropout's counter-based generator: element k of a call with (seed, offset)
- * draws from the splitmix64 sequence at position offset + k, so a mask is
- * recomputed rather than stored, and a seed reproduces every mask. */
-uint64_t fg_random_u64(uint64_t seed, uint64_t position);
-
 #define FG_DECLARE(T, S)                                                       \
     int fg_bias_act_forward##S(T *out, T *pre, const T *inp, const T *bias,    \
                                ptrdiff_t B, ptrdiff_t O, int act, double alpha,\
@@ -97,18 +100,18 @@ uint64_t fg_random_u64(uint64_t seed, uint64_t position);
     double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
     int fg_any_abs_above##S(const T *x, ptrdiff_t N, double limit);            \
     ptrdiff_t fg_first_nonfinite_row##S(const T *x, ptrdiff_t B, ptrdiff_t F);  \
-    int fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
+    void fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
                          T *grad,                                              \
                          const T *param, const fg_tensors *tt);                \
     int fg_optimizer_step##S(int64_t *first_overflow, T *param, T *m, T *v,    \
                              T *vmax, const T *grad, const fg_tensors *tt,     \
                              const fg_opt_config *c);                          \
-    int fg_batchnorm_forward##S(T *out, double *mean, double *rstd,             \
+    void fg_batchnorm_forward##S(T *out, double *mean, double *rstd,            \
                                 T *moving_mean, T *moving_var, const T *inp,    \
                                 const T *gamma, const T *beta, ptrdiff_t B,     \
                                 ptrdiff_t F, double epsilon, double momentum,   \
                                 int training);                                  \
-    int fg_batchnorm_backward##S(T *dinp, T *dgamma, T *dbeta, const T *dout,   \
+    void fg_batchnorm_backward##S(T *dinp, T *dgamma, T *dbeta, const T *dout,  \
                                  const T *inp, const double *mean,              \
                                  const double *rstd, const T *gamma,            \
                                  ptrdiff_t B, ptrdiff_t F);                     \

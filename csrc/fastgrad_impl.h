@@ -46,7 +46,7 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
                            ptrdiff_t B, ptrdiff_t O, int act, double alpha,
                            fg_act_stats *stats)
 {
-    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
+    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
     const T a = (T)alpha;
     for (ptrdiff_t i = 0; i < B; i++) {
         const T *x = inp + i * O;
@@ -119,8 +119,8 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
                        const T *pre, ptrdiff_t B, ptrdiff_t O, int act,
                        double alpha)
 {
-    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EINVAL;
-    if (fg_activation_needs_pre(act) && !pre && B > 0 && O > 0) return FG_EINVAL;
+    if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
+    if (fg_activation_needs_pre(act) && !pre && B > 0 && O > 0) return FG_ENEEDS_PRE;
     const T a = (T)alpha;
     double acc[FG_COLS];
 
@@ -224,7 +224,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                                 ptrdiff_t O, int kind, int from_logits,
                                 double param)
 {
-    if (kind < 0 || kind >= FG_N_LOSSES) return FG_EINVAL;
+    if (kind < 0 || kind >= FG_N_LOSSES) return FG_ELOSS;
     if (kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY) {
         for (ptrdiff_t i = 0; i < B; i++)
             if (labels[i] < 0 || labels[i] >= O) return FG_ELABEL;
@@ -463,7 +463,7 @@ FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
  * then sumsq[t] = sum of grad^2 in double. penalty receives the regularizers'
  * loss, sum_t l1 sum|w| + l2 sum w^2. first_bad receives the index of the
  * first tensor holding a non-finite gradient, or -1. */
-FG_TARGETS int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
+FG_TARGETS void S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
                      T *grad, const T *param, const fg_tensors *tt)
 {
     *first_bad = -1;
@@ -487,7 +487,6 @@ FG_TARGETS int S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_b
         /* inf or NaN anywhere makes the sum of squares inf or NaN */
         if (*first_bad < 0 && !isfinite(sumsq[t])) *first_bad = t;
     }
-    return FG_OK;
 }
 
 /* MaxNorm on a (rows, cols) kernel: each column's L2 norm capped (Keras axis=0). */
@@ -639,7 +638,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
                          const fg_opt_config *c)
 {
     *first_overflow = -1;
-    if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EINVAL;
+    if (c->kind < 0 || c->kind >= FG_N_OPTIMIZERS) return FG_EOPTIMIZER;
     S(opt_consts) q;
     q.kind = c->kind; q.clip = c->clipvalue > 0; q.nesterov = c->nesterov;
     q.centered = c->centered; q.amsgrad = c->amsgrad;
@@ -723,7 +722,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
  *           moving = momentum * moving + (1 - momentum) * batch statistic
  * inference: mu, var = moving_mean, moving_var
  * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp. */
-FG_TARGETS int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
+FG_TARGETS void S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             T *moving_mean, T *moving_var, const T *inp,
                             const T *gamma, const T *beta, ptrdiff_t B,
                             ptrdiff_t F, double epsilon, double momentum,
@@ -791,7 +790,6 @@ FG_TARGETS int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                 y[j] = a[j] * ((x[j] - mhi[j]) - mlo[j]) + b[j];
         }
     }
-    return FG_OK;
 }
 
 /* BatchNormalization backward (training statistics), closed form with
@@ -800,7 +798,7 @@ FG_TARGETS int S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
  *   dinp   = rstd / B * (B g - sum_i g - xhat sum_i g xhat)
  * Sums accumulate in double; the centering splits the mean as forward does.
  * dgamma, dbeta may be NULL; dinp may alias dout. */
-FG_TARGETS int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
+FG_TARGETS void S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *dout,
                              const T *inp, const double *mean,
                              const double *rstd, const T *gamma,
                              ptrdiff_t B, ptrdiff_t F)
@@ -857,11 +855,10 @@ FG_TARGETS int S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *d
             }
         }
     }
-    return FG_OK;
 }
 
 /* Inverted dropout: out = inp * keep_k / (1 - rate), keep_k drawn with
- * probability 1 - rate from fg_random_u64(seed, offset + k). Backward is the
+ * probability 1 - rate from fg_splitmix64(seed, offset + k). Backward is the
  * same call on the gradient with the same seed and offset. out may alias inp. */
 FG_TARGETS void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
                            uint64_t seed, uint64_t offset)

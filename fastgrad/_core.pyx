@@ -3,6 +3,7 @@
 # here every size is checked against every other so that no call, however
 # wrong, reads or writes outside its buffers.
 from cython cimport floating
+from libc.float cimport DBL_MAX
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport sqrt
@@ -11,14 +12,37 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 from fastgrad._kernels cimport *
 
-N_ACTIVATIONS = FG_N_ACTIVATIONS
-N_LOSSES = FG_N_LOSSES
+# The Python tables of the codes fastgrad.h declares, built from its enums.
+ACTIVATION_CODES = {
+    "linear": FG_LINEAR, "relu": FG_RELU, "leaky_relu": FG_LEAKY_RELU, "elu": FG_ELU,
+    "selu": FG_SELU, "gelu": FG_GELU, "silu": FG_SILU, "sigmoid": FG_SIGMOID,
+    "tanh": FG_TANH, "softmax": FG_SOFTMAX,
+}
+ACTIVATIONS_NEEDING_PRE = frozenset(
+    name for name, code in ACTIVATION_CODES.items() if fg_activation_needs_pre(code))
+LOSS_CODES = {
+    "mse": FG_MSE, "mae": FG_MAE, "huber": FG_HUBER,
+    "binary_crossentropy": FG_BINARY_CROSSENTROPY,
+    "categorical_crossentropy": FG_CATEGORICAL_CROSSENTROPY,
+    "sparse_categorical_crossentropy": FG_SPARSE_CATEGORICAL_CROSSENTROPY,
+}
+OPTIMIZER_CODES = {"sgd": FG_SGD, "rmsprop": FG_RMSPROP, "adam": FG_ADAM,
+                   "adagrad": FG_ADAGRAD}
+# keyed by the constraint's class name; None: no constraint
+CONSTRAINT_CODES = {None: FG_NO_CONSTRAINT, "MaxNorm": FG_MAX_NORM, "NonNeg": FG_NON_NEG,
+                    "ClipValue": FG_CLIP_VALUE}
+
+_STATUS_MESSAGES = {
+    FG_EACTIVATION: "act: unknown activation code",
+    FG_ELOSS: "kind: unknown loss code",
+    FG_ELABEL: "y: a label is outside [0, number of classes)",
+    FG_EOPTIMIZER: "config: unknown optimizer code",
+    FG_ENEEDS_PRE: "pre: this activation's derivative needs the pre-activation",
+}
 
 
 cdef int _raise(int status) except -1:
-    if status == FG_ELABEL:
-        raise ValueError("y: a label is outside [0, number of classes)")
-    raise ValueError("invalid activation or loss code")
+    raise ValueError(_STATUS_MESSAGES.get(status, f"kernel failed with status {status}"))
 
 
 cdef inline int _check(bint ok, str what) except -1:
@@ -61,6 +85,108 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
         dgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
 
 
+# One dispatch per kernel: each argument list is written once, and the
+# float or double kernel is chosen when the fused type is specialized.
+cdef inline int _bias_act(floating *out, floating *pre, const floating *inp,
+                          const floating *bias, Py_ssize_t B, Py_ssize_t O, int act,
+                          double alpha, fg_act_stats *st) noexcept nogil:
+    if floating is float:
+        return fg_bias_act_forward_f32(out, pre, inp, bias, B, O, act, alpha, st)
+    else:
+        return fg_bias_act_forward_f64(out, pre, inp, bias, B, O, act, alpha, st)
+
+
+cdef inline int _act_back(floating *dpre, floating *dbias, const floating *dout,
+                          const floating *out, const floating *pre, Py_ssize_t B,
+                          Py_ssize_t O, int act, double alpha) noexcept nogil:
+    if floating is float:
+        return fg_act_backward_f32(dpre, dbias, dout, out, pre, B, O, act, alpha)
+    else:
+        return fg_act_backward_f64(dpre, dbias, dout, out, pre, B, O, act, alpha)
+
+
+cdef inline int _loss(double *loss, floating *rows, floating *dpred, floating *prob,
+                      const floating *pred, const floating *target, const int64_t *labels,
+                      Py_ssize_t B, Py_ssize_t O, int kind, int from_logits,
+                      double param) noexcept nogil:
+    if floating is float:
+        return fg_loss_forward_backward_f32(loss, rows, dpred, prob, pred, target, labels,
+                                            B, O, kind, from_logits, param)
+    else:
+        return fg_loss_forward_backward_f64(loss, rows, dpred, prob, pred, target, labels,
+                                            B, O, kind, from_logits, param)
+
+
+cdef inline double _sum_sq(const floating *x, Py_ssize_t N) noexcept nogil:
+    if floating is float:
+        return fg_sum_squares_f32(x, N)
+    else:
+        return fg_sum_squares_f64(x, N)
+
+
+cdef inline int _any_above(const floating *x, Py_ssize_t N, double limit) noexcept nogil:
+    if floating is float:
+        return fg_any_abs_above_f32(x, N, limit)
+    else:
+        return fg_any_abs_above_f64(x, N, limit)
+
+
+cdef inline Py_ssize_t _bad_row(const floating *x, Py_ssize_t B, Py_ssize_t F) noexcept nogil:
+    if floating is float:
+        return fg_first_nonfinite_row_f32(x, B, F)
+    else:
+        return fg_first_nonfinite_row_f64(x, B, F)
+
+
+cdef inline void _norms(double *sumsq, double *penalty, int64_t *bad, floating *grad,
+                        const floating *param, const fg_tensors *tt) noexcept nogil:
+    if floating is float:
+        fg_grad_norms_f32(sumsq, penalty, bad, grad, param, tt)
+    else:
+        fg_grad_norms_f64(sumsq, penalty, bad, grad, param, tt)
+
+
+cdef inline int _step(int64_t *overflow, floating *param, floating *m, floating *v,
+                      floating *vmax, const floating *grad, const fg_tensors *tt,
+                      const fg_opt_config *c) noexcept nogil:
+    if floating is float:
+        return fg_optimizer_step_f32(overflow, param, m, v, vmax, grad, tt, c)
+    else:
+        return fg_optimizer_step_f64(overflow, param, m, v, vmax, grad, tt, c)
+
+
+cdef inline void _bn_forward(floating *out, double *mean, double *rstd,
+                             floating *moving_mean, floating *moving_var,
+                             const floating *inp, const floating *gamma,
+                             const floating *beta, Py_ssize_t B, Py_ssize_t F,
+                             double epsilon, double momentum, int training) noexcept nogil:
+    if floating is float:
+        fg_batchnorm_forward_f32(out, mean, rstd, moving_mean, moving_var, inp, gamma, beta,
+                                 B, F, epsilon, momentum, training)
+    else:
+        fg_batchnorm_forward_f64(out, mean, rstd, moving_mean, moving_var, inp, gamma, beta,
+                                 B, F, epsilon, momentum, training)
+
+
+cdef inline void _bn_backward(floating *dinp, floating *dgamma, floating *dbeta,
+                              const floating *dout, const floating *inp,
+                              const double *mean, const double *rstd,
+                              const floating *gamma, Py_ssize_t B,
+                              Py_ssize_t F) noexcept nogil:
+    if floating is float:
+        fg_batchnorm_backward_f32(dinp, dgamma, dbeta, dout, inp, mean, rstd, gamma, B, F)
+    else:
+        fg_batchnorm_backward_f64(dinp, dgamma, dbeta, dout, inp, mean, rstd, gamma, B, F)
+
+
+cdef inline void _dropout(floating *out, const floating *inp, Py_ssize_t N, double rate,
+                          uint64_t seed, uint64_t offset) noexcept nogil:
+    if floating is float:
+        fg_dropout_forward_f32(out, inp, N, rate, seed, offset)
+    else:
+        fg_dropout_forward_f64(out, inp, N, rate, seed, offset)
+
+
 def matmul(const floating[:, ::1] a not None, const floating[:, ::1] b not None, floating[:, ::1] out not None,
            bint trans_a=False, bint trans_b=False):
     """out = op(a) @ op(b), op transposing when asked; through BLAS gemm."""
@@ -97,7 +223,7 @@ cdef inline const floating *_cptr2(const floating[:, ::1] v) noexcept nogil:
     return &v[0, 0] if v is not None and v.shape[0] * v.shape[1] > 0 else NULL
 
 
-cdef int _check_act(int act, double alpha) except -1:
+cdef int _check_act(int act) except -1:
     if not (0 <= act < FG_N_ACTIVATIONS):
         raise ValueError(f"unknown activation code {act}")
     return 0
@@ -139,14 +265,12 @@ def bias_act_forward(const floating[:, ::1] inp not None, const floating[::1] bi
     cdef int s
     cdef fg_act_stats st
     cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
-    _check_act(act, alpha)
+    _check_act(act)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _len1(bias, O, False, "bias")
     with nogil:
-        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp) \
-            if floating is float else \
-            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp)
+        s = _bias_act(_ptr2(out), _ptr2(pre), _cptr2(inp), _cptr1(bias), B, O, act, alpha, stp)
     if s != FG_OK:
         _raise(s)
     return st.saturated if stats else None
@@ -158,7 +282,7 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
     """dpre = dout * act'(z); dbias (optional) = column sums of dpre."""
     cdef Py_ssize_t B = dout.shape[0], O = dout.shape[1]
     cdef int s
-    _check_act(act, alpha)
+    _check_act(act)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _same2(dpre, B, O, "dpre")
@@ -166,9 +290,7 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
     _check(pre is not None or not fg_activation_needs_pre(act),
            "pre: this activation's derivative needs the pre-activation")
     with nogil:
-        s = fg_act_backward_f32(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha) \
-            if floating is float else \
-            fg_act_backward_f64(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
+        s = _act_back(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
     if s != FG_OK:
         _raise(s)
     return dpre
@@ -185,7 +307,7 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     cdef int s
     cdef fg_act_stats st
     cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
-    _check_act(act, alpha)
+    _check_act(act)
     if kernel.shape[0] != I:
         raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
     _same2(out, B, O, "out")
@@ -195,9 +317,7 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     with nogil:
         _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
               <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(out), <int>O)
-        s = fg_bias_act_forward_f32(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp) \
-            if floating is float else \
-            fg_bias_act_forward_f64(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp)
+        s = _bias_act(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp)
     if s != FG_OK:
         _raise(s)
     return st.saturated if stats else None
@@ -215,7 +335,7 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     dx = dpre @ kernel^T      (B,I) or None when the input needs no gradient."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
     cdef int s
-    _check_act(act, alpha)
+    _check_act(act)
     if kernel.shape[0] != I:
         raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
     _same2(dout, B, O, "dout")
@@ -230,9 +350,7 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
            "pre: this activation's derivative needs the pre-activation")
     _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
     with nogil:
-        s = fg_act_backward_f32(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha) \
-            if floating is float else \
-            fg_act_backward_f64(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
+        s = _act_back(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
         if s == FG_OK:
             _gemm(True, False, <int>I, <int>O, <int>B, 1.0, <floating *>_cptr2(x), <int>I,
                   _ptr2(dpre), <int>O, 0.0, _ptr2(dkernel), <int>O)
@@ -258,7 +376,7 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
     _same2(dpred, B, O, "dpred")
     _same2(prob, B, O, "prob")
     _len1(rows, B, False, "rows")
-    if kind == 5:  # sparse: labels replace the target
+    if kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY:  # labels replace the target
         if not (labels is not None and labels.shape[0] == B):
             raise ValueError(f"y: expected {B} integer labels")
         if B > 0:
@@ -267,11 +385,8 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
         _check(target is not None, "y: a target array is required")
         _same2(target, B, O, "y")
     with nogil:
-        s = fg_loss_forward_backward_f32(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
-                                         lab, B, O, kind, from_logits, param) \
-            if floating is float else \
-            fg_loss_forward_backward_f64(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
-                                         lab, B, O, kind, from_logits, param)
+        s = _loss(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
+                  lab, B, O, kind, from_logits, param)
     if s != FG_OK:
         _raise(s)
     return loss
@@ -281,8 +396,7 @@ def sum_squares(const floating[::1] x not None):
     """sum(x**2) accumulated in double."""
     cdef double r
     with nogil:
-        r = fg_sum_squares_f32(_cptr1(x), x.shape[0]) if floating is float \
-            else fg_sum_squares_f64(_cptr1(x), x.shape[0])
+        r = _sum_sq(_cptr1(x), x.shape[0])
     return r
 
 
@@ -290,8 +404,7 @@ def any_abs_above(const floating[::1] x not None, double limit):
     """Whether some |x[k]| > limit (NaN never is)."""
     cdef int r
     with nogil:
-        r = fg_any_abs_above_f32(_cptr1(x), x.shape[0], limit) if floating is float \
-            else fg_any_abs_above_f64(_cptr1(x), x.shape[0], limit)
+        r = _any_above(_cptr1(x), x.shape[0], limit)
     return r != 0
 
 
@@ -299,17 +412,20 @@ cdef class TensorTable:
     """The per-tensor table of a flat parameter buffer, checked once.
 
     offset (T+1,) int64 bounds tensor t to [offset[t], offset[t+1]); l1, l2,
-    scale, cvalue (T,) float64; constraint (T,) int32 codes; cols (T,) int64.
-    ``scale`` is rewritten before each step (the clip factors)."""
+    scale, cvalue (T,) float64; constraint (T,) int32 codes
+    (CONSTRAINT_CODES); cols (T,) int64. ``scale`` receives the clip
+    factors of each step (grad_norms writes it)."""
     cdef fg_tensors tt
     cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols
     cdef readonly object upd_sumsq, w_sumsq, ratio
     cdef double *ratio_ptr
+    cdef double *scale_ptr
     cdef readonly Py_ssize_t size
 
-    def __init__(self, const int64_t[::1] offset, const double[::1] l1,
-                 const double[::1] l2, double[::1] scale, const int[::1] constraint,
-                 const double[::1] cvalue, const int64_t[::1] cols):
+    def __init__(self, const int64_t[::1] offset not None, const double[::1] l1 not None,
+                 const double[::1] l2 not None, double[::1] scale not None,
+                 const int[::1] constraint not None, const double[::1] cvalue not None,
+                 const int64_t[::1] cols not None):
         cdef Py_ssize_t T = offset.shape[0] - 1, t
         _check(T >= 0, "offset: expected at least one entry")
         for name, arr in (("l1", l1), ("l2", l2), ("scale", scale), ("constraint", constraint),
@@ -319,8 +435,8 @@ cdef class TensorTable:
         _check(offset[0] == 0, "offset: must start at 0")
         for t in range(T):
             _check(offset[t + 1] >= offset[t], "offset: must not decrease")
-            _check(0 <= constraint[t] <= 3, "constraint: unknown code")
-            if constraint[t] == 1:
+            _check(0 <= constraint[t] < FG_N_CONSTRAINTS, "constraint: unknown code")
+            if constraint[t] == FG_MAX_NORM:
                 _check(cols[t] >= 0 and (cols[t] == 0 or (offset[t + 1] - offset[t]) % cols[t] == 0),
                        "cols: must divide the tensor's size")
         # keep the arrays alive: the C table points into them
@@ -331,7 +447,8 @@ cdef class TensorTable:
         self.tt.offset = &offset[0]
         self.tt.l1 = &l1[0] if T else NULL
         self.tt.l2 = &l2[0] if T else NULL
-        self.tt.scale = &scale[0] if T else NULL
+        self.scale_ptr = &scale[0] if T else NULL
+        self.tt.scale = self.scale_ptr
         self.tt.constraint = &constraint[0] if T else NULL
         self.tt.cvalue = &cvalue[0] if T else NULL
         self.tt.cols = &cols[0] if T else NULL
@@ -355,41 +472,125 @@ cdef class TensorTable:
         self.ratio_ptr = &ratio[0] if T else NULL
 
 
+cdef double _hyper(str name, double value) except? -1.0:
+    # NaN fails the comparison too
+    if not (0.0 <= value <= DBL_MAX):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
+
+
+cdef double _fraction(str name, double value) except? -1.0:
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
+    return value
+
+
+cdef class StepConfig:
+    """The settings of an optimizer's compiled step, checked once when the
+    optimizer is built; each step passes only its learning rate and count.
+
+    kind is an OPTIMIZER_CODES value. Clipping: clipnorm > 0 scales each
+    tensor's gradient to a norm of at most clipnorm, global_clipnorm > 0 all
+    of them together, clipvalue > 0 clips each element; 0 turns each off.
+    The other fields are the update formulas' (csrc/fastgrad_impl.h); the
+    ones an optimizer does not use are ignored."""
+    cdef fg_opt_config c
+    cdef readonly double clipnorm, global_clipnorm
+    cdef readonly bint needs_m, needs_v, needs_vmax
+
+    def __init__(self, int kind, *, double momentum=0.0, double rho=0.0, double beta_1=0.0,
+                 double beta_2=0.0, double epsilon=0.0, double weight_decay=0.0,
+                 double clipvalue=0.0, double clipnorm=0.0, double global_clipnorm=0.0,
+                 bint nesterov=False, bint centered=False, bint amsgrad=False):
+        if not (0 <= kind < FG_N_OPTIMIZERS):
+            raise ValueError(f"kind: unknown optimizer code {kind}")
+        self.c.kind = kind
+        self.c.momentum, self.c.rho = _fraction("momentum", momentum), _fraction("rho", rho)
+        self.c.beta_1, self.c.beta_2 = _fraction("beta_1", beta_1), _fraction("beta_2", beta_2)
+        self.c.epsilon = _hyper("epsilon", epsilon)
+        if kind != FG_SGD and not epsilon > 0:
+            raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
+        self.c.weight_decay = _hyper("weight_decay", weight_decay)
+        self.c.clipvalue = _hyper("clipvalue", clipvalue)
+        self.clipnorm = _hyper("clipnorm", clipnorm)
+        self.global_clipnorm = _hyper("global_clipnorm", global_clipnorm)
+        if (clipvalue > 0) + (clipnorm > 0) + (global_clipnorm > 0) > 1:
+            raise ValueError("clipnorm, clipvalue, global_clipnorm: only one of them can be set")
+        self.c.nesterov, self.c.centered, self.c.amsgrad = nesterov, centered, amsgrad
+        self.c.lr, self.c.step = 0.0, 1
+        # the moment buffers these settings read and write
+        self.needs_m = kind == FG_ADAM or (kind == FG_RMSPROP and centered)
+        self.needs_v = kind != FG_SGD or momentum != 0
+        self.needs_vmax = (kind == FG_ADAM and amsgrad) or (kind == FG_RMSPROP and momentum != 0)
+
+    @property
+    def kind(self):
+        return self.c.kind
+
+    def __repr__(self):
+        c = self.c
+        return (f"StepConfig(kind={c.kind}, momentum={c.momentum!r}, rho={c.rho!r}, "
+                f"beta_1={c.beta_1!r}, beta_2={c.beta_2!r}, epsilon={c.epsilon!r}, "
+                f"weight_decay={c.weight_decay!r}, clipvalue={c.clipvalue!r}, "
+                f"clipnorm={self.clipnorm!r}, global_clipnorm={self.global_clipnorm!r}, "
+                f"nesterov={bool(c.nesterov)}, centered={bool(c.centered)}, "
+                f"amsgrad={bool(c.amsgrad)})")
+
+
 def grad_norms(double[::1] sumsq not None, double[::1] norms not None, floating[::1] grad not None,
-               const floating[::1] param not None, TensorTable table not None):
-    """Adds regularizer gradients into grad and writes each tensor's sum of
-    squared gradients into sumsq and its square root into norms. Returns
-    (index of the first tensor with a non-finite gradient or -1, the
-    regularization penalty, the global norm sqrt(sum(sumsq)))."""
+               const floating[::1] param not None, TensorTable table not None,
+               StepConfig config not None):
+    """Pass 1 of a step: adds regularizer gradients into grad, writes each
+    tensor's sum of squared gradients into sumsq and its square root into
+    norms, and the clip factor config asks for into table.scale (all 1 when
+    a gradient is not finite). Returns (index of the first tensor with a
+    non-finite gradient or -1, the regularization penalty, the global norm
+    sqrt(sum(sumsq)), whether clipping changes a gradient)."""
     cdef int64_t bad = -1
-    cdef double penalty = 0.0, total = 0.0
+    cdef double penalty = 0.0, total = 0.0, cap
     cdef Py_ssize_t t, T = table.tt.n_tensors
+    cdef double *scale = table.scale_ptr
+    cdef bint clipped = False
     if sumsq.shape[0] != T or norms.shape[0] != T:
         raise ValueError(f"sumsq, norms: expected {T} entries")
     if not (grad.shape[0] == table.size and param.shape[0] == table.size):
         raise ValueError(f"grads and params: expected {table.size} elements")
     with nogil:
-        if floating is float:
-            fg_grad_norms_f32(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
-        else:
-            fg_grad_norms_f64(&sumsq[0] if table.tt.n_tensors else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
+        _norms(&sumsq[0] if T else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
         for t in range(T):
             norms[t] = sqrt(sumsq[t])
             total += sumsq[t]
-    return bad, penalty, sqrt(total)
+            scale[t] = 1.0
+        total = sqrt(total)
+        if bad < 0:
+            if config.clipnorm > 0:
+                for t in range(T):
+                    if norms[t] > config.clipnorm:
+                        scale[t] = config.clipnorm / norms[t]
+                        clipped = True
+            elif config.global_clipnorm > 0:
+                if total > config.global_clipnorm:
+                    cap = config.global_clipnorm / total
+                    for t in range(T):
+                        scale[t] = cap
+                    clipped = True
+            elif config.c.clipvalue > 0 and T > 0:
+                # only for the record: a read of the gradients, no temporary
+                clipped = _any_above(_ptr1(grad), grad.shape[0], config.c.clipvalue) != 0
+    return bad, penalty, total, clipped
 
 
 def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] v,
                    floating[::1] vmax, const floating[::1] grad not None,
-                   TensorTable table not None, int kind, double lr, double momentum,
-                   double rho, double beta_1, double beta_2, double epsilon,
-                   double weight_decay, double clipvalue, bint nesterov,
-                   bint centered, bint amsgrad, int64_t step):
-    """The fused update of every parameter (formulas in csrc/fastgrad_impl.h);
-    with the table tracking updates, also the update-to-weight ratios.
+                   TensorTable table not None, StepConfig config not None, double lr,
+                   int64_t step):
+    """Pass 2 of a step: the fused update of every parameter with learning
+    rate lr and 1-based step count step (formulas in csrc/fastgrad_impl.h),
+    scaling each tensor's gradient by table.scale; with the table tracking
+    updates, also the update-to-weight ratios. m, v, vmax are the moment
+    buffers config.needs_m, needs_v, needs_vmax ask for (None otherwise).
     Returns the first tensor whose weights are not all finite after the
     step (an update that overflowed), or -1."""
-    cdef fg_opt_config c
     cdef int64_t overflow = -1
     cdef Py_ssize_t t
     cdef double du, ww
@@ -397,27 +598,16 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
     cdef Py_ssize_t N = table.size
     if not (param.shape[0] == N and grad.shape[0] == N):
         raise ValueError(f"params and grads: expected {N} elements")
-    if not (0 <= kind < 4):
-        raise ValueError(f"unknown optimizer code {kind}")
-    cdef bint need_m = kind == 2 or (kind == 1 and centered)
-    cdef bint need_v = kind != 0 or momentum != 0
-    cdef bint need_x = (kind == 2 and amsgrad) or (kind == 1 and momentum != 0)
-    if need_m: _len1(m, N, True, "m")
-    if need_v: _len1(v, N, True, "v")
-    if need_x: _len1(vmax, N, True, "vmax")
+    if config.needs_m: _len1(m, N, True, "m")
+    if config.needs_v: _len1(v, N, True, "v")
+    if config.needs_vmax: _len1(vmax, N, True, "vmax")
     _check(step >= 1, "step: expected a count >= 1")
-    c.kind, c.lr, c.momentum, c.rho = kind, lr, momentum, rho
-    c.beta_1, c.beta_2, c.epsilon, c.weight_decay = beta_1, beta_2, epsilon, weight_decay
-    c.clipvalue, c.nesterov, c.centered, c.amsgrad, c.step = clipvalue, nesterov, centered, amsgrad, step
+    _hyper("learning_rate", lr)
+    config.c.lr, config.c.step = lr, step
     with nogil:
-        if floating is float:
-            s = fg_optimizer_step_f32(&overflow, _ptr1(param), _ptr1(m) if need_m else NULL,
-                                      _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
-                                      _cptr1(grad), &table.tt, &c)
-        else:
-            s = fg_optimizer_step_f64(&overflow, _ptr1(param), _ptr1(m) if need_m else NULL,
-                                      _ptr1(v) if need_v else NULL, _ptr1(vmax) if need_x else NULL,
-                                      _cptr1(grad), &table.tt, &c)
+        s = _step(&overflow, _ptr1(param), _ptr1(m) if config.needs_m else NULL,
+                  _ptr1(v) if config.needs_v else NULL, _ptr1(vmax) if config.needs_vmax else NULL,
+                  _cptr1(grad), &table.tt, &config.c)
         if s == FG_OK and table.ratio_ptr != NULL:
             for t in range(table.tt.n_tensors):
                 du = sqrt(table.tt.upd_sumsq[t])
@@ -446,14 +636,8 @@ def batchnorm_forward(const floating[:, ::1] inp not None, const floating[::1] g
     _check(not training or B > 0, "x: training needs at least one row")
     _check(epsilon > 0, "epsilon: expected a positive number")
     with nogil:
-        if floating is float:
-            fg_batchnorm_forward_f32(_ptr2(out), _ptr1(mean), _ptr1(rstd), _ptr1(moving_mean),
-                                     _ptr1(moving_var), _cptr2(inp), _cptr1(gamma), _cptr1(beta),
-                                     B, F, epsilon, momentum, training)
-        else:
-            fg_batchnorm_forward_f64(_ptr2(out), _ptr1(mean), _ptr1(rstd), _ptr1(moving_mean),
-                                     _ptr1(moving_var), _cptr2(inp), _cptr1(gamma), _cptr1(beta),
-                                     B, F, epsilon, momentum, training)
+        _bn_forward(_ptr2(out), _ptr1(mean), _ptr1(rstd), _ptr1(moving_mean), _ptr1(moving_var),
+                    _cptr2(inp), _cptr1(gamma), _cptr1(beta), B, F, epsilon, momentum, training)
     return out
 
 
@@ -472,12 +656,8 @@ def batchnorm_backward(const floating[:, ::1] dout not None, const floating[:, :
     _len1(mean, F, True, "mean")
     _len1(rstd, F, True, "rstd")
     with nogil:
-        if floating is float:
-            fg_batchnorm_backward_f32(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout),
-                                      _cptr2(inp), _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
-        else:
-            fg_batchnorm_backward_f64(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout),
-                                      _cptr2(inp), _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
+        _bn_backward(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout), _cptr2(inp),
+                     _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
     return dinp
 
 
@@ -489,15 +669,8 @@ def dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None, 
     _same2(out, B, F, "out")
     _check(0.0 <= rate < 1.0, "rate: expected a value in [0, 1)")
     with nogil:
-        if floating is float:
-            fg_dropout_forward_f32(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
-        else:
-            fg_dropout_forward_f64(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
+        _dropout(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
     return out
-
-
-def random_u64(uint64_t seed, uint64_t position):
-    return fg_random_u64(seed, position)
 
 
 def label_range(const int64_t[::1] y not None):
@@ -519,6 +692,5 @@ def first_nonfinite_row(const floating[:, ::1] x not None):
     """Index of the first row holding inf or NaN, or -1."""
     cdef Py_ssize_t r
     with nogil:
-        r = fg_first_nonfinite_row_f32(_cptr2(x), x.shape[0], x.shape[1]) if floating is float \
-            else fg_first_nonfinite_row_f64(_cptr2(x), x.shape[0], x.shape[1])
+        r = _bad_row(_cptr2(x), x.shape[0], x.shape[1])
     return r

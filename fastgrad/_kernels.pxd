@@ -2,12 +2,19 @@
 from libc.stdint cimport int64_t, uint64_t
 
 cdef extern from "fastgrad.h" nogil:
-    enum:
-        FG_OK
-        FG_EINVAL
-        FG_ELABEL
-        FG_N_ACTIVATIONS
-        FG_N_LOSSES
+    # every code, by name, as fastgrad.h declares it
+    enum fg_status:
+        FG_OK, FG_EACTIVATION, FG_ELOSS, FG_ELABEL, FG_EOPTIMIZER, FG_ENEEDS_PRE
+    enum fg_activation:
+        FG_LINEAR, FG_RELU, FG_LEAKY_RELU, FG_ELU, FG_SELU, FG_GELU, FG_SILU,
+        FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_N_ACTIVATIONS
+    enum fg_loss:
+        FG_MSE, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY, FG_CATEGORICAL_CROSSENTROPY,
+        FG_SPARSE_CATEGORICAL_CROSSENTROPY, FG_N_LOSSES
+    enum fg_optimizer:
+        FG_SGD, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_N_OPTIMIZERS
+    enum fg_constraint:
+        FG_NO_CONSTRAINT, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE, FG_N_CONSTRAINTS
     int fg_activation_needs_pre(int act)
 
     ctypedef struct fg_act_stats:
@@ -62,9 +69,9 @@ cdef extern from "fastgrad.h" nogil:
         double *w_sumsq
         Py_ssize_t n_tensors
 
-    int fg_grad_norms_f32(double *sumsq, double *penalty, int64_t *first_bad, float *grad,
+    void fg_grad_norms_f32(double *sumsq, double *penalty, int64_t *first_bad, float *grad,
                           const float *param, const fg_tensors *tt)
-    int fg_grad_norms_f64(double *sumsq, double *penalty, int64_t *first_bad, double *grad,
+    void fg_grad_norms_f64(double *sumsq, double *penalty, int64_t *first_bad, double *grad,
                           const double *param, const fg_tensors *tt)
     int fg_optimizer_step_f32(int64_t *first_overflow, float *param, float *m, float *v, float *vmax,
                               const float *grad, const fg_tensors *tt,
@@ -73,19 +80,18 @@ cdef extern from "fastgrad.h" nogil:
                               const double *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
 
-    uint64_t fg_random_u64(uint64_t seed, uint64_t position)
-    int fg_batchnorm_forward_f32(float *out, double *mean, double *rstd,
+    void fg_batchnorm_forward_f32(float *out, double *mean, double *rstd,
                                  float *moving_mean, float *moving_var, const float *inp,
                                  const float *gamma, const float *beta, Py_ssize_t B,
                                  Py_ssize_t F, double epsilon, double momentum, int training)
-    int fg_batchnorm_forward_f64(double *out, double *mean, double *rstd,
+    void fg_batchnorm_forward_f64(double *out, double *mean, double *rstd,
                                  double *moving_mean, double *moving_var, const double *inp,
                                  const double *gamma, const double *beta, Py_ssize_t B,
                                  Py_ssize_t F, double epsilon, double momentum, int training)
-    int fg_batchnorm_backward_f32(float *dinp, float *dgamma, float *dbeta, const float *dout,
+    void fg_batchnorm_backward_f32(float *dinp, float *dgamma, float *dbeta, const float *dout,
                                   const float *inp, const double *mean, const double *rstd,
                                   const float *gamma, Py_ssize_t B, Py_ssize_t F)
-    int fg_batchnorm_backward_f64(double *dinp, double *dgamma, double *dbeta, const double *dout,
+    void fg_batchnorm_backward_f64(double *dinp, double *dgamma, double *dbeta, const double *dout,
                                   const double *inp, const double *mean, const double *rstd,
                                   const double *gamma, Py_ssize_t B, Py_ssize_t F)
     void fg_dropout_forward_f32(float *out, const float *inp, Py_ssize_t N, double rate,

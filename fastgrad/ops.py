@@ -17,24 +17,23 @@ them.
 Kernels overwrite their outputs; nothing accumulates.
 """
 import math
+import warnings
 
 import numpy as np
 
-from fastgrad import _core
+from fastgrad import _core, schedules
 
-# name -> (code in csrc/fastgrad.h, default alpha). alpha is leaky_relu's
-# negative slope and elu's alpha.
-ACTIVATIONS = {
-    "linear": (0, 0.0), "relu": (1, 0.0), "leaky_relu": (2, 0.2),
-    "elu": (3, 1.0), "selu": (4, 0.0), "gelu": (5, 0.0), "silu": (6, 0.0),
-    "sigmoid": (7, 0.0), "tanh": (8, 0.0), "softmax": (9, 0.0),
-}
-NEEDS_PRE = frozenset({"gelu", "silu"})  # derivative needs z, not just y
+# alpha is leaky_relu's negative slope and elu's alpha
+_DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
+# name -> (code in csrc/fastgrad.h, default alpha)
+ACTIVATIONS = {name: (code, _DEFAULT_ALPHA.get(name, 0.0))
+               for name, code in _core.ACTIVATION_CODES.items()}
+NEEDS_PRE = _core.ACTIVATIONS_NEEDING_PRE  # derivative needs z, not just y
 
-LOSSES = {
-    "mse": 0, "mae": 1, "huber": 2, "binary_crossentropy": 3,
-    "categorical_crossentropy": 4, "sparse_categorical_crossentropy": 5,
-}
+# name -> code in csrc/fastgrad.h
+LOSSES = dict(_core.LOSS_CODES)
+_TAKES_LOGITS = frozenset({"binary_crossentropy", "categorical_crossentropy",
+                           "sparse_categorical_crossentropy"})
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -102,6 +101,22 @@ def _no_overlap(name, out, *inputs):
     for a in inputs:
         if a is not None and np.may_share_memory(out, a):
             raise ValueError(f"{name}: overlaps an input; pass a separate array")
+
+
+def _same_buffer(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def _in_place_or_apart(name, buf, **inputs):
+    """Refuse an output buffer that overlaps an input without being that
+    input exactly: an element-wise kernel reads each element before writing
+    it, so the output may be the input itself, but a shifted view would read
+    elements it has already overwritten."""
+    for other, a in inputs.items():
+        if a is not None and np.may_share_memory(buf, a) and not _same_buffer(buf, a):
+            raise ValueError(f"{name}: overlaps {other} without being {other} itself; pass "
+                             f"{other} as {name} or a separate array")
 
 
 def _activation(activation, alpha):
@@ -208,8 +223,11 @@ def activation_forward(x, activation, out=None, pre=None, alpha=None):
     x = _input("x", x, dt, 2)
     code, alpha = _activation(activation, alpha)
     out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
     if pre is not None:
         pre = _output("pre", pre, dt, x.shape)
+        _in_place_or_apart("pre", pre, x=x)
+        _no_overlap("pre", pre, out)
     _core.bias_act_forward(x, None, out, pre, code, alpha)
     return out
 
@@ -226,6 +244,7 @@ def activation_backward(dout, out, activation, x=None, alpha=None, dx=None):
     elif activation in NEEDS_PRE:
         raise ValueError(f"x: {activation}'s derivative needs the input x")
     dx = _output("dx", dx, dt, dout.shape)
+    _in_place_or_apart("dx", dx, dout=dout, out=out, x=x)
     _core.act_backward(dout, out, x, dx, None, code, alpha)
     return dx
 
@@ -274,7 +293,7 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
     dt = _dtype_of("y_pred", y_pred)
     y_pred = _input("y_pred", y_pred, dt, 2)
     kind = LOSSES[loss]
-    if from_logits and kind < 3:
+    if from_logits and loss not in _TAKES_LOGITS:
         raise ValueError(f"from_logits: only the cross-entropies take logits, not {loss}")
     delta = _real("delta", delta)
     if not delta > 0:
@@ -305,12 +324,25 @@ def _flat(name, a, dtype, n=None, writable=False):
     return np.require(a, requirements=['C', 'A'])
 
 
+_FLAGS = frozenset({"nesterov", "centered", "amsgrad"})
+
+
+def _setting(name, v):
+    """An optimizer setting as a float; the range is checked by StepConfig."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {v!r}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
+
+
 def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
                     clipvalue, clipnorm, global_clipnorm, weight_decay, **hyper):
     """Shared body of the *_step functions: the same two compiled passes as
-    an optimizer's apply(), on caller-owned flat buffers."""
-    from fastgrad import optimizers
-
+    an optimizer's apply(), on the caller's flat buffers, updated in place.
+    Nothing the size of params is allocated (unless grads is read-only: pass
+    1 takes a writable buffer, and then gets a copy)."""
     dt = _dtype_of("params", params)
     params = _flat("params", params, dt, writable=True)
     n = params.shape[0]
@@ -324,24 +356,51 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
                          "(tensor t is params[offsets[t]:offsets[t+1]])")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step < 2**62:
         raise ValueError(f"step: expected the 1-based step count, got {step!r}")
-    opt = optimizers._CLASSES[kind](learning_rate=learning_rate, clipvalue=clipvalue,
-                                    clipnorm=clipnorm, global_clipnorm=global_clipnorm,
-                                    weight_decay=weight_decay, **hyper)
-    tensors = [(f"tensor_{t}", int(offsets[t]), (int(offsets[t + 1] - offsets[t]),), None, None)
-               for t in range(offsets.size - 1)]
-    opt._moments = {}
-    # no regularizers here, so pass 1 only reads grads
-    opt.build(params, grads if grads.flags.writeable else grads.copy(), tensors)
-    for key in opt._slots_used():
-        name, buf = moments[key]
+    if isinstance(learning_rate, schedules.LearningRateSchedule):
+        learning_rate = learning_rate(int(step) - 1)
+    lr = _setting("learning_rate", learning_rate)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"learning_rate: expected a finite number >= 0, got {learning_rate!r}")
+    settings = {k: bool(v) if k in _FLAGS else _setting(k, v) for k, v in hyper.items()}
+    clips = {"clipvalue": clipvalue, "clipnorm": clipnorm, "global_clipnorm": global_clipnorm,
+             "weight_decay": weight_decay}
+    for k, v in clips.items():
+        settings[k] = 0.0 if v is None else _setting(k, v)
+        if v is not None and not settings[k] > 0 and k != "weight_decay":
+            raise ValueError(f"{k}: expected a positive number, got {v!r}")
+    config = _core.StepConfig(_core.OPTIMIZER_CODES[kind], **settings)
+    bufs = {}
+    for key, needed in (("m", config.needs_m), ("v", config.needs_v),
+                        ("vmax", config.needs_vmax)):
+        name, buf = moments.get(key, (key, None))
+        if not needed:
+            continue
         if buf is None:
             raise ValueError(f"{name}: required by these settings (a float buffer like params)")
-        opt._moments[key] = _flat(name, buf, dt, n, writable=True)
-    opt.iterations = int(step) - 1
-    rec = opt.apply()
-    return {"grad_norms": rec.grad_norms.copy(), "global_norm": rec.global_norm,
-            "clip_scale": rec.clip_scale.copy(), "clipped": rec.clipped,
-            "nonfinite": rec.nonfinite, "overflow": rec.overflow}
+        buf = _flat(name, buf, dt, n, writable=True)
+        _no_overlap(name, buf, params, grads, *bufs.values())
+        bufs[key] = buf
+    T = offsets.size - 1
+    offset = offsets.astype(np.int64)
+    scale, sumsq, norms = np.ones(T), np.empty(T), np.empty(T)
+    table = _core.TensorTable(offset, np.zeros(T), np.zeros(T), scale,
+                              np.full(T, _core.CONSTRAINT_CODES[None], np.intc), np.zeros(T),
+                              np.zeros(T, np.int64))
+    if not grads.flags.writeable:
+        grads = grads.copy()
+    bad, _, total, clipped = _core.grad_norms(sumsq, norms, grads, params, table, config)
+    report = {"grad_norms": norms, "global_norm": total, "clip_scale": scale,
+              "clipped": clipped, "nonfinite": bad >= 0, "overflow": None}
+    if bad >= 0:
+        return report
+    over = _core.optimizer_step(params, bufs.get("m"), bufs.get("v"), bufs.get("vmax"), grads,
+                                table, config, lr, int(step))
+    if over >= 0:
+        report["overflow"] = f"tensor_{over}"
+        warnings.warn(f"the update of tensor_{over} overflowed: its weights are not all "
+                      f"finite after step {step}, whose gradients were finite",
+                      RuntimeWarning, stacklevel=3)
+    return report
 
 
 _STEP_DOC = """
@@ -369,19 +428,19 @@ def rmsprop_step(params, grads, v, learning_rate=0.001, rho=0.9, momentum=0.0,
                  epsilon=1e-7, centered=False, m=None, momentum_buffer=None, step=1,
                  offsets=None, clipvalue=None, clipnorm=None, global_clipnorm=None,
                  weight_decay=None):
-    return _optimizer_step("rmsprop", params, grads, step, learning_rate,
-                           {"v": ("v", v), "m": ("m", m), "vmax": ("momentum_buffer", momentum_buffer)}, offsets, clipvalue,
-                           clipnorm, global_clipnorm, weight_decay, rho=rho,
+    moments = {"v": ("v", v), "m": ("m", m), "vmax": ("momentum_buffer", momentum_buffer)}
+    return _optimizer_step("rmsprop", params, grads, step, learning_rate, moments, offsets,
+                           clipvalue, clipnorm, global_clipnorm, weight_decay, rho=rho,
                            momentum=momentum, epsilon=epsilon, centered=centered)
 
 
 def adam_step(params, grads, m, v, step, learning_rate=0.001, beta_1=0.9, beta_2=0.999,
               epsilon=1e-7, amsgrad=False, vmax=None, offsets=None, clipvalue=None,
               clipnorm=None, global_clipnorm=None, weight_decay=None):
-    return _optimizer_step("adam", params, grads, step, learning_rate,
-                           {"m": ("m", m), "v": ("v", v), "vmax": ("vmax", vmax)}, offsets, clipvalue, clipnorm,
-                           global_clipnorm, weight_decay, beta_1=beta_1, beta_2=beta_2,
-                           epsilon=epsilon, amsgrad=amsgrad)
+    moments = {"m": ("m", m), "v": ("v", v), "vmax": ("vmax", vmax)}
+    return _optimizer_step("adam", params, grads, step, learning_rate, moments, offsets,
+                           clipvalue, clipnorm, global_clipnorm, weight_decay, beta_1=beta_1,
+                           beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad)
 
 
 def adagrad_step(params, grads, accumulator, learning_rate=0.001, epsilon=1e-7, step=1,
@@ -432,6 +491,12 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
         moving_mean = np.array(_input("moving_mean", moving_mean, dt, 1, (f,)))
         moving_variance = np.array(_input("moving_variance", moving_variance, dt, 1, (f,)))
     out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
+    _no_overlap("out", out, gamma, beta, moving_mean, moving_variance)
+    if training:
+        for name, buf in (("moving_mean", moving_mean), ("moving_variance", moving_variance)):
+            _no_overlap(name, buf, x, gamma, beta)
+        _no_overlap("moving_mean", moving_mean, moving_variance)
     mean, rstd = np.empty(f), np.empty(f)
     _core.batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, out, mean, rstd,
                             float(epsilon), float(momentum), bool(training))
@@ -454,6 +519,8 @@ def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
     rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (f,))
     gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
     dx = _output("dx", dx, dt, x.shape)
+    _in_place_or_apart("dx", dx, dout=dout)
+    _no_overlap("dx", dx, x, mean, rstd, gamma)
     dgamma, dbeta = np.empty(f, dt), np.empty(f, dt)
     _core.batchnorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
@@ -472,11 +539,12 @@ def dropout(x, rate, seed, offset=0, out=None):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < 2**64:
             raise ValueError(f"{name}: expected an integer in [0, 2**64), got {v!r}")
     out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
     _core.dropout(x, out, float(rate), int(seed), int(offset))
     return out
 
 
 def sum_squares(x):
     """``sum(x**2)`` of any float array, accumulated in float64."""
-    dt = _dtype_of("x", x)
+    _dtype_of("x", x)
     return _core.sum_squares(np.require(x, requirements=['C', 'A']).reshape(-1))

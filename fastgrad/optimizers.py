@@ -49,8 +49,10 @@ import numpy as np
 from fastgrad import _core, schedules
 from fastgrad._utils import Hyper, Registry, check_choice, check_real
 
-_SGD, _RMSPROP, _ADAM, _ADAGRAD = range(4)
-_CONSTRAINTS = {"MaxNorm": 1, "NonNeg": 2, "ClipValue": 3}
+# settings the compiled step is configured with when the optimizer is built
+_STEP_SETTINGS = frozenset({"momentum", "rho", "beta_1", "beta_2", "epsilon", "weight_decay",
+                            "clipvalue", "clipnorm", "global_clipnorm", "nesterov",
+                            "centered", "amsgrad"})
 
 
 class StepRecord:
@@ -153,7 +155,8 @@ class Optimizer:
         T = len(tensors)
         offset = np.zeros(T + 1, np.int64)
         l1, l2, cvalue = np.zeros(T), np.zeros(T), np.zeros(T)
-        constraint, cols = np.zeros(T, np.intc), np.zeros(T, np.int64)
+        constraint = np.full(T, _core.CONSTRAINT_CODES[None], np.intc)
+        cols = np.zeros(T, np.int64)
         for t, (_, off, shape, reg, con) in enumerate(tensors):
             offset[t], offset[t + 1] = off, off + int(np.prod(shape))
             if reg is not None:
@@ -161,7 +164,7 @@ class Optimizer:
             if con is not None:
                 # layers refuse any other constraint when they are created
                 kind = type(con).__name__
-                constraint[t] = _CONSTRAINTS[kind]
+                constraint[t] = _core.CONSTRAINT_CODES[kind]
                 if kind == "MaxNorm":
                     cvalue[t] = con.max_value
                     # axis 0 of a (rows, cols) kernel: one norm per column;
@@ -171,6 +174,7 @@ class Optimizer:
                     cvalue[t] = con.clip_value
         self._scale = np.ones(T)
         self._table = _core.TensorTable(offset, l1, l2, self._scale, constraint, cvalue, cols)
+        self._config = self._step_config()
         self._names = [t[0] for t in tensors]
         self._upd, self._wsq, self._ratio = np.zeros(T), np.zeros(T), np.zeros(T)
         self.track_updates(self._track)
@@ -186,6 +190,26 @@ class Optimizer:
 
     def _slots_used(self):
         return self._slots
+
+    def __setattr__(self, name, value):
+        if name not in _STEP_SETTINGS or self.__dict__.get("_config") is None:
+            super().__setattr__(name, value)
+            return
+        # a setting changed after build reaches the compiled step, or is
+        # put back when the step refuses it (a second clipping, say)
+        old = getattr(self, name)
+        super().__setattr__(name, value)
+        try:
+            self._config = self._step_config()
+        except (TypeError, ValueError):
+            super().__setattr__(name, old)
+            raise
+
+    def _step_config(self):
+        return _core.StepConfig(
+            _core.OPTIMIZER_CODES[self._kind], weight_decay=self.weight_decay or 0.0,
+            clipvalue=self.clipvalue or 0.0, clipnorm=self.clipnorm or 0.0,
+            global_clipnorm=self.global_clipnorm or 0.0, **self._hyper())
 
     def _want_updates(self, owner, enabled):
         """Tracking on while any owner (a GradientMonitor) wants it; None
@@ -249,10 +273,9 @@ class Optimizer:
         if self._params is None:
             raise RuntimeError("optimizer: not built; compile and build the model first")
         lr = self.current_learning_rate()
-        bad, penalty, total = _core.grad_norms(self._sumsq, self._norms, self._grads,
-                                               self._params, self._table)
+        bad, penalty, total, clipped = _core.grad_norms(self._sumsq, self._norms, self._grads,
+                                                        self._params, self._table, self._config)
         scale = self._scale
-        scale.fill(1.0)
         if bad >= 0:
             self.skipped_steps += 1
             self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
@@ -261,23 +284,17 @@ class Optimizer:
                 raise FloatingPointError(f"gradient of {self._names[bad]} is not finite; "
                                          "the step was not applied")
             return self.last_step
-        clipped = False
-        if self.clipnorm is not None:
-            big = self._norms > self.clipnorm
-            if big.any():
-                np.divide(self.clipnorm, self._norms, out=scale, where=big)
-                clipped = True
-        elif self.global_clipnorm is not None and total > self.global_clipnorm:
-            scale.fill(self.global_clipnorm / total)
-            clipped = True
-        elif self.clipvalue is not None:
-            clipped = bool(self._norms.size) and _any_above(self._grads, self.clipvalue)
+        # counted before the compiled step: an interrupt arriving during it is
+        # raised as it returns, and must find the count matching the weights
         self.iterations += 1
         m = self._moments
-        over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
-                                    self._grads, self._table, self._kind, lr, *self._hyper(),
-                                    self.weight_decay or 0.0, self.clipvalue or 0.0,
-                                    *self._flags(), self.iterations)
+        try:
+            over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
+                                        self._grads, self._table, self._config, lr,
+                                        self.iterations)
+        except ValueError:   # refused before anything changed
+            self.iterations -= 1
+            raise
         rec = self.last_step = StepRecord(self.iterations, lr, self._norms, total, scale,
                                           clipped, False, None, penalty)
         if self._track:   # the step wrote the ratios
@@ -294,12 +311,8 @@ class Optimizer:
         return rec
 
     def _hyper(self):
-        """(momentum, rho, beta_1, beta_2, epsilon)."""
-        return 0.0, 0.0, 0.0, 0.0, 0.0
-
-    def _flags(self):
-        """(nesterov, centered, amsgrad)."""
-        return False, False, False
+        """The update formula's settings, as keywords of _core.StepConfig."""
+        return {}
 
     def get_config(self):
         lr = self._learning_rate
@@ -320,12 +333,6 @@ class Optimizer:
         return cls(**config)
 
 
-def _any_above(grads, limit):
-    # Only for the record: whether clipvalue changed anything. It costs a
-    # read of the gradients (no temporary), which clipvalue users accept.
-    return _core.any_abs_above(grads, limit)
-
-
 class SGD(Optimizer):
     """Stochastic gradient descent, with momentum and Nesterov momentum
     (Sutskever et al. 2013), in Keras 3's form::
@@ -335,7 +342,7 @@ class SGD(Optimizer):
                         w += v                      (nesterov: w += momentum * v - lr * g)
     """
 
-    _kind = _SGD
+    _kind = "sgd"
     momentum = _decay()
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
@@ -347,10 +354,7 @@ class SGD(Optimizer):
         return ("v",) if self.momentum else ()
 
     def _hyper(self):
-        return self.momentum, 0.0, 0.0, 0.0, 0.0
-
-    def _flags(self):
-        return self.nesterov, False, False
+        return {"momentum": self.momentum, "nesterov": self.nesterov}
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
@@ -366,7 +370,7 @@ class RMSprop(Optimizer):
         momentum: s = momentum * s + u;  w -= s      else: w -= u
     """
 
-    _kind = _RMSPROP
+    _kind = "rmsprop"
     rho, momentum, epsilon = _decay(), _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
@@ -379,10 +383,8 @@ class RMSprop(Optimizer):
         return ("v",) + (("m",) if self.centered else ()) + (("vmax",) if self.momentum else ())
 
     def _hyper(self):
-        return self.momentum, self.rho, 0.0, 0.0, self.epsilon
-
-    def _flags(self):
-        return False, self.centered, False
+        return {"momentum": self.momentum, "rho": self.rho, "epsilon": self.epsilon,
+                "centered": self.centered}
 
     def get_config(self):
         return {**super().get_config(), "rho": self.rho, "momentum": self.momentum,
@@ -399,7 +401,7 @@ class Adam(Optimizer):
     with t the 1-based step count.
     """
 
-    _kind = _ADAM
+    _kind = "adam"
     beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
@@ -412,10 +414,8 @@ class Adam(Optimizer):
         return ("m", "v") + (("vmax",) if self.amsgrad else ())
 
     def _hyper(self):
-        return 0.0, 0.0, self.beta_1, self.beta_2, self.epsilon
-
-    def _flags(self):
-        return False, False, self.amsgrad
+        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad}
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
@@ -443,7 +443,7 @@ class Adagrad(Optimizer):
         w -= lr * g / sqrt(a + epsilon)
     """
 
-    _kind = _ADAGRAD
+    _kind = "adagrad"
     _slots = ("v",)
     initial_accumulator_value, epsilon = Hyper(check_real, low=0.0), _epsilon()
 
@@ -457,7 +457,7 @@ class Adagrad(Optimizer):
         self._moments["v"].fill(self.initial_accumulator_value)
 
     def _hyper(self):
-        return 0.0, 0.0, 0.0, 0.0, self.epsilon
+        return {"epsilon": self.epsilon}
 
     def get_config(self):
         return {**super().get_config(),
@@ -465,7 +465,7 @@ class Adagrad(Optimizer):
                 "epsilon": self.epsilon}
 
 
-# lower-case names, as in Keras; ops builds its optimizers from this table
+# lower-case names, as in Keras
 _CLASSES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad}
 _REGISTRY = Registry("optimizer", Optimizer, _CLASSES)
 
