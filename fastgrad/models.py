@@ -96,9 +96,7 @@ class Sequential(Trainer):
         nothing. Returns (output_dim, [(layer, WeightSpec)])."""
         if not self.layers:
             raise ValueError("model: it has no layers; add some first")
-        dim = int(input_dim)
-        if dim < 1:
-            raise ValueError(f"input_dim: expected a positive integer, got {input_dim!r}")
+        dim = check_int("input_dim", input_dim, low=1)
         for layer in self.layers:
             dim = layer.build(dim)
         return dim, [(layer, s) for layer in self.layers for s in layer.weight_specs]
