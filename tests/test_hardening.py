@@ -1,6 +1,6 @@
 """Hardening tests: memory layouts, sizes, extreme values, properties,
 threads, hostile model files and save faults, and a short run of the fuzz
-harnesses in tests/fuzz.py.
+harnesses in tests/fuzz/fuzz.py.
 
 Every kernel result is checked against a small float64 NumPy reference
 written in this file (the ``ref_*`` functions), computed from the same
@@ -18,7 +18,7 @@ Layout of this file:
   5. threads ........ shared models, concurrent kernels, errors per thread
   6. model files .... overflowing sizes, unknown names, trailing bytes,
                       values that break training later; save faults
-  7. fuzz ........... tests/fuzz.py for ~3 s per harness
+  7. fuzz ........... tests/fuzz/fuzz.py for ~3 s per harness
 """
 import errno
 import importlib.util
@@ -1960,7 +1960,7 @@ def test_saving_over_a_folder_or_into_a_missing_folder(two_states):
 # ---------------------------------------------------------------------------
 
 def _fuzz_module():
-    path = Path(__file__).with_name("fuzz.py")
+    path = Path(__file__).parent / "fuzz" / "fuzz.py"
     spec = importlib.util.spec_from_file_location("fastgrad_tests_fuzz", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz runner for fastgrad.
 
-    python tests/fuzz.py --seconds N [--target load_model|ops|all] [--seed S]
+    python tests/fuzz/fuzz.py --seconds N [--target load_model|ops|all] [--seed S]
                          [--engine auto|random|atheris] [--crash-dir DIR]
                          [--replay TARGET:ITERATION] [--strict-warnings]
 
@@ -62,7 +62,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("fastgrad") is None and (_ROOT / "fastgrad").is_dir():
     # not installed: the work tree's package (built in place), as
     # `python -m pytest` from the root would import it
