@@ -36,326 +36,46 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _reference import (
+    DTYPE_IDS,
+    DTYPES,
+    F32,
+    F64,
+    LAYOUTS,
+    SELU_ALPHA,
+    SELU_SCALE,
+    check,
+    layout,
+    one_hot,
+    ref_act,
+    ref_act_vjp,
+    ref_bn_backward,
+    ref_bn_forward,
+    ref_dense_backward,
+    ref_dense_forward,
+    ref_loss,
+    same_bits,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from scipy import special
 
 import fastgrad as fg
 import fastgrad.saving
 from fastgrad import _core, ops
 from fastgrad.layers import BatchNormalization, Dense, Dropout
 
-F32, F64 = np.float32, np.float64
-DTYPES = [F32, F64]
-DT_IDS = ["f32", "f64"]
 ACTS = list(ops.ACTIVATIONS)
 LOSSES = list(ops.LOSSES)
-
-# Relative error allowed against an error bound (see check()).
-TOL = {F32: 5e-5, F64: 1e-12}
-
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
-EPS = 1e-7   # the probability losses' clip (Keras' epsilon)
+DT_IDS = DTYPE_IDS
 # elu and selu compute alpha * (exp(z) - 1): near z = 0 its error is absolute,
 # on the scale of alpha (see test_elu_and_selu_are_accurate_near_zero)
 EXP_SCALE = {"elu": 3.0, "selu": 2.0}
 
 
 # ---------------------------------------------------------------------------
-# float64 references
-# ---------------------------------------------------------------------------
-
-def _alpha(name, alpha):
-    return DEFAULT_ALPHA.get(name, 0.0) if alpha is None else float(alpha)
-
-
-def ref_act(name, z, alpha=None):
-    """y = act(z) in float64 (softmax over the last axis)."""
-    z = np.asarray(z, F64)
-    a = _alpha(name, alpha)
-    with np.errstate(all="ignore"):
-        zn = np.minimum(z, 0.0)   # the unused branch of elu & co stays finite
-        if name == "linear":
-            return z.copy()
-        if name == "relu":
-            return np.where(z > 0, z, 0.0) + np.where(np.isnan(z), z, 0.0)
-        if name == "leaky_relu":
-            return np.where(z > 0, z, a * z)
-        if name == "elu":
-            return np.where(z > 0, z, a * np.expm1(zn))
-        if name == "selu":
-            return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(zn))
-        if name == "gelu":
-            return 0.5 * z * (1.0 + special.erf(z / math.sqrt(2.0)))
-        if name == "silu":
-            return z * special.expit(z)
-        if name == "sigmoid":
-            return special.expit(z)
-        if name == "tanh":
-            return np.tanh(z)
-        if name == "softmax":
-            if z.shape[-1] == 0:
-                return z.copy()
-            e = np.exp(z - z.max(axis=-1, keepdims=True))
-            return e / e.sum(axis=-1, keepdims=True)
-    raise KeyError(name)
-
-
-def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
-    """dz = g * act'(z) in float64. The slope comes from the forward output y
-    where the documented backward uses it (relu & co: whether y > 0; elu,
-    selu: y + alpha; sigmoid: y (1 - y); tanh: 1 - y^2; softmax:
-    y (g - sum(g y)) per row) and y is given, else from z. With bound=True
-    also returns an error bound: the magnitudes summed into each entry."""
-    z = np.asarray(z, F64)
-    g = np.asarray(g, F64)
-    a = _alpha(name, alpha)
-    zn = np.minimum(z, 0.0)
-    if y is not None:
-        y = np.asarray(y, F64)
-    if name == "softmax":
-        y = ref_act("softmax", z) if y is None else y
-        dz = y * (g - np.sum(g * y, axis=-1, keepdims=True))
-        b = y * (np.abs(g) + np.sum(np.abs(g) * y, axis=-1, keepdims=True))
-        return (dz, b) if bound else dz
-    pos = (z > 0) if y is None else (y > 0)
-    if name == "linear":
-        slope = np.ones_like(z)
-    elif name == "relu":
-        slope = pos.astype(F64)
-    elif name == "leaky_relu":
-        slope = np.where(pos, 1.0, a)
-    elif name == "elu":
-        slope = np.where(pos, 1.0, a * np.exp(zn) if y is None else y + a)
-    elif name == "selu":
-        slope = np.where(pos, SELU_SCALE, SELU_SCALE * SELU_ALPHA * np.exp(zn) if y is None
-                         else y + SELU_SCALE * SELU_ALPHA)
-    elif name == "gelu":
-        slope = (0.5 * (1.0 + special.erf(z / math.sqrt(2.0)))
-                 + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
-    elif name == "silu":
-        s = special.expit(z)
-        slope = s * (1.0 + z * (1.0 - s))
-    elif name == "sigmoid":
-        s = special.expit(z) if y is None else y
-        slope = s * (1.0 - s)
-    elif name == "tanh":
-        slope = 1.0 - (np.tanh(z) if y is None else y) ** 2
-    else:
-        raise KeyError(name)
-    dz = g * slope
-    return (dz, np.abs(g) * (np.abs(slope) + 1.0)) if bound else dz
-
-
-def ref_dense_forward(x, kernel, bias, act, alpha=None):
-    """(z, y) of y = act(x @ kernel + bias), float64."""
-    z = np.asarray(x, F64) @ np.asarray(kernel, F64)
-    if bias is not None:
-        z = z + np.asarray(bias, F64)
-    return z, ref_act(act, z, alpha)
-
-
-def ref_dense_backward(dout, x, kernel, z, act, alpha=None, y=None):
-    """(dx, dkernel, dbias, bounds) in float64; bounds holds an error bound
-    for each of the three (the magnitudes summed into each entry)."""
-    dz, dzb = ref_act_vjp(act, z, dout, alpha, y, bound=True)
-    k, x = np.asarray(kernel, F64), np.asarray(x, F64)
-    bounds = (dzb @ np.abs(k).T, np.abs(x).T @ dzb, dzb.sum(axis=0))
-    return dz @ k.T, x.T @ dz, dz.sum(axis=0), bounds
-
-
-def one_hot(labels, classes):
-    labels = np.asarray(labels).reshape(-1)
-    t = np.zeros((labels.shape[0], classes))
-    t[np.arange(labels.shape[0]), labels] = 1.0
-    return t
-
-
-def ref_loss(kind, y_true, y_pred, from_logits=False, delta=1.0):
-    """(mean loss, per-row losses, d mean / d y_pred, bound of the rows,
-    bound of the gradient) in float64, as documented in fastgrad.losses
-    (clipped probabilities pass no gradient). The bounds are the magnitudes
-    of the terms summed into each result, for the tolerance."""
-    p = np.asarray(y_pred, F64)
-    B, O = p.shape
-    if kind == "sparse_categorical_crossentropy":
-        t, kind = one_hot(y_true, O), "categorical_crossentropy"
-    else:
-        t = np.asarray(y_true, F64)
-    e = p - t
-    at, ap = np.abs(t), np.abs(p)
-    with np.errstate(all="ignore"):
-        if kind == "mse":
-            rows, d = np.mean(e * e, axis=1), 2.0 * e / (B * O)
-            rb, db = np.mean((ap + at) ** 2, axis=1), 2.0 * (ap + at) / (B * O)
-        elif kind == "mae":
-            rows, d = np.mean(np.abs(e), axis=1), np.sign(e) / (B * O)
-            rb, db = np.mean(ap + at, axis=1), np.ones_like(p) / (B * O)
-        elif kind == "huber":
-            small = np.abs(e) <= delta
-            rows = np.mean(np.where(small, 0.5 * e * e, delta * np.abs(e) - 0.5 * delta ** 2),
-                           axis=1)
-            d = np.where(small, e, delta * np.sign(e)) / (B * O)
-            rb = np.mean((ap + at) ** 2 + delta * (ap + at) + delta ** 2, axis=1)
-            db = (ap + at + delta) / (B * O)
-        elif kind == "binary_crossentropy" and from_logits:
-            terms = np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p)))
-            rows = np.mean(terms, axis=1)
-            d = (special.expit(p) - t) / (B * O)
-            rb = np.mean(ap + ap * at + 1.0, axis=1)
-            db = (1.0 + at) / (B * O)
-        elif kind == "binary_crossentropy":
-            pc = np.clip(p, EPS, 1 - EPS)
-            rows = np.mean(-(t * np.log(pc) + (1 - t) * np.log(1 - pc)), axis=1)
-            inside = (p >= EPS) & (p <= 1 - EPS)
-            d = np.where(inside, (-t / pc + (1 - t) / (1 - pc)), 0.0) / (B * O)
-            rb = np.mean(at * np.abs(np.log(pc)) + np.abs(1 - t) * np.abs(np.log(1 - pc)), axis=1)
-            db = np.where(inside, at / pc + np.abs(1 - t) / (1 - pc), 0.0) / (B * O)
-        elif kind == "categorical_crossentropy" and from_logits:
-            lse = special.logsumexp(p, axis=1, keepdims=True) if O else np.zeros((B, 1))
-            tsum = t.sum(axis=1, keepdims=True)
-            rows = np.sum(t * (lse - p), axis=1)
-            sm = np.exp(p - lse)
-            d = (sm * tsum - t) / B
-            rb = np.sum(at * (np.abs(lse) + ap + 1.0), axis=1)   # log(sum) err ~ absolute
-            db = (sm * np.abs(t).sum(axis=1, keepdims=True) + at) / B
-        elif kind == "categorical_crossentropy":
-            s = p.sum(axis=1, keepdims=True)
-            q = p / s
-            inside = (q >= EPS) & (q <= 1 - EPS)
-            logq = np.log(np.clip(q, EPS, 1 - EPS))
-            rows = -np.sum(np.where(t != 0, t * logq, 0.0), axis=1)
-            tu = np.sum(np.where(inside, t, 0.0), axis=1, keepdims=True)
-            d = (tu - np.where(inside & (t != 0), t / q, 0.0)) / s / B
-            rb = np.sum(np.where(t != 0, at * np.abs(logq), 0.0), axis=1)
-            db = (np.sum(np.where(inside, at, 0.0), axis=1, keepdims=True)
-                  + np.where(inside & (t != 0), np.abs(t / q), 0.0)) / np.abs(s) / B
-        else:
-            raise KeyError(kind)
-    return (float(rows.mean()) if B else 0.0), rows, d, rb, db
-
-
-def ref_bn_forward(x, gamma=None, beta=None, moving_mean=None, moving_variance=None,
-                   training=True, momentum=0.99, epsilon=1e-3):
-    """(out, mean, rstd, new moving_mean, new moving_variance), float64."""
-    x = np.asarray(x, F64)
-    F = x.shape[1]
-    mm = np.zeros(F) if moving_mean is None else np.asarray(moving_mean, F64)
-    mv = np.ones(F) if moving_variance is None else np.asarray(moving_variance, F64)
-    if training:
-        mu, var = x.mean(axis=0), x.var(axis=0)
-        mm, mv = momentum * mm + (1 - momentum) * mu, momentum * mv + (1 - momentum) * var
-    else:
-        mu, var = mm, mv
-    rstd = 1.0 / np.sqrt(var + epsilon)
-    g = np.ones(F) if gamma is None else np.asarray(gamma, F64)
-    b = np.zeros(F) if beta is None else np.asarray(beta, F64)
-    return g * (x - mu) * rstd + b, mu, rstd, mm, mv
-
-
-def ref_bn_backward(dout, x, mean, rstd, gamma=None):
-    """(dx, dgamma, dbeta, bound of dx), float64, by the documented closed form."""
-    dout, x = np.asarray(dout, F64), np.asarray(x, F64)
-    B, F = x.shape
-    g = np.ones(F) if gamma is None else np.asarray(gamma, F64)
-    xhat = (x - mean) * rstd
-    dbeta, dgamma = dout.sum(axis=0), (dout * xhat).sum(axis=0)
-    if B == 0:
-        return np.zeros_like(x), dgamma, dbeta, np.zeros_like(x)
-    dx = g * rstd / B * (B * dout - dbeta - xhat * dgamma)
-    bound = np.abs(g * rstd) * (np.abs(dout) + np.abs(dout).mean(axis=0)
-                                + np.abs(xhat) * np.abs(dout * xhat).mean(axis=0))
-    return dx, dgamma, dbeta, bound
-
-
-# ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-def check(got, want, dt, bound=None, what=""):
-    """|got - want| <= TOL[dt] * (|want| + bound) + tiny elementwise (bound
-    default: max(1, max |want|); tiny the smallest normal number of dt, for
-    results that underflow); equal infinities and NaN in both places pass."""
-    got = np.asarray(got)
-    want = np.asarray(want, F64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    if bound is None:
-        finite = want[np.isfinite(want)]
-        bound = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    g = got.astype(F64)
-    with np.errstate(all="ignore"):
-        err = np.abs(g - want)
-        floor = np.finfo(dt).tiny     # results in the subnormal range round absolutely
-        ok = ((err <= TOL[dt] * (np.abs(want) + bound) + floor) | (g == want)
-              | (np.isnan(g) & np.isnan(want)))
-    if not ok.all():
-        idx = tuple(np.argwhere(~ok)[0])
-        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.size} entries differ; "
-                             f"first at {idx}: got {g[idx]!r}, expected {want[idx]!r}")
-
-
-def same_bits(a, b):
-    """Bit-identical arrays (NaN payloads included), or equal scalars."""
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(same_bits(p, q) for p, q in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        return (a.shape == b.shape and a.dtype == b.dtype
-                and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes())
-    if isinstance(a, float) and isinstance(b, float):
-        return struct.pack("<d", a) == struct.pack("<d", b)
-    return a == b
-
-
-def unaligned(a):
-    """A C-contiguous copy of a whose data starts one byte off alignment."""
-    a = np.ascontiguousarray(a)
-    buf = bytearray(a.nbytes + 1)
-    u = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
-    u[...] = a
-    return u
-
-
-LAYOUTS = ["c", "fortran", "transposed", "strided", "negative", "broadcast", "readonly",
-           "unaligned"]
-
-
-def layout(a, kind):
-    """An array with the values of a (for "broadcast": row 0 repeated, or
-    element 0 for a vector) laid out in memory as named."""
-    a = np.array(a)
-    if kind == "c":
-        return a
-    if kind == "fortran":
-        return np.asfortranarray(a)
-    if kind == "transposed":                 # built transposed, then viewed back
-        return np.ascontiguousarray(a.T).T
-    if kind == "strided":
-        big = np.zeros((2 * a.shape[0],) + a.shape[1:], a.dtype) if a.ndim else a
-        if a.ndim:
-            big[::2] = a
-            return big[::2]
-        return a
-    if kind == "negative":
-        return np.ascontiguousarray(a[::-1])[::-1] if a.ndim else a
-    if kind == "broadcast":
-        if a.ndim == 0 or a.shape[0] == 0:
-            return a
-        return np.broadcast_to(a[:1], a.shape)
-    if kind == "readonly":
-        a.flags.writeable = False
-        return a
-    if kind == "unaligned":
-        return unaligned(a)
-    raise KeyError(kind)
-
 
 @contextmanager
 def strict():

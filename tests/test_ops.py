@@ -6,7 +6,7 @@ also checked against central finite differences of the kernel's own forward
 value. Layout, dtype and argument validation are covered at the end.
 
 Layout of this file:
-  references ......... ref_activation, ref_activation_vjp, ref_loss
+  references ......... in _reference.py: ref_act, ref_act_vjp, ref_loss
   helpers ............ data generators, tolerances, finite differences
   1. activations ..... forward / backward vs NumPy
   2. finite diffs .... activations (direct and through dense), losses
@@ -19,6 +19,24 @@ Layout of this file:
 """
 import numpy as np
 import pytest
+from _reference import (
+    DEFAULT_ALPHA,
+    DTYPE_IDS,
+    DTYPES,
+    EPS,
+    F32,
+    F64,
+    LAYOUTS_1D,
+    LAYOUTS_2D,
+    SELU_ALPHA,
+    SELU_SCALE,
+    layout,
+    numerical_grad,
+    one_hot,
+    ref_act,
+    ref_act_vjp,
+    ref_loss,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,148 +44,13 @@ from scipy import special
 
 from fastgrad import _core, ops
 
-F32, F64 = np.float32, np.float64
-DTYPES = [F32, F64]
-DTYPE_IDS = ["f32", "f64"]
-
 # Tolerances for a result computed in `dtype`, compared with a float64
 # reference computed from the same (already rounded) inputs. The absolute
 # tolerance is multiplied by the scale of the expected values.
 RTOL = {F32: 1e-5, F64: 1e-12}
 ATOL = {F32: 1e-6, F64: 1e-12}
 
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
-EPS = 1e-7  # Keras' epsilon, the clip of the probability losses
-
-FD_STEP = 1e-6
 FD_TOL = 1e-6
-
-
-# ---------------------------------------------------------------------------
-# NumPy references (float64)
-# ---------------------------------------------------------------------------
-
-def _softmax(z):
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _alpha(name, alpha):
-    return DEFAULT_ALPHA.get(name, 0.0) if alpha is None else alpha
-
-
-def ref_activation(name, z, alpha=None):
-    """y = act(z), float64."""
-    z = np.asarray(z, F64)
-    a = _alpha(name, alpha)
-    zneg = np.minimum(z, 0.0)  # keeps exp() of the unused branch finite
-    if name == "linear":
-        return z.copy()
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "leaky_relu":
-        return np.where(z > 0, z, a * z)
-    if name == "elu":
-        return np.where(z > 0, z, a * np.expm1(zneg))
-    if name == "selu":
-        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(zneg))
-    if name == "gelu":   # z Phi(z); ndtr stays accurate in the left tail
-        return z * special.ndtr(z)
-    if name == "silu":
-        return z * special.expit(z)
-    if name == "sigmoid":
-        return special.expit(z)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "softmax":
-        return _softmax(z)
-    raise KeyError(f"no reference for activation {name!r}")
-
-
-def ref_activation_vjp(name, z, g, alpha=None):
-    """dz = g * act'(z) (softmax: the full Jacobian-vector product), float64."""
-    z = np.asarray(z, F64)
-    g = np.asarray(g, F64)
-    a = _alpha(name, alpha)
-    zneg = np.minimum(z, 0.0)
-    if name == "softmax":
-        y = _softmax(z)
-        return y * (g - np.sum(g * y, axis=-1, keepdims=True))
-    if name == "linear":
-        slope = np.ones_like(z)
-    elif name == "relu":
-        slope = (z > 0).astype(F64)
-    elif name == "leaky_relu":
-        slope = np.where(z > 0, 1.0, a)
-    elif name == "elu":
-        slope = np.where(z > 0, 1.0, a * np.exp(zneg))
-    elif name == "selu":
-        slope = SELU_SCALE * np.where(z > 0, 1.0, SELU_ALPHA * np.exp(zneg))
-    elif name == "gelu":
-        cdf = special.ndtr(z)
-        pdf = np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
-        slope = cdf + z * pdf
-    elif name == "silu":
-        s = special.expit(z)
-        slope = s + z * s * (1.0 - s)
-    elif name == "sigmoid":
-        s = special.expit(z)
-        slope = s * (1.0 - s)
-    elif name == "tanh":
-        slope = 1.0 - np.tanh(z) ** 2
-    else:
-        raise KeyError(f"no reference for activation {name!r}")
-    return g * slope
-
-
-def one_hot(labels, classes):
-    labels = np.asarray(labels).reshape(-1)
-    t = np.zeros((labels.shape[0], classes))
-    t[np.arange(labels.shape[0]), labels] = 1.0
-    return t
-
-
-def ref_loss(loss, y_true, y_pred, from_logits=False, delta=1.0):
-    """(per-row losses l_i, d mean_i(l_i) / d y_pred), float64."""
-    p = np.asarray(y_pred, F64)
-    B, O = p.shape
-    if loss == "sparse_categorical_crossentropy":
-        t = one_hot(y_true, O)
-        loss = "categorical_crossentropy"
-    else:
-        t = np.asarray(y_true, F64)
-    e = p - t
-    if loss == "mse":
-        return np.mean(e * e, axis=1), 2.0 * e / (B * O)
-    if loss == "mae":
-        return np.mean(np.abs(e), axis=1), np.sign(e) / (B * O)
-    if loss == "huber":
-        small = np.abs(e) <= delta
-        rows = np.mean(np.where(small, 0.5 * e * e, delta * np.abs(e) - 0.5 * delta**2), axis=1)
-        return rows, np.where(small, e, delta * np.sign(e)) / (B * O)
-    if loss == "binary_crossentropy":
-        if from_logits:
-            rows = np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p))), axis=1)
-            return rows, (special.expit(p) - t) / (B * O)
-        pc = np.clip(p, EPS, 1.0 - EPS)
-        rows = np.mean(-(t * np.log(pc) + (1.0 - t) * np.log1p(-pc)), axis=1)
-        inside = (p >= EPS) & (p <= 1.0 - EPS)
-        return rows, np.where(inside, (pc - t) / (pc * (1.0 - pc)), 0.0) / (B * O)
-    if loss == "categorical_crossentropy":
-        if from_logits:
-            lse = special.logsumexp(p, axis=1, keepdims=True)
-            rows = np.sum(t * (lse - p), axis=1)
-            return rows, (np.exp(p - lse) * t.sum(axis=1, keepdims=True) - t) / B
-        s = p.sum(axis=1, keepdims=True)
-        q = p / s
-        qc = np.clip(q, EPS, 1.0 - EPS)
-        rows = -np.sum(t * np.log(qc), axis=1)
-        # chain rule through the clip (no gradient where clipped) and q = p / s
-        dq = np.where((q >= EPS) & (q <= 1.0 - EPS), -t / qc, 0.0)
-        return rows, (dq - np.sum(dq * q, axis=1, keepdims=True)) / s / B
-    raise KeyError(f"no reference for loss {loss!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -195,20 +78,6 @@ def away_from_zero(z, margin=0.1):
     return np.where(z >= 0, z + margin, z - margin)
 
 
-def numerical_grad(f, arr, h=FD_STEP):
-    """Central differences of the scalar f() with respect to arr (in place)."""
-    grad = np.empty(arr.shape)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + h
-        fp = f()
-        arr[idx] = old - h
-        fm = f()
-        arr[idx] = old
-        grad[idx] = (fp - fm) / (2.0 * h)
-    return grad
-
-
 def assert_grad_close(analytic, numeric, what):
     a = np.asarray(analytic, F64)
     n = np.asarray(numeric, F64)
@@ -217,33 +86,21 @@ def assert_grad_close(analytic, numeric, what):
     assert err < FD_TOL, f"{what}: relative error {err:.3g} between analytic and numeric"
 
 
+def ref_rows_grad(*args, **kw):
+    """(per-row losses, gradient of the mean) of ref_loss."""
+    return ref_loss(*args, **kw)[1:3]
+
+
 def relayout(a, how):
     """The same values as `a` in a non-C-contiguous layout."""
-    if how == "fortran":
-        r = np.asfortranarray(a)
-    elif how == "transposed":
-        r = np.ascontiguousarray(a.T).T
-    elif how == "strided":
-        big = np.full(tuple(2 * n + 1 for n in a.shape), np.nan, a.dtype)
-        r = big[(slice(1, None, 2),) * a.ndim]
-        r[...] = a
-    elif how == "reversed":
-        r = a[::-1].copy()[::-1]
-    else:
-        raise ValueError(how)
+    r = layout(a, how)
     np.testing.assert_array_equal(r, a)
     assert not r.flags.c_contiguous
     return r
 
 
-LAYOUTS_2D = ["fortran", "transposed", "strided", "reversed"]
-LAYOUTS_1D = ["strided", "reversed"]
-
-
 def readonly(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
+    return layout(a, "readonly")
 
 
 # Activation cases: every activation with its default alpha, plus explicit
@@ -302,8 +159,8 @@ def test_tables_are_covered_by_the_references():
     """A new activation or loss in the tables must come with a reference."""
     z = np.linspace(-2, 2, 12).reshape(3, 4)
     for name in ops.ACTIVATIONS:
-        ref_activation(name, z)
-        ref_activation_vjp(name, z, z)
+        ref_act(name, z)
+        ref_act_vjp(name, z, z)
     for name in ops.LOSSES:
         t, p = make_loss_data(name, False, (3, 4), np.random.default_rng(0))
         ref_loss(name, t, p)
@@ -327,7 +184,7 @@ ACT_SHAPES = [(1, 1), (7, 13), (64, 600), (3, 1100), (0, 5)]
 def test_activation_forward(act, alpha, dtype, shape):
     rng = np.random.default_rng([len(act), shape[0], shape[1]])
     z = normal(rng, shape, dtype)
-    want = ref_activation(act, z, alpha)
+    want = ref_act(act, z, alpha)
 
     assert_close(ops.activation_forward(z, act, alpha=alpha), want, dtype)
 
@@ -346,8 +203,8 @@ def test_activation_backward(act, alpha, dtype, shape):
     rng = np.random.default_rng([len(act), shape[0], shape[1], 1])
     z = normal(rng, shape, dtype)
     g = normal(rng, shape, dtype, std=1.0)
-    y = ref_activation(act, z, alpha).astype(dtype)  # the forward output
-    want = ref_activation_vjp(act, z, g, alpha)
+    y = ref_act(act, z, alpha).astype(dtype)  # the forward output
+    want = ref_act_vjp(act, z, g, alpha)
     x = z if act in ops.NEEDS_PRE else None  # the others work from y alone
 
     assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype)
@@ -368,12 +225,9 @@ def test_activation_property_wide_range(data, act):
     g = data.draw(hnp.arrays(F64, shape, elements=st.floats(-2, 2)), label="g")
     y = ops.activation_forward(z, act)
     assert np.all(np.isfinite(y))
-    assert_close(y, ref_activation(act, z), F64)
-    dx = ops.activation_backward(g, ref_activation(act, z), act, x=z)
-    assert_close(dx, ref_activation_vjp(act, z, g), F64)
-
-
-SELU_SCALE, SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+    assert_close(y, ref_act(act, z), F64)
+    dx = ops.activation_backward(g, ref_act(act, z), act, x=z)
+    assert_close(dx, ref_act_vjp(act, z, g), F64)
 
 
 def _ref_long(act, z):
@@ -518,7 +372,7 @@ def test_loss_vs_numpy(loss, from_logits, delta, dtype, shape):
     p = p.astype(dtype)
     if loss != "sparse_categorical_crossentropy":
         t = t.astype(dtype)  # the kernel computes on targets of y_pred's dtype
-    rows_want, grad_want = ref_loss(loss, t, p, from_logits, delta)
+    rows_want, grad_want = ref_rows_grad(loss, t, p, from_logits, delta)
 
     value, d, rows = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
                                                delta=delta, per_sample=True)
@@ -541,7 +395,7 @@ def test_huber_delta_changes_the_loss(dtype):
     p = (t + 3 * rng.standard_normal((5, 6))).astype(dtype)
     for delta in (0.1, 1.0, 5.0):
         value, d = ops.loss_forward_backward(t, p, "huber", delta=delta)
-        rows, grad = ref_loss("huber", t, p, delta=delta)
+        rows, grad = ref_rows_grad("huber", t, p, delta=delta)
         np.testing.assert_allclose(value, rows.mean(), rtol=RTOL[dtype])
         assert_close(d, grad, dtype, scale=np.max(np.abs(grad)))
 
@@ -557,7 +411,7 @@ def test_loss_large_logits(loss, dtype):
     z[0] = np.array([1e4, -1e4, 1e4, -1e4, 0.0])  # ties and exact extremes
     if loss != "sparse_categorical_crossentropy":
         t = t.astype(dtype)
-    rows_want, grad_want = ref_loss(loss, t, z, from_logits=True)
+    rows_want, grad_want = ref_rows_grad(loss, t, z, from_logits=True)
     assert np.all(np.isfinite(rows_want))
 
     value, d, rows = ops.loss_forward_backward(t, z, loss, from_logits=True, per_sample=True)
@@ -573,7 +427,7 @@ def test_bce_clip_at_0_and_1(dtype):
                   [1.0, 0.0, 0.3, 1e-9, 1 - 1e-9]], dtype)
     t = np.array([[0.0, 1.0, 1.0, 0.0, 0.5],
                   [0.3, 0.7, 1.0, 1.0, 0.0]], dtype)
-    rows_want, grad_want = ref_loss("binary_crossentropy", t, p)
+    rows_want, grad_want = ref_rows_grad("binary_crossentropy", t, p)
     value, d, rows = ops.loss_forward_backward(t, p, "binary_crossentropy", per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(d))
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
@@ -594,7 +448,7 @@ def test_cce_clip_at_0_and_1(loss, dtype):
                   [0.2, 0.3, 0.5]], dtype)
     labels = np.array([0, 0, 2])
     t = one_hot(labels, 3).astype(dtype) if loss == "categorical_crossentropy" else labels
-    rows_want, grad_want = ref_loss(loss, t, p)
+    rows_want, grad_want = ref_rows_grad(loss, t, p)
     value, d, rows = ops.loss_forward_backward(t, p, loss, per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(d)) and np.all(np.isfinite(rows))
     assert rows[1] == pytest.approx(-np.log(EPS), rel=RTOL[dtype])
@@ -670,18 +524,18 @@ def test_dense_forward(act, alpha, dtype, size):
     z = x.astype(F64) @ k.astype(F64) + b.astype(F64)
 
     assert_close(ops.dense_forward(x, k, b, activation=act, alpha=alpha),
-                 ref_activation(act, z, alpha), dtype, factor=f)
+                 ref_act(act, z, alpha), dtype, factor=f)
 
     out = np.full((size[0], size[2]), np.nan, dtype)
     pre = np.full((size[0], size[2]), np.nan, dtype)
     got = ops.dense_forward(x, k, b, activation=act, out=out, pre=pre, alpha=alpha)
-    assert_close(got, ref_activation(act, z, alpha), dtype, factor=f)
-    assert_close(out, ref_activation(act, z, alpha), dtype, factor=f)  # in place
+    assert_close(got, ref_act(act, z, alpha), dtype, factor=f)
+    assert_close(out, ref_act(act, z, alpha), dtype, factor=f)  # in place
     assert_close(pre, z, dtype, factor=f)
 
     z0 = x.astype(F64) @ k.astype(F64)  # no bias
     assert_close(ops.dense_forward(x, k, None, activation=act, alpha=alpha),
-                 ref_activation(act, z0, alpha), dtype, factor=f)
+                 ref_act(act, z0, alpha), dtype, factor=f)
 
 
 @pytest.mark.parametrize("size", DENSE_SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -692,8 +546,8 @@ def test_dense_backward(act, alpha, dtype, size):
     B, I, O = size
     x64, k64 = x.astype(F64), k.astype(F64)
     z = x64 @ k64 + b.astype(F64)
-    out, pre = ref_activation(act, z, alpha).astype(dtype), z.astype(dtype)
-    dz = ref_activation_vjp(act, pre, g, alpha)
+    out, pre = ref_act(act, z, alpha).astype(dtype), z.astype(dtype)
+    dz = ref_act_vjp(act, pre, g, alpha)
     f = DENSE_FACTOR[dtype]
 
     # outputs pre-filled with NaN: the kernels must overwrite, not accumulate
@@ -724,7 +578,7 @@ def test_dense_backward_options(act, use_bias, need_dx, dtype):
     z = x64 @ k64
     pre = z.astype(dtype)
     out = ops.dense_forward(x, k, None, activation=act)
-    dz = ref_activation_vjp(act, pre, g)
+    dz = ref_act_vjp(act, pre, g)
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, pre=pre,
                                     use_bias=use_bias, need_dx=need_dx)
     f = DENSE_FACTOR[dtype]
@@ -1160,6 +1014,6 @@ def test_layout_sgd_and_sum_squares(how, dtype):
 
     x = normal(rng, (7, 6), dtype)
     want = ops.sum_squares(x)
-    for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "reversed"), x.T):
+    for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "negative"), x.T):
         assert ops.sum_squares(nc) == pytest.approx(want, rel=1e-15)
     assert ops.sum_squares(relayout(g, how)) == pytest.approx(ops.sum_squares(g), rel=1e-15)
