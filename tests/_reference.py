@@ -220,6 +220,13 @@ def ref_loss_value(kind, y_true, y_pred, from_logits=False, delta=1.0):
 # BatchNormalization, dropout
 # ---------------------------------------------------------------------------
 
+def batch_stats(x):
+    """Batch mean and biased variance per feature, float64."""
+    x = np.asarray(x, F64)
+    mu = x.mean(axis=0)
+    return mu, ((x - mu) ** 2).mean(axis=0)
+
+
 def ref_bn_forward(x, gamma=None, beta=None, moving_mean=None, moving_variance=None,
                    training=True, momentum=0.99, epsilon=1e-3):
     """(out, mean, rstd, new moving_mean, new moving_variance), float64; the
@@ -229,8 +236,7 @@ def ref_bn_forward(x, gamma=None, beta=None, moving_mean=None, moving_variance=N
     mm = np.zeros(F) if moving_mean is None else np.asarray(moving_mean, F64)
     mv = np.ones(F) if moving_variance is None else np.asarray(moving_variance, F64)
     if training:
-        mu = x.mean(axis=0)
-        var = ((x - mu) ** 2).mean(axis=0)
+        mu, var = batch_stats(x)
         mm, mv = momentum * mm + (1 - momentum) * mu, momentum * mv + (1 - momentum) * var
     else:
         mu, var = mm, mv
@@ -298,7 +304,8 @@ def tensor_table(layout, regs=None, cons=None):
     return tensors, off
 
 
-def _slices(tensors):
+def tensor_slices(tensors):
+    """[(slice, shape, regularizer, constraint, name)] of a tensor table."""
     return [(slice(off, off + int(np.prod(shape))), shape, reg, con, name)
             for name, off, shape, reg, con in tensors]
 
@@ -377,7 +384,7 @@ def ref_optimizer_run(cfg, w0, grads, tensors, lr=None, skip=(), state=None, t0=
         g = np.array(g_raw, F64)
         penalty = 0.0
         norms = []
-        for sl, shape, reg, con, name in _slices(tensors):
+        for sl, shape, reg, con, name in tensor_slices(tensors):
             if reg is not None:
                 g[sl] += reg.l1 * np.sign(w[sl]) + 2 * reg.l2 * w[sl]
                 penalty += reg.l1 * np.abs(w[sl]).sum() + reg.l2 * (w[sl] ** 2).sum()
@@ -389,7 +396,7 @@ def ref_optimizer_run(cfg, w0, grads, tensors, lr=None, skip=(), state=None, t0=
             scale = np.minimum(1.0, cfg["clipnorm"] / np.maximum(norms, 1e-300))
         elif cfg.get("global_clipnorm") is not None:
             scale[:] = min(1.0, cfg["global_clipnorm"] / total)
-        for (sl, *_), s in zip(_slices(tensors), scale):
+        for (sl, *_), s in zip(tensor_slices(tensors), scale):
             g[sl] *= s
         if cfg.get("clipvalue") is not None:
             g = np.clip(g, -cfg["clipvalue"], cfg["clipvalue"])
@@ -398,7 +405,7 @@ def ref_optimizer_run(cfg, w0, grads, tensors, lr=None, skip=(), state=None, t0=
         if cfg.get("wd"):
             w = w - rate * cfg["wd"] * w
         w = _update(kind, cfg, w, g, st, rate, t)
-        for sl, shape, reg, con, name in _slices(tensors):
+        for sl, shape, reg, con, name in tensor_slices(tensors):
             if con is not None:
                 w[sl] = _apply_constraint(con, w[sl].reshape(shape)).reshape(-1)
     return w, st, records
@@ -423,9 +430,10 @@ def numerical_grad(f, arr, h=1e-6, indices=None):
     return grad
 
 
-def model_fd_gradients(model, x, y, h=1e-6, before_each=None):
+def model_fd_gradients(model, x, y, h=1e-6, before_each=None, which=None):
     """Central differences of model.compute_gradients' loss in every weight
-    (float64 models); before_each() runs before every loss evaluation."""
+    of get_weights() (float64 models), or in those at the indices `which`;
+    before_each() runs before every loss evaluation."""
     ws = model.get_weights()
 
     def loss():
@@ -434,7 +442,8 @@ def model_fd_gradients(model, x, y, h=1e-6, before_each=None):
             before_each()
         return model.compute_gradients(x, y)[0]
 
-    grads = [numerical_grad(loss, w, h) for w in ws]
+    which = range(len(ws)) if which is None else which
+    grads = [numerical_grad(loss, ws[i], h) for i in which]
     model.set_weights(ws)
     return grads
 
