@@ -70,6 +70,9 @@ if importlib.util.find_spec("fastgrad") is None and (_ROOT / "fastgrad").is_dir(
 
 import numpy as np   # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' _reference.py
+from _reference import layout   # noqa: E402
+
 fg = None   # imported lazily, so that atheris can instrument it first
 
 
@@ -600,31 +603,11 @@ ACT_NAMES = None   # filled from fg.ops on first use
 LOSS_NAMES = None
 
 
-def _layout(a, kind, rng):
-    if not isinstance(a, np.ndarray):
+def _layout(a, kind):
+    """a laid out as named (see _reference.layout); other values unchanged."""
+    if not isinstance(a, np.ndarray) or (kind == "unaligned" and a.dtype == object):
         return a
-    if kind == "fortran":
-        return np.asfortranarray(a)
-    if kind == "transposed":
-        return np.ascontiguousarray(a.T).T
-    if kind == "strided" and a.ndim:
-        big = np.zeros((2 * a.shape[0],) + a.shape[1:], a.dtype)
-        big[::2] = a
-        return big[::2]
-    if kind == "negative" and a.ndim:
-        return np.ascontiguousarray(a[::-1])[::-1]
-    if kind == "broadcast" and a.ndim and a.shape[0]:
-        return np.broadcast_to(a[:1], a.shape)
-    if kind == "readonly":
-        a = a.copy()
-        a.flags.writeable = False
-        return a
-    if kind == "unaligned" and a.dtype != object:
-        buf = bytearray(a.nbytes + 1)
-        u = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
-        u[...] = a
-        return u
-    return a
+    return layout(a, kind)
 
 
 def _values(rng, shape, dt, r, lo=None, hi=None):
@@ -814,7 +797,7 @@ def _gen_call(r):
         v = kw[k]
         if r.chance(0.2):
             kind = r.choice(LAYOUTS)
-            kw[k] = _layout(v, kind, rng)
+            kw[k] = _layout(v, kind)
             if kind != "c":
                 notes.append(f"{k} {kind}")
         if r.chance(0.04):
