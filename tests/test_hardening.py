@@ -432,31 +432,105 @@ def test_out_buffers_of_the_wrong_shape_dtype_or_layout_are_refused(case, dt):
             f"{what}: state changed before the refusal"
 
 
-@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
-def test_out_buffer_aliasing_an_input_gives_the_right_result_or_is_refused(dt):
-    """A caller may pass an input as out=. NumPy's matmul handles overlap;
-    fastgrad must either compute the right product or refuse the buffer,
-    never return a silently wrong result."""
+def _overlap_case(dt):
+    """Inputs of the three GEMM kernels (in = units = 6, batch 6, so every
+    array is 6 x 6 but the bias) inside one buffer, and views of that
+    buffer: the same memory as an input, or shifted from it by one row."""
     rng = np.random.default_rng(4)
-    problems = []
-    for what, fn in [
-        ("matmul out=a", lambda a, b: ops.matmul(a, b, out=a)),
-        ("matmul out=b", lambda a, b: ops.matmul(a, b, out=b)),
-        ("dense_forward out=x", lambda a, b: ops.dense_forward(a, b, None, "linear", out=a)),
-        ("dense_forward out=kernel", lambda a, b: ops.dense_forward(a, b, None, "linear",
-                                                                    out=b)),
-    ]:
-        a, b = rnd(rng, (6, 6), dt), rnd(rng, (6, 6), dt)
-        want = a.astype(F64) @ b.astype(F64)
-        try:
-            got = fn(a, b)
-        except ValueError:
-            continue
-        try:
-            check(got, want, dt, np.abs(a.astype(F64)) @ np.abs(b.astype(F64)), what)
-        except AssertionError as e:
-            problems.append(str(e))
-    assert not problems, "\n".join(problems)
+    buf = rng.standard_normal(8 * 36).astype(dt)
+    sq = [buf[36 * i:36 * (i + 1)].reshape(6, 6) for i in range(8)]
+    x, kernel, dout, out, pre = sq[0], sq[2], sq[4], sq[5], sq[6]
+    bias = sq[7][0]
+    shifted = [buf[36 * i + 6:36 * (i + 1) + 6].reshape(6, 6) for i in range(7)]
+    return buf, x, kernel, bias, dout, out, pre, sq, shifted
+
+
+def _fresh(dt, shape):
+    return np.zeros(shape, dt)
+
+
+# (case, output buffer refused, call(x, kernel, bias, dout, out, pre, sq, shifted))
+OVERLAPS = [
+    ("matmul-out-is-a", "out", lambda x, k, b, d, o, p, sq, sh: ops.matmul(x, k, out=x)),
+    ("matmul-out-is-b", "out", lambda x, k, b, d, o, p, sq, sh: ops.matmul(x, k, out=k)),
+    ("matmul-out-a-plus-one-row", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.matmul(x, k, out=sh[0])),
+    ("matmul-out-over-the-first-row-of-b", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.matmul(x, k, out=sh[1])),
+    ("dense_forward-out-is-x", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "relu", out=x)),
+    ("dense_forward-out-is-kernel", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "relu", out=k)),
+    ("dense_forward-out-x-plus-one-row", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "relu", out=sh[0])),
+    ("dense_forward-out-over-bias", "out",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "relu", out=sh[6])),
+    ("dense_forward-pre-is-out", "pre",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "gelu", out=o, pre=o)),
+    ("dense_forward-pre-kernel-plus-one-row", "pre",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_forward(x, k, b, "gelu", out=o, pre=sh[2])),
+    ("dense_backward-dx-is-dout", "dx",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "gelu", pre=p, dx=d)),
+    ("dense_backward-dx-is-x", "dx",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "gelu", pre=p, dx=x)),
+    ("dense_backward-dx-pre-plus-one-row", "dx",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "gelu", pre=p, dx=sh[6])),
+    ("dense_backward-dkernel-is-kernel", "dkernel",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dkernel=k)),
+    ("dense_backward-dkernel-dout-plus-one-row", "dkernel",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dkernel=sh[4])),
+    ("dense_backward-dbias-in-x", "dbias",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dbias=x[3])),
+    ("dense_backward-dbias-in-out", "dbias",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dbias=o[1])),
+    ("dense_backward-dkernel-is-dx", "dkernel",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dkernel=sq[1],
+                                                         dx=sq[1])),
+    ("dense_backward-dkernel-over-dbias", "dkernel",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dkernel=sq[3],
+                                                         dbias=sq[3][5])),
+    ("dense_backward-dx-over-dbias", "dx",
+     lambda x, k, b, d, o, p, sq, sh: ops.dense_backward(d, x, k, o, "relu", dx=sq[3],
+                                                         dbias=sq[3][2])),
+]
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case, name, call", OVERLAPS, ids=[c[0] for c in OVERLAPS])
+def test_overlapping_outputs_are_refused_by_name(case, name, call, dt):
+    """matmul, dense_forward and dense_backward refuse an output that shares
+    memory with an input (or another output), whether it is that input or
+    shifted from it by a row, with a message naming the output, before
+    anything is written."""
+    buf, x, kernel, bias, dout, out, pre, sq, shifted = _overlap_case(dt)
+    if name != "pre" and "backward" not in case:
+        out = _fresh(dt, out.shape)   # only the output under test overlaps
+    before = buf.copy()
+    with pytest.raises(ValueError,
+                       match=rf"^{name}: overlaps an input; pass a separate array$"):
+        call(x, kernel, bias, dout, out, pre, sq, shifted)
+    assert same_bits(buf, before), "a refused call wrote into its buffers"
+
+
+def test_separate_outputs_are_accepted_and_correct():
+    """The control for the refusals: the same calls with separate outputs
+    are accepted and match the float64 references."""
+    for dt in DTYPES:
+        _, x, kernel, bias, dout, _, _, _, _ = _overlap_case(dt)
+        check(ops.matmul(x, kernel, out=_fresh(dt, (6, 6))),
+              x.astype(F64) @ kernel.astype(F64), dt, np.abs(x.astype(F64)) @ np.abs(kernel),
+              "matmul")
+        pre = _fresh(dt, (6, 6))
+        out = ops.dense_forward(x, kernel, bias, "gelu", out=_fresh(dt, (6, 6)), pre=pre)
+        z, y = ref_dense_forward(x, kernel, bias, "gelu")
+        check(out, y, dt, what="dense_forward")
+        dx, dk, db = ops.dense_backward(dout, x, kernel, out, "gelu", pre=pre,
+                                        dkernel=_fresh(dt, (6, 6)), dbias=_fresh(dt, 6),
+                                        dx=_fresh(dt, (6, 6)))
+        rdx, rdk, rdb, bounds = ref_dense_backward(dout, x, kernel, pre, "gelu")
+        for got, want, b, what in zip((dx, dk, db), (rdx, rdk, rdb), bounds,
+                                      ("dx", "dkernel", "dbias")):
+            check(got, want, dt, b, what)
 
 
 @pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
@@ -1119,7 +1193,8 @@ def np_predict(model, x):
             gamma = w.pop(0) if layer.scale else 1.0
             beta = w.pop(0) if layer.center else 0.0
             mm, mv = w.pop(0), w.pop(0)
-            h = gamma * (h - mm) / np.sqrt(mv.astype(F64) + layer.epsilon) + beta
+            h = ref_bn_forward(h, gamma, beta, mm, mv, training=False,
+                               epsilon=layer.epsilon)[0]
         elif layer.kind == "Activation":
             h = ref_act(layer.activation, h)
     return h
