@@ -49,7 +49,10 @@ from _reference import (
     ref_bn_forward,
     ref_dense_backward,
     ref_dense_forward,
+    ref_dropout,
     ref_loss,
+    ref_loss_value,
+    ref_optimizer_run,
     same_bits,
 )
 from hypothesis import HealthCheck, given, settings
@@ -95,16 +98,37 @@ def probs(rng, shape, dt):
 # 1. layouts
 # ---------------------------------------------------------------------------
 
-# Each case: a builder (rng, dt) -> (call, inputs) where call(**inputs)
-# returns everything the kernel produces (outputs and updated buffers), and
-# inputs maps the names of its read-only array arguments to arrays.
+# Each case: a builder (rng, dt) -> (call, inputs, expect) where call(**inputs)
+# returns everything the kernel produces (outputs and updated buffers),
+# inputs maps the names of its read-only array arguments to arrays, and
+# expect(got, dt, **inputs) checks a result against the float64 references.
+
+def _matmul_expect(trans_a, trans_b):
+    def expect(got, dt, a, b):
+        a = np.asarray(a, F64).T if trans_a else np.asarray(a, F64)
+        b = np.asarray(b, F64).T if trans_b else np.asarray(b, F64)
+        check(got, a @ b, dt, np.abs(a) @ np.abs(b), "matmul")
+    return expect
+
 
 def _case_matmul(trans_a, trans_b):
     def build(rng, dt):
         a = rnd(rng, (7, 5) if trans_a else (5, 7), dt)
         b = rnd(rng, (6, 7) if trans_b else (7, 6), dt)
-        return (lambda a, b: ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b)), {"a": a, "b": b}
+        return ((lambda a, b: ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b)),
+                {"a": a, "b": b}, _matmul_expect(trans_a, trans_b))
     return build
+
+
+def _expect_dense_forward(act):
+    def expect(got, dt, x, kernel, bias):
+        out, pre = got
+        z, _ = ref_dense_forward(x, kernel, bias, act)
+        zb = np.abs(np.asarray(x, F64)) @ np.abs(np.asarray(kernel, F64)) + np.abs(bias)
+        check(pre, z, dt, zb, "pre")
+        # the activation of the kernel's own z: its error apart from the GEMM's
+        check(out, ref_act(act, pre), dt, 0.0 if act != "softmax" else None, "out")
+    return expect
 
 
 def _case_dense_forward(act):
@@ -115,7 +139,7 @@ def _case_dense_forward(act):
             pre = np.empty((9, 5), dt)
             out = ops.dense_forward(x, kernel, bias, act, pre=pre)
             return out, pre
-        return call, {"x": x, "kernel": k, "bias": b}
+        return call, {"x": x, "kernel": k, "bias": b}, _expect_dense_forward(act)
     return build
 
 
@@ -128,7 +152,12 @@ def _case_dense_backward(act):
 
         def call(dout, x, kernel, out, pre):
             return ops.dense_backward(dout, x, kernel, out, act, pre=pre)
-        return call, {"dout": dout, "x": x, "kernel": k, "out": out, "pre": pre}
+
+        def expect(got, dt, dout, x, kernel, out, pre):
+            *want, bounds = ref_dense_backward(dout, x, kernel, pre, act, y=out)
+            for g, w, b, what in zip(got, want, bounds, ("dx", "dkernel", "dbias")):
+                check(g, w, dt, b, what)
+        return call, {"dout": dout, "x": x, "kernel": k, "out": out, "pre": pre}, expect
     return build
 
 
@@ -137,7 +166,11 @@ def _case_activation_forward(rng, dt):
 
     def call(x):
         return [ops.activation_forward(x, a) for a in ACTS]
-    return call, {"x": x}
+
+    def expect(got, dt, x):
+        for a, y in zip(ACTS, got):
+            check(y, ref_act(a, x), dt, what=a)
+    return call, {"x": x}, expect
 
 
 def _case_activation_backward(rng, dt):
@@ -147,7 +180,12 @@ def _case_activation_backward(rng, dt):
 
     def call(dout, x, **outs_):
         return [ops.activation_backward(dout, outs_["out_" + a], a, x=x) for a in ACTS]
-    return call, {"dout": dout, "x": x, **{"out_" + a: o for a, o in outs.items()}}
+
+    def expect(got, dt, dout, x, **outs_):
+        for a, dx in zip(ACTS, got):
+            want, bound = ref_act_vjp(a, x, dout, y=outs_["out_" + a], bound=True)
+            check(dx, want, dt, bound, a)
+    return call, {"dout": dout, "x": x, **{"out_" + a: o for a, o in outs.items()}}, expect
 
 
 def _case_loss(kind, from_logits=False):
@@ -167,7 +205,13 @@ def _case_loss(kind, from_logits=False):
         def call(y_true, y_pred):
             return ops.loss_forward_backward(y_true, y_pred, kind, from_logits=from_logits,
                                              per_sample=True)
-        return call, {"y_true": yt, "y_pred": yp}
+
+        def expect(got, dt, y_true, y_pred):
+            mean, rows, d, rb, db = ref_loss(kind, y_true, y_pred, from_logits)
+            check(got[0], mean, dt, rb.mean(), "loss")
+            check(got[1], d, dt, db, "dy_pred")
+            check(got[2], rows, dt, rb, "per-sample losses")
+        return call, {"y_true": yt, "y_pred": yp}, expect
     return build
 
 
@@ -181,7 +225,14 @@ def _case_bn_forward(training):
             m, v = mm.copy(), mv.copy()
             out = ops.batchnorm_forward(x, gamma, beta, m, v, training=training, momentum=0.9)
             return out, m, v
-        return call, {"x": x, "gamma": gamma, "beta": beta}
+
+        def expect(got, dt, x, gamma, beta):
+            (out, mean, rstd), m, v = got
+            want, wmean, wrstd, wm, wv = ref_bn_forward(x, gamma, beta, mm, mv, training, 0.9)
+            for g, w, what in ((out, want, "out"), (mean, wmean, "mean"), (rstd, wrstd, "rstd"),
+                               (m, wm, "moving_mean"), (v, wv, "moving_variance")):
+                check(g, w, dt, what=what)
+        return call, {"x": x, "gamma": gamma, "beta": beta}, expect
     return build
 
 
@@ -193,17 +244,42 @@ def _case_bn_backward(rng, dt):
 
     def call(dout, x, mean, rstd, gamma):
         return ops.batchnorm_backward(dout, x, mean, rstd, gamma)
-    return call, {"dout": dout, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma}
+
+    def expect(got, dt, dout, x, mean, rstd, gamma):
+        dx, dg, db, bound = ref_bn_backward(dout, x, mean, rstd, gamma)
+        check(got[0], dx, dt, bound, "dx")
+        check(got[1], dg, dt, what="dgamma")
+        check(got[2], db, dt, what="dbeta")
+    return call, {"dout": dout, "x": x, "mean": mean, "rstd": rstd, "gamma": gamma}, expect
 
 
 def _case_dropout(rng, dt):
     x = rnd(rng, (9, 7), dt)
-    return (lambda x: ops.dropout(x, 0.3, 1234, 77)), {"x": x}
+
+    def expect(got, dt, x):
+        check(got, ref_dropout(x, 0.3, 1234, 77), dt, 0.0, "dropout")
+    return (lambda x: ops.dropout(x, 0.3, 1234, 77)), {"x": x}, expect
 
 
 def _case_sum_squares(rng, dt):
     x = rnd(rng, (9, 7), dt)
-    return ops.sum_squares, {"x": x}
+
+    def expect(got, dt, x):
+        check(got, np.sum(np.asarray(x, F64) ** 2), dt, 0.0, "sum_squares")
+    return ops.sum_squares, {"x": x}, expect
+
+
+def _expect_step(cfg, w0, state, step, offsets):
+    tensors = [(f"t{i}", a, (b - a,), None, None) for i, (a, b) in
+               enumerate(zip(offsets[:-1], offsets[1:]))]
+
+    def expect(got, dt, grads):
+        w, st, (rec,) = ref_optimizer_run(cfg, w0, [grads], tensors, state=state, t0=step - 1)
+        check(got[0], w, dt, what="params")
+        for name, buf in zip(state, got[1:-1]):
+            check(buf, st[name], dt, what=name)
+        check(got[-1]["grad_norms"], rec["norms"], dt, 0.0, "grad_norms")
+    return expect
 
 
 def _case_sgd(rng, dt):
@@ -215,7 +291,8 @@ def _case_sgd(rng, dt):
         rec = ops.sgd_step(p, grads, learning_rate=0.1, momentum=0.9, nesterov=True,
                            velocity=vel, offsets=[0, 15, 40], clipnorm=1.0)
         return p, vel, rec
-    return call, {"grads": g}
+    cfg = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "clipnorm": 1.0}
+    return call, {"grads": g}, _expect_step(cfg, p0, {"v": vel0}, 1, [0, 15, 40])
 
 
 def _case_adam(rng, dt):
@@ -227,7 +304,9 @@ def _case_adam(rng, dt):
         rec = ops.adam_step(p, grads, m, v, step=3, amsgrad=True, vmax=vmax,
                             global_clipnorm=2.0, weight_decay=0.01)
         return p, m, v, vmax, rec
-    return call, {"grads": g}
+    cfg = {"kind": "adam", "lr": 0.001, "amsgrad": True, "global_clipnorm": 2.0, "wd": 0.01}
+    return call, {"grads": g}, _expect_step(cfg, p0, {"m": m0, "v": v0, "vmax": v0}, 3,
+                                            [0, 40])
 
 
 KERNEL_CASES = {
@@ -255,32 +334,46 @@ KERNEL_CASES = {
 }
 
 
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel_cases_match_the_references(case):
+    """The control for the layout test below: each case, C-contiguous,
+    matches the float64 references."""
+    for dt in DTYPES:
+        rng = np.random.default_rng(zlib.crc32(case.encode()))
+        call, inputs, expect = KERNEL_CASES[case](rng, dt)
+        expect(call(**inputs), dt, **inputs)
+
+
 @pytest.mark.parametrize("kind", LAYOUTS[1:])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_kernels_give_bit_identical_results_for_every_input_layout(case, kind):
-    """Each read-only array argument in turn, in each layout, against the same
-    values C-contiguous: non-contiguous inputs are copied, so the same
-    arithmetic runs and the results are bit-identical. The inputs are not
+    """Each read-only array argument in turn, in each layout: the result
+    matches the float64 references computed from the same values (and is
+    bit-identical to the result on a C-contiguous copy, since non-contiguous
+    inputs are copied and the same arithmetic runs). The inputs are not
     modified."""
     failures = []
     for dt in DTYPES:
         rng = np.random.default_rng(zlib.crc32(case.encode()))
-        call, inputs = KERNEL_CASES[case](rng, dt)
+        call, inputs, expect = KERNEL_CASES[case](rng, dt)
         for name in inputs:
             if kind in ("fortran", "transposed") and inputs[name].ndim < 2:
                 continue
             odd = layout(inputs[name], kind)
             before = odd.copy()
             args = dict(inputs)
-            args[name] = np.ascontiguousarray(odd)
-            want = call(**args)
             args[name] = odd
             got = call(**args)
-            if not same_bits(got, want):
-                failures.append(f"{np.dtype(dt).name} {name}")
+            try:
+                expect(got, dt, **{**args, name: np.array(odd)})
+            except AssertionError as e:
+                failures.append(f"{np.dtype(dt).name} {name}: {e}")
+            args[name] = np.ascontiguousarray(odd)
+            if not same_bits(got, call(**args)):
+                failures.append(f"{np.dtype(dt).name} {name}: differs from a contiguous copy")
             if not same_bits(odd, before):
                 failures.append(f"{np.dtype(dt).name} {name} was modified")
-    assert not failures, f"{case} with {kind} inputs differs: {failures}"
+    assert not failures, f"{case} with {kind} inputs: {failures}"
 
 
 def test_sparse_labels_in_every_layout_and_integer_type():
@@ -583,6 +676,13 @@ def _model_run(make, x, y, shuffle):
     out["tob_weights"] = m.get_weights()
     out["evaluate"] = m.evaluate(x, y, batch_size=16, verbose=0)
     out["predict"] = m.predict(x, batch_size=16)
+    # against the float64 references from the final weights, not only
+    # against the same run on contiguous copies
+    dt = np.dtype(m.dtype).type
+    want = np_predict(m, np.array(x))
+    check(out["predict"], want, dt, what="predict")
+    loss = "sparse_categorical_crossentropy" if np.ndim(y) == 1 else "mse"
+    check(out["evaluate"][0], ref_loss_value(loss, np.array(y), want), dt, what="evaluate")
     return out
 
 

@@ -30,12 +30,16 @@ from _reference import (
     LAYOUTS_2D,
     SELU_ALPHA,
     SELU_SCALE,
+    check,
     layout,
     numerical_grad,
     one_hot,
     ref_act,
     ref_act_vjp,
+    ref_dense_backward,
+    ref_dense_forward,
     ref_loss,
+    ref_optimizer_run,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -936,16 +940,14 @@ def test_failed_validation_writes_nothing():
 # result is computed twice (once from C-contiguous copies), so the only
 # possible difference would come from the layout.
 
-def _same(got, want):
-    if isinstance(got, tuple):
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            _same(g, w)
-    elif got is None:
-        assert want is None
-    else:
-        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+def _check_all(got, want, bounds, dtype, names):
+    for g, w, b, what in zip(got, want, bounds, names):
+        check(g, w, dtype, b, what)
 
+
+# The layout tests compare results on non-contiguous inputs with the float64
+# references computed from the same values (not with fastgrad on a
+# contiguous copy, which would only test the copy).
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("how", LAYOUTS_2D)
@@ -955,20 +957,24 @@ def test_layout_matmul_and_dense(how, dtype):
     b, g = normal(rng, 7, dtype), normal(rng, (6, 7), dtype)
     L = lambda a: relayout(a, how)  # noqa: E731
     Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)  # noqa: E731
+    x64, k64 = x.astype(F64), k.astype(F64)
 
     for ta in (False, True):
         for tb in (False, True):
             a = np.ascontiguousarray(x.T) if ta else x
             bb = np.ascontiguousarray(k.T) if tb else k
-            _same(ops.matmul(L(a), L(bb), trans_a=ta, trans_b=tb),
-                  ops.matmul(a, bb, trans_a=ta, trans_b=tb))
+            check(ops.matmul(L(a), L(bb), trans_a=ta, trans_b=tb), x64 @ k64, dtype,
+                  np.abs(x64) @ np.abs(k64), f"matmul trans_a={ta} trans_b={tb}")
 
     for act in ("relu", "gelu", "softmax"):
         pre = np.empty((6, 7), dtype)
-        want = ops.dense_forward(x, k, b, activation=act, pre=pre)
-        _same(ops.dense_forward(L(x), L(k), Lb(b), activation=act), want)
-        _same(ops.dense_backward(L(g), L(x), L(k), L(want), activation=act, pre=L(pre)),
-              ops.dense_backward(g, x, k, want, activation=act, pre=pre))
+        out = ops.dense_forward(L(x), L(k), Lb(b), activation=act, pre=pre)
+        z, y = ref_dense_forward(x, k, b, act)
+        check(pre, z, dtype, np.abs(x64) @ np.abs(k64) + np.abs(b), f"{act}: pre")
+        check(out, ref_act(act, pre), dtype, what=f"{act}: out")
+        got = ops.dense_backward(L(g), L(x), L(k), L(out), activation=act, pre=L(pre))
+        *want, bounds = ref_dense_backward(g, x, k, pre, act, y=out)
+        _check_all(got, want, bounds, dtype, [f"{act}: {n}" for n in ("dx", "dkernel", "dbias")])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -977,10 +983,11 @@ def test_layout_activations(how, dtype):
     rng = np.random.default_rng(len(how) + 1)
     z, g = normal(rng, (5, 8), dtype), normal(rng, (5, 8), dtype)
     for act in ops.ACTIVATIONS:
-        y = ops.activation_forward(z, act)
-        _same(ops.activation_forward(relayout(z, how), act), y)
-        _same(ops.activation_backward(relayout(g, how), relayout(y, how), act, x=relayout(z, how)),
-              ops.activation_backward(g, y, act, x=z))
+        y = ops.activation_forward(relayout(z, how), act)
+        check(y, ref_act(act, z), dtype, what=f"{act} forward")
+        dx = ops.activation_backward(relayout(g, how), relayout(y, how), act, x=relayout(z, how))
+        want, bound = ref_act_vjp(act, z, g, y=y, bound=True)
+        check(dx, want, dtype, bound, f"{act} backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -990,13 +997,14 @@ def test_layout_losses(loss, from_logits, delta, how, dtype):
     rng = np.random.default_rng(len(loss) + len(how))
     t, p = make_loss_data(loss, from_logits, (6, 4), rng, delta)
     p = p.astype(dtype)
-    t_nc = t if loss == "sparse_categorical_crossentropy" else relayout(t.astype(dtype), how)
-    want = ops.loss_forward_backward(t, p, loss, from_logits=from_logits, delta=delta,
-                                     per_sample=True)
+    if loss != "sparse_categorical_crossentropy":
+        t = t.astype(dtype)
+    t_nc = t if loss == "sparse_categorical_crossentropy" else relayout(t, how)
     got = ops.loss_forward_backward(t_nc, relayout(p, how), loss, from_logits=from_logits,
                                     delta=delta, per_sample=True)
-    assert got[0] == want[0]
-    _same(got[1:], want[1:])
+    mean, rows, d, rb, db = ref_loss(loss, t, p, from_logits, delta)
+    _check_all(got, (mean, d, rows), (rb.mean(), db, rb), dtype,
+               ("loss", "dy_pred", "per-sample losses"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1004,16 +1012,18 @@ def test_layout_losses(loss, from_logits, delta, how, dtype):
 def test_layout_sgd_and_sum_squares(how, dtype):
     rng = np.random.default_rng(len(how) + 2)
     g = normal(rng, 9, dtype)
-    p1 = normal(rng, 9, dtype)
-    p2 = p1.copy()
-    v1, v2 = np.zeros(9, dtype), np.zeros(9, dtype)
+    p0 = normal(rng, 9, dtype)
+    p, v = p0.copy(), np.zeros(9, dtype)
     for _ in range(3):
-        ops.sgd_step(p1, g, 0.1, momentum=0.9, nesterov=True, velocity=v1)
-        ops.sgd_step(p2, relayout(g, how), 0.1, momentum=0.9, nesterov=True, velocity=v2)
-    _same((p2, v2), (p1, v1))
+        ops.sgd_step(p, relayout(g, how), 0.1, momentum=0.9, nesterov=True, velocity=v)
+    cfg = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}
+    w, st, _ = ref_optimizer_run(cfg, p0, [g] * 3, [("w", 0, (9,), None, None)])
+    check(p, w, dtype, what="params")
+    check(v, st["v"], dtype, what="velocity")
 
     x = normal(rng, (7, 6), dtype)
-    want = ops.sum_squares(x)
+    want = np.sum(x.astype(F64) ** 2)
     for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "negative"), x.T):
-        assert ops.sum_squares(nc) == pytest.approx(want, rel=1e-15)
-    assert ops.sum_squares(relayout(g, how)) == pytest.approx(ops.sum_squares(g), rel=1e-15)
+        check(ops.sum_squares(nc), want, dtype, 0.0, "sum_squares")
+    check(ops.sum_squares(relayout(g, how)), np.sum(g.astype(F64) ** 2), dtype, 0.0,
+          "sum_squares of a vector")
