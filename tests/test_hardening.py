@@ -1420,6 +1420,122 @@ def test_kernels_called_concurrently_give_the_sequential_results():
     assert not bad
 
 
+def _one_blas_thread():
+    threadpoolctl = pytest.importorskip(
+        "threadpoolctl", reason="needs threadpoolctl (pip install threadpoolctl) to "
+                                "limit BLAS to one thread")
+    return threadpoolctl.threadpool_limits(1)
+
+
+def _big_dense_models(rng):
+    """Two models of one Dense(2048, tanh) on 2048 features, and a
+    512-row input for each: one 512 x 2048 x 2048 GEMM per predict call."""
+    models = [fg.Sequential([Dense(2048, activation="tanh", input_dim=2048)], seed=s)
+              for s in (1, 2)]
+    return models, [rnd(rng, (512, 2048), F32) for _ in models]
+
+
+def _longest_pause_of_a_python_thread(fn):
+    """(seconds fn() took, the longest time a pure-Python thread running
+    meanwhile went without a step): a call that holds the GIL stops that
+    thread for all its length."""
+    import time
+    ticks, done = [], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    while not ticks:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    done.set()
+    t.join()
+    inside = [a for a in ticks if t0 <= a <= t1]
+    return t1 - t0, float(np.diff([t0, *inside, t1]).max())
+
+
+@pytest.mark.slow
+def test_kernels_release_the_gil_while_they_run():
+    """While a model's predict or ops.dense_forward runs one large GEMM, a
+    pure-Python thread keeps running: its longest pause is a small part of
+    the call (a call holding the GIL would stop it for the whole call).
+    This holds on a loaded machine and on one core, where a speed-up cannot
+    be measured."""
+    rng = np.random.default_rng(48)
+    models, xs = _big_dense_models(rng)
+    kernel = models[0].get_weights()[0]
+    with _one_blas_thread():
+        for what, fn in [("predict", lambda: models[0].predict(xs[0], batch_size=512)),
+                         ("dense_forward", lambda: ops.dense_forward(xs[1], kernel, None,
+                                                                     "tanh"))]:
+            runs = [_longest_pause_of_a_python_thread(fn) for _ in range(3)]
+            took, pause = sorted(runs, key=lambda r: r[1] / r[0])[1]   # the median run
+            assert pause < 0.5 * took, (
+                f"{what}: a Python thread stood still for {pause:.3f} s of a {took:.3f} s "
+                "call: the kernel seems to hold the GIL")
+
+
+@pytest.mark.slow
+def test_two_models_run_their_kernels_in_parallel_threads():
+    """Two threads, each predicting with its own model (a 512 x 2048 x 2048
+    GEMM and a tanh per call, BLAS limited to one thread so that any overlap
+    comes from the two Python threads), take clearly less wall time together
+    than one after the other, and give the same bits as alone. Timing on a
+    shared machine is noisy: each try times sequential, parallel, sequential
+    and compares the parallel time with the faster sequential one; up to
+    three tries. When two NumPy products (which release the GIL) cannot run
+    in parallel either, no core is free and the test is skipped."""
+    import time
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    rng = np.random.default_rng(47)
+    models, xs = _big_dense_models(rng)
+    kernels = [m.get_weights()[0] for m in models]
+    runs = {"fastgrad": lambda i: models[i].predict(xs[i], batch_size=512),
+            "numpy": lambda i: xs[i] @ kernels[i]}
+
+    def timed_pair(fn, parallel):
+        got = [None, None]
+
+        def run(i):
+            def job():
+                got[i] = [fn(i) for _ in range(2)]
+            return job
+        t = time.perf_counter()
+        if parallel:
+            assert _run_threads([run(0), run(1)]) == [None, None]
+        else:
+            run(0)()
+            run(1)()
+        return time.perf_counter() - t, got
+
+    ratios = {"fastgrad": [], "numpy": []}
+    with _one_blas_thread():
+        want = [runs["fastgrad"](i) for i in range(2)]
+        for _ in range(3):
+            for name, fn in runs.items():
+                seq1, _ = timed_pair(fn, False)
+                par, got = timed_pair(fn, True)
+                seq2, _ = timed_pair(fn, False)
+                ratios[name].append(par / min(seq1, seq2))
+                if name == "fastgrad":
+                    assert all(same_bits(p, want[i]) for i in range(2) for p in got[i])
+            if ratios["fastgrad"][-1] < 0.85:
+                return
+    shown = {k: [round(r, 2) for r in v] for k, v in ratios.items()}
+    if min(ratios["numpy"]) >= 0.85:
+        pytest.skip(f"no free second core: parallel / sequential time {shown}")
+    pytest.fail(f"two threads on two models took {shown['fastgrad']} of the sequential "
+                f"time, while NumPy's products took {shown['numpy']}: the kernels do not "
+                "run concurrently")
+
+
 def test_errors_in_compiled_code_surface_in_the_calling_thread():
     rng = np.random.default_rng(45)
     yp = rnd(rng, (64, 5), F32)
