@@ -78,7 +78,8 @@ def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
     where the documented backward uses it (relu & co: whether y > 0; elu,
     selu: y + alpha; sigmoid: y (1 - y); tanh: 1 - y^2; softmax:
     y (g - sum(g y)) per row) and y is given, else from z. With bound=True
-    also returns an error bound: the magnitudes summed into each entry."""
+    also returns an error bound: |g| times the magnitudes of the terms the
+    slope sums (|g slope| where the slope is one product: relative)."""
     z = np.asarray(z, F64)
     g = np.asarray(g, F64)
     a = _alpha(name, alpha)
@@ -91,6 +92,7 @@ def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
         b = y * (np.abs(g) + np.sum(np.abs(g) * y, axis=-1, keepdims=True))
         return (dz, b) if bound else dz
     pos = (z > 0) if y is None else (y > 0)
+    terms = None   # magnitudes of the terms the documented slope sums, if several
     if name in (None, "linear"):
         slope = np.ones_like(z)
     elif name == "relu":
@@ -99,23 +101,31 @@ def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
         slope = np.where(pos, 1.0, a)
     elif name == "elu":
         slope = np.where(pos, 1.0, a * np.exp(zn) if y is None else y + a)
+        terms = np.where(pos, 1.0, np.abs(slope - a) + a)
     elif name == "selu":
         slope = np.where(pos, SELU_SCALE, SELU_SCALE * SELU_ALPHA * np.exp(zn) if y is None
                          else y + SELU_SCALE * SELU_ALPHA)
+        terms = np.where(pos, SELU_SCALE, np.abs(slope - SELU_SCALE * SELU_ALPHA)
+                         + SELU_SCALE * SELU_ALPHA)
     elif name == "gelu":
-        slope = special.ndtr(z) + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        cdf, zpdf = special.ndtr(z), z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        slope, terms = cdf + zpdf, cdf + np.abs(zpdf)
     elif name == "silu":
         s = special.expit(z)
-        slope = s * (1.0 + z * (1.0 - s))
+        # s (1 + z (1 - s)): 1 - s loses s's relative accuracy as s nears 1
+        slope, terms = s * (1.0 + z * (1.0 - s)), s * (1.0 + np.abs(z))
     elif name == "sigmoid":
         s = special.expit(z) if y is None else y
         slope = s * (1.0 - s)
     elif name == "tanh":
-        slope = 1.0 - (np.tanh(z) if y is None else y) ** 2
+        t = np.tanh(z) if y is None else y
+        slope, terms = 1.0 - t ** 2, 1.0 + t ** 2
     else:
         raise KeyError(f"no reference for activation {name!r}")
     dz = g * slope
-    return (dz, np.abs(g) * (np.abs(slope) + 1.0)) if bound else dz
+    if not bound:
+        return dz
+    return dz, np.abs(g) * (np.abs(slope) if terms is None else terms)
 
 
 def ref_dense_forward(x, kernel, bias, act, alpha=None):
@@ -181,7 +191,7 @@ def ref_loss(kind, y_true, y_pred, from_logits=False, delta=1.0):
             db = (1.0 + at) / (B * O)
         elif kind == "binary_crossentropy":
             pc = np.clip(p, EPS, 1 - EPS)
-            rows = np.mean(-(t * np.log(pc) + (1 - t) * np.log1p(-pc)), axis=1)
+            rows = np.mean(-(t * np.log(pc) + (1 - t) * np.log(1 - pc)), axis=1)
             inside = (p >= EPS) & (p <= 1 - EPS)
             d = np.where(inside, (-t / pc + (1 - t) / (1 - pc)), 0.0) / (B * O)
             rb = np.mean(at * np.abs(np.log(pc)) + np.abs(1 - t) * np.abs(np.log(1 - pc)), axis=1)
@@ -501,23 +511,20 @@ def layout(a, kind):
 # comparisons
 # ---------------------------------------------------------------------------
 
-# Relative error allowed against an error bound (see check()).
+# Relative error allowed against a value or an error bound (see check()).
 TOL = {F32: 5e-5, F64: 1e-12}
 
 
-def check(got, want, dt, bound=None, what="", tol=None):
+def check(got, want, dt, bound=0.0, what="", tol=None):
     """|got - want| <= tol * (|want| + bound) + tiny elementwise, tol default
-    TOL[dt] (bound default: max(1, max |want|), which makes the check
-    absolute for small values: give bound=0 for a purely relative one; tiny
-    is the smallest normal number of dt, for results that underflow); equal
-    infinities and NaN in both places pass."""
+    TOL[dt]: relative to each value unless bound is given (the magnitudes
+    of the terms summed into each result, which rounding errors scale
+    with), never absolute; tiny is the smallest normal number of dt, for
+    results that underflow. Equal infinities and NaN in both places pass."""
     got = np.asarray(got)
     want = np.asarray(want, F64)
     tol = TOL[dt] if tol is None else tol
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    if bound is None:
-        finite = want[np.isfinite(want)]
-        bound = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
     g = got.astype(F64)
     with np.errstate(all="ignore"):
         err = np.abs(g - want)

@@ -48,11 +48,12 @@ from scipy import special
 
 from fastgrad import _core, ops
 
-# Tolerances for a result computed in `dtype`, compared with a float64
-# reference computed from the same (already rounded) inputs. The absolute
-# tolerance is multiplied by the scale of the expected values.
+# Relative tolerances for a result computed in `dtype`, compared with a
+# float64 reference computed from the same (already rounded) inputs: relative
+# to each value, or to the magnitudes of the terms a result sums (see
+# assert_close); never an absolute floor, which would hide errors in small
+# values such as sigmoid(-9).
 RTOL = {F32: 1e-5, F64: 1e-12}
-ATOL = {F32: 1e-6, F64: 1e-12}
 
 FD_TOL = 1e-6
 
@@ -61,16 +62,11 @@ FD_TOL = 1e-6
 # Helpers
 # ---------------------------------------------------------------------------
 
-def assert_close(got, want, dtype, scale=None, factor=1.0):
-    """Compare with rtol/atol of `dtype`; atol is relative to `scale`
-    (default: max(1, max|want|))."""
-    got = np.asarray(got)
-    want = np.asarray(want, F64)
-    assert got.shape == want.shape
-    if scale is None:
-        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    np.testing.assert_allclose(got.astype(F64), want, rtol=RTOL[dtype] * factor,
-                               atol=ATOL[dtype] * factor * scale)
+def assert_close(got, want, dtype, bound=0.0, factor=1.0):
+    """|got - want| <= RTOL[dtype] * factor * (|want| + bound) elementwise:
+    relative to each value, unless a bound (the magnitudes of the terms
+    summed into each result, which rounding errors scale with) is given."""
+    check(got, want, dtype, bound, tol=RTOL[dtype] * factor)
 
 
 def normal(rng, shape, dtype=F64, std=2.0):
@@ -208,15 +204,16 @@ def test_activation_backward(act, alpha, dtype, shape):
     z = normal(rng, shape, dtype)
     g = normal(rng, shape, dtype, std=1.0)
     y = ref_act(act, z, alpha).astype(dtype)  # the forward output
-    want = ref_act_vjp(act, z, g, alpha)
+    # the documented slope from the same rounded y, relative to its terms
+    want, bound = ref_act_vjp(act, z, g, alpha, y=y, bound=True)
     x = z if act in ops.NEEDS_PRE else None  # the others work from y alone
 
-    assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype)
+    assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype, bound)
 
     dx = np.full(shape, np.nan, dtype)
     got = ops.activation_backward(g, y, act, x=x, alpha=alpha, dx=dx)
-    assert_close(got, want, dtype)
-    assert_close(dx, want, dtype)  # written in place
+    assert_close(got, want, dtype, bound)
+    assert_close(dx, want, dtype, bound)  # written in place
 
 
 @settings(max_examples=40, deadline=None)
@@ -230,8 +227,10 @@ def test_activation_property_wide_range(data, act):
     y = ops.activation_forward(z, act)
     assert np.all(np.isfinite(y))
     assert_close(y, ref_act(act, z), F64)
-    dx = ops.activation_backward(g, ref_act(act, z), act, x=z)
-    assert_close(dx, ref_act_vjp(act, z, g), F64)
+    y = ref_act(act, z)
+    dx = ops.activation_backward(g, y, act, x=z)
+    want, bound = ref_act_vjp(act, z, g, y=y, bound=True)
+    assert_close(dx, want, F64, bound)
 
 
 def _ref_long(act, z):
@@ -383,8 +382,8 @@ def test_loss_vs_numpy(loss, from_logits, delta, dtype, shape):
     assert isinstance(value, float)
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype], atol=0)
     assert rows.dtype == dtype and d.dtype == dtype
-    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
     value2, d2 = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
                                            delta=delta, grad=False)
@@ -401,7 +400,7 @@ def test_huber_delta_changes_the_loss(dtype):
         value, d = ops.loss_forward_backward(t, p, "huber", delta=delta)
         rows, grad = ref_rows_grad("huber", t, p, delta=delta)
         np.testing.assert_allclose(value, rows.mean(), rtol=RTOL[dtype])
-        assert_close(d, grad, dtype, scale=np.max(np.abs(grad)))
+        assert_close(d, grad, dtype, bound=np.max(np.abs(grad)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -421,8 +420,8 @@ def test_loss_large_logits(loss, dtype):
     value, d, rows = ops.loss_forward_backward(t, z, loss, from_logits=True, per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(rows)) and np.all(np.isfinite(d))
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -435,11 +434,11 @@ def test_bce_clip_at_0_and_1(dtype):
     value, d, rows = ops.loss_forward_backward(t, p, "binary_crossentropy", per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(d))
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
+    assert_close(rows, rows_want, dtype, bound=np.max(rows_want))
     # no gradient through the clip at exactly 0 and 1
     clipped = (p.astype(F64) < EPS) | (p.astype(F64) > 1 - EPS)
     assert np.all(d[clipped] == 0)
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
     # -log(eps) where the target disagrees completely with a clipped 0 or 1
     assert rows[0] == pytest.approx((2 * -np.log(EPS) + 2 * -np.log1p(-EPS) + np.log(2)) / 5)
 
@@ -457,8 +456,8 @@ def test_cce_clip_at_0_and_1(loss, dtype):
     assert np.isfinite(value) and np.all(np.isfinite(d)) and np.all(np.isfinite(rows))
     assert rows[1] == pytest.approx(-np.log(EPS), rel=RTOL[dtype])
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(rows_want))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
 
 def test_sparse_labels_match_one_hot_and_accept_column():
@@ -523,23 +522,23 @@ def _dense_data(act, dtype, size):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act, alpha", ACT_CASES)
 def test_dense_forward(act, alpha, dtype, size):
+    """pre = x @ kernel + bias against float64 within a bound of the
+    magnitudes summed; out = act(pre) relative to each value, from the
+    kernel's own pre (so that the GEMM's rounding is not counted twice)."""
     x, k, b, _ = _dense_data(act, dtype, size)
     f = DENSE_FACTOR[dtype]
-    z = x.astype(F64) @ k.astype(F64) + b.astype(F64)
-
-    assert_close(ops.dense_forward(x, k, b, activation=act, alpha=alpha),
-                 ref_act(act, z, alpha), dtype, factor=f)
-
-    out = np.full((size[0], size[2]), np.nan, dtype)
-    pre = np.full((size[0], size[2]), np.nan, dtype)
-    got = ops.dense_forward(x, k, b, activation=act, out=out, pre=pre, alpha=alpha)
-    assert_close(got, ref_act(act, z, alpha), dtype, factor=f)
-    assert_close(out, ref_act(act, z, alpha), dtype, factor=f)  # in place
-    assert_close(pre, z, dtype, factor=f)
-
-    z0 = x.astype(F64) @ k.astype(F64)  # no bias
-    assert_close(ops.dense_forward(x, k, None, activation=act, alpha=alpha),
-                 ref_act(act, z0, alpha), dtype, factor=f)
+    x64, k64, b64 = x.astype(F64), k.astype(F64), b.astype(F64)
+    for bias, z, zb in [(b, x64 @ k64 + b64, np.abs(x64) @ np.abs(k64) + np.abs(b64)),
+                        (None, x64 @ k64, np.abs(x64) @ np.abs(k64))]:
+        out = np.full((size[0], size[2]), np.nan, dtype)
+        pre = np.full((size[0], size[2]), np.nan, dtype)
+        got = ops.dense_forward(x, k, bias, activation=act, out=out, pre=pre, alpha=alpha)
+        assert got is out
+        assert_close(pre, z, dtype, zb, factor=f)
+        # softmax sums its row: relative to the row's largest probability
+        assert_close(out, ref_act(act, pre, alpha), dtype,
+                     out.max(axis=1, keepdims=True) if act == "softmax" and out.size else 0.0)
+        assert_close(ops.dense_forward(x, k, bias, activation=act, alpha=alpha), out, dtype)
 
 
 @pytest.mark.parametrize("size", DENSE_SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -551,8 +550,12 @@ def test_dense_backward(act, alpha, dtype, size):
     x64, k64 = x.astype(F64), k.astype(F64)
     z = x64 @ k64 + b.astype(F64)
     out, pre = ref_act(act, z, alpha).astype(dtype), z.astype(dtype)
-    dz = ref_act_vjp(act, pre, g, alpha)
+    *want, bounds = ref_dense_backward(g, x, k, pre, act, alpha, y=out)
     f = DENSE_FACTOR[dtype]
+
+    def assert_grads(dx, dk, db):
+        for got, w, bd in zip((dx, dk, db), want, bounds):
+            assert_close(got, w, dtype, bd, factor=f)
 
     # outputs pre-filled with NaN: the kernels must overwrite, not accumulate
     bufs = dict(dkernel=np.full((I, O), np.nan, dtype), dbias=np.full(O, np.nan, dtype),
@@ -560,16 +563,12 @@ def test_dense_backward(act, alpha, dtype, size):
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha,
                                     pre=pre if act in ops.NEEDS_PRE else None, **bufs)
     assert dx is bufs["dx"] and dk is bufs["dkernel"] and db is bufs["dbias"]
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
-    assert_close(db, dz.sum(axis=0), dtype, factor=f)
-    assert_close(dx, dz @ k64.T, dtype, factor=f)
+    assert_grads(dx, dk, db)
 
     # with pre= given to every activation, and fresh outputs
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha, pre=pre)
     assert dx.dtype == dk.dtype == db.dtype == dtype
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
-    assert_close(db, dz.sum(axis=0), dtype, factor=f)
-    assert_close(dx, dz @ k64.T, dtype, factor=f)
+    assert_grads(dx, dk, db)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -582,17 +581,17 @@ def test_dense_backward_options(act, use_bias, need_dx, dtype):
     z = x64 @ k64
     pre = z.astype(dtype)
     out = ops.dense_forward(x, k, None, activation=act)
-    dz = ref_act_vjp(act, pre, g)
+    rdx, rdk, rdb, (bx, bk, bb) = ref_dense_backward(g, x, k, pre, act, y=out)
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, pre=pre,
                                     use_bias=use_bias, need_dx=need_dx)
     f = DENSE_FACTOR[dtype]
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
+    assert_close(dk, rdk, dtype, bk, factor=f)
     if use_bias:
-        assert_close(db, dz.sum(axis=0), dtype, factor=f)
+        assert_close(db, rdb, dtype, bb, factor=f)
     else:
         assert db is None
     if need_dx:
-        assert_close(dx, dz @ k64.T, dtype, factor=f)
+        assert_close(dx, rdx, dtype, bx, factor=f)
     else:
         assert dx is None
 
@@ -610,14 +609,15 @@ def test_matmul(trans_a, trans_b, dtype, mkn):
     a = normal(rng, (k, m) if trans_a else (m, k), dtype, std=1.0)
     b = normal(rng, (n, k) if trans_b else (k, n), dtype, std=1.0)
     a64, b64 = a.astype(F64), b.astype(F64)
-    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
+    want, bound = op_a @ op_b, np.abs(op_a) @ np.abs(op_b)
     f = 10.0 if dtype == F32 else 1.0
 
-    assert_close(ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, dtype, factor=f)
+    assert_close(ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, dtype, bound, f)
     out = np.full((m, n), np.nan, dtype)
     got = ops.matmul(a, b, out=out, trans_a=trans_a, trans_b=trans_b)
-    assert_close(got, want, dtype, factor=f)
-    assert_close(out, want, dtype, factor=f)  # written in place
+    assert_close(got, want, dtype, bound, f)
+    assert_close(out, want, dtype, bound, f)  # written in place
 
 
 # ---------------------------------------------------------------------------
