@@ -7,9 +7,26 @@ from _reference import one_hot as _one_hot
 import fastgrad as fg
 from fastgrad.layers import BatchNormalization, Dense, Dropout
 
-__all__ = ["F32", "F64", "Inject", "Recorder", "assert_model_state", "assert_same_bits", "batch_slices", "blobs", "classifier",
-           "bn_dropout_model", "mlp", "np_accuracy", "np_forward", "np_loss", "one_hot",
-           "model_state", "regression", "same_bits"]
+__all__ = [
+    "F32",
+    "F64",
+    "Inject",
+    "Recorder",
+    "assert_model_state",
+    "assert_same_bits",
+    "batch_slices",
+    "blobs",
+    "bn_dropout_model",
+    "classifier",
+    "mlp",
+    "model_state",
+    "np_accuracy",
+    "np_forward",
+    "np_loss",
+    "one_hot",
+    "regression",
+    "same_bits",
+]
 
 
 

@@ -287,7 +287,7 @@ def test_terminate_on_nan_stops_an_exploding_fit():
         h = m.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=cbs + [rec])
         return m, h, rec
 
-    _, h0, rec0 = run([])
+    _, _h0, rec0 = run([])
     losses = [l for e in sorted(rec0.batch_losses) for l in rec0.batch_losses[e]]
     bad = [i for i, l in enumerate(losses) if not math.isfinite(l)]
     assert bad, "the learning rate does not make the loss explode"
@@ -309,8 +309,8 @@ def test_learning_rate_scheduler_sets_the_rate_per_epoch():
     model.compile(fg.optimizers.SGD(0.7), "sparse_categorical_crossentropy")
     sched = fg.callbacks.LearningRateScheduler(lambda epoch: 0.2 * 0.5 ** epoch)
     rec = Recorder()
-    h = model.fit(x, y, epochs=epochs, batch_size=bs, shuffle=False, verbose=0,
-                  callbacks=[sched, rec])
+    model.fit(x, y, epochs=epochs, batch_size=bs, shuffle=False, verbose=0,
+              callbacks=[sched, rec])
     assert [rec.lr_at_epoch_begin[e] for e in range(epochs)] == pytest.approx(rates,
                                                                                rel=1e-15)
     assert model.optimizer.learning_rate == pytest.approx(rates[-1], rel=1e-15)

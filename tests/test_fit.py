@@ -176,7 +176,7 @@ def test_validation_data_matches_numpy_on_predictions():
 @pytest.mark.parametrize("split,n", [(0.25, 100), (0.2, 50), (0.1, 73)])
 def test_validation_split_takes_the_last_rows_before_shuffling(split, n):
     x, y = blobs(n)
-    cut = int(math.floor(n * (1 - split)))   # Keras: floor(n * (1 - split)) training rows
+    cut = math.floor(n * (1 - split))   # Keras: floor(n * (1 - split)) training rows
     a = mlp(seed=2)
     a.compile(fg.optimizers.Adam(0.01), "sparse_categorical_crossentropy", ["accuracy"])
     ha = a.fit(x, y, epochs=3, batch_size=16, validation_split=split, shuffle=True, verbose=0)
@@ -381,7 +381,7 @@ def test_metric_objects():
                            fg.metrics.MeanAbsoluteError()])
     model.fit(x, y, epochs=3, batch_size=32, verbose=0)
     p = model.predict(x)
-    loss, acc, mae = model.evaluate(x, y, verbose=0)
+    _loss, acc, mae = model.evaluate(x, y, verbose=0)
     assert acc == pytest.approx(np_accuracy("binary", p, y, threshold=0.7), abs=1e-12)
     # the threshold matters on this data
     assert np_accuracy("binary", p, y, 0.7) != np_accuracy("binary", p, y, 0.5)

@@ -19,6 +19,7 @@ Layout of this file:
   6. fuzz ........... tests/fuzz/fuzz.py for ~3 s per harness
 """
 import importlib.util
+import itertools
 import math
 import os
 import re
@@ -280,8 +281,8 @@ def _case_sum_squares(rng, dt):
 
 
 def _expect_step(cfg, w0, state, step, offsets):
-    tensors = [(f"t{i}", a, (b - a,), None, None) for i, (a, b) in
-               enumerate(zip(offsets[:-1], offsets[1:]))]
+    tensors = [(f"t{i}", a, (b - a,), None, None)
+               for i, (a, b) in enumerate(itertools.pairwise(offsets))]
 
     def expect(got, dt, grads):
         w, st, (rec,) = ref_optimizer_run(cfg, w0, [grads], tensors, state=state, t0=step - 1)
@@ -625,7 +626,7 @@ def test_separate_outputs_are_accepted_and_correct():
               "matmul")
         pre = _fresh(dt, (6, 6))
         out = ops.dense_forward(x, kernel, bias, "gelu", out=_fresh(dt, (6, 6)), pre=pre)
-        z, y = ref_dense_forward(x, kernel, bias, "gelu")
+        _z, y = ref_dense_forward(x, kernel, bias, "gelu")
         check(out, y, dt, what="dense_forward")
         dx, dk, db = ops.dense_backward(dout, x, kernel, out, "gelu", pre=pre,
                                         dkernel=_fresh(dt, (6, 6)), dbias=_fresh(dt, 6),
@@ -706,7 +707,7 @@ def test_model_methods_are_bit_identical_for_every_input_layout(model):
         y = rng.integers(0, 4, n)
     else:
         dt = "float64" if model.endswith("f64") else "float32"
-        make = lambda: _regressor(dt)    # noqa: E731
+        make = lambda: _regressor(dt)
         x = rnd(rng, (n, 10), F64)
         y = rnd(rng, (n, 3), F64)
     failures = []
@@ -1020,7 +1021,7 @@ def test_1e20_through_dense_batchnorm_losses_and_steps(dt):
         out, mean, rstd = ops.batchnorm_forward(x)
         assert np.isfinite(out).all() and np.isfinite(rstd).all()
         check(out, ref_bn_forward(x)[0], dt, 10.0, "batchnorm 1e20")
-        dx, dg, db = ops.batchnorm_backward(np.ones_like(x), x, mean, rstd)
+        dx, _dg, _db = ops.batchnorm_backward(np.ones_like(x), x, mean, rstd)
         assert np.isfinite(dx).all()
         s = ops.sum_squares(x)
         assert np.isfinite(s)

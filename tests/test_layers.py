@@ -54,7 +54,7 @@ def np_bn_backward(dy, x, gamma, eps):
 
 
 def tol(dtype):
-    return dict(rtol=2e-5, atol=2e-5) if dtype == F32 else dict(rtol=1e-11, atol=1e-11)
+    return {"rtol": 2e-5, "atol": 2e-5} if dtype == F32 else {"rtol": 1e-11, "atol": 1e-11}
 
 
 def binomial_ok(k, n, p, sigmas=5.0):
@@ -137,14 +137,14 @@ def test_ops_batchnorm_training_forward_and_moving_update(dtype, shape, affine):
 @pytest.mark.parametrize("affine", [True, False])
 def test_ops_batchnorm_inference_uses_moving_statistics_and_keeps_them(dtype, shape, affine):
     rng = np.random.default_rng(shape[1])
-    B, F = shape
+    _B, F = shape
     x = rng.normal(3, 2, size=shape).astype(dtype)
     gamma = rng.uniform(0.5, 2, F).astype(dtype) if affine else None
     beta = rng.normal(size=F).astype(dtype) if affine else None
     mm = rng.normal(size=F).astype(dtype)
     mv = rng.uniform(0.1, 3, F).astype(dtype)
     mm0, mv0 = mm.copy(), mv.copy()
-    out, mean, rstd = ops.batchnorm_forward(x, gamma, beta, mm, mv, training=False,
+    out, _mean, _rstd = ops.batchnorm_forward(x, gamma, beta, mm, mv, training=False,
                                             momentum=0.5, epsilon=1e-2)
     np.testing.assert_allclose(out, np_bn(x, mm0, mv0, gamma, beta, 1e-2), **tol(dtype))
     assert np.array_equal(mm, mm0) and np.array_equal(mv, mv0)
@@ -305,7 +305,7 @@ def test_ops_batchnorm_backward_finite_differences_small():
     dy = rng.normal(size=(B, F))
     _, mean, rstd = ops.batchnorm_forward(x, gamma, beta, training=True, epsilon=eps)
     dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, mean, rstd, gamma)
-    f = lambda: _bn_objective(x, gamma, beta, dy, eps)  # noqa: E731
+    f = lambda: _bn_objective(x, gamma, beta, dy, eps)
     h = 1e-5
     fdx, fdg, fdb = (numerical_grad(f, a, h) for a in (x, gamma, beta))
     assert rel_err(dx, fdx) < 1e-6
@@ -324,7 +324,7 @@ def test_ops_batchnorm_backward_finite_differences_wide():
     dy = rng.normal(size=(B, F))
     _, mean, rstd = ops.batchnorm_forward(x, gamma, beta, training=True, epsilon=eps)
     dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, mean, rstd, gamma)
-    f = lambda: _bn_objective(x, gamma, beta, dy, eps)  # noqa: E731
+    f = lambda: _bn_objective(x, gamma, beta, dy, eps)
     cols = [0, 1, 511, 512, 513, 1023, 1024, 1099]
     xi = [(int(rng.integers(B)), c) for c in cols]
     fdx = _fd(f, x, xi, 1e-5)
@@ -648,7 +648,7 @@ def test_ops_dropout_backward_is_the_same_call_on_the_gradient(dtype):
     np.testing.assert_allclose(dx, dy * mask / (1 - rate), rtol=1e-6 if dtype == F32 else 1e-15)
     # finite differences of L(x) = sum(dy * dropout(x)) in float64
     if dtype == F64:
-        f = lambda: float(np.sum(dy * ops.dropout(x, rate, seed, off)))  # noqa: E731
+        f = lambda: float(np.sum(dy * ops.dropout(x, rate, seed, off)))
         idx = [(int(i), int(j)) for i, j in zip(rng.integers(0, 20, 25),
                                                 rng.integers(0, 30, 25))]
         fd = _fd(f, x, idx, 1e-4)
@@ -797,7 +797,7 @@ def test_dense_bn_relu_dropout_softmax_learns_float32():
     model.compile(fg.optimizers.Adam(0.01), "categorical_crossentropy", metrics=["accuracy"])
     hist = model.fit(x[:2400], y[:2400], batch_size=64, epochs=8, verbose=0)
     assert model.predict(x[:5]).dtype == F32
-    loss, acc = model.evaluate(x[2400:], y[2400:], verbose=0)
+    _loss, acc = model.evaluate(x[2400:], y[2400:], verbose=0)
     pred = np.argmax(model.predict(x[2400:]), 1)
     assert acc == pytest.approx(np.mean(pred == labels[2400:]), abs=1e-6)
     # chance is 0.25

@@ -231,7 +231,7 @@ def test_learns_multiclass_classification(dtype):
                           dtype=dtype, seed=5)
     model.compile(optimizer=fg.optimizers.Adam(0.01), loss="categorical_crossentropy",
                   metrics=["accuracy"])
-    loss0, acc0 = model.evaluate(x, y, verbose=0)
+    loss0, _acc0 = model.evaluate(x, y, verbose=0)
     hist = model.fit(x, y, epochs=8, batch_size=32, verbose=0)
     loss1, acc1 = model.evaluate(x, y, verbose=0)
     pred = model.predict(x)

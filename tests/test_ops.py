@@ -558,8 +558,8 @@ def test_dense_backward(act, alpha, dtype, size):
             assert_close(got, w, dtype, bd, factor=f)
 
     # outputs pre-filled with NaN: the kernels must overwrite, not accumulate
-    bufs = dict(dkernel=np.full((I, O), np.nan, dtype), dbias=np.full(O, np.nan, dtype),
-                dx=np.full((B, I), np.nan, dtype))
+    bufs = {"dkernel": np.full((I, O), np.nan, dtype), "dbias": np.full(O, np.nan, dtype),
+                "dx": np.full((B, I), np.nan, dtype)}
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha,
                                     pre=pre if act in ops.NEEDS_PRE else None, **bufs)
     assert dx is bufs["dx"] and dk is bufs["dkernel"] and db is bufs["dbias"]
@@ -955,8 +955,8 @@ def test_layout_matmul_and_dense(how, dtype):
     rng = np.random.default_rng(len(how))
     x, k = normal(rng, (6, 5), dtype), normal(rng, (5, 7), dtype)
     b, g = normal(rng, 7, dtype), normal(rng, (6, 7), dtype)
-    L = lambda a: relayout(a, how)  # noqa: E731
-    Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)  # noqa: E731
+    L = lambda a: relayout(a, how)
+    Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)
     x64, k64 = x.astype(F64), k.astype(F64)
 
     for ta in (False, True):
@@ -969,7 +969,7 @@ def test_layout_matmul_and_dense(how, dtype):
     for act in ("relu", "gelu", "softmax"):
         pre = np.empty((6, 7), dtype)
         out = ops.dense_forward(L(x), L(k), Lb(b), activation=act, pre=pre)
-        z, y = ref_dense_forward(x, k, b, act)
+        z, _y = ref_dense_forward(x, k, b, act)
         check(pre, z, dtype, np.abs(x64) @ np.abs(k64) + np.abs(b), f"{act}: pre")
         check(out, ref_act(act, pre), dtype, what=f"{act}: out")
         got = ops.dense_backward(L(g), L(x), L(k), L(out), activation=act, pre=L(pre))

@@ -463,11 +463,11 @@ def keras_cosine_decay(step, initial, decay_steps, alpha=0.0, warmup_target=None
 
 
 @pytest.mark.parametrize("args", [
-    dict(initial=1.0, decay_steps=10, warmup_steps=5),
-    dict(initial=0.1, decay_steps=40, alpha=0.2, warmup_steps=7),
-    dict(initial=0.1, decay_steps=40, alpha=0.2),
-    dict(initial=0.0, decay_steps=30, alpha=0.1, warmup_target=0.3, warmup_steps=8),
-    dict(initial=0.05, decay_steps=25, warmup_target=0.01, warmup_steps=0),
+    {"initial": 1.0, "decay_steps": 10, "warmup_steps": 5},
+    {"initial": 0.1, "decay_steps": 40, "alpha": 0.2, "warmup_steps": 7},
+    {"initial": 0.1, "decay_steps": 40, "alpha": 0.2},
+    {"initial": 0.0, "decay_steps": 30, "alpha": 0.1, "warmup_target": 0.3, "warmup_steps": 8},
+    {"initial": 0.05, "decay_steps": 25, "warmup_target": 0.01, "warmup_steps": 0},
 ])
 def test_cosine_decay_matches_the_keras_formula(args):
     s = schedules.CosineDecay(args["initial"], args["decay_steps"], args.get("alpha", 0.0),
@@ -791,7 +791,6 @@ def test_model_step_equals_optimizer_on_model_gradients(make, cfg):
     w0 = model.get_weights()
     grads, tensors = [], []
     batches = [(rng.normal(size=(6, 3)), rng.normal(size=(6, 2))) for _ in range(3)]
-    ws = w0
     ref_w = np.concatenate([w.reshape(-1) for w in w0])
     layout = [(n, w.shape) for n, w in zip(model.weight_names, w0)]
     tensors, _ = make_tensors(layout, regs={"dense/kernel": regularizers.L2(0.02)})

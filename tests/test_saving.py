@@ -113,7 +113,7 @@ def test_metric_objects_are_saved_with_their_configuration(tmp_path):
 def test_files_with_metric_names_only_still_load(tmp_path, small_file):
     """Files written before metric objects were saved with their
     configuration hold names; they load as before."""
-    data, weights = small_file
+    data, _weights = small_file
     _, _, header, _ = split_file(data)
     assert header["compile"]["metrics"] == ["accuracy"]
     m = load_bytes(tmp_path, data)
@@ -422,7 +422,7 @@ def test_single_bit_flips_in_the_header_raise_value_error_or_load(tmp_path, smal
 
 
 def _edit(data, fn):
-    magic, version, header, body = split_file(data)
+    _magic, _version, header, body = split_file(data)
     header = json.loads(json.dumps(header))
     fn(header)
     return join_file(header, body)
@@ -620,7 +620,7 @@ def test_prefix_damage(tmp_path, small_file):
         "json empty arrays": join_file({"arrays": []}, b""),
         "not utf-8": PREFIX.pack(magic, version, 4) + b"\xff\xfe\xfd\xfc",
     }
-    for name, blob in cases.items():
+    for blob in cases.values():
         with pytest.raises(ValueError):
             load_bytes(tmp_path, blob)
     with pytest.raises(ValueError, match="version"):
@@ -988,7 +988,7 @@ def test_saving_into_a_read_only_folder_raises_and_leaves_nothing(two_states, mo
 
 
 def test_saving_over_a_folder_or_into_a_missing_folder(two_states):
-    m, path, old_bytes, old_weights = two_states
+    m, path, old_bytes, _old_weights = two_states
     target = path.parent / "a_folder"
     target.mkdir()
     (target / "inside").write_bytes(b"keep")

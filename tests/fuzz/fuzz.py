@@ -68,10 +68,10 @@ if importlib.util.find_spec("fastgrad") is None and (_ROOT / "fastgrad").is_dir(
     # `python -m pytest` from the root would import it
     sys.path.insert(0, str(_ROOT))
 
-import numpy as np   # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' _reference.py
-from _reference import layout   # noqa: E402
+from _reference import layout
 
 fg = None   # imported lazily, so that atheris can instrument it first
 
@@ -661,9 +661,9 @@ def _gen_call(r):
         ACT_NAMES, LOSS_NAMES = list(ops.ACTIVATIONS), list(ops.LOSSES)
     rng = r.np()
     dt = r.choice([np.float32, np.float64])
-    d = lambda: r.int(0, 40) if r.chance(0.7) else r.int(0, 3)   # noqa: E731
+    d = lambda: r.int(0, 40) if r.chance(0.7) else r.int(0, 3)
     B, I, O = d(), d(), d()
-    arr = lambda shape, **kw: _values(rng, shape, dt, r, **kw)   # noqa: E731
+    arr = lambda shape, **kw: _values(rng, shape, dt, r, **kw)
     kernel = r.choice(["matmul", "dense_forward", "dense_backward", "activation_forward",
                        "activation_backward", "loss_forward_backward", "batchnorm_forward",
                        "batchnorm_backward", "dropout", "sum_squares", "sgd_step",
@@ -1148,7 +1148,7 @@ def run_atheris(target, seconds, seed, crash_dir, strict_warnings):
         cmd.append("--strict-warnings")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace")
+                          errors="replace", check=False)   # the exit status is read below
     stats = Stats(target)
     stats.seconds = time.perf_counter() - t0
     out = proc.stdout
@@ -1169,7 +1169,7 @@ def run_atheris(target, seconds, seed, crash_dir, strict_warnings):
 
 def _have_atheris():
     try:
-        import atheris   # noqa: F401
+        import atheris  # noqa: F401
     except ImportError:
         return False
     return True
