@@ -599,16 +599,15 @@ OVERLAPS = [
 ]
 
 
-@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case, name, call", OVERLAPS, ids=[c[0] for c in OVERLAPS])
-def test_overlapping_outputs_are_refused_by_name(case, name, call, dt):
+def test_overlapping_outputs_are_refused_by_name(case, name, call, dtype):
     """matmul, dense_forward and dense_backward refuse an output that shares
     memory with an input (or another output), whether it is that input or
     shifted from it by a row, with a message naming the output, before
     anything is written."""
-    buf, x, kernel, bias, dout, out, pre, sq, shifted = _overlap_case(dt)
+    buf, x, kernel, bias, dout, out, pre, sq, shifted = _overlap_case(dtype)
     if name != "pre" and "backward" not in case:
-        out = _fresh(dt, out.shape)   # only the output under test overlaps
+        out = _fresh(dtype, out.shape)   # only the output under test overlaps
     before = buf.copy()
     with pytest.raises(ValueError,
                        match=rf"^{name}: overlaps an input; pass a separate array$"):
@@ -1098,12 +1097,12 @@ def _ulp_grid(dt):
     return np.concatenate([lin, small, -small]).astype(dt).reshape(1, -1)
 
 
-@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("act", [a for a in ACTS if a != "softmax"])
-def test_activations_within_ulps_of_the_reference(act, dt):
+def test_activations_within_ulps_of_the_reference(act, dtype):
     """Element-wise activations over [-100, 100] and tiny magnitudes, in
     units in the last place: a relative bound that holds for small outputs
     (sigmoid(-9) = 1.2e-4 is held to a few ulps, not to an absolute 5e-5)."""
+    dt = dtype
     z = _ulp_grid(dt)
     got = ops.activation_forward(z, act)
     want = ref_act(act, z)
@@ -1119,13 +1118,12 @@ def test_activations_within_ulps_of_the_reference(act, dt):
     assert (np.abs(got[sub].astype(F64) - want[sub]) <= tiny).all(), f"{act}: below normal"
 
 
-@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
-def test_softmax_within_ulps_of_the_reference(dt):
+def test_softmax_within_ulps_of_the_reference(dtype, rng):
     """Softmax probabilities down to the bottom of the normal range, in
     ulps. A probability e^(z - max) carries the rounding of z - max, which
     is about |z - max| ulps in any implementation in that precision (33 ulps
     for a float32 probability near 1e-15): allowed 6 + |z - max| ulps."""
-    rng = np.random.default_rng(49)
+    dt = dtype
     z = rng.uniform(-3, 3, (400, 10))
     z[:, 0] -= np.repeat([0.0, 10.0, 20.0, 34.0, 60.0], 80)   # tiny probabilities
     z = z.astype(dt)
