@@ -1577,8 +1577,10 @@ def test_two_models_run_their_kernels_in_parallel_threads():
     than one after the other, and give the same bits as alone. Timing on a
     shared machine is noisy: each try times sequential, parallel, sequential
     and compares the parallel time with the faster sequential one; up to
-    three tries. When two NumPy products (which release the GIL) cannot run
-    in parallel either, no core is free and the test is skipped."""
+    three tries. Two NumPy products (which release the GIL) timed the same
+    way are the control: the test fails when fastgrad's best ratio is over
+    0.85 and clearly worse (by 0.2) than NumPy's, and is skipped when NumPy
+    did no better, as no second core was free."""
     import time
 
     if (os.cpu_count() or 1) < 2:
@@ -1618,11 +1620,12 @@ def test_two_models_run_their_kernels_in_parallel_threads():
             if ratios["fastgrad"][-1] < 0.85:
                 return
     shown = {k: [round(r, 2) for r in v] for k, v in ratios.items()}
-    if min(ratios["numpy"]) >= 0.85:
-        pytest.skip(f"no free second core: parallel / sequential time {shown}")
-    pytest.fail(f"two threads on two models took {shown['fastgrad']} of the sequential "
-                f"time, while NumPy's products took {shown['numpy']}: the kernels do not "
-                "run concurrently")
+    if min(ratios["fastgrad"]) > min(ratios["numpy"]) + 0.2:
+        pytest.fail(f"two threads on two models took {shown['fastgrad']} of the sequential "
+                    f"time, while NumPy's products took {shown['numpy']}: the kernels do "
+                    "not run concurrently")
+    # NumPy did no better: the machine had no second core free long enough
+    pytest.skip(f"no free second core: parallel / sequential time {shown}")
 
 
 def test_errors_in_compiled_code_surface_in_the_calling_thread():
