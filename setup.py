@@ -5,7 +5,7 @@ cython_blas, so nothing links against a BLAS at build time.
 FASTGRAD_DEBUG=1 turns Cython's bounds and None checks back on and builds
 without optimization. FASTGRAD_SANITIZE=1 builds with AddressSanitizer and
 UndefinedBehaviorSanitizer (GCC or Clang; run Python with libasan preloaded,
-see tests/sanitize.sh). CFLAGS from the environment come after these flags,
+see tests/sanitize/sanitize.sh). CFLAGS from the environment come after these flags,
 so ``CFLAGS="-march=x86-64-v3 -DFG_NO_CLONES"`` builds for one instruction set."""
 import os
 

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import special
+from _reference import F64, ref_act, ref_act_vjp
 
 import fastgrad as fg
 from fastgrad import diagnostics
 from fastgrad.callbacks import Callback, GradientMonitor
 
 L = fg.layers
-F64 = np.float64
 
 # documented thresholds (fastgrad/diagnostics.py docstring); the module
 # constants must agree with them
@@ -80,34 +79,6 @@ def _deep(kind, depth=20, width=32, features=16, classes=4, seed=0, optimizer=No
     return model
 
 
-def _act(name, z):
-    if name in (None, "linear"):
-        return z
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "sigmoid":
-        return special.expit(z)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise AssertionError(name)
-
-
-def _act_grad(name, y):
-    """d act / dz in terms of the output y (elementwise activations)."""
-    if name in (None, "linear"):
-        return np.ones_like(y)
-    if name == "relu":
-        return (y > 0).astype(F64)
-    if name == "sigmoid":
-        return y * (1 - y)
-    if name == "tanh":
-        return 1 - y * y
-    raise AssertionError(name)
-
-
 def _np_forward_backward(model, x, labels):
     """float64 forward and backward of a model made of Dense and Activation
     layers ending in a softmax Dense, with mean sparse categorical
@@ -122,12 +93,12 @@ def _np_forward_backward(model, x, labels):
             k = w[f"{layer.name}/kernel"].astype(F64)
             b = w.get(f"{layer.name}/bias")
             z = h @ k + (b.astype(F64) if b is not None else 0.0)
-            y = _act(layer.activation, z)
-            tape.append(("Dense", layer, h, k, y))
+            y = ref_act(layer.activation, z)
+            tape.append(("Dense", layer, h, k, z, y))
         elif layer.kind == "Activation":
             z = h
-            y = _act(layer.activation, z)
-            tape.append(("Activation", layer, h, None, y))
+            y = ref_act(layer.activation, z)
+            tape.append(("Activation", layer, h, None, z, y))
         else:
             raise AssertionError(layer.kind)
         acts[layer.name] = (z, y)
@@ -139,9 +110,9 @@ def _np_forward_backward(model, x, labels):
     d[np.arange(n), labels] -= 1
     d /= n                                  # d loss / d logits of the softmax layer
     grads = {}
-    for i, (kind, layer, hin, k, y) in enumerate(reversed(tape)):
+    for i, (kind, layer, hin, k, z, y) in enumerate(reversed(tape)):
         if i > 0:
-            d = d * _act_grad(layer.activation, y)
+            d = ref_act_vjp(layer.activation, z, d, y=y)
         if kind == "Dense":
             grads[layer.name] = hin.T @ d
             d = d @ k.T

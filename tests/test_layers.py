@@ -22,66 +22,43 @@ import re
 
 import numpy as np
 import pytest
+from _reference import (
+    DTYPES,
+    F32,
+    F64,
+    batch_stats,
+    model_fd_gradients,
+    numerical_grad,
+    ref_bn_backward,
+    ref_bn_forward,
+    splitmix_keep,
+)
 
 import fastgrad as fg
 from fastgrad import ops
 from fastgrad.layers import Activation, BatchNormalization, Dense, Dropout
 
-F32, F64 = np.float32, np.float64
-DTYPES = [F32, F64]
-
-
 # ---------------------------------------------------------------------------
 # references (float64)
 # ---------------------------------------------------------------------------
 
-def np_bn_stats(x):
-    """Batch mean and biased variance per feature, in float64."""
-    x = np.asarray(x, F64)
-    mu = x.mean(axis=0)
-    var = ((x - mu) ** 2).mean(axis=0)
-    return mu, var
-
-
 def np_bn(x, mu, var, gamma=None, beta=None, eps=1e-3):
-    x = np.asarray(x, F64)
-    g = 1.0 if gamma is None else np.asarray(gamma, F64)
-    b = 0.0 if beta is None else np.asarray(beta, F64)
-    return g * (x - mu) / np.sqrt(np.asarray(var, F64) + eps) + b
+    """Normalization by the given statistics (the reference in inference)."""
+    return ref_bn_forward(x, gamma, beta, mu, var, training=False, epsilon=eps)[0]
 
 
 def np_bn_backward(dy, x, gamma, eps):
-    """Backward of training-mode batch normalization by the chain rule of
-    Ioffe & Szegedy (2015), Algorithm 1 (through mu and var explicitly)."""
-    dy, x = np.asarray(dy, F64), np.asarray(x, F64)
-    B = x.shape[0]
-    mu, var = np_bn_stats(x)
-    xc = x - mu
-    inv = 1.0 / np.sqrt(var + eps)
-    xhat = xc * inv
-    g = np.ones(x.shape[1]) if gamma is None else np.asarray(gamma, F64)
-    dxhat = dy * g
-    dvar = np.sum(dxhat * xc, axis=0) * -0.5 * inv ** 3
-    dmu = np.sum(-dxhat * inv, axis=0) + dvar * np.mean(-2.0 * xc, axis=0)
-    dx = dxhat * inv + dvar * 2.0 * xc / B + dmu / B
-    return dx, np.sum(dy * xhat, axis=0), np.sum(dy, axis=0)
+    """(dx, dgamma, dbeta) of the reference, from the batch statistics."""
+    mu, var = batch_stats(x)
+    return ref_bn_backward(dy, x, mu, 1.0 / np.sqrt(var + eps), gamma)[:3]
 
 
 def tol(dtype):
-    return dict(rtol=2e-5, atol=2e-5) if dtype == F32 else dict(rtol=1e-11, atol=1e-11)
-
-
-def splitmix_keep(seed, offset, n, rate):
-    """The keep mask of the documented generator (csrc/fastgrad.h): element k
-    draws splitmix64 at position offset + k; kept when its top 32 bits are
-    below (1 - rate) * 2**32."""
-    pos = np.uint64(offset) + np.arange(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed) + (pos + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(32)) < np.uint64(int((1.0 - rate) * 4294967296.0))
+    """Tolerance of BatchNormalization outputs, (x - mean) rstd gamma + beta:
+    near 0 they come from the cancellation x - mean, so their error is
+    absolute on the scale of the normalized values (about 1), not relative
+    to each output."""
+    return {"rtol": 2e-5, "atol": 2e-5} if dtype == F32 else {"rtol": 1e-11, "atol": 1e-11}
 
 
 def binomial_ok(k, n, p, sigmas=5.0):
@@ -142,7 +119,7 @@ def test_ops_batchnorm_training_forward_and_moving_update(dtype, shape, affine):
     eps, mom = 1e-3, 0.9
     out, mean, rstd = ops.batchnorm_forward(x, gamma, beta, mm, mv, training=True,
                                             momentum=mom, epsilon=eps)
-    mu, var = np_bn_stats(x)
+    mu, var = batch_stats(x)
     assert out.dtype == dtype and out.shape == shape
     np.testing.assert_allclose(out, np_bn(x, mu, var, gamma, beta, eps), **tol(dtype))
     # the statistics handed to backward: the batch mean and 1/sqrt(biased var + eps)
@@ -164,19 +141,19 @@ def test_ops_batchnorm_training_forward_and_moving_update(dtype, shape, affine):
 @pytest.mark.parametrize("affine", [True, False])
 def test_ops_batchnorm_inference_uses_moving_statistics_and_keeps_them(dtype, shape, affine):
     rng = np.random.default_rng(shape[1])
-    B, F = shape
+    _B, F = shape
     x = rng.normal(3, 2, size=shape).astype(dtype)
     gamma = rng.uniform(0.5, 2, F).astype(dtype) if affine else None
     beta = rng.normal(size=F).astype(dtype) if affine else None
     mm = rng.normal(size=F).astype(dtype)
     mv = rng.uniform(0.1, 3, F).astype(dtype)
     mm0, mv0 = mm.copy(), mv.copy()
-    out, mean, rstd = ops.batchnorm_forward(x, gamma, beta, mm, mv, training=False,
+    out, _mean, _rstd = ops.batchnorm_forward(x, gamma, beta, mm, mv, training=False,
                                             momentum=0.5, epsilon=1e-2)
     np.testing.assert_allclose(out, np_bn(x, mm0, mv0, gamma, beta, 1e-2), **tol(dtype))
     assert np.array_equal(mm, mm0) and np.array_equal(mv, mv0)
     # and not the batch statistics
-    mu, var = np_bn_stats(x)
+    mu, var = batch_stats(x)
     assert not np.allclose(out, np_bn(x, mu, var, gamma, beta, 1e-2), rtol=1e-3, atol=1e-3)
 
 
@@ -187,7 +164,7 @@ def test_ops_batchnorm_momentum_edges(mom):
     mm0, mv0 = rng.normal(size=7), rng.uniform(1, 2, 7)
     mm, mv = mm0.copy(), mv0.copy()
     ops.batchnorm_forward(x, None, None, mm, mv, training=True, momentum=mom)
-    mu, var = np_bn_stats(x)
+    mu, var = batch_stats(x)
     np.testing.assert_allclose(mm, mom * mm0 + (1 - mom) * mu, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(mv, mom * mv0 + (1 - mom) * var, rtol=1e-12, atol=1e-14)
 
@@ -210,7 +187,7 @@ def test_layer_training_uses_batch_stats_and_updates_moving_stats(dtype):
     # compute_gradients runs in training mode but restores the statistics
     for a, b in zip(w, model.get_weights()):
         assert np.array_equal(a, b)
-    mu, var = np_bn_stats(x)
+    mu, var = batch_stats(x)
     out = np_bn(x, mu, var, w[0], w[1], 1e-2)
     assert loss == pytest.approx(np.mean((out - y) ** 2), rel=1e-5 if dt == F32 else 1e-12)
     # a training step moves the moving statistics
@@ -252,7 +229,7 @@ def test_ops_batchnorm_float32_large_mean_small_spread():
     x = (1e4 + 1e-2 * rng.standard_normal((B, F))).astype(F32)
     eps = 1e-9
     out, mean, rstd = ops.batchnorm_forward(x, training=True, epsilon=eps)
-    mu, var = np_bn_stats(x)            # float64 from the same float32 values
+    mu, var = batch_stats(x)            # float64 from the same float32 values
     assert np.all(var > 1e-5)           # the float32 quantization leaves a real spread
     ref = np_bn(x, mu, var, eps=eps)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
@@ -284,7 +261,7 @@ def test_layer_float32_large_mean_small_spread_in_training():
     model = fg.Sequential([BatchNormalization(epsilon=1e-8, input_dim=F)], seed=0)
     model.compile(fg.optimizers.SGD(0.0), "mse")   # lr 0: only the statistics move
     loss = model.train_on_batch(x, np.zeros_like(x))
-    mu, var = np_bn_stats(x)
+    mu, var = batch_stats(x)
     assert loss == pytest.approx(np.mean(var / (var + 1e-8)), abs=1e-4)
     mm, mv = model.get_weights()[2:]
     np.testing.assert_allclose(mm, 0.01 * mu, rtol=1e-6)
@@ -301,20 +278,14 @@ def _bn_objective(x, gamma, beta, dy, eps):
 
 
 def _fd(f, a, idx, h):
-    """Central difference of f() in entry idx of array a (modified in place)."""
-    old = a[idx]
-    a[idx] = old + h
-    fp = f()
-    a[idx] = old - h
-    fm = f()
-    a[idx] = old
-    return (fp - fm) / (2 * h)
+    """Central differences of f() at the listed entries of a."""
+    return numerical_grad(f, a, h, idx)[tuple(np.transpose(idx))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("with_gamma", [True, False])
-def test_ops_batchnorm_backward_matches_chain_rule(dtype, shape, with_gamma):
+def test_ops_batchnorm_backward_matches_the_reference(dtype, shape, with_gamma):
     rng = np.random.default_rng(shape[0] * 7 + with_gamma)
     F = shape[1]
     x = rng.normal(1, 2, size=shape).astype(dtype)
@@ -338,11 +309,9 @@ def test_ops_batchnorm_backward_finite_differences_small():
     dy = rng.normal(size=(B, F))
     _, mean, rstd = ops.batchnorm_forward(x, gamma, beta, training=True, epsilon=eps)
     dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, mean, rstd, gamma)
-    f = lambda: _bn_objective(x, gamma, beta, dy, eps)  # noqa: E731
+    f = lambda: _bn_objective(x, gamma, beta, dy, eps)
     h = 1e-5
-    fdx = np.array([_fd(f, x, i, h) for i in np.ndindex(x.shape)]).reshape(x.shape)
-    fdg = np.array([_fd(f, gamma, (j,), h) for j in range(F)])
-    fdb = np.array([_fd(f, beta, (j,), h) for j in range(F)])
+    fdx, fdg, fdb = (numerical_grad(f, a, h) for a in (x, gamma, beta))
     assert rel_err(dx, fdx) < 1e-6
     assert rel_err(dgamma, fdg) < 1e-6
     assert rel_err(dbeta, fdb) < 1e-6
@@ -359,56 +328,28 @@ def test_ops_batchnorm_backward_finite_differences_wide():
     dy = rng.normal(size=(B, F))
     _, mean, rstd = ops.batchnorm_forward(x, gamma, beta, training=True, epsilon=eps)
     dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, mean, rstd, gamma)
-    f = lambda: _bn_objective(x, gamma, beta, dy, eps)  # noqa: E731
+    f = lambda: _bn_objective(x, gamma, beta, dy, eps)
     cols = [0, 1, 511, 512, 513, 1023, 1024, 1099]
     xi = [(int(rng.integers(B)), c) for c in cols]
-    fdx = np.array([_fd(f, x, i, 1e-5) for i in xi])
-    fdg = np.array([_fd(f, gamma, (c,), 1e-5) for c in cols])
-    fdb = np.array([_fd(f, beta, (c,), 1e-5) for c in cols])
+    fdx = _fd(f, x, xi, 1e-5)
+    fdg, fdb = (_fd(f, a, [(c,) for c in cols], 1e-5) for a in (gamma, beta))
     assert rel_err([dx[i] for i in xi], fdx) < 1e-6
     assert rel_err(dgamma[cols], fdg) < 1e-6
     assert rel_err(dbeta[cols], fdb) < 1e-6
 
 
-def _model_fd_check(model, x, y, h=1e-6, before_each=None):
-    """compute_gradients against central differences of compute_gradients'
-    own loss, perturbing every trainable entry through set_weights and
-    restoring all weights (moving statistics included) before each call."""
-    names = model.weight_names
-    base = model.get_weights()
-    trainable_idx = []
-    k = 0
-    for layer in model.layers:
-        for s in layer.weight_specs:
-            if s.trainable:
-                trainable_idx.append(k)
-            k += 1
-    assert len(trainable_idx) == len(names)
-
-    def loss_at(ws):
-        model.set_weights(ws)
-        if before_each:
-            before_each()
-        return model.compute_gradients(x, y)[0]
-
+def _model_fd_check(model, x, y, before_each=None):
+    """{name: (compute_gradients' gradient, central differences of its own
+    loss)} for every trainable weight, all weights (moving statistics
+    included) restored before each call."""
+    trainable = [k for k, s in enumerate(s for layer in model.layers
+                                         for s in layer.weight_specs) if s.trainable]
+    assert len(trainable) == len(model.weight_names)
     if before_each:
         before_each()
-    model.set_weights(base)
     _, grads = model.compute_gradients(x, y)
-    model.set_weights(base)
-    worst = {}
-    for name, wi, g in zip(names, trainable_idx, grads):
-        fd = np.empty_like(base[wi])
-        for idx in np.ndindex(base[wi].shape):
-            ws = [w.copy() for w in base]
-            ws[wi][idx] += h
-            lp = loss_at(ws)
-            ws[wi][idx] -= 2 * h
-            lm = loss_at(ws)
-            fd[idx] = (lp - lm) / (2 * h)
-        worst[name] = (g, fd)
-    model.set_weights(base)
-    return worst
+    fds = model_fd_gradients(model, x, y, before_each=before_each, which=trainable)
+    return {n: (g, fd) for n, g, fd in zip(model.weight_names, grads, fds)}
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
@@ -582,7 +523,7 @@ def test_moving_stats_follow_the_momentum_formula_only(make_opt):
     mm, mv = mm0.copy(), mv0.copy()
     for _ in range(epochs):
         for s in range(0, n, bs):
-            mu, var = np_bn_stats(x[s:s + bs])
+            mu, var = batch_stats(x[s:s + bs])
             mm = mom * mm + (1 - mom) * mu
             mv = mom * mv + (1 - mom) * var
     got = model.get_weights()
@@ -711,10 +652,10 @@ def test_ops_dropout_backward_is_the_same_call_on_the_gradient(dtype):
     np.testing.assert_allclose(dx, dy * mask / (1 - rate), rtol=1e-6 if dtype == F32 else 1e-15)
     # finite differences of L(x) = sum(dy * dropout(x)) in float64
     if dtype == F64:
-        f = lambda: float(np.sum(dy * ops.dropout(x, rate, seed, off)))  # noqa: E731
+        f = lambda: float(np.sum(dy * ops.dropout(x, rate, seed, off)))
         idx = [(int(i), int(j)) for i, j in zip(rng.integers(0, 20, 25),
                                                 rng.integers(0, 30, 25))]
-        fd = np.array([_fd(f, x, i, 1e-4) for i in idx])
+        fd = _fd(f, x, idx, 1e-4)
         assert rel_err([dx[i] for i in idx], fd) < 1e-6
 
 
@@ -860,7 +801,7 @@ def test_dense_bn_relu_dropout_softmax_learns_float32():
     model.compile(fg.optimizers.Adam(0.01), "categorical_crossentropy", metrics=["accuracy"])
     hist = model.fit(x[:2400], y[:2400], batch_size=64, epochs=8, verbose=0)
     assert model.predict(x[:5]).dtype == F32
-    loss, acc = model.evaluate(x[2400:], y[2400:], verbose=0)
+    _loss, acc = model.evaluate(x[2400:], y[2400:], verbose=0)
     pred = np.argmax(model.predict(x[2400:]), 1)
     assert acc == pytest.approx(np.mean(pred == labels[2400:]), abs=1e-6)
     # chance is 0.25

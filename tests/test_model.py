@@ -24,45 +24,10 @@ import zlib
 
 import numpy as np
 import pytest
-from scipy import special
+from _reference import F32, F64, model_fd_gradients, ref_act, ref_loss_value
 
 import fastgrad as fg
 from fastgrad.layers import Activation, Dense
-
-F32, F64 = np.float32, np.float64
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-EPS = 1e-7  # Keras' probability clip
-
-
-# ---------------------------------------------------------------------------
-# NumPy references (float64)
-# ---------------------------------------------------------------------------
-
-def np_act(name, z):
-    z = np.asarray(z, F64)
-    if name is None or name == "linear":
-        return z
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "leaky_relu":
-        return np.where(z > 0, z, 0.2 * z)
-    if name == "elu":
-        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
-    if name == "selu":
-        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(np.minimum(z, 0.0)))
-    if name == "gelu":
-        return 0.5 * z * (1.0 + special.erf(z / np.sqrt(2.0)))
-    if name == "silu":
-        return z * special.expit(z)
-    if name == "sigmoid":
-        return special.expit(z)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise AssertionError(name)
 
 
 def make_layers(spec, input_dim, **dense_kwargs):
@@ -87,64 +52,16 @@ def np_forward(spec, weights, x):
         if item[0] == "dense":
             z = h @ ws[k] + ws[k + 1]
             k += 2
-            h = np_act(item[2], z)
+            h = ref_act(item[2], z)
         else:
             z = h
-            h = np_act(item[1], z)
+            h = ref_act(item[1], z)
     return h, z
 
 
-def _log_softmax(z):
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
-
-
 def np_loss(name, y, out, logits=None, from_logits=False, delta=1.0):
-    """Batch-mean loss, Keras 3 formulas. ``logits`` (with ``from_logits``)
-    means the cross-entropy is computed from the logits."""
-    out = np.asarray(out, F64)
-    if name == "mse":
-        return float(np.mean((out - y) ** 2))
-    if name == "mae":
-        return float(np.mean(np.abs(out - y)))
-    if name == "huber":
-        e = np.abs(out - y)
-        return float(np.mean(np.where(e <= delta, 0.5 * e * e, delta * (e - 0.5 * delta))))
-    if name == "binary_crossentropy":
-        if from_logits:
-            z = np.asarray(logits, F64)
-            return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-        p = np.clip(out, EPS, 1 - EPS)
-        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
-    if name in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
-        if name == "sparse_categorical_crossentropy":
-            y = np.eye(out.shape[1])[np.asarray(y).reshape(-1)]
-        if from_logits:
-            return float(np.mean(-(y * _log_softmax(np.asarray(logits, F64))).sum(axis=1)))
-        q = np.clip(out / out.sum(axis=1, keepdims=True), EPS, 1 - EPS)
-        return float(np.mean(-(y * np.log(q)).sum(axis=1)))
-    raise AssertionError(name)
-
-
-def fd_gradients(model, x, y, h=1e-6):
-    """Central differences of the model's loss in every weight (float64)."""
-    ws = model.get_weights()
-    grads = []
-    for w in ws:
-        g = np.zeros_like(w)
-        for idx in np.ndindex(w.shape):
-            orig = w[idx]
-            w[idx] = orig + h
-            model.set_weights(ws)
-            lp = model.compute_gradients(x, y)[0]
-            w[idx] = orig - h
-            model.set_weights(ws)
-            lm = model.compute_gradients(x, y)[0]
-            w[idx] = orig
-            g[idx] = (lp - lm) / (2 * h)
-        grads.append(g)
-    model.set_weights(ws)
-    return grads
+    """Batch-mean loss of the reference; from the logits with from_logits."""
+    return ref_loss_value(name, y, logits if from_logits else out, from_logits, delta)
 
 
 def blobs(n, features, classes, rng, spread=1.0):
@@ -268,7 +185,7 @@ def test_whole_model_gradients_match_finite_differences(case):
     assert model.weight_names == [f"{l.name}/{n}" for l in model.layers
                                   if isinstance(l, Dense) for n in ("kernel", "bias")]
     assert [g.shape for g in grads] == [w.shape for w in weights]
-    fd = fd_gradients(model, x, y)
+    fd = model_fd_gradients(model, x, y)
     scale = max(float(np.max(np.abs(f))) for f in fd)
     assert scale > 1e-4  # a real, non-zero gradient is being checked
     for name, g, f in zip(model.weight_names, grads, fd):
@@ -314,7 +231,7 @@ def test_learns_multiclass_classification(dtype):
                           dtype=dtype, seed=5)
     model.compile(optimizer=fg.optimizers.Adam(0.01), loss="categorical_crossentropy",
                   metrics=["accuracy"])
-    loss0, acc0 = model.evaluate(x, y, verbose=0)
+    loss0, _acc0 = model.evaluate(x, y, verbose=0)
     hist = model.fit(x, y, epochs=8, batch_size=32, verbose=0)
     loss1, acc1 = model.evaluate(x, y, verbose=0)
     pred = model.predict(x)

@@ -6,7 +6,7 @@ also checked against central finite differences of the kernel's own forward
 value. Layout, dtype and argument validation are covered at the end.
 
 Layout of this file:
-  references ......... ref_activation, ref_activation_vjp, ref_loss
+  references ......... in _reference.py: ref_act, ref_act_vjp, ref_loss
   helpers ............ data generators, tolerances, finite differences
   1. activations ..... forward / backward vs NumPy
   2. finite diffs .... activations (direct and through dense), losses
@@ -19,6 +19,28 @@ Layout of this file:
 """
 import numpy as np
 import pytest
+from _reference import (
+    DEFAULT_ALPHA,
+    DTYPE_IDS,
+    DTYPES,
+    EPS,
+    F32,
+    F64,
+    LAYOUTS_1D,
+    LAYOUTS_2D,
+    SELU_ALPHA,
+    SELU_SCALE,
+    check,
+    layout,
+    numerical_grad,
+    one_hot,
+    ref_act,
+    ref_act_vjp,
+    ref_dense_backward,
+    ref_dense_forward,
+    ref_loss,
+    ref_optimizer_run,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,164 +48,25 @@ from scipy import special
 
 from fastgrad import _core, ops
 
-F32, F64 = np.float32, np.float64
-DTYPES = [F32, F64]
-DTYPE_IDS = ["f32", "f64"]
-
-# Tolerances for a result computed in `dtype`, compared with a float64
-# reference computed from the same (already rounded) inputs. The absolute
-# tolerance is multiplied by the scale of the expected values.
+# Relative tolerances for a result computed in `dtype`, compared with a
+# float64 reference computed from the same (already rounded) inputs: relative
+# to each value, or to the magnitudes of the terms a result sums (see
+# assert_close); never an absolute floor, which would hide errors in small
+# values such as sigmoid(-9).
 RTOL = {F32: 1e-5, F64: 1e-12}
-ATOL = {F32: 1e-6, F64: 1e-12}
 
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
-EPS = 1e-7  # Keras' epsilon, the clip of the probability losses
-
-FD_STEP = 1e-6
 FD_TOL = 1e-6
-
-
-# ---------------------------------------------------------------------------
-# NumPy references (float64)
-# ---------------------------------------------------------------------------
-
-def _softmax(z):
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _alpha(name, alpha):
-    return DEFAULT_ALPHA.get(name, 0.0) if alpha is None else alpha
-
-
-def ref_activation(name, z, alpha=None):
-    """y = act(z), float64."""
-    z = np.asarray(z, F64)
-    a = _alpha(name, alpha)
-    zneg = np.minimum(z, 0.0)  # keeps exp() of the unused branch finite
-    if name == "linear":
-        return z.copy()
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "leaky_relu":
-        return np.where(z > 0, z, a * z)
-    if name == "elu":
-        return np.where(z > 0, z, a * np.expm1(zneg))
-    if name == "selu":
-        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(zneg))
-    if name == "gelu":   # z Phi(z); ndtr stays accurate in the left tail
-        return z * special.ndtr(z)
-    if name == "silu":
-        return z * special.expit(z)
-    if name == "sigmoid":
-        return special.expit(z)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "softmax":
-        return _softmax(z)
-    raise KeyError(f"no reference for activation {name!r}")
-
-
-def ref_activation_vjp(name, z, g, alpha=None):
-    """dz = g * act'(z) (softmax: the full Jacobian-vector product), float64."""
-    z = np.asarray(z, F64)
-    g = np.asarray(g, F64)
-    a = _alpha(name, alpha)
-    zneg = np.minimum(z, 0.0)
-    if name == "softmax":
-        y = _softmax(z)
-        return y * (g - np.sum(g * y, axis=-1, keepdims=True))
-    if name == "linear":
-        slope = np.ones_like(z)
-    elif name == "relu":
-        slope = (z > 0).astype(F64)
-    elif name == "leaky_relu":
-        slope = np.where(z > 0, 1.0, a)
-    elif name == "elu":
-        slope = np.where(z > 0, 1.0, a * np.exp(zneg))
-    elif name == "selu":
-        slope = SELU_SCALE * np.where(z > 0, 1.0, SELU_ALPHA * np.exp(zneg))
-    elif name == "gelu":
-        cdf = special.ndtr(z)
-        pdf = np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
-        slope = cdf + z * pdf
-    elif name == "silu":
-        s = special.expit(z)
-        slope = s + z * s * (1.0 - s)
-    elif name == "sigmoid":
-        s = special.expit(z)
-        slope = s * (1.0 - s)
-    elif name == "tanh":
-        slope = 1.0 - np.tanh(z) ** 2
-    else:
-        raise KeyError(f"no reference for activation {name!r}")
-    return g * slope
-
-
-def one_hot(labels, classes):
-    labels = np.asarray(labels).reshape(-1)
-    t = np.zeros((labels.shape[0], classes))
-    t[np.arange(labels.shape[0]), labels] = 1.0
-    return t
-
-
-def ref_loss(loss, y_true, y_pred, from_logits=False, delta=1.0):
-    """(per-row losses l_i, d mean_i(l_i) / d y_pred), float64."""
-    p = np.asarray(y_pred, F64)
-    B, O = p.shape
-    if loss == "sparse_categorical_crossentropy":
-        t = one_hot(y_true, O)
-        loss = "categorical_crossentropy"
-    else:
-        t = np.asarray(y_true, F64)
-    e = p - t
-    if loss == "mse":
-        return np.mean(e * e, axis=1), 2.0 * e / (B * O)
-    if loss == "mae":
-        return np.mean(np.abs(e), axis=1), np.sign(e) / (B * O)
-    if loss == "huber":
-        small = np.abs(e) <= delta
-        rows = np.mean(np.where(small, 0.5 * e * e, delta * np.abs(e) - 0.5 * delta**2), axis=1)
-        return rows, np.where(small, e, delta * np.sign(e)) / (B * O)
-    if loss == "binary_crossentropy":
-        if from_logits:
-            rows = np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p))), axis=1)
-            return rows, (special.expit(p) - t) / (B * O)
-        pc = np.clip(p, EPS, 1.0 - EPS)
-        rows = np.mean(-(t * np.log(pc) + (1.0 - t) * np.log1p(-pc)), axis=1)
-        inside = (p >= EPS) & (p <= 1.0 - EPS)
-        return rows, np.where(inside, (pc - t) / (pc * (1.0 - pc)), 0.0) / (B * O)
-    if loss == "categorical_crossentropy":
-        if from_logits:
-            lse = special.logsumexp(p, axis=1, keepdims=True)
-            rows = np.sum(t * (lse - p), axis=1)
-            return rows, (np.exp(p - lse) * t.sum(axis=1, keepdims=True) - t) / B
-        s = p.sum(axis=1, keepdims=True)
-        q = p / s
-        qc = np.clip(q, EPS, 1.0 - EPS)
-        rows = -np.sum(t * np.log(qc), axis=1)
-        # chain rule through the clip (no gradient where clipped) and q = p / s
-        dq = np.where((q >= EPS) & (q <= 1.0 - EPS), -t / qc, 0.0)
-        return rows, (dq - np.sum(dq * q, axis=1, keepdims=True)) / s / B
-    raise KeyError(f"no reference for loss {loss!r}")
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
 
-def assert_close(got, want, dtype, scale=None, factor=1.0):
-    """Compare with rtol/atol of `dtype`; atol is relative to `scale`
-    (default: max(1, max|want|))."""
-    got = np.asarray(got)
-    want = np.asarray(want, F64)
-    assert got.shape == want.shape
-    if scale is None:
-        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    np.testing.assert_allclose(got.astype(F64), want, rtol=RTOL[dtype] * factor,
-                               atol=ATOL[dtype] * factor * scale)
+def assert_close(got, want, dtype, bound=0.0, factor=1.0):
+    """|got - want| <= RTOL[dtype] * factor * (|want| + bound) elementwise:
+    relative to each value, unless a bound (the magnitudes of the terms
+    summed into each result, which rounding errors scale with) is given."""
+    check(got, want, dtype, bound, tol=RTOL[dtype] * factor)
 
 
 def normal(rng, shape, dtype=F64, std=2.0):
@@ -195,20 +78,6 @@ def away_from_zero(z, margin=0.1):
     return np.where(z >= 0, z + margin, z - margin)
 
 
-def numerical_grad(f, arr, h=FD_STEP):
-    """Central differences of the scalar f() with respect to arr (in place)."""
-    grad = np.empty(arr.shape)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + h
-        fp = f()
-        arr[idx] = old - h
-        fm = f()
-        arr[idx] = old
-        grad[idx] = (fp - fm) / (2.0 * h)
-    return grad
-
-
 def assert_grad_close(analytic, numeric, what):
     a = np.asarray(analytic, F64)
     n = np.asarray(numeric, F64)
@@ -217,33 +86,21 @@ def assert_grad_close(analytic, numeric, what):
     assert err < FD_TOL, f"{what}: relative error {err:.3g} between analytic and numeric"
 
 
+def ref_rows_grad(*args, **kw):
+    """(per-row losses, gradient of the mean) of ref_loss."""
+    return ref_loss(*args, **kw)[1:3]
+
+
 def relayout(a, how):
     """The same values as `a` in a non-C-contiguous layout."""
-    if how == "fortran":
-        r = np.asfortranarray(a)
-    elif how == "transposed":
-        r = np.ascontiguousarray(a.T).T
-    elif how == "strided":
-        big = np.full(tuple(2 * n + 1 for n in a.shape), np.nan, a.dtype)
-        r = big[(slice(1, None, 2),) * a.ndim]
-        r[...] = a
-    elif how == "reversed":
-        r = a[::-1].copy()[::-1]
-    else:
-        raise ValueError(how)
+    r = layout(a, how)
     np.testing.assert_array_equal(r, a)
     assert not r.flags.c_contiguous
     return r
 
 
-LAYOUTS_2D = ["fortran", "transposed", "strided", "reversed"]
-LAYOUTS_1D = ["strided", "reversed"]
-
-
 def readonly(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
+    return layout(a, "readonly")
 
 
 # Activation cases: every activation with its default alpha, plus explicit
@@ -302,8 +159,8 @@ def test_tables_are_covered_by_the_references():
     """A new activation or loss in the tables must come with a reference."""
     z = np.linspace(-2, 2, 12).reshape(3, 4)
     for name in ops.ACTIVATIONS:
-        ref_activation(name, z)
-        ref_activation_vjp(name, z, z)
+        ref_act(name, z)
+        ref_act_vjp(name, z, z)
     for name in ops.LOSSES:
         t, p = make_loss_data(name, False, (3, 4), np.random.default_rng(0))
         ref_loss(name, t, p)
@@ -327,7 +184,7 @@ ACT_SHAPES = [(1, 1), (7, 13), (64, 600), (3, 1100), (0, 5)]
 def test_activation_forward(act, alpha, dtype, shape):
     rng = np.random.default_rng([len(act), shape[0], shape[1]])
     z = normal(rng, shape, dtype)
-    want = ref_activation(act, z, alpha)
+    want = ref_act(act, z, alpha)
 
     assert_close(ops.activation_forward(z, act, alpha=alpha), want, dtype)
 
@@ -346,16 +203,17 @@ def test_activation_backward(act, alpha, dtype, shape):
     rng = np.random.default_rng([len(act), shape[0], shape[1], 1])
     z = normal(rng, shape, dtype)
     g = normal(rng, shape, dtype, std=1.0)
-    y = ref_activation(act, z, alpha).astype(dtype)  # the forward output
-    want = ref_activation_vjp(act, z, g, alpha)
+    y = ref_act(act, z, alpha).astype(dtype)  # the forward output
+    # the documented slope from the same rounded y, relative to its terms
+    want, bound = ref_act_vjp(act, z, g, alpha, y=y, bound=True)
     x = z if act in ops.NEEDS_PRE else None  # the others work from y alone
 
-    assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype)
+    assert_close(ops.activation_backward(g, y, act, x=x, alpha=alpha), want, dtype, bound)
 
     dx = np.full(shape, np.nan, dtype)
     got = ops.activation_backward(g, y, act, x=x, alpha=alpha, dx=dx)
-    assert_close(got, want, dtype)
-    assert_close(dx, want, dtype)  # written in place
+    assert_close(got, want, dtype, bound)
+    assert_close(dx, want, dtype, bound)  # written in place
 
 
 @settings(max_examples=40, deadline=None)
@@ -368,12 +226,11 @@ def test_activation_property_wide_range(data, act):
     g = data.draw(hnp.arrays(F64, shape, elements=st.floats(-2, 2)), label="g")
     y = ops.activation_forward(z, act)
     assert np.all(np.isfinite(y))
-    assert_close(y, ref_activation(act, z), F64)
-    dx = ops.activation_backward(g, ref_activation(act, z), act, x=z)
-    assert_close(dx, ref_activation_vjp(act, z, g), F64)
-
-
-SELU_SCALE, SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+    assert_close(y, ref_act(act, z), F64)
+    y = ref_act(act, z)
+    dx = ops.activation_backward(g, y, act, x=z)
+    want, bound = ref_act_vjp(act, z, g, y=y, bound=True)
+    assert_close(dx, want, F64, bound)
 
 
 def _ref_long(act, z):
@@ -518,15 +375,15 @@ def test_loss_vs_numpy(loss, from_logits, delta, dtype, shape):
     p = p.astype(dtype)
     if loss != "sparse_categorical_crossentropy":
         t = t.astype(dtype)  # the kernel computes on targets of y_pred's dtype
-    rows_want, grad_want = ref_loss(loss, t, p, from_logits, delta)
+    rows_want, grad_want = ref_rows_grad(loss, t, p, from_logits, delta)
 
     value, d, rows = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
                                                delta=delta, per_sample=True)
     assert isinstance(value, float)
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype], atol=0)
     assert rows.dtype == dtype and d.dtype == dtype
-    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
     value2, d2 = ops.loss_forward_backward(t, p, loss, from_logits=from_logits,
                                            delta=delta, grad=False)
@@ -541,9 +398,9 @@ def test_huber_delta_changes_the_loss(dtype):
     p = (t + 3 * rng.standard_normal((5, 6))).astype(dtype)
     for delta in (0.1, 1.0, 5.0):
         value, d = ops.loss_forward_backward(t, p, "huber", delta=delta)
-        rows, grad = ref_loss("huber", t, p, delta=delta)
+        rows, grad = ref_rows_grad("huber", t, p, delta=delta)
         np.testing.assert_allclose(value, rows.mean(), rtol=RTOL[dtype])
-        assert_close(d, grad, dtype, scale=np.max(np.abs(grad)))
+        assert_close(d, grad, dtype, bound=np.max(np.abs(grad)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -557,14 +414,14 @@ def test_loss_large_logits(loss, dtype):
     z[0] = np.array([1e4, -1e4, 1e4, -1e4, 0.0])  # ties and exact extremes
     if loss != "sparse_categorical_crossentropy":
         t = t.astype(dtype)
-    rows_want, grad_want = ref_loss(loss, t, z, from_logits=True)
+    rows_want, grad_want = ref_rows_grad(loss, t, z, from_logits=True)
     assert np.all(np.isfinite(rows_want))
 
     value, d, rows = ops.loss_forward_backward(t, z, loss, from_logits=True, per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(rows)) and np.all(np.isfinite(d))
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(np.abs(rows_want)))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(np.abs(rows_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -573,15 +430,15 @@ def test_bce_clip_at_0_and_1(dtype):
                   [1.0, 0.0, 0.3, 1e-9, 1 - 1e-9]], dtype)
     t = np.array([[0.0, 1.0, 1.0, 0.0, 0.5],
                   [0.3, 0.7, 1.0, 1.0, 0.0]], dtype)
-    rows_want, grad_want = ref_loss("binary_crossentropy", t, p)
+    rows_want, grad_want = ref_rows_grad("binary_crossentropy", t, p)
     value, d, rows = ops.loss_forward_backward(t, p, "binary_crossentropy", per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(d))
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
+    assert_close(rows, rows_want, dtype, bound=np.max(rows_want))
     # no gradient through the clip at exactly 0 and 1
     clipped = (p.astype(F64) < EPS) | (p.astype(F64) > 1 - EPS)
     assert np.all(d[clipped] == 0)
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
     # -log(eps) where the target disagrees completely with a clipped 0 or 1
     assert rows[0] == pytest.approx((2 * -np.log(EPS) + 2 * -np.log1p(-EPS) + np.log(2)) / 5)
 
@@ -594,13 +451,13 @@ def test_cce_clip_at_0_and_1(loss, dtype):
                   [0.2, 0.3, 0.5]], dtype)
     labels = np.array([0, 0, 2])
     t = one_hot(labels, 3).astype(dtype) if loss == "categorical_crossentropy" else labels
-    rows_want, grad_want = ref_loss(loss, t, p)
+    rows_want, grad_want = ref_rows_grad(loss, t, p)
     value, d, rows = ops.loss_forward_backward(t, p, loss, per_sample=True)
     assert np.isfinite(value) and np.all(np.isfinite(d)) and np.all(np.isfinite(rows))
     assert rows[1] == pytest.approx(-np.log(EPS), rel=RTOL[dtype])
     np.testing.assert_allclose(value, rows_want.mean(), rtol=RTOL[dtype])
-    assert_close(rows, rows_want, dtype, scale=np.max(rows_want))
-    assert_close(d, grad_want, dtype, scale=np.max(np.abs(grad_want)))
+    assert_close(rows, rows_want, dtype, bound=np.max(rows_want))
+    assert_close(d, grad_want, dtype, bound=np.max(np.abs(grad_want)))
 
 
 def test_sparse_labels_match_one_hot_and_accept_column():
@@ -665,23 +522,23 @@ def _dense_data(act, dtype, size):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act, alpha", ACT_CASES)
 def test_dense_forward(act, alpha, dtype, size):
+    """pre = x @ kernel + bias against float64 within a bound of the
+    magnitudes summed; out = act(pre) relative to each value, from the
+    kernel's own pre (so that the GEMM's rounding is not counted twice)."""
     x, k, b, _ = _dense_data(act, dtype, size)
     f = DENSE_FACTOR[dtype]
-    z = x.astype(F64) @ k.astype(F64) + b.astype(F64)
-
-    assert_close(ops.dense_forward(x, k, b, activation=act, alpha=alpha),
-                 ref_activation(act, z, alpha), dtype, factor=f)
-
-    out = np.full((size[0], size[2]), np.nan, dtype)
-    pre = np.full((size[0], size[2]), np.nan, dtype)
-    got = ops.dense_forward(x, k, b, activation=act, out=out, pre=pre, alpha=alpha)
-    assert_close(got, ref_activation(act, z, alpha), dtype, factor=f)
-    assert_close(out, ref_activation(act, z, alpha), dtype, factor=f)  # in place
-    assert_close(pre, z, dtype, factor=f)
-
-    z0 = x.astype(F64) @ k.astype(F64)  # no bias
-    assert_close(ops.dense_forward(x, k, None, activation=act, alpha=alpha),
-                 ref_activation(act, z0, alpha), dtype, factor=f)
+    x64, k64, b64 = x.astype(F64), k.astype(F64), b.astype(F64)
+    for bias, z, zb in [(b, x64 @ k64 + b64, np.abs(x64) @ np.abs(k64) + np.abs(b64)),
+                        (None, x64 @ k64, np.abs(x64) @ np.abs(k64))]:
+        out = np.full((size[0], size[2]), np.nan, dtype)
+        pre = np.full((size[0], size[2]), np.nan, dtype)
+        got = ops.dense_forward(x, k, bias, activation=act, out=out, pre=pre, alpha=alpha)
+        assert got is out
+        assert_close(pre, z, dtype, zb, factor=f)
+        # softmax sums its row: relative to the row's largest probability
+        assert_close(out, ref_act(act, pre, alpha), dtype,
+                     out.max(axis=1, keepdims=True) if act == "softmax" and out.size else 0.0)
+        assert_close(ops.dense_forward(x, k, bias, activation=act, alpha=alpha), out, dtype)
 
 
 @pytest.mark.parametrize("size", DENSE_SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -692,26 +549,26 @@ def test_dense_backward(act, alpha, dtype, size):
     B, I, O = size
     x64, k64 = x.astype(F64), k.astype(F64)
     z = x64 @ k64 + b.astype(F64)
-    out, pre = ref_activation(act, z, alpha).astype(dtype), z.astype(dtype)
-    dz = ref_activation_vjp(act, pre, g, alpha)
+    out, pre = ref_act(act, z, alpha).astype(dtype), z.astype(dtype)
+    *want, bounds = ref_dense_backward(g, x, k, pre, act, alpha, y=out)
     f = DENSE_FACTOR[dtype]
 
+    def assert_grads(dx, dk, db):
+        for got, w, bd in zip((dx, dk, db), want, bounds):
+            assert_close(got, w, dtype, bd, factor=f)
+
     # outputs pre-filled with NaN: the kernels must overwrite, not accumulate
-    bufs = dict(dkernel=np.full((I, O), np.nan, dtype), dbias=np.full(O, np.nan, dtype),
-                dx=np.full((B, I), np.nan, dtype))
+    bufs = {"dkernel": np.full((I, O), np.nan, dtype), "dbias": np.full(O, np.nan, dtype),
+                "dx": np.full((B, I), np.nan, dtype)}
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha,
                                     pre=pre if act in ops.NEEDS_PRE else None, **bufs)
     assert dx is bufs["dx"] and dk is bufs["dkernel"] and db is bufs["dbias"]
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
-    assert_close(db, dz.sum(axis=0), dtype, factor=f)
-    assert_close(dx, dz @ k64.T, dtype, factor=f)
+    assert_grads(dx, dk, db)
 
     # with pre= given to every activation, and fresh outputs
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, alpha=alpha, pre=pre)
     assert dx.dtype == dk.dtype == db.dtype == dtype
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
-    assert_close(db, dz.sum(axis=0), dtype, factor=f)
-    assert_close(dx, dz @ k64.T, dtype, factor=f)
+    assert_grads(dx, dk, db)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -724,17 +581,17 @@ def test_dense_backward_options(act, use_bias, need_dx, dtype):
     z = x64 @ k64
     pre = z.astype(dtype)
     out = ops.dense_forward(x, k, None, activation=act)
-    dz = ref_activation_vjp(act, pre, g)
+    rdx, rdk, rdb, (bx, bk, bb) = ref_dense_backward(g, x, k, pre, act, y=out)
     dx, dk, db = ops.dense_backward(g, x, k, out, activation=act, pre=pre,
                                     use_bias=use_bias, need_dx=need_dx)
     f = DENSE_FACTOR[dtype]
-    assert_close(dk, x64.T @ dz, dtype, factor=f)
+    assert_close(dk, rdk, dtype, bk, factor=f)
     if use_bias:
-        assert_close(db, dz.sum(axis=0), dtype, factor=f)
+        assert_close(db, rdb, dtype, bb, factor=f)
     else:
         assert db is None
     if need_dx:
-        assert_close(dx, dz @ k64.T, dtype, factor=f)
+        assert_close(dx, rdx, dtype, bx, factor=f)
     else:
         assert dx is None
 
@@ -752,14 +609,15 @@ def test_matmul(trans_a, trans_b, dtype, mkn):
     a = normal(rng, (k, m) if trans_a else (m, k), dtype, std=1.0)
     b = normal(rng, (n, k) if trans_b else (k, n), dtype, std=1.0)
     a64, b64 = a.astype(F64), b.astype(F64)
-    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
+    want, bound = op_a @ op_b, np.abs(op_a) @ np.abs(op_b)
     f = 10.0 if dtype == F32 else 1.0
 
-    assert_close(ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, dtype, factor=f)
+    assert_close(ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, dtype, bound, f)
     out = np.full((m, n), np.nan, dtype)
     got = ops.matmul(a, b, out=out, trans_a=trans_a, trans_b=trans_b)
-    assert_close(got, want, dtype, factor=f)
-    assert_close(out, want, dtype, factor=f)  # written in place
+    assert_close(got, want, dtype, bound, f)
+    assert_close(out, want, dtype, bound, f)  # written in place
 
 
 # ---------------------------------------------------------------------------
@@ -1082,16 +940,14 @@ def test_failed_validation_writes_nothing():
 # result is computed twice (once from C-contiguous copies), so the only
 # possible difference would come from the layout.
 
-def _same(got, want):
-    if isinstance(got, tuple):
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            _same(g, w)
-    elif got is None:
-        assert want is None
-    else:
-        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+def _check_all(got, want, bounds, dtype, names):
+    for g, w, b, what in zip(got, want, bounds, names):
+        check(g, w, dtype, b, what)
 
+
+# The layout tests compare results on non-contiguous inputs with the float64
+# references computed from the same values (not with fastgrad on a
+# contiguous copy, which would only test the copy).
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("how", LAYOUTS_2D)
@@ -1099,22 +955,26 @@ def test_layout_matmul_and_dense(how, dtype):
     rng = np.random.default_rng(len(how))
     x, k = normal(rng, (6, 5), dtype), normal(rng, (5, 7), dtype)
     b, g = normal(rng, 7, dtype), normal(rng, (6, 7), dtype)
-    L = lambda a: relayout(a, how)  # noqa: E731
-    Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)  # noqa: E731
+    L = lambda a: relayout(a, how)
+    Lb = lambda a: relayout(a, "strided" if how in ("fortran", "transposed") else how)
+    x64, k64 = x.astype(F64), k.astype(F64)
 
     for ta in (False, True):
         for tb in (False, True):
             a = np.ascontiguousarray(x.T) if ta else x
             bb = np.ascontiguousarray(k.T) if tb else k
-            _same(ops.matmul(L(a), L(bb), trans_a=ta, trans_b=tb),
-                  ops.matmul(a, bb, trans_a=ta, trans_b=tb))
+            check(ops.matmul(L(a), L(bb), trans_a=ta, trans_b=tb), x64 @ k64, dtype,
+                  np.abs(x64) @ np.abs(k64), f"matmul trans_a={ta} trans_b={tb}")
 
     for act in ("relu", "gelu", "softmax"):
         pre = np.empty((6, 7), dtype)
-        want = ops.dense_forward(x, k, b, activation=act, pre=pre)
-        _same(ops.dense_forward(L(x), L(k), Lb(b), activation=act), want)
-        _same(ops.dense_backward(L(g), L(x), L(k), L(want), activation=act, pre=L(pre)),
-              ops.dense_backward(g, x, k, want, activation=act, pre=pre))
+        out = ops.dense_forward(L(x), L(k), Lb(b), activation=act, pre=pre)
+        z, _y = ref_dense_forward(x, k, b, act)
+        check(pre, z, dtype, np.abs(x64) @ np.abs(k64) + np.abs(b), f"{act}: pre")
+        check(out, ref_act(act, pre), dtype, what=f"{act}: out")
+        got = ops.dense_backward(L(g), L(x), L(k), L(out), activation=act, pre=L(pre))
+        *want, bounds = ref_dense_backward(g, x, k, pre, act, y=out)
+        _check_all(got, want, bounds, dtype, [f"{act}: {n}" for n in ("dx", "dkernel", "dbias")])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1123,10 +983,11 @@ def test_layout_activations(how, dtype):
     rng = np.random.default_rng(len(how) + 1)
     z, g = normal(rng, (5, 8), dtype), normal(rng, (5, 8), dtype)
     for act in ops.ACTIVATIONS:
-        y = ops.activation_forward(z, act)
-        _same(ops.activation_forward(relayout(z, how), act), y)
-        _same(ops.activation_backward(relayout(g, how), relayout(y, how), act, x=relayout(z, how)),
-              ops.activation_backward(g, y, act, x=z))
+        y = ops.activation_forward(relayout(z, how), act)
+        check(y, ref_act(act, z), dtype, what=f"{act} forward")
+        dx = ops.activation_backward(relayout(g, how), relayout(y, how), act, x=relayout(z, how))
+        want, bound = ref_act_vjp(act, z, g, y=y, bound=True)
+        check(dx, want, dtype, bound, f"{act} backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1136,13 +997,14 @@ def test_layout_losses(loss, from_logits, delta, how, dtype):
     rng = np.random.default_rng(len(loss) + len(how))
     t, p = make_loss_data(loss, from_logits, (6, 4), rng, delta)
     p = p.astype(dtype)
-    t_nc = t if loss == "sparse_categorical_crossentropy" else relayout(t.astype(dtype), how)
-    want = ops.loss_forward_backward(t, p, loss, from_logits=from_logits, delta=delta,
-                                     per_sample=True)
+    if loss != "sparse_categorical_crossentropy":
+        t = t.astype(dtype)
+    t_nc = t if loss == "sparse_categorical_crossentropy" else relayout(t, how)
     got = ops.loss_forward_backward(t_nc, relayout(p, how), loss, from_logits=from_logits,
                                     delta=delta, per_sample=True)
-    assert got[0] == want[0]
-    _same(got[1:], want[1:])
+    mean, rows, d, rb, db = ref_loss(loss, t, p, from_logits, delta)
+    _check_all(got, (mean, d, rows), (rb.mean(), db, rb), dtype,
+               ("loss", "dy_pred", "per-sample losses"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1150,16 +1012,18 @@ def test_layout_losses(loss, from_logits, delta, how, dtype):
 def test_layout_sgd_and_sum_squares(how, dtype):
     rng = np.random.default_rng(len(how) + 2)
     g = normal(rng, 9, dtype)
-    p1 = normal(rng, 9, dtype)
-    p2 = p1.copy()
-    v1, v2 = np.zeros(9, dtype), np.zeros(9, dtype)
+    p0 = normal(rng, 9, dtype)
+    p, v = p0.copy(), np.zeros(9, dtype)
     for _ in range(3):
-        ops.sgd_step(p1, g, 0.1, momentum=0.9, nesterov=True, velocity=v1)
-        ops.sgd_step(p2, relayout(g, how), 0.1, momentum=0.9, nesterov=True, velocity=v2)
-    _same((p2, v2), (p1, v1))
+        ops.sgd_step(p, relayout(g, how), 0.1, momentum=0.9, nesterov=True, velocity=v)
+    cfg = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}
+    w, st, _ = ref_optimizer_run(cfg, p0, [g] * 3, [("w", 0, (9,), None, None)])
+    check(p, w, dtype, what="params")
+    check(v, st["v"], dtype, what="velocity")
 
     x = normal(rng, (7, 6), dtype)
-    want = ops.sum_squares(x)
-    for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "reversed"), x.T):
-        assert ops.sum_squares(nc) == pytest.approx(want, rel=1e-15)
-    assert ops.sum_squares(relayout(g, how)) == pytest.approx(ops.sum_squares(g), rel=1e-15)
+    want = np.sum(x.astype(F64) ** 2)
+    for nc in (relayout(x, "fortran"), relayout(x, "strided"), relayout(x, "negative"), x.T):
+        check(ops.sum_squares(nc), want, dtype, 0.0, "sum_squares")
+    check(ops.sum_squares(relayout(g, how)), np.sum(g.astype(F64) ** 2), dtype, 0.0,
+          "sum_squares of a vector")

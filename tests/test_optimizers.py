@@ -19,17 +19,17 @@ Layout of this file:
 """
 import inspect
 import math
-import re
 import platform
+import re
 
 import numpy as np
 import pytest
+from _reference import F32, F64, ref_optimizer_run, tensor_slices, tensor_table
 
 import fastgrad as fg
 from fastgrad import constraints, optimizers, regularizers, schedules
 from fastgrad.layers import Dense
 
-F32, F64 = np.float32, np.float64
 RTOL, ATOL = 1e-12, 1e-14
 
 LAYOUT = [("dense/kernel", (3, 4)), ("dense/bias", (4,)),
@@ -37,13 +37,7 @@ LAYOUT = [("dense/kernel", (3, 4)), ("dense/bias", (4,)),
 
 
 def make_tensors(layout=LAYOUT, regs=None, cons=None):
-    regs = regs or {}
-    cons = cons or {}
-    tensors, off = [], 0
-    for name, shape in layout:
-        tensors.append((name, off, shape, regs.get(name), cons.get(name)))
-        off += int(np.prod(shape))
-    return tensors, off
+    return tensor_table(layout, regs, cons)
 
 
 TENSORS, SIZE = make_tensors()
@@ -53,105 +47,7 @@ def grad_sequence(rng, size, steps, scale=1.0, decay=1.0):
     return [scale * decay ** k * rng.normal(size=size) for k in range(steps)]
 
 
-# ---------------------------------------------------------------------------
-# NumPy reference
-# ---------------------------------------------------------------------------
-
-def _slices(tensors):
-    return [(slice(off, off + int(np.prod(shape))), shape, reg, con, name)
-            for name, off, shape, reg, con in tensors]
-
-
-def ref_run(cfg, w0, grads, tensors, lr=None, skip=()):
-    """Run the documented step on float64 copies. cfg: dict with kind and
-    hyper-parameters. lr: float or callable(iterations). Returns (w, state,
-    records); a step index in ``skip`` is treated as skipped (non-finite)."""
-    kind = cfg["kind"]
-    lr = cfg.get("lr", 0.01) if lr is None else lr
-    w = np.array(w0, F64)
-    n = w.size
-    st = {"m": np.zeros(n), "v": np.zeros(n), "s": np.zeros(n), "vmax": np.zeros(n)}
-    if kind == "adagrad":
-        st["v"][:] = cfg.get("init", 0.1)
-    t = 0
-    records = []
-    for step, g_raw in enumerate(grads):
-        if step in skip:
-            records.append(None)
-            continue
-        rate = lr(t) if callable(lr) else lr
-        t += 1
-        g = np.array(g_raw, F64)
-        penalty = 0.0
-        norms = []
-        for sl, shape, reg, con, name in _slices(tensors):
-            if reg is not None:
-                g[sl] += reg.l1 * np.sign(w[sl]) + 2 * reg.l2 * w[sl]
-                penalty += reg.l1 * np.abs(w[sl]).sum() + reg.l2 * (w[sl] ** 2).sum()
-            norms.append(np.sqrt(np.sum(g[sl] ** 2)))
-        norms = np.array(norms)
-        total = np.sqrt(np.sum(norms ** 2))
-        scale = np.ones(len(tensors))
-        if cfg.get("clipnorm") is not None:
-            scale = np.minimum(1.0, cfg["clipnorm"] / np.maximum(norms, 1e-300))
-        elif cfg.get("global_clipnorm") is not None:
-            scale[:] = min(1.0, cfg["global_clipnorm"] / total)
-        for (sl, *_), s in zip(_slices(tensors), scale):
-            g[sl] *= s
-        if cfg.get("clipvalue") is not None:
-            g = np.clip(g, -cfg["clipvalue"], cfg["clipvalue"])
-        records.append({"norms": norms, "total": total, "scale": scale,
-                        "penalty": penalty, "lr": rate})
-        if cfg.get("wd"):
-            w = w - rate * cfg["wd"] * w
-        if kind == "sgd":
-            mu = cfg.get("momentum", 0.0)
-            if mu == 0:
-                w = w - rate * g
-            else:
-                st["v"] = mu * st["v"] - rate * g
-                w = w + (mu * st["v"] - rate * g if cfg.get("nesterov") else st["v"])
-        elif kind == "rmsprop":
-            rho, eps, mu = cfg.get("rho", 0.9), cfg.get("eps", 1e-7), cfg.get("momentum", 0.0)
-            st["v"] = rho * st["v"] + (1 - rho) * g * g
-            if cfg.get("centered"):
-                st["m"] = rho * st["m"] + (1 - rho) * g
-                denom = st["v"] - st["m"] ** 2 + eps
-            else:
-                denom = st["v"] + eps
-            u = rate * g / np.sqrt(denom)
-            if mu:
-                st["s"] = mu * st["s"] + u
-                u = st["s"]
-            w = w - u
-        elif kind == "adam":
-            b1, b2, eps = cfg.get("b1", 0.9), cfg.get("b2", 0.999), cfg.get("eps", 1e-7)
-            st["m"] = b1 * st["m"] + (1 - b1) * g
-            st["v"] = b2 * st["v"] + (1 - b2) * g * g
-            v = st["v"]
-            if cfg.get("amsgrad"):
-                st["vmax"] = np.maximum(st["vmax"], st["v"])
-                v = st["vmax"]
-            alpha = rate * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-            w = w - alpha * st["m"] / (np.sqrt(v) + eps)
-        elif kind == "adagrad":
-            st["v"] = st["v"] + g * g
-            w = w - rate * g / np.sqrt(st["v"] + cfg.get("eps", 1e-7))
-        else:
-            raise AssertionError(kind)
-        for sl, shape, reg, con, name in _slices(tensors):
-            if con is None:
-                continue
-            x = w[sl].reshape(shape)
-            if isinstance(con, constraints.MaxNorm):
-                nrm = np.sqrt(np.sum(x * x, axis=0, keepdims=True))
-                x = x * np.clip(nrm, 0, con.max_value) / (1e-7 + nrm)
-            elif isinstance(con, constraints.NonNeg):
-                x = np.where(x < 0, 0.0, x)
-            elif isinstance(con, constraints.ClipValue):
-                x = np.clip(x, -con.clip_value, con.clip_value)
-            w[sl] = x.reshape(-1)
-    return w, st, records
+ref_run = ref_optimizer_run   # the float64 reference of every optimizer's step
 
 
 def fg_run(opt, w0, grads, tensors=TENSORS, dtype=F64):
@@ -302,7 +198,7 @@ def test_clipping_matches_numpy(mode, kind):
     noclip, _, _ = ref_run({k: v for k, v in cfg.items() if k != mode}, w0, grads, TENSORS)
     assert np.max(np.abs(noclip - ref)) > 1e-3
     for k, (r, e, g) in enumerate(zip(recs, refrecs, grads)):
-        raw = np.array([np.linalg.norm(g[sl]) for sl, *_ in _slices(TENSORS)])
+        raw = np.array([np.linalg.norm(g[sl]) for sl, *_ in tensor_slices(TENSORS)])
         np.testing.assert_allclose(r["norms"], raw, rtol=1e-13)  # before clipping
         assert r["total"] == pytest.approx(np.linalg.norm(g), rel=1e-13)
         if mode == "clipvalue":
@@ -567,11 +463,11 @@ def keras_cosine_decay(step, initial, decay_steps, alpha=0.0, warmup_target=None
 
 
 @pytest.mark.parametrize("args", [
-    dict(initial=1.0, decay_steps=10, warmup_steps=5),
-    dict(initial=0.1, decay_steps=40, alpha=0.2, warmup_steps=7),
-    dict(initial=0.1, decay_steps=40, alpha=0.2),
-    dict(initial=0.0, decay_steps=30, alpha=0.1, warmup_target=0.3, warmup_steps=8),
-    dict(initial=0.05, decay_steps=25, warmup_target=0.01, warmup_steps=0),
+    {"initial": 1.0, "decay_steps": 10, "warmup_steps": 5},
+    {"initial": 0.1, "decay_steps": 40, "alpha": 0.2, "warmup_steps": 7},
+    {"initial": 0.1, "decay_steps": 40, "alpha": 0.2},
+    {"initial": 0.0, "decay_steps": 30, "alpha": 0.1, "warmup_target": 0.3, "warmup_steps": 8},
+    {"initial": 0.05, "decay_steps": 25, "warmup_target": 0.01, "warmup_steps": 0},
 ])
 def test_cosine_decay_matches_the_keras_formula(args):
     s = schedules.CosineDecay(args["initial"], args["decay_steps"], args.get("alpha", 0.0),
@@ -895,7 +791,6 @@ def test_model_step_equals_optimizer_on_model_gradients(make, cfg):
     w0 = model.get_weights()
     grads, tensors = [], []
     batches = [(rng.normal(size=(6, 3)), rng.normal(size=(6, 2))) for _ in range(3)]
-    ws = w0
     ref_w = np.concatenate([w.reshape(-1) for w in w0])
     layout = [(n, w.shape) for n, w in zip(model.weight_names, w0)]
     tensors, _ = make_tensors(layout, regs={"dense/kernel": regularizers.L2(0.02)})

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz runner for fastgrad.
 
-    python tests/fuzz.py --seconds N [--target load_model|ops|all] [--seed S]
+    python tests/fuzz/fuzz.py --seconds N [--target load_model|ops|all] [--seed S]
                          [--engine auto|random|atheris] [--crash-dir DIR]
                          [--replay TARGET:ITERATION] [--strict-warnings]
 
@@ -62,13 +62,16 @@ import traceback
 import warnings
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("fastgrad") is None and (_ROOT / "fastgrad").is_dir():
     # not installed: the work tree's package (built in place), as
     # `python -m pytest` from the root would import it
     sys.path.insert(0, str(_ROOT))
 
-import numpy as np   # noqa: E402
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' _reference.py
+from _reference import layout
 
 fg = None   # imported lazily, so that atheris can instrument it first
 
@@ -600,31 +603,11 @@ ACT_NAMES = None   # filled from fg.ops on first use
 LOSS_NAMES = None
 
 
-def _layout(a, kind, rng):
-    if not isinstance(a, np.ndarray):
+def _layout(a, kind):
+    """a laid out as named (see _reference.layout); other values unchanged."""
+    if not isinstance(a, np.ndarray) or (kind == "unaligned" and a.dtype == object):
         return a
-    if kind == "fortran":
-        return np.asfortranarray(a)
-    if kind == "transposed":
-        return np.ascontiguousarray(a.T).T
-    if kind == "strided" and a.ndim:
-        big = np.zeros((2 * a.shape[0],) + a.shape[1:], a.dtype)
-        big[::2] = a
-        return big[::2]
-    if kind == "negative" and a.ndim:
-        return np.ascontiguousarray(a[::-1])[::-1]
-    if kind == "broadcast" and a.ndim and a.shape[0]:
-        return np.broadcast_to(a[:1], a.shape)
-    if kind == "readonly":
-        a = a.copy()
-        a.flags.writeable = False
-        return a
-    if kind == "unaligned" and a.dtype != object:
-        buf = bytearray(a.nbytes + 1)
-        u = np.frombuffer(buf, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
-        u[...] = a
-        return u
-    return a
+    return layout(a, kind)
 
 
 def _values(rng, shape, dt, r, lo=None, hi=None):
@@ -678,9 +661,9 @@ def _gen_call(r):
         ACT_NAMES, LOSS_NAMES = list(ops.ACTIVATIONS), list(ops.LOSSES)
     rng = r.np()
     dt = r.choice([np.float32, np.float64])
-    d = lambda: r.int(0, 40) if r.chance(0.7) else r.int(0, 3)   # noqa: E731
+    d = lambda: r.int(0, 40) if r.chance(0.7) else r.int(0, 3)
     B, I, O = d(), d(), d()
-    arr = lambda shape, **kw: _values(rng, shape, dt, r, **kw)   # noqa: E731
+    arr = lambda shape, **kw: _values(rng, shape, dt, r, **kw)
     kernel = r.choice(["matmul", "dense_forward", "dense_backward", "activation_forward",
                        "activation_backward", "loss_forward_backward", "batchnorm_forward",
                        "batchnorm_backward", "dropout", "sum_squares", "sgd_step",
@@ -814,7 +797,7 @@ def _gen_call(r):
         v = kw[k]
         if r.chance(0.2):
             kind = r.choice(LAYOUTS)
-            kw[k] = _layout(v, kind, rng)
+            kw[k] = _layout(v, kind)
             if kind != "c":
                 notes.append(f"{k} {kind}")
         if r.chance(0.04):
@@ -1165,7 +1148,7 @@ def run_atheris(target, seconds, seed, crash_dir, strict_warnings):
         cmd.append("--strict-warnings")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace")
+                          errors="replace", check=False)   # the exit status is read below
     stats = Stats(target)
     stats.seconds = time.perf_counter() - t0
     out = proc.stdout
@@ -1186,7 +1169,7 @@ def run_atheris(target, seconds, seed, crash_dir, strict_warnings):
 
 def _have_atheris():
     try:
-        import atheris   # noqa: F401
+        import atheris  # noqa: F401
     except ImportError:
         return False
     return True

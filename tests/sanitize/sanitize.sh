@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build fastgrad with AddressSanitizer and UndefinedBehaviorSanitizer in a
 # fresh virtual environment and run the test suite under them. Any sanitizer
-# report fails the run. With FUZZ_SECONDS=N set, tests/fuzz.py then runs each
+# report fails the run. With FUZZ_SECONDS=N set, tests/fuzz/fuzz.py then runs each
 # fuzz harness for N seconds under the same build.
-# Usage: [FUZZ_SECONDS=N] tests/sanitize.sh [pytest arguments]
+# Usage: [FUZZ_SECONDS=N] tests/sanitize/sanitize.sh [pytest arguments]
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -30,7 +30,7 @@ status=0
 LD_PRELOAD="$libasan:$libubsan" python -m pytest -q -p no:cacheprovider "$root/tests" "$@" || status=$?
 if [ "$status" -eq 0 ] && [ -n "${FUZZ_SECONDS:-}" ]; then
     # the fuzzers, for a bounded time each, under the same sanitizers
-    LD_PRELOAD="$libasan:$libubsan" python "$root/tests/fuzz.py" --target all \
+    LD_PRELOAD="$libasan:$libubsan" python "$root/tests/fuzz/fuzz.py" --target all \
         --seconds "$FUZZ_SECONDS" || status=$?
 fi
 if compgen -G "$log*" > /dev/null; then
