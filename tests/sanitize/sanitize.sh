@@ -17,6 +17,9 @@ mkdir "$work/src"
 tar -C "$root" --exclude=./build --exclude=./dist --exclude='*.so' --exclude=./.git -cf - . \
     | tar -C "$work/src" -xf -
 FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test]"
+# atheris makes the fuzzers coverage-guided; without it they draw at random
+pip install --quiet atheris \
+    || echo "atheris did not install: the fuzzers run their random engine"
 
 libasan=$(gcc -print-file-name=libasan.so)
 libubsan=$(gcc -print-file-name=libubsan.so)
