@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 
-from fastgrad import _core, callbacks as callbacks_mod, losses, metrics as metrics_mod, ops
-from fastgrad import optimizers
+from fastgrad import _core, losses, ops, optimizers
+from fastgrad import callbacks as callbacks_mod
+from fastgrad import metrics as metrics_mod
 from fastgrad.layers import Layer
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -345,6 +346,7 @@ class Sequential:
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
+        self._rows = np.empty(batch, self.dtype)
 
     # -- the step ---------------------------------------------------------
     def _forward(self, x, training, logits):
@@ -354,8 +356,9 @@ class Sequential:
             h = layer.forward(h, training, logits and i == last)
         return h
 
-    def _forward_backward(self, x, target, labels):
-        """Loss of the batch; its gradients land in self.grads."""
+    def _forward_backward(self, x, target, labels, weights=None):
+        """Loss of the batch; its gradients land in self.grads. With row
+        weights w: loss sum_i w_i l_i / n, each row's gradient times w_i."""
         b = x.shape[0]
         if b < self._min_batch:
             # refused before any layer runs, so nothing (dropout counters,
@@ -365,8 +368,12 @@ class Sequential:
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:b]
         prob = self._prob[:b] if self._fused else None
-        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
+        rows = None if weights is None else self._rows[:b]
+        loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
                                            self._from_logits, self.loss.delta)
+        if weights is not None:
+            loss = float(rows @ weights) / b
+            np.multiply(d, weights[:, None], out=d)
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
         return loss, h, prob
@@ -427,6 +434,28 @@ class Sequential:
         for name, off, shape, _, _ in self._tensors:
             grads.append(self.grads[off:off + int(np.prod(shape))].reshape(shape).copy())
         return float(loss), grads
+
+    @_locked
+    def forward_backward(self, x, y, sample_weight=None):
+        """One training-mode pass over a batch, without an optimizer step:
+        returns the batch's loss ``sum_i w_i l_i / n`` (w_i = 1 without
+        ``sample_weight``; no regularization penalty) and leaves its gradient
+        in ``model.grads``. BatchNormalization's moving statistics and the
+        dropout counters advance as in a training step. For solvers of one's
+        own over the flat buffers (``model.params``, ``model.grads``)."""
+        self._require_compiled("forward_backward")
+        x, target, labels = self._check_xy(x, y, "forward_backward", build=False)
+        self._check_training_rows(x.shape[0])
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight)
+            if sample_weight.shape != (x.shape[0],) or sample_weight.dtype.kind not in "biuf":
+                raise ValueError(f"sample_weight: expected {x.shape[0]} numbers (one per row), "
+                                 f"got shape {sample_weight.shape} of dtype {sample_weight.dtype}")
+            sample_weight = self._converted(sample_weight.reshape(1, -1), "sample_weight")[0]
+        self._require_built("forward_backward", x.shape[1])
+        self._prepare(x.shape[0])
+        loss, _, _ = self._forward_backward(x, target, labels, sample_weight)
+        return float(loss)
 
     # -- fit --------------------------------------------------------------
     @_locked
@@ -745,7 +774,8 @@ def load_model(path):
     ``fit`` continues exactly where the saved model stopped. Raises
     ``fastgrad.saving.ModelFileError`` (a ValueError) for any file that is
     not a valid model file."""
-    from fastgrad import layers as layers_mod, saving, schedules
+    from fastgrad import layers as layers_mod
+    from fastgrad import saving, schedules
 
     header, arrays = saving.read_file(path)
     try:
