@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-from fastgrad import _core, losses, ops, optimizers
-from fastgrad import callbacks as callbacks_mod
-from fastgrad import metrics as metrics_mod
+from fastgrad import _core, callbacks as callbacks_mod, losses, metrics as metrics_mod, ops
+from fastgrad import optimizers
 from fastgrad.layers import Layer
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
