@@ -26,7 +26,7 @@ from fastgrad import (activations, callbacks, constraints, initializers, layers,
 from fastgrad.models import Sequential, load_model
 from fastgrad.diagnostics import GradientReport, diagnose
 from fastgrad import models
-from fastgrad.threads import get_num_threads, set_num_threads, threads
+from fastgrad._threads import get_num_threads, set_num_threads, threads  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -231,6 +231,7 @@ class _BaseMLP(BaseEstimator):
             self._point_views(units)
         else:
             self._build(units, np.result_type(coefs[0], np.float32), None)
+            self.n_layers_ = len(units)
         for view, value in zip(self.coefs_ + self.intercepts_, coefs + intercepts):
             view[...] = value.reshape(view.shape)
 
@@ -294,6 +295,11 @@ class _BaseMLP(BaseEstimator):
         hidden = list(hidden) if hasattr(hidden, "__iter__") else [hidden]
         if np.any(np.array(hidden) <= 0):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {hidden}.")
+        if self.kernel_initializer is not None:
+            try:
+                fg.initializers.get(self.kernel_initializer)
+            except ValueError as e:
+                raise ValueError(f"kernel_initializer: {e}") from None
         if getattr(self, "loss", None) == "poisson":
             raise ValueError("loss: 'poisson' is not available in fastgrad yet; use "
                              "'squared_error'")
