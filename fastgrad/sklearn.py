@@ -501,10 +501,10 @@ class _BaseMLP(BaseEstimator):
             return value, grad
 
         def report(intermediate_result):
-            if self.verbose:
-                print(f"Iteration {len(self._lbfgs_steps) + 1}, "
-                      f"loss = {intermediate_result.fun:.8f}")
-            self._lbfgs_steps.append(intermediate_result.fun)
+            # SciPy before 1.11 passes the parameters alone, without the loss
+            loss = getattr(intermediate_result, "fun", np.nan)
+            self._lbfgs_steps.append(loss)
+            print(f"Iteration {len(self._lbfgs_steps)}, loss = {loss:.8f}")
 
         self._lbfgs_steps = []
         res = scipy.optimize.minimize(
