@@ -32,7 +32,9 @@ from fastgrad import (activations, callbacks, constraints, initializers, layers,
 from fastgrad.diagnostics import GradientReport, diagnose  # noqa: E402
 from fastgrad.models import Sequential  # noqa: E402
 from fastgrad.saving import load_model  # noqa: E402
+from fastgrad._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 
 __all__ = ["Sequential", "load_model", "diagnose", "GradientReport", "activations", "callbacks",
            "constraints", "initializers", "layers", "losses", "metrics", "models", "ops",
-           "optimizers", "regularizers", "saving", "schedules", "__version__"]
+           "optimizers", "regularizers", "saving", "schedules", "get_num_threads",
+           "set_num_threads", "threads", "__version__"]

@@ -233,6 +233,7 @@ class Sequential(Trainer):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
+        self._rows = np.empty(batch, self.dtype)
 
     def _forward(self, x, training, logits):
         h = x
@@ -241,27 +242,34 @@ class Sequential(Trainer):
             h = layer.forward(h, training, logits and i == last)
         return h
 
-    def _batch_loss(self, h, target, labels, d):
+    def _batch_loss(self, h, target, labels, d, weights=None):
         """(loss, predictions) of a batch's outputs h (logits when fused);
-        with d, the loss's gradient with respect to h lands in it."""
+        with d, the loss's gradient with respect to h lands in it. With row
+        weights w, the loss is sum_i w_i l_i / rows and row i's gradient is
+        scaled by w_i."""
         b = h.shape[0]
         prob = self._prob[:b] if self._fused else None
-        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
+        rows = None if weights is None else self._rows[:b]
+        loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
                                            self._from_logits, self.loss.delta)
+        if weights is not None:
+            loss = float(rows @ weights) / b
+            if d is not None:
+                np.multiply(d, weights[:, None], out=d)
         return loss, (prob if self._fused else h)
 
     def _batch_metrics(self, pred, target, labels):
         y_true = labels if labels is not None else target
         return [m(y_true, pred, self._from_logits and not self._fused) for m in self.metrics]
 
-    def _forward_backward(self, x, target, labels):
+    def _forward_backward(self, x, target, labels, weights=None):
         """(loss, predictions) of a batch in training mode; the gradients
-        land in self.grads. Callers have checked the batch's rows
-        (fastgrad._data.check_training_rows), so no layer refuses it after
-        others have run."""
+        land in self.grads (weights as in _batch_loss). Callers have checked
+        the batch's rows (fastgrad._data.check_training_rows), so no layer
+        refuses it after others have run."""
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:x.shape[0]]
-        loss, pred = self._batch_loss(h, target, labels, d)
+        loss, pred = self._batch_loss(h, target, labels, d, weights)
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
         return loss, pred
