@@ -643,10 +643,47 @@ class Sequential:
 
     @_locked
     def save(self, path):
-        """Write the model to one file: architecture, weights, optimizer
-        configuration and state, and random-generator state (see
-        fastgrad.saving). The write is atomic."""
-        _save(self, path)
+        """Write the model to one file, atomically. A name ending in
+        ``.keras`` gets a Keras 3 archive (fastgrad.keras_format: needs h5py);
+        ``.h5``/``.hdf5`` are refused (weights only: use save_weights); any
+        other name (``.fgm`` by convention) gets fastgrad's own format:
+        architecture, weights, optimizer configuration and state, and
+        random-generator state, for an exact resume (fastgrad.saving)."""
+        from fastgrad import keras_format
+
+        if keras_format.save_kind(path) == "keras":
+            keras_format.save_model(self, path)
+        else:
+            _save(self, path)
+
+    @_locked
+    def save_weights(self, filepath, overwrite=True):
+        """Write the weights (and optimizer state) to a Keras
+        ``.weights.h5`` file (needs h5py)."""
+        from fastgrad import keras_format
+
+        keras_format.save_weights(self, filepath)
+
+    @_locked
+    def load_weights(self, filepath):
+        """Read weights written by ``save_weights`` here or in Keras."""
+        from fastgrad import keras_format
+
+        keras_format.load_weights(self, filepath)
+
+    @_locked
+    def export(self, filepath, format="onnx", verbose=None):
+        """Export for inference; format "onnx" (fastgrad.export)."""
+        from fastgrad import export
+
+        export.export(self, filepath, format=format)
+
+    def __reduce__(self):
+        # pickle, copy and joblib go through the validated file format
+        from fastgrad import pickling
+
+        with self._lock:
+            return pickling.reduce(self)
 
     # -- weights ----------------------------------------------------------
     @_locked
@@ -706,23 +743,32 @@ class Sequential:
 
 
 def _save(model, path):
-    from fastgrad import __version__, saving
+    from fastgrad import saving
 
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
                          "the first layer input_dim) before saving")
+    saving.write_file(path, *_describe(model))
+
+
+def _describe(model):
+    """(header, arrays) of fastgrad's format for model; an unbuilt model
+    (for pickling) has input_dim None and no arrays."""
+    from fastgrad import __version__
+
     header = {
         "format": "fastgrad.model", "fastgrad_version": __version__,
         "model": {"class_name": "Sequential", "config": {
             "name": model.name, "dtype": model.dtype.name, "seed": model.seed,
-            "input_dim": model.input_dim,
+            "input_dim": model.input_dim if model.built else None,
             "layers": [{"class_name": l.kind, "config": l.get_config()} for l in model.layers]}},
         "rng": model._rng.bit_generator.state,
         "layers_random": {l.name: {"seed": l._seed, "counter": l.counter}
                           for l in model.layers if hasattr(l, "counter")},
         "compile": None,
     }
-    arrays = [(f"weights/{l.name}/{s.name}", l.weights[s.name]) for l, s in model._specs]
+    arrays = [(f"weights/{l.name}/{s.name}", l.weights[s.name])
+              for l, s in getattr(model, "_specs", ())]
     opt = model.optimizer
     if opt is not None:
         header["compile"] = {
@@ -735,8 +781,9 @@ def _save(model, path):
                                                  model.metrics)],
             "iterations": opt.iterations, "skipped_steps": opt.skipped_steps,
         }
-        arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
-    saving.write_file(path, header, arrays)
+        if model.built:
+            arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
+    return header, arrays
 
 
 def load_model(path):
@@ -745,9 +792,22 @@ def load_model(path):
     ``fit`` continues exactly where the saved model stopped. Raises
     ``fastgrad.saving.ModelFileError`` (a ValueError) for any file that is
     not a valid model file."""
+    from fastgrad import keras_format, saving
+
+    kind = keras_format.sniff(path)
+    if kind == "keras":
+        return keras_format.load_model(path)
+    if kind == "hdf5":
+        raise saving.ModelFileError(f"{path}: an HDF5 file holds weights only; build the "
+                                    "model and call model.load_weights(path)")
+    return _load(saving.read_file(path), path)
+
+
+def _load(header_arrays, path):
+    """The model of a fastgrad file's (header, arrays), already read."""
     from fastgrad import layers as layers_mod, saving, schedules
 
-    header, arrays = saving.read_file(path)
+    header, arrays = header_arrays
     try:
         return _from_header(header, arrays, layers_mod, schedules)
     except saving.ModelFileError:
@@ -787,8 +847,9 @@ def _from_header(header, arrays, layers_mod, schedules):
                                      f"{a.dtype}; the architecture needs {s.shape} "
                                      f"{model.dtype}")
 
-    model.build(cfg["input_dim"], _check=check)
-    for layer, s in model._specs:
+    if cfg["input_dim"] is not None:   # None: an unbuilt model, pickled
+        model.build(cfg["input_dim"], _check=check)
+    for layer, s in getattr(model, "_specs", ()):
         layer.weights[s.name][...] = arrays.pop(f"weights/{layer.name}/{s.name}")
     comp = header.get("compile")
     if comp is not None:
@@ -805,7 +866,7 @@ def _from_header(header, arrays, layers_mod, schedules):
                 for m in comp["metrics"]]
         model.compile(ocls(**oc), lcls(**comp["loss"]["config"]), mets)
         opt = model.optimizer
-        for k, buf in opt.variables().items():
+        for k, buf in opt.variables().items() if model.built else ():
             a = arrays.pop(f"optimizer/{k}", None)
             if a is None or a.shape != buf.shape or a.dtype != buf.dtype:
                 raise ModelFileError(f"the optimizer state optimizer/{k} is missing or has "
@@ -825,7 +886,9 @@ def _from_header(header, arrays, layers_mod, schedules):
     for layer in model.layers:
         if hasattr(layer, "counter"):
             r = header["layers_random"][layer.name]
-            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in ("seed", "counter")):
+            # an unbuilt model's layer has not drawn its seed yet
+            keys = ("seed", "counter") if model.built or r["seed"] is not None else ("counter",)
+            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in keys):
                 raise ModelFileError(f"invalid random state for layer {layer.name}")
             layer._seed, layer.counter = r["seed"], r["counter"]
     return model

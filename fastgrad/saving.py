@@ -53,9 +53,13 @@ def _pad(n):
     return (-n) % _ALIGN
 
 
-def write_file(path, header, arrays):
-    """Write header (a JSON-able dict) and arrays (list of (name, ndarray))
-    atomically to path."""
+def to_bytes(header, arrays):
+    """The file's bytes for header (a JSON-able dict) and arrays (list of
+    (name, ndarray)), as ``write_file`` would write them."""
+    return b"".join(_chunks(header, arrays))
+
+
+def _chunks(header, arrays):
     entries, offset = [], 0
     for name, a in arrays:
         a = np.ascontiguousarray(a)
@@ -69,17 +73,29 @@ def write_file(path, header, arrays):
     blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     start = _PREFIX.size + len(blob)
     start_pad = _pad(start)
+    out = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob) + start_pad), blob,
+           b" " * start_pad]   # JSON allows trailing whitespace
+    for (_, a), e in zip(arrays, entries):
+        out.append(np.ascontiguousarray(a, dtype=_DTYPES[e["dtype"]]).tobytes())
+        out.append(b"\0" * _pad(e["nbytes"]))
+    return out
 
+
+def write_file(path, header, arrays):
+    """Write header (a JSON-able dict) and arrays (list of (name, ndarray))
+    atomically to path."""
+    write_atomic(path, _chunks(header, arrays))
+
+
+def write_atomic(path, chunks):
+    """Write the byte strings in chunks to path through a temporary file in
+    the same folder, moved over path only once complete."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastgrad-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob) + start_pad))
-            f.write(blob)
-            f.write(b" " * start_pad)   # JSON allows trailing whitespace
-            for (_, a), e in zip(arrays, entries):
-                f.write(np.ascontiguousarray(a, dtype=_DTYPES[e["dtype"]]).tobytes())
-                f.write(b"\0" * _pad(e["nbytes"]))
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,6 +114,11 @@ def read_file(path):
             data = f.read()
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a folder, not a model file") from None
+    return from_bytes(data, path)
+
+
+def from_bytes(data, path="<bytes>"):
+    """``read_file`` on the file's bytes; path only names them in errors."""
     if len(data) < _PREFIX.size:
         raise ModelFileError(f"{path}: too short to be a fastgrad model file "
                              f"({len(data)} bytes)")
