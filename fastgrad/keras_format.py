@@ -57,8 +57,17 @@ import zlib
 
 import numpy as np
 
-from fastgrad import (constraints, initializers, layers as layers_mod, losses, metrics,
-                      optimizers, regularizers, saving, schedules)
+from fastgrad import (
+    constraints,
+    initializers,
+    losses,
+    metrics,
+    optimizers,
+    regularizers,
+    saving,
+    schedules,
+)
+from fastgrad import layers as layers_mod
 
 EXTRA = "pip install 'fastgrad[keras]'"
 MAX_MEMBERS = 16
@@ -632,7 +641,7 @@ def _compile_args(cc):
     unknown = set(cc) - {"optimizer", "loss", "metrics", "loss_weights", "weighted_metrics",
                          "run_eagerly", "steps_per_execution", "jit_compile", "auto_scale_loss"}
     if unknown:
-        raise KerasFileError(f"{where}: unknown option {_short(sorted(unknown)[0])}")
+        raise KerasFileError(f"{where}: unknown option {_short(min(unknown))}")
     opt_entry = cc.get("optimizer")
     if isinstance(opt_entry, str):
         opt = _build(optimizers.get, {"identifier": opt_entry}, f"{where}.optimizer")
