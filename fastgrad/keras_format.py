@@ -849,12 +849,14 @@ def load_model(path):
     """A fastgrad model from a Keras 3 ``.keras`` archive: architecture,
     weights, and (when the archive was compiled) optimizer, loss, metrics,
     optimizer state and step count."""
-    h5py_module()
     config, weights = read_archive(path)
     try:
         name, dtype, input_dim, layers = _architecture(config)
         cc = config.get("compile_config")
-        compiled = _compile_args(cc) if cc is not None else None
+        # Keras writes {} (or no optimizer and no loss) for an uncompiled model
+        uncompiled = cc is None or cc == {} or (isinstance(cc, dict) and cc.get(
+            "optimizer") is None and cc.get("loss") is None)
+        compiled = None if uncompiled else _compile_args(cc)
     except KerasFileError as e:
         raise KerasFileError(f"{path}: {e}") from None
     except (TypeError, AttributeError, KeyError, ValueError, IndexError, OverflowError,
@@ -865,8 +867,18 @@ def load_model(path):
 
     try:
         model = Sequential(layers, dtype=dtype, name=name)
+        _, specs = model._plan(input_dim)   # allocates nothing
     except ValueError as e:   # e.g. two layers with one name
         raise KerasFileError(f"{path}: config.json: {e}") from None
+    # every weight must be in the file: a config asking for more than the
+    # file holds is refused before anything is allocated
+    need = 0
+    for layer, s in specs:
+        need += s.size * np.dtype(dtype).itemsize
+        if need > len(weights):
+            raise KerasFileError(f"{path}: config.json: the weights up to {layer.name}/"
+                                 f"{s.name} {s.shape} need more bytes than the "
+                                 f"{len(weights)} of {_WEIGHTS}")
     model.build(input_dim)
     if compiled is not None:
         try:
