@@ -879,7 +879,11 @@ def load_model(path):
             raise KerasFileError(f"{path}: config.json: the weights up to {layer.name}/"
                                  f"{s.name} {s.shape} need more bytes than the "
                                  f"{len(weights)} of {_WEIGHTS}")
-    model.build(input_dim)
+    try:   # the initializers draw the (soon replaced) initial weights
+        model.build(input_dim)
+    except (TypeError, ValueError, OverflowError) as e:   # e.g. a seed that is no number
+        raise KerasFileError(f"{path}: config.json: the layers' settings are invalid "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
     if compiled is not None:
         try:
             model.compile(*compiled)

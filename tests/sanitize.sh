@@ -16,7 +16,8 @@ python -m pip install --quiet --upgrade pip
 mkdir "$work/src"
 tar -C "$root" --exclude=./build --exclude=./dist --exclude='*.so' --exclude=./.git -cf - . \
     | tar -C "$work/src" -xf -
-FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test]"
+# the keras extra (h5py) lets the fuzzers cover the Keras archive loader
+FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test,keras]"
 
 libasan=$(gcc -print-file-name=libasan.so)
 libubsan=$(gcc -print-file-name=libubsan.so)

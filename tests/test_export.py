@@ -5,6 +5,7 @@ each row's largest output (an element near zero is held to the row's scale),
 for every layer and activation, one row and many rows."""
 import numpy as np
 import pytest
+from scipy import special
 
 import fastgrad as fg
 from fastgrad import export
@@ -41,8 +42,8 @@ def model_with(act, dtype, seed=0):
 
 
 def _ort():
-    return pytest.importorskip("onnxruntime", reason="needs the onnx extra: "
-                               "pip install '.[onnx]'")
+    return pytest.importorskip("onnxruntime", reason="needs ONNX Runtime, the cross-check "
+                               "peer: pip install onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,6 @@ def test_gelu_is_exact_far_into_both_tails(tmp_path, onnx):
         xs = x.astype(dtype)
         got, want = sess.run(None, {"input": xs})[0], m.predict(xs)
         # reference: x Phi(x) from SciPy's erfc in float64
-        special = pytest.importorskip("scipy.special")
         exact = x * 0.5 * special.erfc(-x / np.sqrt(2))
         if rtol is None:   # float32: 1 + erf, good to 1e-7 absolute where it cancels
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-7)

@@ -31,14 +31,15 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import fastgrad as fg
 from fastgrad import keras_format
 
-h5py = pytest.importorskip("h5py", reason="needs the keras extra: pip install '.[keras]'")
+h5py = pytest.importorskip("h5py", reason="needs h5py, the keras extra: "
+                           "pip install '.[keras]'")
 
 F32_TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 
 def _keras():
-    return pytest.importorskip("keras", reason="needs the keras extra (Keras 3 with JAX): "
-                               "pip install '.[keras]'")
+    return pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check "
+                               "peer: pip install keras jax")
 
 
 def data(n=64, d=5, k=3, seed=0):
@@ -142,8 +143,8 @@ def test_fastgrad_to_keras_predicts_the_same_holds_the_state_and_trains(tmp_path
 @pytest.fixture
 def jax_x64():
     """JAX keeps float64 only with x64 enabled (else it truncates to float32)."""
-    jax = pytest.importorskip("jax", reason="needs the keras extra (Keras 3 with JAX): "
-                              "pip install '.[keras]'")
+    jax = pytest.importorskip("jax", reason="needs Keras 3 with JAX, the cross-check "
+                              "peer: pip install keras jax")
     before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield
