@@ -52,6 +52,7 @@ import io
 import json
 import os
 import struct
+import warnings
 import zipfile
 import zlib
 
@@ -531,14 +532,25 @@ _NESTED = {"_initializer": (_INITS, initializers.get),
            "_constraint": (_CONS, constraints.get)}
 
 
+def _function_name(value, module):
+    """The name of a Keras function entry of module (Keras writes a built-in
+    activation, loss or metric given as a function so), else value as is.
+    Only the name is used: it must then be one fastgrad knows by name."""
+    # Keras 3 writes {"module": "builtins", "class_name": "function",
+    # "config": name, "registered_name": "function"} and resolves the name
+    # among its own functions; here it is looked up among fastgrad's names
+    if isinstance(value, dict) and value.get("class_name") == "function" and \
+            value.get("module") in (module, "builtins") and \
+            isinstance(value.get("config"), str) and \
+            value.get("registered_name") in (None, "function", value["config"]):
+        return value["config"]
+    return value
+
+
 def _activation_in(value, where):
-    if isinstance(value, dict):   # older files: a function entry of keras.activations
-        if value.get("class_name") == "function" and value.get("module") == "keras.activations" \
-                and isinstance(value.get("config"), str) and \
-                value.get("registered_name") in (None, value["config"]):
-            value = value["config"]
-        else:
-            _obj(value, where, set())
+    value = _function_name(value, "keras.activations")
+    if isinstance(value, dict):
+        _obj(value, where, set())   # refuses it, naming what it is
     if not isinstance(value, str):
         raise KerasFileError(f"{where}: expected an activation name, got {_short(value)}")
     try:
@@ -658,7 +670,7 @@ def _compile_args(cc):
         if isinstance(name, str) and len(name) <= 256:
             kwargs["name"] = name
         opt = _build(_OPTS[cls_name], kwargs, f"{where}.optimizer")
-    loss_entry = cc.get("loss")
+    loss_entry = _function_name(cc.get("loss"), "keras.losses")
     if isinstance(loss_entry, str):
         loss = _build(losses.get, {"identifier": loss_entry}, f"{where}.loss")
     else:
@@ -670,6 +682,7 @@ def _compile_args(cc):
         raise KerasFileError(f"{where}.metrics: expected a list")
     out = []
     for i, m in enumerate(mets):
+        m = _function_name(m, "keras.metrics")
         if isinstance(m, str):
             out.append(m)
             continue
@@ -738,7 +751,9 @@ def _expected_layers(model):
 def read_weights(data, model, where, want_optimizer):
     """Layer weights (a list like get_weights()) and Keras' optimizer
     variables (a list, or None when the file has none) of an HDF5 file,
-    checked against model's architecture."""
+    checked against model's architecture. want_optimizer: False (ignore the
+    optimizer's state), "strict" (refuse state that does not fit model's
+    optimizer) or "lenient" (skip it with a warning)."""
     h5py = h5py_module()
     try:
         with _h5_open(data, where) as f:
@@ -774,9 +789,14 @@ def _read_weights(h5py, f, model, where, want_optimizer):
     opt_vars = None
     if "optimizer" in top and want_optimizer:
         g = f["optimizer"]
-        _h5_children(h5py, g, f"{where}/optimizer", {"vars": "group"})
-        if "vars" in g:
-            opt_vars = _read_optimizer(h5py, g["vars"], model, f"{where}/optimizer/vars")
+        try:
+            _h5_children(h5py, g, f"{where}/optimizer", {"vars": "group"})
+            if "vars" in g:
+                opt_vars = _read_optimizer(h5py, g["vars"], model, f"{where}/optimizer/vars")
+        except KerasFileError as e:
+            if want_optimizer == "strict":
+                raise
+            warnings.warn(f"the optimizer state was not loaded: {e}", stacklevel=4)
     return weights, opt_vars
 
 
@@ -890,7 +910,7 @@ def load_model(path):
         except (ValueError, TypeError) as e:
             raise KerasFileError(f"{path}: config.json: compile_config: {e}") from None
     values, opt_vars = read_weights(weights, model, f"{path}: {_WEIGHTS}",
-                                    compiled is not None)
+                                    "strict" if compiled is not None else False)
     _set_weights(model, values)
     if opt_vars is not None:
         _set_optimizer(model, opt_vars)
@@ -908,7 +928,10 @@ def load_weights(model, path):
         raise ValueError("model: it has no weights yet; build it (give the first layer "
                          "input_dim, or call predict) before loading weights")
     data = _read_limited(name, MAX_WEIGHTS)
-    values, opt_vars = read_weights(data, model, name, model.optimizer is not None)
+    # as in Keras, optimizer state that does not fit the model's optimizer
+    # is skipped with a warning
+    values, opt_vars = read_weights(data, model, name,
+                                    "lenient" if model.optimizer is not None else False)
     _set_weights(model, values)
     if opt_vars is not None:
         _set_optimizer(model, opt_vars)

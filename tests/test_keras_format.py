@@ -251,6 +251,20 @@ def test_keras_uncompiled_and_float64_models_load(tmp_path, jax_x64):
                                rtol=1e-12, atol=1e-14)
 
 
+def test_keras_losses_and_metrics_given_as_functions_load_by_name(tmp_path):
+    keras = _keras()
+    x, y = data(seed=6)
+    k = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    k.compile("sgd", loss=keras.losses.mean_squared_error,
+              metrics=[keras.metrics.mean_absolute_error])
+    k.fit(x, np.eye(3)[y], epochs=1, verbose=0)
+    k.save(tmp_path / "f.keras")
+    m = fg.load_model(tmp_path / "f.keras")
+    assert m.loss.name == "mse" and type(m.metrics[0]).__name__ == "MeanAbsoluteError"
+    np.testing.assert_allclose(m.evaluate(x, np.eye(3)[y], verbose=0),
+                               k.evaluate(x, np.eye(3)[y], verbose=0), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # 3. .weights.h5 both ways
 # ---------------------------------------------------------------------------
@@ -278,6 +292,26 @@ def test_weights_files_go_both_ways(tmp_path):
     np.testing.assert_allclose(fresh.predict(x), k.predict(x, verbose=0), **F32_TOL)
     for a, b in zip(fresh.get_weights(), k.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_weights_skips_an_optimizer_state_that_does_not_fit_with_a_warning(tmp_path):
+    x, y = data()
+    m = fg_model(fg.optimizers.Adam(1e-2), dropout=False)
+    m.fit(x, y, epochs=1, verbose=0)
+    m.save_weights(tmp_path / "a.weights.h5")
+    other = fg_model(fg.optimizers.SGD(0.1), dropout=False, seed=9)
+    other.build()
+    with pytest.warns(UserWarning, match="optimizer"):
+        other.load_weights(tmp_path / "a.weights.h5")
+    for a, b in zip(other.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert other.optimizer.iterations == 0
+    same = fg_model(fg.optimizers.Adam(1e-2), dropout=False, seed=9)
+    same.build()
+    same.load_weights(tmp_path / "a.weights.h5")
+    assert same.optimizer.iterations == m.optimizer.iterations == 2
+    for k, v in m.optimizer.variables().items():
+        np.testing.assert_array_equal(same.optimizer.variables()[k], v)
 
 
 def test_load_weights_refuses_another_architecture_and_changes_nothing(tmp_path):
@@ -358,9 +392,16 @@ def zip_bytes(members, compression=zipfile.ZIP_STORED):
 
 
 def load_bytes(tmp_path, blob, name="x.keras"):
-    p = tmp_path / name
-    p.write_bytes(blob)
-    return fg.load_model(p)
+    """Load blob from a file in tmp_path, named by a relative path: error
+    messages start with the path, and tmp_path holds the test's name, which
+    a match= below must not match by accident."""
+    (tmp_path / name).write_bytes(blob)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return fg.load_model(name)
+    finally:
+        os.chdir(cwd)
 
 
 def refused(tmp_path, blob, match=None):
@@ -389,7 +430,7 @@ def test_zip_bombs_are_refused(tmp_path, archive):
     # weights expanding more than MAX_RATIO times
     padded = dict(members, **{"model.weights.h5": members["model.weights.h5"]
                               + b"\0" * (4 << 20)})
-    refused(tmp_path, zip_bytes(padded.items(), zipfile.ZIP_DEFLATED), "bomb")
+    refused(tmp_path, zip_bytes(padded.items(), zipfile.ZIP_DEFLATED), "decompression bomb")
 
 
 def test_a_member_larger_than_it_declares_is_refused(tmp_path, archive):
@@ -411,7 +452,7 @@ def test_a_member_larger_than_it_declares_is_refused(tmp_path, archive):
 def test_traversal_names_are_refused_by_name(tmp_path, archive, name):
     members, _ = archive
     blob = zip_bytes(list(members.items()) + [(name, b"x")])
-    with pytest.raises(ValueError, match="traversal"):
+    with pytest.raises(ValueError, match="path traversal"):
         load_bytes(tmp_path, blob)
 
 
@@ -429,7 +470,7 @@ def test_unexpected_duplicate_and_missing_members_are_refused(tmp_path, archive)
 def test_too_many_members_and_lying_end_records_are_refused(tmp_path, archive):
     members, _ = archive
     many = [(f"assets/{i}", b"") for i in range(keras_format.MAX_MEMBERS + 1)]
-    refused(tmp_path, zip_bytes(list(members.items()) + many), "members")
+    refused(tmp_path, zip_bytes(list(members.items()) + many), "announces 20 members")
     blob = bytearray(zip_bytes(members.items()))
     end = blob.rfind(b"PK\x05\x06")
     for total in (0xFFFF, 5000):   # ZIP64 marker, then a huge count
@@ -466,7 +507,9 @@ def _layers(config):
     (lambda c: _layers(c)[1].update(class_name="Conv2D"), "Conv2D"),
     (lambda c: _layers(c)[1].update(class_name="LayerNormalization"), "LayerNormalization"),
     (lambda c: _layers(c)[1]["config"].update(activation={
-        "module": "builtins", "class_name": "function", "config": "eval"}), "code"),
+        "module": "builtins", "class_name": "function", "config": "eval"}), "'eval'"),
+    (lambda c: _layers(c)[1]["config"].update(activation={
+        "module": "os", "class_name": "function", "config": "relu"}), "function entries hold code"),
     (lambda c: _layers(c)[1]["config"].update(kernel_initializer={
         "module": "evil", "class_name": "GlorotUniform", "config": {}}), "evil"),
     (lambda c: _layers(c)[1]["config"].update(activation="my_activation"), "my_activation"),
