@@ -4,8 +4,7 @@
 for inference, built with the ``onnx`` package (``pip install
 'fastgrad[onnx]'``): input "input" of shape (batch, features) with a
 dynamic batch dimension, output "output", in the model's dtype (float32 or
-float64), opset ``OPSET`` (run by ONNX Runtime 1.14 and later). Each layer
-becomes:
+float64), opset ``OPSET`` and IR version 8. Each layer becomes:
 
     Dense               Gemm (x @ kernel + bias), or MatMul without a bias,
                         then its activation

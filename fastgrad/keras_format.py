@@ -75,7 +75,7 @@ MAX_MEMBERS = 16
 MAX_JSON = 16 << 20
 MAX_WEIGHTS = 4 << 30
 MAX_RATIO = 100
-KERAS_VERSION = "3.0.0"   # the oldest Keras 3 that reads what is written here
+KERAS_VERSION = "3.0.0"   # Keras records its version in metadata.json, unchecked on loading
 
 _CONFIG, _METADATA, _WEIGHTS = "config.json", "metadata.json", "model.weights.h5"
 _LIMITS = {_CONFIG: MAX_JSON, _METADATA: MAX_JSON, _WEIGHTS: MAX_WEIGHTS}

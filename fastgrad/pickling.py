@@ -7,6 +7,7 @@ state. Unpickling reads those bytes through the same checks as
 ``load_model``, so a pickled model holds no pickled internals, and the copy
 continues training bit-identically with the original. Models that are not
 built yet (no weights) are stored with their layers and compile settings.
+``copy.copy`` goes the same way, so it too gives an independent model.
 """
 from fastgrad import models, saving
 

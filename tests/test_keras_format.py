@@ -151,6 +151,17 @@ def jax_x64():
     jax.config.update("jax_enable_x64", before)
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fastgrad_state_read_by_keras_takes_the_same_next_step(tmp_path, name):
+    keras = _keras()
+    x, y = data(seed=8)
+    m = fg_model(OPTIMIZERS[name](), dropout=False)
+    m.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    m.save(tmp_path / "m.keras")
+    k = keras.models.load_model(tmp_path / "m.keras")
+    assert_same_state_after_one_step(m, k, x[:16], y[:16])
+
+
 def test_float64_and_every_activation_reach_keras(tmp_path, jax_x64):
     keras = _keras()
     x, y = data()
