@@ -789,9 +789,10 @@ def _describe(model):
 def load_model(path):
     """Read a model written by ``model.save(path)``: architecture, weights,
     optimizer and its state, and the random generators' state, so that
-    ``fit`` continues exactly where the saved model stopped. Raises
-    ``fastgrad.saving.ModelFileError`` (a ValueError) for any file that is
-    not a valid model file."""
+    ``fit`` continues exactly where the saved model stopped. A Keras 3
+    ``.keras`` archive (recognized by its content) is read by
+    fastgrad.keras_format. Raises ``fastgrad.saving.ModelFileError`` (a
+    ValueError) for any file that is not a valid model file."""
     from fastgrad import keras_format, saving
 
     kind = keras_format.sniff(path)
@@ -803,13 +804,14 @@ def load_model(path):
     return _load(saving.read_file(path), path)
 
 
-def _load(header_arrays, path):
-    """The model of a fastgrad file's (header, arrays), already read."""
+def _load(header_arrays, path, unbuilt=False):
+    """The model of a fastgrad file's (header, arrays), already read;
+    unbuilt: a model without weights (input_dim None) is allowed (pickles)."""
     from fastgrad import layers as layers_mod, saving, schedules
 
     header, arrays = header_arrays
     try:
-        return _from_header(header, arrays, layers_mod, schedules)
+        return _from_header(header, arrays, layers_mod, schedules, unbuilt)
     except saving.ModelFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
@@ -817,7 +819,7 @@ def _load(header_arrays, path):
                                     f"{e})") from None
 
 
-def _from_header(header, arrays, layers_mod, schedules):
+def _from_header(header, arrays, layers_mod, schedules, unbuilt=False):
     from fastgrad.saving import ModelFileError
 
     if header.get("format") != "fastgrad.model":
@@ -847,7 +849,7 @@ def _from_header(header, arrays, layers_mod, schedules):
                                      f"{a.dtype}; the architecture needs {s.shape} "
                                      f"{model.dtype}")
 
-    if cfg["input_dim"] is not None:   # None: an unbuilt model, pickled
+    if cfg["input_dim"] is not None or not unbuilt:   # else an unbuilt model, pickled
         model.build(cfg["input_dim"], _check=check)
     for layer, s in getattr(model, "_specs", ()):
         layer.weights[s.name][...] = arrays.pop(f"weights/{layer.name}/{s.name}")

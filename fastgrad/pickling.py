@@ -22,4 +22,5 @@ def restore(data):
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data: expected the bytes of a model file, got "
                         f"{type(data).__name__}")
-    return models._load(saving.from_bytes(bytes(data), "<pickled model>"), "<pickled model>")
+    return models._load(saving.from_bytes(bytes(data), "<pickled model>"), "<pickled model>",
+                        unbuilt=True)

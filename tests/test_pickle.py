@@ -135,3 +135,12 @@ def test_a_damaged_pickle_payload_raises_value_error():
             fastgrad.pickling.restore(bad)
     with pytest.raises(TypeError, match="data"):
         fastgrad.pickling.restore("not bytes")
+
+
+def test_only_pickles_may_hold_an_unbuilt_model(tmp_path):
+    m = make("unbuilt")
+    _, (payload,) = _parts(pickle.dumps(m))
+    (tmp_path / "unbuilt.fgm").write_bytes(payload)
+    with pytest.raises(ValueError, match="input_dim"):   # save refuses them too
+        fg.load_model(tmp_path / "unbuilt.fgm")
+    assert not pickle.loads(pickle.dumps(m)).built
