@@ -7,7 +7,7 @@ so that NumPy's and SciPy's OpenBLAS, PyTorch's and XLA's thread pools never
 share a process (a pool whose threads still spin after its work slows whatever
 runs next, up to 40-fold). A worker builds the case's data from fixed seeds,
 computes its result once (saved for the parent's correctness check), runs
-untimed for SETTLE seconds, then takes samples of repeated calls lasting about
+untimed for SETTLE seconds (QUICK_SETTLE with --quick), then takes samples of repeated calls lasting about
 a target time each. The parent repeats this ``reps`` times per implementation,
 in alternating order (A B C, C B A, ...), so that drift in the machine's load
 falls on every side; a time is the median over repetitions of each worker's
@@ -73,9 +73,9 @@ EXTRA_MODULES = ()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32 = np.float32
-# Seconds each worker runs its implementation untimed before sampling: warm
-# caches, a started thread pool, a compiled JAX step.
-SETTLE = 0.15
+# Seconds each worker runs its implementation untimed before sampling (warm
+# caches, a started thread pool, a compiled JAX step); less with --quick.
+SETTLE, QUICK_SETTLE = 0.15, 0.08
 NOISY = 0.10  # interquartile range / median above which a time gets "~"
 MARK = "BENCH-RESULT "  # prefix of the worker's JSON line on stdout
 PEERS = (("torch", "torch"), ("jax", "jax"), ("onnxruntime", "ort"),
@@ -121,26 +121,26 @@ def sample(fn, n):
     return (time.perf_counter() - t0) / n
 
 
-def settle(fn):
-    """Call ``fn`` for SETTLE seconds; return its mean seconds per call over
-    the second half, once caches are warm and thread pools started."""
+def settle(fn, seconds):
+    """Call ``fn`` for ``seconds``; return its mean seconds per call over the
+    second half, once caches are warm and thread pools started."""
     t0 = t = time.perf_counter()
     half, n = None, 0
-    while t - t0 < SETTLE or n == 0:
+    while t - t0 < seconds or n == 0:
         fn()
         t = time.perf_counter()
         if half is not None:
             n += 1
-        elif t - t0 >= SETTLE / 2:
+        elif t - t0 >= seconds / 2:
             half = t
     return max((t - half) / n, 1e-7)
 
 
-def measure(runs, samples, target):
+def measure(runs, samples, target, warm=SETTLE):
     """label -> ``samples`` times per call of each callable in ``runs``, each
     over repeated calls lasting about ``target`` seconds; with several
     callables the samples alternate one by one, so drift falls on all."""
-    loops = {label: max(1, round(target / settle(fn))) for label, fn in runs.items()}
+    loops = {label: max(1, round(target / settle(fn, warm))) for label, fn in runs.items()}
     times = {label: [] for label in runs}
     for _ in range(samples):
         for label, fn in runs.items():
@@ -773,12 +773,12 @@ def all_cases(extras):
 
 
 # -- the worker ----------------------------------------------------------------------
-def worker(case, impl, samples, target, result_path):
+def worker(case, impl, samples, target, warm, result_path):
     made = case.make(impl, *case.args)
     if result_path and made["result"]:
         np.savez(result_path, **made["result"])
     runs = made["run"] if isinstance(made["run"], dict) else {impl: made["run"]}
-    report = {"series": measure(runs, samples, target), "diff": made.get("diff"),
+    report = {"series": measure(runs, samples, target, warm), "diff": made.get("diff"),
               "note": made.get("note")}
     fg = sys.modules.get("fastgrad")
     if fg is not None:
@@ -800,7 +800,8 @@ def spawn(case, impl, opts, result_path=None, env=None):
     # monitor: a difference of a few percent, over three times the samples
     samples = opts.samples * (3 if case.kind == "monitor" else 1)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case.name, impl,
-           "--samples", str(samples), "--target", str(opts.target)]
+           "--samples", str(samples), "--target", str(opts.target),
+           "--settle", str(QUICK_SETTLE if opts.quick else SETTLE)]
     for module in opts.extra:
         cmd += ["--extra", module]
     if result_path:
@@ -1068,12 +1069,13 @@ def main(argv=None):
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument("--samples", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--target", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--settle", type=float, default=SETTLE, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     cases = all_cases(opts.extra)
     if opts.worker:
         name, impl = opts.worker
-        return worker(cases[name], impl, opts.samples, opts.target, opts.result)
+        return worker(cases[name], impl, opts.samples, opts.target, opts.settle, opts.result)
     reps, opts.samples, opts.target = (1, 5, 0.01) if opts.quick else (5, 5, 0.04)
     opts.reps = opts.reps or reps
     env = environment()
