@@ -851,6 +851,7 @@ def run_case(case, opts, tmp, sides=None):
         row["iqr_over_median"][key] = float((q[2] - q[0]) / q[1])
     row["notes"] = {k: r["note"] for k, r in reports.items() if r.get("note")}
     row["fastgrad_at"] = {k: r["fastgrad"] for k, r in reports.items() if "fastgrad" in r}
+    row["torch_threads"] = {k: r["threads"] for k, r in reports.items() if "threads" in r}
     row["max_rel_diff"] = check(case, reports, sides)
     ratios(case, row)
     return row
