@@ -238,8 +238,8 @@ def dense_case(impl, batch, n_in, n_out, act):
 SIZES, LR = (784, 256, 256, 10), 0.01
 CLIP, BETA_1, BETA_2, EPS, ADAM_LR = 1.0, 0.9, 0.999, 1e-7, 1e-3
 # fastgrad (as Keras) adds epsilon to sqrt(v) before the bias correction,
-# torch and optax after it: the same first update, the one step/B compares,
-# takes this epsilon on their side (else the losses differ by ~1e-4).
+# torch and optax after it. With this epsilon on their side the first update,
+# the one step/B and adam/N compare, is the same (else losses differ by ~1e-4).
 PEER_EPS = EPS / math.sqrt(1 - BETA_2)
 
 
@@ -510,7 +510,7 @@ def adam_case(impl, n):
         import torch
         p = torch.nn.Parameter(torch.from_numpy(params))
         p.grad = torch.from_numpy(grads.copy())
-        opt = torch_adam([p])
+        opt = torch_adam([p], PEER_EPS)
 
         def run():
             torch.nn.utils.clip_grad_norm_([p], CLIP)
