@@ -715,11 +715,12 @@ def monitor_case(impl, batch):
 
 # -- the case table -----------------------------------------------------------------
 class Case(NamedTuple):
-    """name; make(impl, *args) -> timed(...) dict; args; impls, the first
-    being the one every ratio divides by; reference: the implementation whose
+    """name; make(impl, *args) -> timed(...) dict; args; impls, the sides
+    (ratios divide by "fastgrad"'s time); reference: the implementation whose
     result the others are checked against; kind: the table's extra columns
     ("gemm", "copy", "monitor", "act" or None); tolerance: largest relative
-    difference accepted; needs: impl -> modules it imports (else NEEDS)."""
+    difference accepted; needs: impl -> modules it imports (else NEEDS);
+    samples: samples per worker, when fewer than the run's (calls of seconds)."""
     name: str
     make: object
     args: tuple = ()
@@ -728,6 +729,7 @@ class Case(NamedTuple):
     kind: str = None
     tolerance: float = 1e-3
     needs: dict = None
+    samples: int = None
 
 
 ACTIVATIONS = ("linear", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "sigmoid",
@@ -799,6 +801,7 @@ RESULTS = itertools.count()  # names of the workers' result files
 def spawn(case, impl, opts, result_path=None, env=None):
     # monitor: a difference of a few percent, over three times the samples
     samples = opts.samples * (3 if case.kind == "monitor" else 1)
+    samples = min(samples, case.samples or samples)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case.name, impl,
            "--samples", str(samples), "--target", str(opts.target),
            "--settle", str(QUICK_SETTLE if opts.quick else SETTLE)]
@@ -935,6 +938,9 @@ def cells(row):
             out += [(short, fmt_time(row, impl)), (f"{short}/fg", f"{over[impl]:.2f}x")]
             if impl == "torch" and "gbps" in row:
                 out += [("torch GB/s", f"{row['gbps']['torch']:.1f}")]
+    named = {"fastgrad", "numpy", "gemm", "gemm_write", "copy"} | {i for i, _ in PEERS}
+    for impl in (k for k in t if k not in named):  # sides of cases from other modules
+        out += [(impl, fmt_time(row, impl)), (f"{impl}/fg", f"{over[impl]:.2f}x")]
     if row["notes"].get("fastgrad"):
         out.append(("fastgrad call", row["notes"]["fastgrad"]))
     return out

@@ -19,13 +19,13 @@ PLUGIN = textwrap.dedent('''
         x = np.arange(n, dtype=np.float64)
         with open(os.environ["PLUGIN_PIDS"], "a") as f:  # the process each side ran in
             f.write(f"{impl} {os.getpid()}\\n")
-        if impl == "numpy":
+        if impl != "fastgrad":
             return {"run": lambda: x.sum(), "result": {"total": np.array(x.sum())}}
         total = np.array(x.sum() + (1.0 if wrong else 0.0))
         return {"run": lambda: float(x.sum()), "result": {"total": total}}
 
     CASES = [{"name": f"plugin/sum/{label}", "make": make, "args": (1000, wrong),
-              "impls": ("fastgrad", "numpy"), "tolerance": 1e-9}
+              "impls": ("fastgrad", "numpy", "other"), "tolerance": 1e-9, "samples": 2}
              for label, wrong in (("right", False), ("wrong", True))]
 ''')
 
@@ -53,17 +53,23 @@ def test_extra_module_cases_run_and_are_timed(plugin_run):
     assert sorted(rows) == ["plugin/sum/right", "plugin/sum/wrong"]
     for row in rows.values():
         assert row["failed"] == {}
-        assert sorted(row["seconds"]) == ["fastgrad", "numpy"]
-        # two repetitions, each a worker's five samples
-        assert [len(s) for s in row["samples"]["numpy"]] == [5, 5]
+        assert sorted(row["seconds"]) == ["fastgrad", "numpy", "other"]
+        # two repetitions, each a worker's two samples (the case's own count)
+        assert [len(s) for s in row["samples"]["numpy"]] == [2, 2]
         assert all(t > 0 for t in row["seconds"].values())
-        assert row["over_fastgrad"]["numpy"] == pytest.approx(
-            row["seconds"]["numpy"] / row["seconds"]["fastgrad"])
+        for side in ("numpy", "other"):
+            assert row["over_fastgrad"][side] == pytest.approx(
+                row["seconds"][side] / row["seconds"]["fastgrad"])
+
+
+def test_sides_of_other_modules_get_columns(plugin_run):
+    header = next(line for line in plugin_run[0].splitlines() if line.startswith("case"))
+    assert header.split()[1:] == ["fastgrad", "numpy", "np/fg", "other", "other/fg"]
 
 
 def test_results_are_checked_against_the_reference(plugin_run):
     stdout, rows = plugin_run[:2]
-    assert rows["plugin/sum/right"]["max_rel_diff"] == {"fastgrad": 0.0}
+    assert rows["plugin/sum/right"]["max_rel_diff"] == {"fastgrad": 0.0, "other": 0.0}
     # 1 off in a total of 499500
     assert rows["plugin/sum/wrong"]["max_rel_diff"]["fastgrad"] == pytest.approx(1 / 499500)
     flagged = [line for line in stdout.splitlines() if "fastgrad's result differs" in line]
@@ -72,7 +78,7 @@ def test_results_are_checked_against_the_reference(plugin_run):
 
 def test_each_repetition_of_each_side_has_its_own_process(plugin_run):
     made, parent = plugin_run[2:]
-    # 2 cases x 2 sides x 2 repetitions, each made once, in a fresh process
-    assert sorted(impl for impl, _ in made) == ["fastgrad"] * 4 + ["numpy"] * 4
+    # 2 cases x 3 sides x 2 repetitions, each made once, in a fresh process
+    assert sorted(impl for impl, _ in made) == ["fastgrad"] * 4 + ["numpy"] * 4 + ["other"] * 4
     pids = {int(pid) for _, pid in made}
-    assert len(pids) == 8 and parent not in pids
+    assert len(pids) == 12 and parent not in pids
