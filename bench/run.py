@@ -7,8 +7,8 @@ so that NumPy's and SciPy's OpenBLAS, PyTorch's and XLA's thread pools never
 share a process (a pool whose threads still spin after its work slows whatever
 runs next, up to 40-fold). A worker builds the case's data from fixed seeds,
 computes its result once (saved for the parent's correctness check), runs
-untimed for SETTLE seconds (QUICK_SETTLE with --quick), then takes samples of repeated calls lasting about
-a target time each. The parent repeats this ``reps`` times per implementation,
+untimed for SETTLE seconds (QUICK_SETTLE with --quick), then takes samples of
+repeated calls lasting about a target time each. The parent repeats this ``reps`` times per implementation,
 in alternating order (A B C, C B A, ...), so that drift in the machine's load
 falls on every side; a time is the median over repetitions of each worker's
 median, and every ratio is taken between times of the same run. Before any
@@ -704,8 +704,9 @@ def monitor_case(impl, batch):
     before = model.get_weights()
     loss = with_monitor()
     after = model.get_weights()
-    want = {"norms": np.array([np.linalg.norm(g.astype(float)) for g in grads]),
-            "ratios": np.array([np.linalg.norm((a - b).astype(float)) / np.linalg.norm(a.astype(float))
+    norm = np.linalg.norm
+    want = {"norms": np.array([norm(g.astype(float)) for g in grads]),
+            "ratios": np.array([norm((a - b).astype(float)) / norm(a.astype(float))
                                 for a, b in zip(after, before)])}
     got = {"norms": monitor.grad_norms[-1], "ratios": monitor.update_ratios[-1]}
     made = timed({"without": without, "with": with_monitor})
@@ -882,7 +883,8 @@ def ratios(case, row):
     if case.kind == "monitor":
         if "with" in t and "without" in t:
             # samples taken side by side: the median of their ratios cancels drift
-            pairs = np.concatenate(row["samples"]["with"]) / np.concatenate(row["samples"]["without"])
+            with_, without = (np.concatenate(row["samples"][k]) for k in ("with", "without"))
+            pairs = with_ / without
             row["monitor_overhead"] = float(np.median(pairs)) - 1
             row["monitor_added_seconds"] = row["monitor_overhead"] * t["without"]
         return
@@ -1019,7 +1021,8 @@ def isa_cells(row):
     elements = math.prod(row["shape"])
     for label, _ in (("numpy", None), *BUILDS):
         if label in t:
-            out += [(label, fmt_time(row, label)), (f"{label} ns/el", f"{t[label] / elements * 1e9:.2f}")]
+            out += [(label, fmt_time(row, label)),
+                    (f"{label} ns/el", f"{t[label] / elements * 1e9:.2f}")]
     for label, _ in BUILDS:
         if label in t and "numpy" in t:
             out.append((f"np/{label}", f"{t['numpy'] / t[label]:.2f}x"))
