@@ -8,10 +8,11 @@ share a process (a pool whose threads still spin after its work slows whatever
 runs next, up to 40-fold). A worker builds the case's data from fixed seeds,
 computes its result once (saved for the parent's correctness check), runs
 untimed for SETTLE seconds (QUICK_SETTLE with --quick), then takes samples of
-repeated calls lasting about a target time each. The parent repeats this ``reps`` times per implementation,
-in alternating order (A B C, C B A, ...), so that drift in the machine's load
-falls on every side; a time is the median over repetitions of each worker's
-median, and every ratio is taken between times of the same run. Before any
+repeated calls lasting about a target time each. The parent repeats this
+``reps`` times per implementation, in alternating order (A B C, C B A, ...),
+so that drift in the machine's load falls on every side; a time is the median
+over repetitions of each worker's median, and every ratio is taken between
+times of the same run. Before any
 number is trusted the results are compared: each implementation's against
 the case's reference (relative difference of the largest element, flagged
 with "!" above the case's tolerance). GradientMonitor's with/without pair
@@ -69,7 +70,7 @@ from typing import NamedTuple
 import numpy as np
 
 # Modules whose CASES join the suite; one line per module, e.g. "sklearn_digits".
-EXTRA_MODULES = ()
+EXTRA_MODULES = ("sklearn_digits",)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32 = np.float32
