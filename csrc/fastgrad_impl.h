@@ -58,11 +58,9 @@ FG_INLINE double S(row_dot)(const T *x, const T *y, ptrdiff_t n)
 
 /* Largest element of a row (NaN, if first, stays). A running maximum is a
  * reduction compilers keep scalar without -ffinite-math-only, so long rows
- * keep 16 running maxima, lane j taking k = j mod 16, then compared in order:
- * with GNU vector types, one mask select per 16 elements. */
-#if defined(__GNUC__)
-typedef T S(lanes) __attribute__((vector_size(16 * sizeof(T))));
-#endif
+ * keep 16 running maxima in memory, lane j taking k = j mod 16, updated by
+ * an element-wise loop that vectorizes (not unrolled: unrolled, the lanes
+ * become 16 scalar chains), then compared in order. */
 FG_INLINE T S(row_max)(const T *y, ptrdiff_t n)
 {
     T l[16], m = y[0];
@@ -71,20 +69,14 @@ FG_INLINE T S(row_max)(const T *y, ptrdiff_t n)
         return m;
     }
     ptrdiff_t k = 16;
-#if defined(__GNUC__)
-    S(lanes) v, mx;
-    memcpy(&mx, y, sizeof mx);
-    for (; k + 16 <= n; k += 16) {
-        memcpy(&v, y + k, sizeof v);
-        __typeof__(v > mx) up = v > mx;
-        mx = (S(lanes))(((__typeof__(up))v & up) | ((__typeof__(up))mx & ~up));
-    }
-    memcpy(l, &mx, sizeof l);
-#else
     for (int j = 0; j < 16; j++) l[j] = y[j];
-    for (; k + 16 <= n; k += 16)
-        for (int j = 0; j < 16; j++) l[j] = SELECT(y[k + j] > l[j], y[k + j], l[j]);
+    for (; k + 16 <= n; k += 16) {
+        const T *v = y + k;
+#if defined(__GNUC__)
+#pragma GCC unroll 1
 #endif
+        for (int j = 0; j < 16; j++) l[j] = SELECT(v[j] > l[j], v[j], l[j]); /* vec */
+    }
     for (int j = 0; k < n; k++, j++) l[j] = SELECT(y[k] > l[j], y[k], l[j]);
     for (int j = 1; j < 16; j++) m = SELECT(l[j] > m, l[j], m);
     return m;
@@ -481,6 +473,7 @@ FG_TARGETS int S(fg_any_abs_above)(const T *x, ptrdiff_t N, double limit)
 #define FG_UPD_BLOCK 128
 #endif
 #if defined(__GNUC__)
+typedef T S(lanes) __attribute__((vector_size(16 * sizeof(T))));
 typedef double S(dlanes) __attribute__((vector_size(16 * sizeof(double))));
 FG_INLINE void S(block_sumsq2)(S(dlanes) *a, S(dlanes) *b, const T *x, const T *y)
 {
