@@ -222,16 +222,40 @@ static inline float fg_gelu_grad_f32(float z)
     return (float)(c + z * FG_INV_SQRT_2PI * e);
 }
 
-/* In double, the C library's erfc keeps Phi(z) = erfc(-z / sqrt 2) / 2
- * accurate relative to its size in the left tail too. */
+/* In double, Phi(z) = erfc(-z / sqrt 2) / 2 from the C library's erfc,
+ * which stays accurate relative to its size in the left tail. What it is
+ * given is not: rounding x = -z / sqrt 2 to double moves erfc by 2 x^2 of
+ * its ulps (some 500 at z = -32). The rounding error d = -z / sqrt 2 - x
+ * is exact from two products with fma (sqrt 1/2 split into hi + lo), and
+ * erfc(x + d) = erfc(x) - d 2/sqrt(pi) e^(-x^2) to first order, which is
+ * all d needs; likewise e^(-z^2/2) takes the low part of z^2. fma rounds
+ * once by definition, so every platform gets the same bits. */
+#define FG_SQRT1_2_LO (-4.8336466567264567e-17)   /* sqrt(1/2) - FG_SQRT1_2 */
+#define FG_2_SQRTPI 1.1283791670955126            /* 2 / sqrt(pi) */
+
+static inline double fg_ncdf_f64(double z)
+{
+    double x = -z * FG_SQRT1_2;
+    double d = fma(-z, FG_SQRT1_2, -x) - z * FG_SQRT1_2_LO;
+    d = fg_select_f64(fabs(z) <= DBL_MAX, d, 0.0);   /* inf - inf */
+    return 0.5 * (erfc(x) - d * FG_2_SQRTPI * exp(-x * x));
+}
+
+/* e^(-z^2/2), with z^2 = zz + its rounding error */
+static inline double fg_gauss_f64(double z)
+{
+    double zz = z * z, lo = fma(z, z, -zz);
+    return exp(-0.5 * zz) * (1.0 - 0.5 * fg_select_f64(fabs(z) <= DBL_MAX, lo, 0.0));
+}
+
 static inline double fg_gelu_f64(double z)
 {
-    return 0.5 * z * erfc(-z * FG_SQRT1_2);
+    return z * fg_ncdf_f64(z);
 }
 
 static inline double fg_gelu_grad_f64(double z)
 {
-    return 0.5 * erfc(-z * FG_SQRT1_2) + z * FG_INV_SQRT_2PI * exp(-0.5 * z * z);
+    return fg_ncdf_f64(z) + z * FG_INV_SQRT_2PI * fg_gauss_f64(z);
 }
 
 #define T float
