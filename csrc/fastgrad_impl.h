@@ -469,6 +469,9 @@ FG_TARGETS void S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_
     *first_bad = -1;
     *penalty = 0.0;
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        /* a frozen tensor is not trained: no penalty (Keras sums the
+         * regularizers of trainable weights only), no part in the norms */
+        if (tt->frozen && tt->frozen[t]) { sumsq[t] = 0.0; continue; }
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], b = (ptrdiff_t)tt->offset[t + 1];
         const T l1 = (T)tt->l1[t], l2x2 = (T)(2.0 * tt->l2[t]);
         T *g = grad + a;
@@ -629,6 +632,7 @@ FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
  *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
  *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
  * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
+ * A frozen tensor (tt->frozen[t]) is skipped: weights, moments, constraint.
  * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
  * constraint) and sum w_new^2 are accumulated too, block by block.
  * first_overflow receives the first tensor whose weights are not all finite
@@ -656,6 +660,10 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     enum { BLOCK = FG_UPD_BLOCK };
     T dw[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
+            if (tt->upd_sumsq) tt->upd_sumsq[t] = tt->w_sumsq[t] = 0.0;
+            continue;
+        }
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
         T *w = param + a;
         const T *gr = grad + a;

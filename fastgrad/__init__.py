@@ -28,11 +28,13 @@ except ImportError as e:
            if _other else "")) from e
 
 from fastgrad import (activations, callbacks, constraints, initializers, layers, losses,  # noqa: E402
-                      metrics, models, ops, optimizers, regularizers, saving, schedules)
+                      metrics, models, ops, optimizers, regularizers, saving, schedules, utils)
 from fastgrad.diagnostics import GradientReport, diagnose  # noqa: E402
+from fastgrad.layers import Input, InputLayer  # noqa: E402
 from fastgrad.models import Sequential  # noqa: E402
 from fastgrad.saving import load_model  # noqa: E402
 
-__all__ = ["Sequential", "load_model", "diagnose", "GradientReport", "activations", "callbacks",
-           "constraints", "initializers", "layers", "losses", "metrics", "models", "ops",
-           "optimizers", "regularizers", "saving", "schedules", "__version__"]
+__all__ = ["Sequential", "Input", "InputLayer", "load_model", "diagnose", "GradientReport",
+           "activations", "callbacks", "constraints", "initializers", "layers", "losses",
+           "metrics", "models", "ops", "optimizers", "regularizers", "saving", "schedules",
+           "utils", "__version__"]
