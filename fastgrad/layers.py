@@ -166,8 +166,10 @@ class Layer:
     def allocate(self, batch, dtype, need_dx):
         """Work buffers for up to ``batch`` rows; grown, never shrunk."""
         if batch > self._cap or dtype != self._dtype:
-            self._cap, self._dtype = max(batch, self._cap if dtype == self._dtype else 0), dtype
-            self._allocate(self._cap, dtype, need_dx)
+            cap = max(batch, self._cap if dtype == self._dtype else 0)
+            self._allocate(cap, dtype, need_dx)
+            # after the buffers: an interrupt in between leaves them to be grown again
+            self._cap, self._dtype = cap, dtype
 
     def _allocate(self, cap, dtype, need_dx):
         self._out = np.empty((cap, self.output_dim), dtype)

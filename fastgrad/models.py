@@ -406,11 +406,12 @@ class Sequential(Trainer):
         """Work buffers for batches of up to ``batch`` rows."""
         if batch <= self._cap:
             return
-        self._cap = batch
         for i, layer in enumerate(self.layers):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
+        # last: an interrupt in between leaves the buffers to be grown again
+        self._cap = batch
 
     def _forward(self, x, training, logits):
         h = x
