@@ -16,7 +16,7 @@ import numpy as np
 
 from fastgrad import _core, activations, constraints, initializers, ops, regularizers
 from fastgrad._utils import Hyper, Registry, check_int, check_real
-from fastgrad.variables import Variable
+from fastgrad.variables import HasVariables, Variable
 
 
 def _check_weight(variable, w):
@@ -51,7 +51,12 @@ def _features(arg, shape):
     return check_int(f"{arg}[0]", shape[0], low=1)
 
 
-class Layer:
+def _weight(name, doc):
+    """A read-only attribute giving the layer's weight ``name`` as a Variable."""
+    return property(lambda layer: layer._variable(name), doc=doc)
+
+
+class Layer(HasVariables):
     """Base class. ``name`` is given by the model when not set.
 
     Keras 3's layer API: ``trainable`` (False freezes the layer: the
@@ -107,14 +112,6 @@ class Layer:
         if not self._variables:   # not built: no weights yet, as in Keras
             return []
         return [self._variables[s.name] for s in self.weight_specs]
-
-    @property
-    def trainable_weights(self):
-        return [v for v in self.variables if v.trainable]
-
-    @property
-    def non_trainable_weights(self):
-        return [v for v in self.variables if not v.trainable]
 
     def _variable(self, name):
         self._materialized()
@@ -260,15 +257,8 @@ class Dense(Layer):
                              self._code_used, self._alpha)
         return dx
 
-    @property
-    def kernel(self):
-        """The kernel as a Variable (Keras's ``layer.kernel``)."""
-        return self._variable("kernel")
-
-    @property
-    def bias(self):
-        """The bias as a Variable, or None with ``use_bias=False``."""
-        return self._variable("bias")
+    kernel = _weight("kernel", "The kernel as a Variable (Keras's ``layer.kernel``).")
+    bias = _weight("bias", "The bias as a Variable, or None with ``use_bias=False``.")
 
     def get_config(self):
         return {
@@ -420,21 +410,10 @@ class BatchNormalization(Layer):
                                  self.grads.get("beta"))
         return dx if need_dx else None
 
-    @property
-    def gamma(self):
-        return self._variable("gamma")
-
-    @property
-    def beta(self):
-        return self._variable("beta")
-
-    @property
-    def moving_mean(self):
-        return self._variable("moving_mean")
-
-    @property
-    def moving_variance(self):
-        return self._variable("moving_variance")
+    gamma = _weight("gamma", "gamma as a Variable, or None with ``scale=False``.")
+    beta = _weight("beta", "beta as a Variable, or None with ``center=False``.")
+    moving_mean = _weight("moving_mean", "The moving mean as a Variable.")
+    moving_variance = _weight("moving_variance", "The moving variance as a Variable.")
 
     def get_config(self):
         return {

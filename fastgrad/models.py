@@ -25,6 +25,7 @@ from fastgrad._trainer import Trainer, locked
 from fastgrad._utils import check_int
 from fastgrad.layers import InputLayer, Layer, _check_weight, _features
 from fastgrad.saving import load_model, save_model
+from fastgrad.variables import HasVariables
 
 __all__ = ["Sequential", "load_model", "model_from_json", "clone_model"]
 
@@ -59,7 +60,7 @@ def snake_case(name):
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
-class Sequential(Trainer):
+class Sequential(Trainer, HasVariables):
     """A linear stack of layers.
 
     ``Sequential(layers=None, dtype="float32", seed=None)``: dtype is
@@ -214,16 +215,13 @@ class Sequential(Trainer):
                          f"{[layer.name for layer in self.layers]}")
 
     # -- Keras's weight API -------------------------------------------------
-    @property
-    def trainable(self):
-        """False freezes every layer (each layer's ``trainable`` too)."""
-        return self._trainable
-
-    @trainable.setter
-    def trainable(self, value):
+    def _set_trainable(self, value):
         self._trainable = bool(value)
         for layer in self.layers:
             layer.trainable = value
+
+    trainable = property(lambda self: self._trainable, _set_trainable,
+                         doc="False freezes every layer (sets each layer's ``trainable``).")
 
     def _sync_frozen(self):
         """The optimizer's per-tensor frozen flags from the layers'
@@ -239,14 +237,6 @@ class Sequential(Trainer):
         return [v for layer in self.layers for v in layer.variables]
 
     variables = weights
-
-    @property
-    def trainable_weights(self):
-        return [v for v in self.weights if v.trainable]
-
-    @property
-    def non_trainable_weights(self):
-        return [v for v in self.weights if not v.trainable]
 
     def _plan(self, input_dim, layers=None):
         """Layer shapes and weight specs for input_dim features, allocating

@@ -87,3 +87,16 @@ class Variable:
     def __repr__(self):
         return (f"<Variable path={self.path}, shape={self.shape}, dtype={self.dtype}, "
                 f"trainable={self.trainable}>")
+
+
+class HasVariables:
+    """Keras's lists of a layer's or a model's variables, from its
+    ``variables`` (all of them, in get_weights() order)."""
+
+    @property
+    def trainable_weights(self):
+        return [v for v in self.variables if v.trainable]
+
+    @property
+    def non_trainable_weights(self):
+        return [v for v in self.variables if not v.trainable]

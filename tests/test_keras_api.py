@@ -455,3 +455,19 @@ def test_batch_normalization_one_row_batch_matches_keras():
     assert fm.optimizer.iterations == int(km.optimizer.iterations) == 7
     _close(fh.history["loss"], kh.history["loss"], rtol=5e-5)
     _close(fm.get_weights(), km.get_weights(), rtol=5e-5, atol=5e-6)
+
+
+def test_save_and_load_keep_frozen_layers_frozen(tmp_path):
+    x, y = _data()
+    m = fg.Sequential([fg.Input(shape=(4,)), Dense(8, activation="relu"), Dense(3)], seed=0)
+    m.layers[0].trainable = False
+    m.compile("adam", "sparse_categorical_crossentropy")
+    path = str(tmp_path / "m.fgm")
+    m.save(path)
+    loaded = fg.load_model(path)
+    assert not loaded.layers[0].trainable and loaded.layers[1].trainable
+    before = loaded.get_weights()
+    loaded.fit(x, y, epochs=1, verbose=0)
+    after = loaded.get_weights()
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+    assert not np.array_equal(before[2], after[2])
