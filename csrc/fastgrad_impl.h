@@ -729,7 +729,9 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
  *           is large against the spread);
  *           moving = momentum * moving + (1 - momentum) * batch statistic
  * inference: mu, var = moving_mean, moving_var
- * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp. */
+ * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp.
+ * One row (B = 1) has var = 0, so out = beta, as in Keras. No rows (B = 0)
+ * estimate nothing: the moving statistics stay and mean, rstd are theirs. */
 FG_TARGETS void S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             T *moving_mean, T *moving_var, const T *inp,
                             const T *gamma, const T *beta, ptrdiff_t B,
@@ -738,6 +740,7 @@ FG_TARGETS void S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
 {
     double s1[FG_COLS], s2[FG_COLS], sh[FG_COLS];
     T mhi[FG_COLS], mlo[FG_COLS], a[FG_COLS], b[FG_COLS];
+    if (B <= 0) training = 0;
     for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
         ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
         if (training) {
@@ -849,8 +852,8 @@ FG_TARGETS void S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *
             if (dgamma) dgamma[c0 + j] = (T)sdx[j];
             /* dinp = k (dy - sd/B - xc rstd sdx/B), k = gamma rstd */
             kk[j] = (T)((gamma ? (double)gamma[c0 + j] : 1.0) * rs[j]);
-            md[j] = sd[j] / (double)B;
-            mx[j] = sdx[j] * rs[j] / (double)B;
+            md[j] = B > 0 ? sd[j] / (double)B : 0.0;   /* B = 0: no rows use them */
+            mx[j] = B > 0 ? sdx[j] * rs[j] / (double)B : 0.0;
         }
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *x = inp + i * F + c0, *dy = dout + i * F + c0;

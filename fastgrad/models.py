@@ -544,7 +544,9 @@ class Sequential(Trainer, HasVariables):
             print_fn(f"{r[0]:<{w[0]}}   {r[1]:<{w[1]}}   {r[2]:>{w[2]}}")
         print_fn(line)
         if self.built:
-            t, s = self.params.size, self.state.size
+            # a frozen layer's weights count as non-trainable, as in Keras
+            t = sum(s.size for layer, s in self._specs if s.trainable and layer.trainable)
+            s = self.params.size + self.state.size - t
             print_fn(f" Total params: {t + s:,}")
             print_fn(f" Trainable params: {t:,}")
             print_fn(f" Non-trainable params: {s:,}")

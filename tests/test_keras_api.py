@@ -289,6 +289,37 @@ def test_a_frozen_flag_changes_nothing_for_the_other_tensors():
     m.fit(x, y, epochs=1, batch_size=16, verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, m.get_weights()))
     assert m.trainable_weights == [] and len(m.non_trainable_weights) == 4
+    lines = []
+    m.summary(print_fn=lines.append)
+    assert " Trainable params: 0" in lines and " Non-trainable params: 67" in lines
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop", "adagrad"])
+def test_the_other_tensors_train_bit_for_bit_as_beside_weights_held_fixed(optimizer):
+    """The compiled step's update of each tensor depends only on that
+    tensor's gradient and moments (without clipping by norm), so a model
+    with its first layer frozen must train its other tensors bit for bit
+    like a twin whose first layer is put back after every step."""
+    x, y = _data(64)
+
+    def make():
+        m = fg.Sequential([fg.Input(shape=(4,)), Dense(8, activation="relu"),
+                           BatchNormalization(), Dense(3)], seed=5)
+        m.compile(optimizer, "sparse_categorical_crossentropy")
+        return m
+
+    frozen, twin = make(), make()
+    frozen.layers[0].trainable = False
+    fixed = twin.layers[0].get_weights()
+    for step in range(6):
+        rows = slice(8 * step, 8 * step + 8)
+        frozen.train_on_batch(x[rows], y[rows])
+        twin.train_on_batch(x[rows], y[rows])
+        twin.layers[0].set_weights(fixed)
+    for a, b in zip(frozen.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    grads = frozen.optimizer.last_step.grad_norms
+    assert grads[0] == grads[1] == 0 and grads[2] > 0   # frozen tensors: no norm
 
 
 # ---------------------------------------------------------------------------
