@@ -121,6 +121,12 @@ def test_input_first_or_added_builds_the_model_as_keras_does():
         k.add(keras.layers.Dense(units, activation="relu"))
         assert f.built == k.built
         assert [w.shape for w in f.weights] == [tuple(w.shape) for w in k.weights]
+    # build((None, features)), as Keras takes it
+    f2, k2 = fg.Sequential([Dense(3)]), keras.Sequential([keras.layers.Dense(3)])
+    f2.build((None, 6))
+    k2.build((None, 6))
+    assert f2.built and k2.built and f2.input_shape == tuple(k2.input_shape)
+    assert [w.shape for w in f2.weights] == [tuple(w.shape) for w in k2.weights]
     # a second Input, or an Input after layers, is refused
     with pytest.raises(ValueError, match="InputLayer"):
         f.add(fg.Input(shape=(2,)))
