@@ -290,6 +290,29 @@ class Trainer:
                         layer.collect_stats = False
             yield float(loss)
 
+    @locked
+    def forward_backward(self, x, y, sample_weight=None):
+        """One training-mode pass over a batch, without an optimizer step:
+        returns the batch's loss ``sum_i w_i l_i / rows`` (w_i = 1 without
+        ``sample_weight``; no regularization penalty) and leaves its gradient
+        in ``model.grads``. BatchNormalization's moving statistics and the
+        dropout counters advance as in a training step. For solvers of one's
+        own over the flat buffers (``model.params``, ``model.grads``), such as
+        fastgrad.sklearn's L-BFGS."""
+        self._require_compiled("forward_backward")
+        x, target, labels = _data.check_xy(self, x, y)
+        _data.check_rows(x)
+        if sample_weight is not None:
+            w = np.asarray(sample_weight)
+            if w.shape != (x.shape[0],) or w.dtype.kind not in "biuf":
+                raise ValueError(f"sample_weight: expected {x.shape[0]} numbers (one per row), "
+                                 f"got shape {w.shape} of dtype {w.dtype}")
+            sample_weight = _data.converted(w.reshape(1, -1), self.dtype, "sample_weight")[0]
+        self._require_built(x.shape[1])
+        self._prepare(x.shape[0])
+        loss, _ = self._forward_backward(x, target, labels, sample_weight)
+        return float(loss)
+
     # -- fit --------------------------------------------------------------
     @locked
     def fit(self, x, y, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,

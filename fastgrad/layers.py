@@ -51,6 +51,12 @@ def _features(arg, shape):
     return check_int(f"{arg}[0]", shape[0], low=1)
 
 
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def _weight(name, doc):
     """A read-only attribute giving the layer's weight ``name`` as a Variable."""
     return property(lambda layer: layer._variable(name), doc=doc)
@@ -79,7 +85,7 @@ class Layer(HasVariables):
         self.weights, self.grads = {}, {}
         self._variables = {}
         self._model = None     # the model that holds the layer, set by its add
-        self._trainable = bool(trainable)
+        self._trainable = _check_bool("trainable", trainable)
         self._cap = 0
         self._dtype = None
 
@@ -90,7 +96,7 @@ class Layer(HasVariables):
 
     @trainable.setter
     def trainable(self, value):
-        self._trainable = bool(value)
+        self._trainable = _check_bool("trainable", value)
         if self._model is not None:
             self._model._sync_frozen()
 
@@ -533,7 +539,6 @@ def Input(shape=None, batch_size=None, dtype=None, batch_shape=None, name=None, 
     return InputLayer(shape, batch_size, dtype, batch_shape, name, **kwargs)
 
 
-LAYERS = {cls.__name__: cls for cls in (Dense, Activation, BatchNormalization, Dropout)}
 _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
                                       "dropout": Dropout, "input_layer": InputLayer})

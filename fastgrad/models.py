@@ -23,7 +23,7 @@ from fastgrad import _core, layers as layers_mod, losses, metrics as metrics_mod
     optimizers, utils
 from fastgrad._trainer import Trainer, locked
 from fastgrad._utils import check_int
-from fastgrad.layers import InputLayer, Layer, _check_weight, _features
+from fastgrad.layers import InputLayer, Layer, _check_bool, _check_weight, _features
 from fastgrad.saving import load_model, save_model
 from fastgrad.variables import HasVariables
 
@@ -47,9 +47,8 @@ def _check_compile_extras(loss_weights, weighted_metrics, run_eagerly, steps_per
     if weighted_metrics not in (None, [], ()):
         raise ValueError(f"weighted_metrics: metrics weighted by sample_weight are not "
                          f"supported yet; expected None or [], got {weighted_metrics!r}")
-    for name, value in (("run_eagerly", run_eagerly), ("auto_scale_loss", auto_scale_loss)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    _check_bool("run_eagerly", run_eagerly)
+    _check_bool("auto_scale_loss", auto_scale_loss)
     if jit_compile not in ("auto", True, False):
         raise ValueError(f"jit_compile: expected 'auto', True or False, got {jit_compile!r}")
     check_int("steps_per_execution", steps_per_execution, low=1)
@@ -216,7 +215,7 @@ class Sequential(Trainer, HasVariables):
 
     # -- Keras's weight API -------------------------------------------------
     def _set_trainable(self, value):
-        self._trainable = bool(value)
+        self._trainable = _check_bool("trainable", value)
         for layer in self.layers:
             layer.trainable = value
 
@@ -400,6 +399,7 @@ class Sequential(Trainer, HasVariables):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
+        self._rows = np.empty(batch, self.dtype)
         # last: an interrupt in between leaves the buffers to be grown again
         self._cap = batch
 
@@ -410,27 +410,34 @@ class Sequential(Trainer, HasVariables):
             h = layer.forward(h, training, logits and i == last)
         return h
 
-    def _batch_loss(self, h, target, labels, d):
+    def _batch_loss(self, h, target, labels, d, weights=None):
         """(loss, predictions) of a batch's outputs h (logits when fused);
-        with d, the loss's gradient with respect to h lands in it."""
+        with d, the loss's gradient with respect to h lands in it. With row
+        weights w, the loss is sum_i w_i l_i / rows and row i's gradient is
+        scaled by w_i."""
         b = h.shape[0]
         prob = self._prob[:b] if self._fused else None
-        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
+        rows = None if weights is None else self._rows[:b]
+        loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
                                            self._from_logits, self.loss.delta)
+        if weights is not None:
+            loss = float(rows @ weights) / b
+            if d is not None:
+                np.multiply(d, weights[:, None], out=d)
         return loss, (prob if self._fused else h)
 
     def _batch_metrics(self, pred, target, labels):
         y_true = labels if labels is not None else target
         return [m(y_true, pred, self._from_logits and not self._fused) for m in self.metrics]
 
-    def _forward_backward(self, x, target, labels):
+    def _forward_backward(self, x, target, labels, weights=None):
         """(loss, predictions) of a batch in training mode; the gradients
-        land in self.grads. Callers have checked that the batch has rows
-        (fastgrad._data.check_rows), so no layer refuses it after others
-        have run."""
+        land in self.grads (weights as in _batch_loss). Callers have checked
+        that the batch has rows (fastgrad._data.check_rows), so no layer
+        refuses it after others have run."""
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:x.shape[0]]
-        loss, pred = self._batch_loss(h, target, labels, d)
+        loss, pred = self._batch_loss(h, target, labels, d, weights)
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
         return loss, pred
@@ -498,10 +505,43 @@ class Sequential(Trainer, HasVariables):
     # -- weights and files ------------------------------------------------
     @locked
     def save(self, path):
-        """Write the model to one file: architecture, weights, optimizer
-        configuration and state, and random-generator state (see
-        fastgrad.saving). The write is atomic."""
+        """Write the model to one file, atomically. A name ending in
+        ``.keras`` gets a Keras 3 archive (fastgrad.keras_format: needs h5py);
+        ``.h5``/``.hdf5`` are refused (weights only: use save_weights); any
+        other name (``.fgm`` by convention) gets fastgrad's own format:
+        architecture, weights, optimizer configuration and state, and
+        random-generator state, for an exact resume (fastgrad.saving)."""
         save_model(self, path)
+
+    @locked
+    def save_weights(self, filepath, overwrite=True):
+        """Write the weights (and optimizer state) to a Keras
+        ``.weights.h5`` file (needs h5py). ``overwrite`` is accepted for
+        Keras compatibility; the file is always replaced, atomically."""
+        from fastgrad import keras_format
+
+        keras_format.save_weights(self, filepath)
+
+    @locked
+    def load_weights(self, filepath):
+        """Read weights written by ``save_weights`` here or in Keras."""
+        from fastgrad import keras_format
+
+        keras_format.load_weights(self, filepath)
+
+    @locked
+    def export(self, filepath, format="onnx", verbose=None):
+        """Export for inference; format "onnx" (fastgrad.export)."""
+        from fastgrad import export
+
+        export.export(self, filepath, format=format)
+
+    def __reduce__(self):
+        # pickle, copy and joblib go through the validated file format
+        from fastgrad import pickling
+
+        with self._lock:
+            return pickling.reduce(self)
 
     @locked
     def get_weights(self):

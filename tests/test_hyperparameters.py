@@ -9,10 +9,11 @@ serialize / deserialize with one error policy, and reads Keras' own
 configurations (checked against keras when it is installed).
 """
 import functools
+import importlib.util
 import json
 import math
-import os
 import re
+import subprocess
 import sys
 import warnings
 
@@ -22,8 +23,6 @@ import pytest
 import fastgrad as fg
 from fastgrad import (activations, callbacks, constraints, initializers, layers, losses,
                       metrics, optimizers, regularizers, schedules)
-
-os.environ.setdefault("KERAS_BACKEND", "jax")   # read when keras is first imported
 
 NAN, INF = math.nan, math.inf
 NONFINITE = (NAN, INF, -INF)
@@ -313,44 +312,87 @@ def test_serialize_and_deserialize_round_trip_through_json(make):
     assert module.serialize(None) is None
 
 
-@pytest.mark.parametrize("module,names", [
-    (optimizers, ["sgd", "rmsprop", "adam", "adamw", "adagrad"]),
-    (initializers, ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
-                    "lecun_uniform", "lecun_normal", "orthogonal", "random_normal",
-                    "random_uniform", "zeros", "ones", "variance_scaling"]),
-    (regularizers, ["l1", "l2", "l1l2"]),
-    (constraints, ["max_norm", "non_neg"]),
-], ids=lambda v: getattr(v, "__name__", None))
-def test_names_resolve_to_the_classes_keras_gives(module, names):
-    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
-    kmod = getattr(keras, module.__name__.rsplit(".", 1)[1])
-    for name in names + [n.upper() for n in names]:
-        assert type(module.get(name)).__name__ == type(kmod.get(name.lower())).__name__, name
+KERAS_NAMES = {
+    "optimizers": ["sgd", "rmsprop", "adam", "adamw", "adagrad"],
+    "initializers": ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
+                     "lecun_uniform", "lecun_normal", "orthogonal", "random_normal",
+                     "random_uniform", "zeros", "ones", "variance_scaling"],
+    "regularizers": ["l1", "l2", "l1l2"],
+    "constraints": ["max_norm", "non_neg"],
+}
+KERAS_OBJECTS = [   # (where in keras, class, arguments), the same in fastgrad
+    ("optimizers.schedules", "ExponentialDecay", (0.1, 10, 0.5, True)),
+    ("optimizers.schedules", "PiecewiseConstantDecay", ([5, 9], [0.1, 0.01, 0.001])),
+    ("optimizers.schedules", "CosineDecay", (0.1, 10, 0.1, "cos", 0.2, 3)),
+    ("regularizers", "L1", (0.1,)), ("regularizers", "L2", (0.2,)),
+    ("regularizers", "L1L2", (0.1, 0.2)),
+    ("constraints", "MaxNorm", (1.5,)), ("constraints", "NonNeg", ()),
+    ("initializers", "RandomNormal", (0.1, 0.2, 3)),
+    ("initializers", "RandomUniform", (-0.1, 0.2, 3)),
+    ("initializers", "Orthogonal", (0.5, 1)), ("initializers", "Constant", (0.3,)),
+    ("initializers", "Zeros", ()),
+]
+# Keras runs in a child process: JAX starts threads, and a process that has
+# them must not fork (which other tests of the suite do).
+_KERAS_SIDE = """
+import functools, json, os, sys
+os.environ.setdefault("KERAS_BACKEND", "jax")
+import keras
+request = json.load(sys.stdin)
+names = {m: {n: type(getattr(keras, m).get(n)).__name__ for n in ns}
+         for m, ns in request["names"].items()}
+objects = []
+for (where, cls, args), ours in zip(request["objects"], request["ours"]):
+    kmod = functools.reduce(getattr, where.split("."), keras)
+    obj = getattr(kmod, cls)(*args)
+    objects.append({
+        "serialized": kmod.serialize(obj),
+        "config": obj.get_config(),
+        "ours_read_back": kmod.deserialize(ours).get_config(),
+        "values": [float(obj(s)) for s in range(15)] if where.endswith("schedules") else None,
+    })
+json.dump({"names": names, "objects": objects}, sys.stdout)
+"""
+
+
+def _module(where):
+    return getattr(fg, where.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def keras_side():
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("needs the keras extra: pip install '.[keras]'")
+    ours = [_module(w).serialize(getattr(_module(w), cls)(*args))
+            for w, cls, args in KERAS_OBJECTS]
+    done = subprocess.run([sys.executable, "-c", _KERAS_SIDE], capture_output=True, text=True,
+                          input=json.dumps({"names": KERAS_NAMES, "objects": KERAS_OBJECTS,
+                                            "ours": ours}), timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("module", list(KERAS_NAMES))
+def test_names_resolve_to_the_classes_keras_gives(keras_side, module):
+    theirs = keras_side["names"][module]
+    for name in KERAS_NAMES[module]:
+        for key in (name, name.upper()):
+            assert type(getattr(fg, module).get(key)).__name__ == theirs[name], key
     assert (regularizers.l1, regularizers.l2, regularizers.l1_l2) == (
         regularizers.L1, regularizers.L2, regularizers.L1L2)
     assert (constraints.max_norm, constraints.non_neg) == (constraints.MaxNorm,
                                                            constraints.NonNeg)
 
 
-@pytest.mark.parametrize("path,args", [
-    ("optimizers.schedules.ExponentialDecay", (0.1, 10, 0.5, True)),
-    ("optimizers.schedules.PiecewiseConstantDecay", ([5, 9], [0.1, 0.01, 0.001])),
-    ("optimizers.schedules.CosineDecay", (0.1, 10, 0.1, "cos", 0.2, 3)),
-    ("regularizers.L1", (0.1,)), ("regularizers.L2", (0.2,)), ("regularizers.L1L2", (0.1, 0.2)),
-    ("constraints.MaxNorm", (1.5,)), ("constraints.NonNeg", ()),
-    ("initializers.RandomNormal", (0.1, 0.2, 3)), ("initializers.RandomUniform", (-0.1, 0.2, 3)),
-    ("initializers.Orthogonal", (0.5, 1)), ("initializers.Constant", (0.3,)),
-    ("initializers.Zeros", ()),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_keras_configurations_load_and_go_back(path, args):
-    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
-    *where, cls = path.split(".")
-    kmod = functools.reduce(getattr, where, keras)
-    module = getattr(fg, where[-1])
-    kobj = getattr(kmod, cls)(*args)
-    obj = module.deserialize(kmod.serialize(kobj))   # with Keras' "module" key and all
-    assert type(obj).__name__ == cls and obj.get_config() == kobj.get_config()
-    assert kmod.deserialize(module.serialize(obj)).get_config() == kobj.get_config()
-    if where[-1] == "schedules":
-        np.testing.assert_allclose([obj(s) for s in range(15)],
-                                   [float(kobj(s)) for s in range(15)], rtol=1e-6)
+@pytest.mark.parametrize("i", range(len(KERAS_OBJECTS)),
+                         ids=[cls for _, cls, _ in KERAS_OBJECTS])
+def test_keras_configurations_load_and_go_back(keras_side, i):
+    where, cls, _ = KERAS_OBJECTS[i]
+    theirs = keras_side["objects"][i]
+    # Keras' own serialize dict, with its "module" and "registered_name" keys
+    obj = _module(where).deserialize(theirs["serialized"])
+    assert type(obj).__name__ == cls and obj.get_config() == theirs["config"]
+    # and Keras reads fastgrad's back into the same object
+    assert theirs["ours_read_back"] == theirs["config"]
+    if theirs["values"] is not None:
+        np.testing.assert_allclose([obj(s) for s in range(15)], theirs["values"], rtol=1e-6)

@@ -1,0 +1,56 @@
+"""How many threads the BLAS that fastgrad calls may use.
+
+fastgrad's matrix products go through SciPy's BLAS (an OpenBLAS in SciPy's
+wheels), which starts one thread per core by default; the element-wise
+kernels run on the calling thread. These functions use threadpoolctl
+(``pip install threadpoolctl``; scikit-learn depends on it) to read and
+change the thread count of every BLAS loaded in the process, SciPy's
+included, without touching environment variables. Importing fastgrad
+changes nothing.
+
+    fg.set_num_threads(1)          # from now on, one BLAS thread
+    fg.get_num_threads()           # -> 1
+    with fg.threads(2):            # two threads inside the block only
+        model.fit(x, y)
+"""
+import contextlib
+import numbers
+
+
+def _controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        raise ImportError("thread control needs threadpoolctl: pip install threadpoolctl") \
+            from None
+    from fastgrad import _core  # noqa: F401  (loads SciPy's BLAS, so it is found)
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _count(n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n: expected a positive integer number of threads, got {n!r}")
+    return int(n)
+
+
+def set_num_threads(n):
+    """Let the BLAS use at most ``n`` threads (n >= 1) from now on."""
+    _controller().limit(limits=_count(n))
+
+
+def get_num_threads():
+    """The BLAS thread count (the largest among the BLAS libraries loaded,
+    which set_num_threads makes all equal)."""
+    info = _controller().info()
+    return max((lib["num_threads"] for lib in info), default=1)
+
+
+@contextlib.contextmanager
+def threads(n):
+    """Limit the BLAS to ``n`` threads inside a ``with`` block; the previous
+    counts come back on leaving it, also after an exception."""
+    limiter = _controller().limit(limits=_count(n))
+    try:
+        yield
+    finally:
+        limiter.restore_original_limits()
