@@ -69,6 +69,8 @@ typedef struct {
     const int *constraint;     /* fg_constraint codes */
     const double *cvalue;      /* MaxNorm max_value or ClipValue clip_value */
     const int64_t *cols;       /* MaxNorm: columns of the (rows, cols) kernel; 0 = 1-D */
+    const unsigned char *frozen; /* NULL, or 1 for a tensor the step leaves alone
+                                  * (no penalty, norm 0, no update, no moments) */
     double *upd_sumsq;         /* NULL, or receives sum (w_new - w_old)^2 per tensor */
     double *w_sumsq;           /* NULL, or receives sum w_new^2 per tensor */
     ptrdiff_t n_tensors;

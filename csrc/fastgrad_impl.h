@@ -528,6 +528,9 @@ FG_TARGETS void S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_
     *first_bad = -1;
     *penalty = 0.0;
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        /* a frozen tensor is not trained: no penalty (Keras sums the
+         * regularizers of trainable weights only), no part in the norms */
+        if (tt->frozen && tt->frozen[t]) { sumsq[t] = 0.0; continue; }
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], b = (ptrdiff_t)tt->offset[t + 1];
         const T l1 = (T)tt->l1[t], l2x2 = (T)(2.0 * tt->l2[t]);
         T *g = grad + a;
@@ -688,6 +691,7 @@ FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
  *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
  *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
  * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
+ * A frozen tensor (tt->frozen[t]) is skipped: weights, moments, constraint.
  * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
  * constraint) and sum w_new^2 are accumulated too, block by block.
  * first_overflow receives the first tensor whose weights are not all finite
@@ -715,6 +719,10 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     enum { BLOCK = FG_UPD_BLOCK };
     T dw[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
+        if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
+            if (tt->upd_sumsq) tt->upd_sumsq[t] = tt->w_sumsq[t] = 0.0;
+            continue;
+        }
         ptrdiff_t a = (ptrdiff_t)tt->offset[t], n = (ptrdiff_t)tt->offset[t + 1] - a;
         T *w = param + a;
         const T *gr = grad + a;
@@ -780,7 +788,9 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
  *           is large against the spread);
  *           moving = momentum * moving + (1 - momentum) * batch statistic
  * inference: mu, var = moving_mean, moving_var
- * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp. */
+ * out = gamma * (inp - mu) / sqrt(var + epsilon) + beta.  out may alias inp.
+ * One row (B = 1) has var = 0, so out = beta, as in Keras. No rows (B = 0)
+ * estimate nothing: the moving statistics stay and mean, rstd are theirs. */
 FG_TARGETS void S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
                             T *moving_mean, T *moving_var, const T *inp,
                             const T *gamma, const T *beta, ptrdiff_t B,
@@ -789,6 +799,7 @@ FG_TARGETS void S(fg_batchnorm_forward)(T *out, double *mean, double *rstd,
 {
     double s1[FG_COLS], s2[FG_COLS], sh[FG_COLS];
     T mhi[FG_COLS], mlo[FG_COLS], a[FG_COLS], b[FG_COLS];
+    if (B <= 0) training = 0;
     for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
         ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
         if (training) {
@@ -900,8 +911,8 @@ FG_TARGETS void S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *
             if (dgamma) dgamma[c0 + j] = (T)sdx[j];
             /* dinp = k (dy - sd/B - xc rstd sdx/B), k = gamma rstd */
             kk[j] = (T)((gamma ? (double)gamma[c0 + j] : 1.0) * rs[j]);
-            md[j] = sd[j] / (double)B;
-            mx[j] = sdx[j] * rs[j] / (double)B;
+            md[j] = B > 0 ? sd[j] / (double)B : 0.0;   /* B = 0: no rows use them */
+            mx[j] = B > 0 ? sdx[j] * rs[j] / (double)B : 0.0;
         }
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *x = inp + i * F + c0, *dy = dout + i * F + c0;

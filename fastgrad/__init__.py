@@ -28,13 +28,15 @@ except ImportError as e:
            if _other else "")) from e
 
 from fastgrad import (activations, callbacks, constraints, export, initializers, layers,  # noqa: E402
-                      losses, metrics, models, ops, optimizers, regularizers, saving, schedules)
+                      losses, metrics, models, ops, optimizers, regularizers, saving, schedules,
+                      utils)
 from fastgrad.diagnostics import GradientReport, diagnose  # noqa: E402
+from fastgrad.layers import Input, InputLayer  # noqa: E402
 from fastgrad.models import Sequential  # noqa: E402
 from fastgrad.saving import load_model  # noqa: E402
 from fastgrad._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 
-__all__ = ["Sequential", "load_model", "diagnose", "GradientReport", "activations", "callbacks",
-           "constraints", "export", "initializers", "layers", "losses", "metrics", "models", "ops",
-           "optimizers", "regularizers", "saving", "schedules", "get_num_threads",
-           "set_num_threads", "threads", "__version__"]
+__all__ = ["Sequential", "Input", "InputLayer", "load_model", "diagnose", "GradientReport",
+           "activations", "callbacks", "constraints", "export", "initializers", "layers",
+           "losses", "metrics", "models", "ops", "optimizers", "regularizers", "saving",
+           "schedules", "utils", "get_num_threads", "set_num_threads", "threads", "__version__"]

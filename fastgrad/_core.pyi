@@ -46,6 +46,7 @@ class TensorTable:
     constraint: npt.NDArray[np.intc]
     cvalue: npt.NDArray[np.float64]
     cols: npt.NDArray[np.int64]
+    frozen: npt.NDArray[np.uint8] | None
     upd_sumsq: npt.NDArray[np.float64] | None
     w_sumsq: npt.NDArray[np.float64] | None
     ratio: npt.NDArray[np.float64] | None
@@ -53,7 +54,8 @@ class TensorTable:
     def __init__(self, offset: npt.NDArray[np.int64], l1: npt.NDArray[np.float64],
                  l2: npt.NDArray[np.float64], scale: npt.NDArray[np.float64],
                  constraint: npt.NDArray[np.intc], cvalue: npt.NDArray[np.float64],
-                 cols: npt.NDArray[np.int64]) -> None: ...
+                 cols: npt.NDArray[np.int64],
+                 frozen: npt.NDArray[np.uint8] | None = ...) -> None: ...
     def track_updates(self, upd_sumsq: npt.NDArray[np.float64] | None,
                       w_sumsq: npt.NDArray[np.float64] | None,
                       ratio: npt.NDArray[np.float64] | None) -> None: ...

@@ -414,9 +414,12 @@ cdef class TensorTable:
     offset (T+1,) int64 bounds tensor t to [offset[t], offset[t+1]); l1, l2,
     scale, cvalue (T,) float64; constraint (T,) int32 codes
     (CONSTRAINT_CODES); cols (T,) int64. ``scale`` receives the clip
-    factors of each step (grad_norms writes it)."""
+    factors of each step (grad_norms writes it). frozen (T,) uint8 or None:
+    a tensor marked 1 is left alone by both passes (no penalty, norm 0, no
+    update of its weights or moments); the array is read at every step, so
+    writing into it freezes or thaws a tensor without a new table."""
     cdef fg_tensors tt
-    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols
+    cdef readonly object offset, l1, l2, scale, constraint, cvalue, cols, frozen
     cdef readonly object upd_sumsq, w_sumsq, ratio
     cdef double *ratio_ptr
     cdef double *scale_ptr
@@ -425,13 +428,15 @@ cdef class TensorTable:
     def __init__(self, const int64_t[::1] offset not None, const double[::1] l1 not None,
                  const double[::1] l2 not None, double[::1] scale not None,
                  const int[::1] constraint not None, const double[::1] cvalue not None,
-                 const int64_t[::1] cols not None):
+                 const int64_t[::1] cols not None, const unsigned char[::1] frozen=None):
         cdef Py_ssize_t T = offset.shape[0] - 1, t
         _check(T >= 0, "offset: expected at least one entry")
         for name, arr in (("l1", l1), ("l2", l2), ("scale", scale), ("constraint", constraint),
                           ("cvalue", cvalue), ("cols", cols)):
             if arr.shape[0] != T:
                 raise ValueError(f"{name}: expected {T} entries")
+        if frozen is not None and frozen.shape[0] != T:
+            raise ValueError(f"frozen: expected {T} entries")
         _check(offset[0] == 0, "offset: must start at 0")
         for t in range(T):
             _check(offset[t + 1] >= offset[t], "offset: must not decrease")
@@ -452,6 +457,8 @@ cdef class TensorTable:
         self.tt.constraint = &constraint[0] if T else NULL
         self.tt.cvalue = &cvalue[0] if T else NULL
         self.tt.cols = &cols[0] if T else NULL
+        self.frozen = None if frozen is None else frozen.base
+        self.tt.frozen = &frozen[0] if frozen is not None and T else NULL
         self.track_updates(None, None, None)
 
     def track_updates(self, double[::1] upd_sumsq, double[::1] w_sumsq, double[::1] ratio):

@@ -1,6 +1,6 @@
-"""User arrays on their way into a model: checks and conversion, the rule
-on training batch sizes, the validation split, and the batch iterator that
-fit, evaluate and predict share.
+"""User arrays on their way into a model: checks and conversion, the
+validation split, and the batch iterator that fit, evaluate and predict
+share.
 
 Data travel as a triple ``(x, target, labels)``: x the inputs, and either
 target (the model's dtype, shape (rows, outputs)) or labels (int64 class
@@ -35,8 +35,7 @@ def check_x(model, x, name="x", dim=None):
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
     if dim is None:
-        dim = model.input_dim if model.built else model.layers[0].input_dim if model.layers \
-            else None
+        dim = model.input_dim if model._built else model._known_input_dim()
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} features per row, got {x.shape[1]} "
                          f"(shape {x.shape})")
@@ -82,7 +81,7 @@ def check_xy(model, x, y, names=("x", "y"), dim=None):
     if n is not None and n != x.shape[0]:
         raise ValueError(f"{names[1]}: expected {x.shape[0]} rows to match "
                          f"{names[0]}, got {n}")
-    out_dim = None if model.built else _output_dim(model, x.shape[1])
+    out_dim = None if model._built else _output_dim(model, x.shape[1])
     return (x, *check_y(model, y, x.shape[0], names[1], out_dim))
 
 
@@ -102,31 +101,10 @@ def split_validation(data, fraction):
     return take_rows(data, slice(None, cut)), take_rows(data, slice(cut, None))
 
 
-# -- the one rule on training batch sizes ---------------------------------
-def min_training_rows(layers):
-    """Rows a training batch needs: BatchNormalization estimates a variance
-    from the batch, which takes two rows; other layers need one."""
-    return 2 if any(layer.kind == "BatchNormalization" for layer in layers) else 1
-
-
-def check_training_rows(layers, rows, batch_size=None):
-    """Refuse, before anything is built or run, training on ``rows`` rows
-    as one batch or, given ``batch_size``, in batches of that size (the
-    last one smaller) when a batch would be too small for the layers."""
-    if rows == 0:
+def check_rows(x):
+    """Refuse, before anything is built or run, a batch of no rows."""
+    if x.shape[0] == 0:
         raise ValueError("x: expected at least one row")
-    need = min_training_rows(layers)
-    if batch_size is None:
-        if rows < need:
-            raise ValueError(f"x: BatchNormalization needs at least {need} rows per batch "
-                             f"in training to estimate a variance, got {rows}")
-        return
-    bs = min(batch_size, rows)
-    smallest = min(bs, rows % bs or bs)
-    if smallest < need:
-        raise ValueError(f"batch_size: with {rows} rows, batches of {bs} leave a batch of "
-                         f"{smallest} row{'s' * (smallest != 1)}, and BatchNormalization "
-                         f"needs at least {need} in training; choose another batch_size")
 
 
 class Batches:

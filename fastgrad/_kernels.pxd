@@ -65,6 +65,7 @@ cdef extern from "fastgrad.h" nogil:
         const int *constraint
         const double *cvalue
         const int64_t *cols
+        const unsigned char *frozen
         double *upd_sumsq
         double *w_sumsq
         Py_ssize_t n_tensors

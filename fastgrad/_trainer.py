@@ -11,6 +11,7 @@ import functools
 import math
 import signal
 import threading
+import warnings
 
 import numpy as np
 
@@ -116,6 +117,23 @@ class _EpochStats:
         return logs
 
 
+def _check_validation_freq(validation_freq):
+    """An int >= 1 (validate every that many epochs) or a list of the
+    1-based epochs after which to validate, as in Keras 3."""
+    if isinstance(validation_freq, list):
+        for e in validation_freq:
+            check_int("validation_freq", e, low=1)
+        return validation_freq
+    return check_int("validation_freq", validation_freq, low=1)
+
+
+def _should_validate(epoch, validation_freq):
+    epoch += 1   # Keras counts epochs from 1 here
+    if isinstance(validation_freq, list):
+        return epoch in validation_freq
+    return epoch % validation_freq == 0
+
+
 def _check_fit_args(epochs, batch_size, initial_epoch, verbose, validation_split, callbacks):
     """fit's plain arguments checked; returns (verbose as 0, 1 or 2, the
     callbacks as a list)."""
@@ -136,23 +154,100 @@ def _check_fit_args(epochs, batch_size, initial_epoch, verbose, validation_split
     return verbose, list(callbacks)
 
 
+class _Passes:
+    """fit's batches, epoch by epoch. Without steps_per_epoch an epoch is
+    one pass over the data, shuffled (from rng, when given) as it begins.
+    With it, an epoch takes the next steps_per_epoch batches of the current
+    pass; one that reaches the pass's end stops there (with Keras's
+    warning), and the next epoch begins a new, newly shuffled pass."""
+
+    def __init__(self, batches, rng, steps_per_epoch):
+        self.batches, self.rng, self.steps = batches, rng, steps_per_epoch
+        self._pass = None
+
+    def _new_pass(self):
+        order = self.rng.permutation(self.batches.rows) if self.rng is not None else None
+        return self.batches(order)
+
+    def epoch(self):
+        if self.steps is None:
+            for _, batch in self._new_pass():
+                yield batch
+            return
+        if self._pass is None:
+            self._pass = self._new_pass()
+        for _ in range(self.steps):
+            if self._pass is None:
+                warnings.warn("fit: the data ran out before steps_per_epoch batches; the "
+                              "epoch ends here and the next one begins a new pass (give "
+                              "steps_per_epoch <= ceil(rows / batch_size))", stacklevel=4)
+                return
+            stop, batch = next(self._pass)
+            if stop == self.batches.rows:   # the pass is done: a new one next epoch
+                self._pass = None
+            yield batch
+
+
 class Trainer:
     """The training and inference loops of ``Sequential``. They use the
     model's one-batch primitives: ``_prepare(rows)`` (work buffers),
     ``_forward``, ``_forward_backward``, ``_train_step`` and
     ``_batch_loss``."""
 
+    def _results(self, values, return_dict):
+        """Keras's return convention: a float without metrics, else [loss,
+        *metrics]; with return_dict, {"loss": ..., metric name: ...}."""
+        values = [float(v) for v in values]
+        if return_dict:
+            return dict(zip(["loss"] + self._metric_names, values))
+        return values[0] if not self.metrics else values
+
     @locked
-    def train_on_batch(self, x, y):
+    def train_on_batch(self, x, y, return_dict=False):
         """One forward, backward and optimizer step on one batch. Returns the
-        loss (a float) or [loss, *metrics] when metrics were compiled."""
+        loss (a float) or [loss, *metrics] when metrics were compiled; with
+        return_dict, a dict by name."""
         self._require_compiled("train_on_batch")
         data = _data.check_xy(self, x, y)
-        _data.check_training_rows(self.layers, data[0].shape[0])
+        _data.check_rows(data[0])
         self._require_built(data[0].shape[1])
         self._prepare(data[0].shape[0])
         loss, mets = self._train_step(*data)
-        return float(loss) if mets is None else [float(loss), *mets]
+        return self._results([loss, *(mets or ())], return_dict)
+
+    @locked
+    def test_on_batch(self, x, y, return_dict=False):
+        """Loss (with regularization penalties) and metrics of one batch in
+        inference mode; returns as train_on_batch does. Nothing changes."""
+        self._require_compiled("test_on_batch")
+        data = _data.check_xy(self, x, y)
+        _data.check_rows(data[0])
+        self._require_built(data[0].shape[1])
+        return self._results(self._evaluate(data, data[0].shape[0]), return_dict)
+
+    @locked
+    def predict_on_batch(self, x):
+        """Outputs for x in inference mode as one batch: no batching loop,
+        and no allocation beyond the returned array once the work buffers
+        have grown to x's rows (they are kept for the largest batch seen).
+        An array of the model's dtype, shape (rows, outputs)."""
+        return self._call(x, False)
+
+    def __call__(self, x, training=False):
+        """``model(x)``: the outputs for x as one batch, as predict_on_batch
+        (the fast path: no batching loop, no allocation beyond the output).
+        Returns a NumPy array (Keras returns a backend tensor). With
+        training=True the pass runs in training mode, as in Keras: dropout
+        draws masks and BatchNormalization uses the batch's statistics and
+        moves its moving statistics."""
+        with self._lock:
+            return self._call(x, bool(training))
+
+    def _call(self, x, training):
+        x = _data.check_x(self, x)
+        self._require_built(x.shape[1])
+        self._prepare(max(x.shape[0], 1))
+        return self._forward(x, training, False).copy()
 
     @locked
     def compute_gradients(self, x, y):
@@ -181,7 +276,7 @@ class Trainer:
             if batch_size is not None:
                 batch_size = check_int("batch_size", batch_size, low=1)
             data = _data.take_rows(_data.check_xy(self, x, y), slice(batch_size))
-            _data.check_training_rows(self.layers, data[0].shape[0])
+            _data.check_rows(data[0])
             self._require_built(data[0].shape[1])
             self._prepare(data[0].shape[0])
             stat_layers = [layer for layer in self.layers if hasattr(layer, "collect_stats")]
@@ -206,7 +301,7 @@ class Trainer:
         fastgrad.sklearn's L-BFGS."""
         self._require_compiled("forward_backward")
         x, target, labels = _data.check_xy(self, x, y)
-        _data.check_training_rows(self.layers, x.shape[0])
+        _data.check_rows(x)
         if sample_weight is not None:
             w = np.asarray(sample_weight)
             if w.shape != (x.shape[0],) or w.dtype.kind not in "biuf":
@@ -220,12 +315,20 @@ class Trainer:
 
     # -- fit --------------------------------------------------------------
     @locked
-    def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, validation_split=0.0,
-            shuffle=True, callbacks=None, verbose=1, initial_epoch=0):
+    def fit(self, x, y, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
+            shuffle=True, callbacks=None, verbose=1, initial_epoch=0, steps_per_epoch=None,
+            validation_freq=1, validation_batch_size=None):
         """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
-        (the last one may be smaller), shuffled each epoch from the model's
-        seed. ``validation_split`` holds out that fraction of the rows, taken
-        from the end before shuffling, as Keras does. Returns a History whose
+        (default 32; the last one may be smaller), shuffled each epoch from
+        the model's seed. ``validation_split`` holds out that fraction of the
+        rows, taken from the end before shuffling, as Keras does.
+        ``steps_per_epoch``, as Keras 3 with arrays: an epoch is that many
+        batches, and the next epoch continues the same pass over the data
+        (one shuffle per pass); an epoch that reaches the end of the data
+        stops there with a warning, and the next one starts a new pass.
+        Validation runs after epochs e (from 1) with e % validation_freq == 0
+        (or e in validation_freq, a list), in batches of
+        ``validation_batch_size`` (default: batch_size). Returns a History whose
         ``history`` maps "loss", the metrics, their "val_" forms, and
         "grad_norm" (mean global gradient norm of the epoch's applied steps) and
         "clip_rate" (fraction of its steps where clipping fired) to per-epoch
@@ -237,27 +340,32 @@ class Trainer:
         the batch's loss, metrics and rows as "size"). Every argument is
         checked before the model is built or anything changes."""
         self._require_compiled("fit")
+        batch_size = 32 if batch_size is None else batch_size
         verbose, callbacks = _check_fit_args(epochs, batch_size, initial_epoch, verbose,
                                              validation_split, callbacks)
+        steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1, none=True)
+        validation_freq = _check_validation_freq(validation_freq)
+        val_batch = check_int("validation_batch_size", validation_batch_size, low=1, none=True)
         train, val = self._fit_data(x, y, validation_data, validation_split)
-        _data.check_training_rows(self.layers, train[0].shape[0], batch_size)
+        _data.check_rows(train[0])
         self._require_built(train[0].shape[1])
         batches = _data.Batches(train, batch_size, gather=shuffle)
         self._prepare(batches.size)
+        passes = _Passes(batches, self._rng if shuffle else None, steps_per_epoch)
         history = callbacks_mod.History()
         if verbose and not any(isinstance(cb, callbacks_mod.ProgbarLogger) for cb in callbacks):
             # first, so that its line shows the logs as fit made them
             callbacks.insert(0, callbacks_mod.ProgbarLogger())
         cbs = callbacks_mod.CallbackList(callbacks + [history], model=self, params={
-            "verbose": verbose, "epochs": epochs, "steps": batches.steps})
+            "verbose": verbose, "epochs": epochs, "steps": steps_per_epoch or batches.steps})
         self.stop_training = False
         cbs.on_train_begin()
         with _StepGuard() as guard:
             for epoch in range(initial_epoch, epochs):
                 cbs.on_epoch_begin(epoch)
-                logs = self._fit_epoch(batches, shuffle, cbs, guard)
-                if val is not None:
-                    vals = self._evaluate(val, batches.size)
+                logs = self._fit_epoch(passes, cbs, guard)
+                if val is not None and _should_validate(epoch, validation_freq):
+                    vals = self._evaluate(val, val_batch or batches.size)
                     for name, v in zip(["loss"] + self._metric_names, vals):
                         logs["val_" + name] = v
                 cbs.on_epoch_end(epoch, logs)
@@ -280,12 +388,12 @@ class Trainer:
             return _data.split_validation(train, validation_split)
         return train, None
 
-    def _fit_epoch(self, batches, shuffle, cbs, guard):
-        """One pass of optimizer steps over the batches; returns the epoch's
-        logs (loss and metrics weighted by rows, grad_norm, clip_rate)."""
-        order = self._rng.permutation(batches.rows) if shuffle else None
+    def _fit_epoch(self, passes, cbs, guard):
+        """One epoch of optimizer steps (fastgrad._trainer._Passes); returns
+        the epoch's logs (loss and metrics weighted by rows, grad_norm,
+        clip_rate)."""
         stats = _EpochStats(len(self.metrics))
-        for step, (_, (x, target, labels)) in enumerate(batches(order)):
+        for step, (x, target, labels) in enumerate(passes.epoch()):
             cbs.on_train_batch_begin(step)
             guard.in_step = True
             try:
@@ -318,18 +426,20 @@ class Trainer:
         return [float(v) for v in out]
 
     @locked
-    def evaluate(self, x, y, batch_size=32, verbose=1):
+    def evaluate(self, x, y, batch_size=None, verbose=1, return_dict=False):
         """Loss (with regularization penalties) and metrics in inference mode,
-        averaged over all rows. Returns a float or [loss, *metrics]."""
+        averaged over all rows, in batches of batch_size (default 32).
+        Returns a float or [loss, *metrics]; with return_dict, a dict by
+        name."""
         self._require_compiled("evaluate")
-        batch_size = check_int("batch_size", batch_size, low=1)
+        batch_size = check_int("batch_size", 32 if batch_size is None else batch_size, low=1)
         data = _data.check_xy(self, x, y)
         self._require_built(data[0].shape[1])
         vals = self._evaluate(data, batch_size)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in
                              zip(["loss"] + self._metric_names, vals)))
-        return vals[0] if not self.metrics else vals
+        return self._results(vals, return_dict)
 
     @locked
     def predict(self, x, batch_size=None, verbose=0):

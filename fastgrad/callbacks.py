@@ -308,7 +308,7 @@ class LearningRateScheduler(Callback):
         self.schedule, self.verbose = schedule, verbose
 
     def on_train_begin(self, logs=None):
-        lr = self.model.optimizer.learning_rate
+        lr = self.model.optimizer._learning_rate   # the schedule, if any
         if isinstance(lr, LearningRateSchedule):
             raise TypeError(f"learning_rate: the optimizer was created with a schedule "
                             f"({type(lr).__name__}), which LearningRateScheduler would "

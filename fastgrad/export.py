@@ -54,6 +54,7 @@ def _built(model):
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
                          "the first layer input_dim) before exporting")
+    model._require_built()   # a known input width: the weights are made on first use
 
 
 def export(model, filepath, format="onnx"):

@@ -195,6 +195,13 @@ class Ones(Constant):
         return {}
 
 
+# Keras' lower-case aliases
+glorot_uniform, glorot_normal, he_uniform, he_normal = GlorotUniform, GlorotNormal, HeUniform, \
+    HeNormal
+lecun_uniform, lecun_normal, orthogonal = LecunUniform, LecunNormal, Orthogonal
+random_normal, random_uniform, zeros, ones, constant = RandomNormal, RandomUniform, Zeros, Ones, \
+    Constant
+variance_scaling = VarianceScaling
 _REGISTRY = Registry("initializer", Initializer, {
     "glorot_uniform": GlorotUniform, "glorot_normal": GlorotNormal,
     "xavier_uniform": GlorotUniform, "xavier_normal": GlorotNormal,

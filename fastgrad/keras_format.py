@@ -249,7 +249,7 @@ def _slots(opt):
 def _optimizer_vars(model):
     """Keras' list of optimizer variables for model's optimizer."""
     opt = model.optimizer
-    lr = opt.learning_rate
+    lr = opt._learning_rate   # the float, or the schedule
     out = [np.array(opt.iterations, np.int64)]
     if not isinstance(lr, schedules.LearningRateSchedule):
         out.append(np.array(lr, np.float32))
@@ -283,6 +283,7 @@ def _require_built(model):
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
                          "the first layer input_dim) before saving")
+    model._require_built()   # a known input width: the weights are made on first use
 
 
 def save_model(model, path):
@@ -819,7 +820,7 @@ def _read_optimizer(h5py, group, model, where):
     """Keras' optimizer variables, checked against model's optimizer."""
     opt = model.optimizer
     shapes = [()]
-    if not isinstance(opt.learning_rate, schedules.LearningRateSchedule):
+    if not isinstance(opt._learning_rate, schedules.LearningRateSchedule):
         shapes.append(())
     for group_slots in _slots(opt):
         for _, _, shape, _, _ in model._tensors:
@@ -842,7 +843,7 @@ def _set_optimizer(model, values):
     opt = model.optimizer
     it = int(values[0])
     rest = values[1:]
-    if not isinstance(opt.learning_rate, schedules.LearningRateSchedule):
+    if not isinstance(opt._learning_rate, schedules.LearningRateSchedule):
         opt.learning_rate = float(rest[0])
         rest = rest[1:]
     moments = opt.variables()
@@ -921,6 +922,7 @@ def load_weights(model, path):
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (give the first layer "
                          "input_dim, or call predict) before loading weights")
+    model._require_built()
     data = _read_limited(name, MAX_WEIGHTS)
     # as in Keras, optimizer state that does not fit the model's optimizer
     # is skipped with a warning

@@ -10,10 +10,23 @@ Layer protocol (used by models.Sequential):
     forward(x, training, logits) -> output rows (a view of a work buffer)
     backward(dout, need_dx)      -> dx (a view of a work buffer) or None
 """
+import contextlib
+
 import numpy as np
 
 from fastgrad import _core, activations, constraints, initializers, ops, regularizers
 from fastgrad._utils import Hyper, Registry, check_int, check_real
+from fastgrad.variables import HasVariables, Variable
+
+
+def _check_weight(variable, w):
+    """set_weights' check of one array against its variable."""
+    w = np.asarray(w)
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"weights: {variable.path} must be numbers, got dtype {w.dtype}")
+    if w.shape != variable.shape:
+        raise ValueError(f"weights: {variable.path} expected shape {variable.shape}, "
+                         f"got {w.shape}")
 
 
 class WeightSpec:
@@ -27,24 +40,117 @@ class WeightSpec:
         self.size = int(np.prod(self.shape))
 
 
-class Layer:
-    """Base class. ``name`` is given by the model when not set."""
+def _features(arg, shape):
+    """The features of a Keras shape ``(features,)`` (a batch dimension of
+    None in front is taken too, as in ``batch_shape``)."""
+    if isinstance(shape, (tuple, list)) and len(shape) == 2 and shape[0] is None:
+        shape = shape[1:]
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1:
+        raise ValueError(f"{arg}: expected (features,) with features >= 1 (fastgrad's "
+                         f"inputs are 2-D, (batch, features)), got {shape!r}")
+    return check_int(f"{arg}[0]", shape[0], low=1)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _weight(name, doc):
+    """A read-only attribute giving the layer's weight ``name`` as a Variable."""
+    return property(lambda layer: layer._variable(name), doc=doc)
+
+
+class Layer(HasVariables):
+    """Base class. ``name`` is given by the model when not set.
+
+    Keras 3's layer API: ``trainable`` (False freezes the layer: the
+    optimizer's compiled step skips its weights and their moments, and a
+    frozen BatchNormalization runs in inference mode), ``get_weights()`` /
+    ``set_weights()``, ``variables`` / ``trainable_weights`` /
+    ``non_trainable_weights`` (fastgrad.variables.Variable), ``get_config``
+    / ``from_config``. ``layer.weights`` is the dict name -> array view the
+    kernels use (Keras's list of variables is ``layer.variables``)."""
 
     input_dim = Hyper(check_int, low=1, none=True)
 
-    def __init__(self, name=None, input_dim=None, input_shape=None):
+    def __init__(self, name=None, input_dim=None, input_shape=None, trainable=True):
         if input_shape is not None:
-            if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1:
-                raise ValueError("input_shape: expected (features,) with features >= 1, "
-                                 f"got {input_shape!r}")
-            input_dim = check_int("input_shape[0]", input_shape[0], low=1)
+            input_dim = _features("input_shape", input_shape)
         self.name = name
         self.input_dim = input_dim
         self.output_dim = None
         self.weight_specs = []
         self.weights, self.grads = {}, {}
+        self._variables = {}
+        self._model = None     # the model that holds the layer, set by its add
+        self._trainable = _check_bool("trainable", trainable)
         self._cap = 0
         self._dtype = None
+
+    # -- Keras's weight API -------------------------------------------------
+    @property
+    def trainable(self):
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        self._trainable = _check_bool("trainable", value)
+        if self._model is not None:
+            self._model._sync_frozen()
+
+    @property
+    def built(self):
+        return bool(self.weights) or (self._model is not None and self._model._built)
+
+    def _materialized(self):
+        """Builds the layer's model when its input width is known (Keras
+        builds it then; fastgrad allocates on first use)."""
+        model = self._model
+        if model is not None and not model._built and model.built:
+            model.build()
+
+    @property
+    def variables(self):
+        """Every weight as a Variable, in get_weights() order."""
+        self._materialized()
+        if not self._variables:   # not built: no weights yet, as in Keras
+            return []
+        return [self._variables[s.name] for s in self.weight_specs]
+
+    def _variable(self, name):
+        self._materialized()
+        if not self._variables:
+            raise ValueError(f"{name}: the layer {self.name or self.kind} is not built yet "
+                             "(give its model an input shape, or fit or predict first)")
+        return self._variables.get(name)
+
+    def get_weights(self):
+        """Copies of the layer's weights, in weight_specs order."""
+        return [v.numpy() for v in self.variables]
+
+    def set_weights(self, weights):
+        """Set the layer's weights from a list like get_weights() returns;
+        every array is checked (count, shape, numbers) first. Like the
+        model's set_weights, and unlike a Variable's assign, it takes
+        values that are not finite (a model's weights after an overflow)."""
+        variables = self.variables
+        weights = list(weights)
+        if len(weights) != len(variables):
+            raise ValueError(f"weights: {self.name} expected {len(variables)} arrays, got "
+                             f"{len(weights)}")
+        for v, w in zip(variables, weights):
+            _check_weight(v, w)
+        lock = self._model._lock if self._model is not None else contextlib.nullcontext()
+        with lock:
+            for v, w in zip(variables, weights):
+                self.weights[v.name][...] = w
+
+    @classmethod
+    def from_config(cls, config):
+        """The (unbuilt) layer a get_config() dict describes."""
+        return cls(**config)
 
     # -- building ---------------------------------------------------------
     def build(self, input_dim):
@@ -54,6 +160,8 @@ class Layer:
 
     def bind(self, values, grads):
         self.weights, self.grads = values, grads
+        self._variables = {s.name: Variable(self, s.name, s.trainable)
+                           for s in self.weight_specs}
 
     def init_random(self, rng):
         """Draw what the layer's randomness needs from the model's generator."""
@@ -61,8 +169,10 @@ class Layer:
     def allocate(self, batch, dtype, need_dx):
         """Work buffers for up to ``batch`` rows; grown, never shrunk."""
         if batch > self._cap or dtype != self._dtype:
-            self._cap, self._dtype = max(batch, self._cap if dtype == self._dtype else 0), dtype
-            self._allocate(self._cap, dtype, need_dx)
+            cap = max(batch, self._cap if dtype == self._dtype else 0)
+            self._allocate(cap, dtype, need_dx)
+            # after the buffers: an interrupt in between leaves them to be grown again
+            self._cap, self._dtype = cap, dtype
 
     def _allocate(self, cap, dtype, need_dx):
         self._out = np.empty((cap, self.output_dim), dtype)
@@ -73,7 +183,7 @@ class Layer:
         return type(self).__name__
 
     def get_config(self):
-        return {"name": self.name}
+        return {"name": self.name, "trainable": self.trainable}
 
     def count_params(self):
         return sum(s.size for s in self.weight_specs)
@@ -92,8 +202,8 @@ class Dense(Layer):
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None,
                  kernel_constraint=None, bias_constraint=None,
-                 input_dim=None, input_shape=None, name=None):
-        super().__init__(name, input_dim, input_shape)
+                 input_dim=None, input_shape=None, name=None, trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
         self.units = units
         self.activation = activations.name_of(activation)
         self.use_bias = bool(use_bias)
@@ -153,9 +263,13 @@ class Dense(Layer):
                              self._code_used, self._alpha)
         return dx
 
+    kernel = _weight("kernel", "The kernel as a Variable (Keras's ``layer.kernel``).")
+    bias = _weight("bias", "The bias as a Variable, or None with ``use_bias=False``.")
+
     def get_config(self):
         return {
-            "name": self.name, "units": self.units, "activation": self.activation,
+            "name": self.name, "trainable": self.trainable, "units": self.units,
+            "activation": self.activation,
             "use_bias": self.use_bias,
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "bias_initializer": initializers.serialize(self.bias_initializer),
@@ -181,8 +295,8 @@ def _activation_stats(activation, alive, saturated, size):
 class Activation(Layer):
     """Applies an activation by name: ``y = activation(x)``."""
 
-    def __init__(self, activation, input_dim=None, input_shape=None, name=None):
-        super().__init__(name, input_dim, input_shape)
+    def __init__(self, activation, input_dim=None, input_shape=None, name=None, trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
         self.activation = activations.name_of(activation)
         self._code, self._alpha = ops.ACTIVATIONS[self.activation]
         self.collect_stats = False
@@ -211,7 +325,7 @@ class Activation(Layer):
         return dx
 
     def get_config(self):
-        return {"name": self.name, "activation": self.activation,
+        return {"name": self.name, "trainable": self.trainable, "activation": self.activation,
                 "input_dim": self.input_dim}
 
 
@@ -226,8 +340,12 @@ class BatchNormalization(Layer):
     gamma (scale=True) and beta (center=True) are trained; the moving
     statistics are state, never touched by the optimizer. Weights in
     get_weights() order: gamma, beta, moving_mean, moving_variance.
-    Training needs batches of at least 2 rows. momentum is in [0, 1],
-    epsilon finite and > 0."""
+    A batch of one row has variance 0, so in training its output is beta
+    (as in Keras). A frozen layer (``trainable = False``) runs in inference
+    mode in training too, as in Keras 3: the moving statistics normalize
+    and stay as they are, and the gradient is dx = dy * gamma / sqrt(
+    moving_variance + epsilon). momentum is in [0, 1], epsilon finite
+    and > 0."""
 
     momentum = Hyper(check_real, low=0.0, high=1.0)
     epsilon = Hyper(check_real, low=0.0, low_open=True)
@@ -236,8 +354,9 @@ class BatchNormalization(Layer):
                  beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
-                 gamma_constraint=None, axis=-1, input_dim=None, input_shape=None, name=None):
-        super().__init__(name, input_dim, input_shape)
+                 gamma_constraint=None, axis=-1, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
         if axis not in (-1, 1):
             raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
         self.momentum, self.epsilon = momentum, epsilon
@@ -270,30 +389,42 @@ class BatchNormalization(Layer):
         super()._allocate(cap, dtype, need_dx)
         self._mean = np.zeros(self.input_dim)
         self._rstd = np.ones(self.input_dim)
+        self._k = np.ones(self.input_dim, dtype)   # gamma * rstd, for frozen layers
 
     def forward(self, x, training=False, logits=False):
-        b = x.shape[0]
-        if training and b < 2:
-            raise ValueError(f"x: BatchNormalization ({self.name}) needs at least 2 rows "
-                             f"per batch in training to estimate a variance, got {b}")
-        out = self._out[:b]
+        out = self._out[:x.shape[0]]
         w = self.weights
+        self._training = training and self.trainable   # frozen: inference mode
         _core.batchnorm_forward(x, w.get("gamma"), w.get("beta"), w["moving_mean"],
                                 w["moving_variance"], out, self._mean, self._rstd,
-                                self.epsilon, self.momentum, training)
+                                self.epsilon, self.momentum, self._training)
         self._x = x
         return out
 
     def backward(self, dout, need_dx=True):
+        if not self._training:
+            # statistics held fixed: each column is scaled by gamma * rstd
+            # (gamma and beta are frozen, their gradients are not needed)
+            if not need_dx:
+                return None
+            gamma = self.weights.get("gamma")
+            np.multiply(self._rstd, 1.0 if gamma is None else gamma, out=self._k)
+            return np.multiply(dout, self._k, out=self._dx[:dout.shape[0]])
         dx = self._dx[:dout.shape[0]] if need_dx else dout  # dout is scratch
         _core.batchnorm_backward(dout, self._x, self._mean, self._rstd,
                                  self.weights.get("gamma"), dx, self.grads.get("gamma"),
                                  self.grads.get("beta"))
         return dx if need_dx else None
 
+    gamma = _weight("gamma", "gamma as a Variable, or None with ``scale=False``.")
+    beta = _weight("beta", "beta as a Variable, or None with ``center=False``.")
+    moving_mean = _weight("moving_mean", "The moving mean as a Variable.")
+    moving_variance = _weight("moving_variance", "The moving variance as a Variable.")
+
     def get_config(self):
         return {
-            "name": self.name, "momentum": self.momentum, "epsilon": self.epsilon,
+            "name": self.name, "trainable": self.trainable, "momentum": self.momentum,
+            "epsilon": self.epsilon,
             "center": self.center, "scale": self.scale,
             "beta_initializer": initializers.serialize(self.beta_initializer),
             "gamma_initializer": initializers.serialize(self.gamma_initializer),
@@ -319,8 +450,9 @@ class Dropout(Layer):
     rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
     seed = Hyper(check_int, low=0, none=True)
 
-    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None):
-        super().__init__(name, input_dim, input_shape)
+    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
         self.rate, self.seed = rate, seed
         self.counter = 0                      # random numbers drawn so far
         self._seed = None if self.seed is None else self.seed % 2**64
@@ -349,13 +481,67 @@ class Dropout(Layer):
         return dx
 
     def get_config(self):
-        return {"name": self.name, "rate": self.rate, "seed": self.seed,
-                "input_dim": self.input_dim}
+        return {"name": self.name, "trainable": self.trainable, "rate": self.rate,
+                "seed": self.seed, "input_dim": self.input_dim}
+
+
+class InputLayer(Layer):
+    """The input of a Sequential model: ``InputLayer(shape=(features,))``
+    (or ``batch_shape=(None, features)``), taken as the first element of
+    ``Sequential([...])`` or by ``model.add``; it fixes the input width, so
+    the model is built from the start, as in Keras. It has no weights and
+    is not listed in ``model.layers``. batch_size is accepted and not
+    enforced (fastgrad takes batches of any size); dtype, when given, must
+    be a float dtype (the model's dtype decides the computation)."""
+
+    def __init__(self, shape=None, batch_size=None, dtype=None, batch_shape=None, name=None,
+                 **kwargs):
+        extra = set(kwargs) - {"sparse", "ragged", "optional", "input_tensor"}
+        if extra:
+            raise TypeError(f"InputLayer: unexpected argument {sorted(extra)[0]!r}")
+        for key in ("sparse", "ragged", "optional"):
+            if kwargs.get(key):
+                raise ValueError(f"{key}: fastgrad's inputs are dense 2-D arrays; only "
+                                 f"{key}=False is supported")
+        if kwargs.get("input_tensor") is not None:
+            raise ValueError("input_tensor: fastgrad has no symbolic tensors; give shape=")
+        if (shape is None) == (batch_shape is None):
+            raise ValueError("shape: give exactly one of shape=(features,) and "
+                             "batch_shape=(batch, features)")
+        if batch_shape is not None:
+            if not isinstance(batch_shape, (tuple, list)) or len(batch_shape) != 2:
+                raise ValueError(f"batch_shape: expected (batch, features), got {batch_shape!r}")
+            batch_size = batch_shape[0]
+            features = _features("batch_shape", (None, batch_shape[1]))
+        else:
+            features = _features("shape", shape)
+        self.batch_size = check_int("batch_size", batch_size, low=1, none=True)
+        if dtype is not None and np.dtype(dtype).kind != "f":
+            raise ValueError(f"dtype: expected a float dtype (the model computes in its own "
+                             f"dtype), got {dtype!r}")
+        self.input_dtype = None if dtype is None else np.dtype(dtype).name
+        super().__init__(name, features)
+        self.output_dim = features
+
+    @property
+    def shape(self):
+        """(None, features), as Keras's input tensors' shape."""
+        return (None, self.input_dim)
+
+    def get_config(self):
+        return {"name": self.name, "batch_shape": [self.batch_size, self.input_dim],
+                "dtype": self.input_dtype}
+
+
+def Input(shape=None, batch_size=None, dtype=None, batch_shape=None, name=None, **kwargs):
+    """Keras's ``Input``: here an InputLayer (Keras returns a symbolic
+    tensor; fastgrad models are Sequential, where both mean the same)."""
+    return InputLayer(shape, batch_size, dtype, batch_shape, name, **kwargs)
 
 
 _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
-                                      "dropout": Dropout})
+                                      "dropout": Dropout, "input_layer": InputLayer})
 
 
 def get(identifier):

@@ -14,21 +14,44 @@ categorical cross-entropy) or sigmoid (with binary cross-entropy), training
 and evaluation compute the loss from its logits, fused and stable; predict
 returns the activation's output.
 """
+import json
 import threading
 
 import numpy as np
 
-from fastgrad import _core, losses, metrics as metrics_mod, ops, optimizers
+from fastgrad import _core, layers as layers_mod, losses, metrics as metrics_mod, ops, \
+    optimizers, utils
 from fastgrad._trainer import Trainer, locked
 from fastgrad._utils import check_int
-from fastgrad.layers import Layer
+from fastgrad.layers import InputLayer, Layer, _check_bool, _check_weight, _features
 from fastgrad.saving import load_model, save_model
+from fastgrad.variables import HasVariables
 
-__all__ = ["Sequential", "load_model"]
+__all__ = ["Sequential", "load_model", "model_from_json", "clone_model"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",
           "binary_crossentropy": "sigmoid"}
+
+
+def _check_compile_extras(loss_weights, weighted_metrics, run_eagerly, steps_per_execution,
+                          jit_compile, auto_scale_loss):
+    """compile's Keras arguments that fastgrad takes without acting on them,
+    checked; what would change results and fastgrad lacks is refused."""
+    if loss_weights is not None:
+        raise ValueError(f"loss_weights: a fastgrad model has one output and one loss; "
+                         f"scale the loss through the learning rate instead (expected None, "
+                         f"got {loss_weights!r})")
+    # hook: weighted_metrics are metrics weighted by sample_weight; they are
+    # taken here once the training loops pass sample weights to the metrics
+    if weighted_metrics not in (None, [], ()):
+        raise ValueError(f"weighted_metrics: metrics weighted by sample_weight are not "
+                         f"supported yet; expected None or [], got {weighted_metrics!r}")
+    _check_bool("run_eagerly", run_eagerly)
+    _check_bool("auto_scale_loss", auto_scale_loss)
+    if jit_compile not in ("auto", True, False):
+        raise ValueError(f"jit_compile: expected 'auto', True or False, got {jit_compile!r}")
+    check_int("steps_per_execution", steps_per_execution, low=1)
 
 
 def snake_case(name):
@@ -36,7 +59,7 @@ def snake_case(name):
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
-class Sequential(Trainer):
+class Sequential(Trainer, HasVariables):
     """A linear stack of layers.
 
     ``Sequential(layers=None, dtype="float32", seed=None)``: dtype is
@@ -47,7 +70,8 @@ class Sequential(Trainer):
     training step. The loops over data (fit, evaluate, predict, ...) come
     from fastgrad._trainer.Trainer."""
 
-    def __init__(self, layers=None, dtype="float32", seed=None, name="sequential"):
+    def __init__(self, layers=None, dtype="float32", seed=None, name="sequential",
+                 trainable=True):
         if dtype not in _DTYPES:
             key = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else dtype
             if key not in _DTYPES:
@@ -57,28 +81,62 @@ class Sequential(Trainer):
         self.dtype = _DTYPES[dtype]
         self.name = name
         self.layers = []
-        self.built = False
+        self._built = False          # the weights exist (Keras's built: see the property)
+        self._input_layer = None
+        self._trainable = True
         self.optimizer = self.loss = None
         self.metrics = []
         self.stop_training = False
         self.history = None
-        self._rng = np.random.default_rng(seed)
+        self._rng = utils.model_generator(self.seed)
         self._cap = 0
         self._lock = threading.RLock()
         for layer in layers or []:
             self.add(layer)
+        if not trainable:
+            self.trainable = False
 
     # -- structure --------------------------------------------------------
+    @property
+    def built(self):
+        """As in Keras 3: True once the input width is known (an Input, or
+        input_dim/input_shape on the first layer) or the model has run.
+        fastgrad allocates the weights on first use (compile, fit, predict,
+        get_weights, ``weights``, a layer's ``kernel``, ...)."""
+        return self._built or bool(self.layers) and self._known_input_dim() is not None
+
+    def _known_input_dim(self):
+        if self._input_layer is not None:
+            return self._input_layer.input_dim
+        return self.layers[0].input_dim if self.layers else None
+
+    @property
+    def input_shape(self):
+        """(None, features), or None while unknown."""
+        dim = self.input_dim if self._built else self._known_input_dim()
+        return None if dim is None else (None, dim)
+
     @locked
     def add(self, layer):
-        """Append a layer (before the model is built)."""
+        """Append a layer. An InputLayer (``fg.Input(shape=(features,))``)
+        may come first and fixes the input width. Adding to a model whose
+        weights exist rebuilds its buffers, keeping every earlier layer's
+        weights (the optimizer's moments start over)."""
         if not isinstance(layer, Layer):
-            raise TypeError(f"layer: expected a fastgrad.layers layer, got {type(layer).__name__}")
-        if self.built:
-            raise ValueError("layer: the model is already built (its weights exist); add "
-                             "every layer before the first compile, fit or predict")
-        if any(layer is other for other in self.layers):
-            raise ValueError(f"layer: {layer.name or layer.kind} is already in the model")
+            raise TypeError(f"layer: expected a fastgrad.layers layer (or fg.Input), got "
+                            f"{type(layer).__name__}")
+        if layer._model is not None:
+            raise ValueError(f"layer: {layer.name or layer.kind} already belongs to model "
+                             f"{layer._model.name!r}; a layer's weights live in one model's "
+                             "buffers (fg.models.clone_model copies a model)")
+        if isinstance(layer, InputLayer):
+            if self._input_layer is not None or self.layers:
+                raise ValueError(f"layer: an InputLayer must be the first element of "
+                                 f"model {self.name!r}, and only one")
+            layer._model, self._input_layer = self, layer
+            if layer.name is None:
+                layer.name = "input_layer"
+            return
         if layer.name is None:
             base = snake_case(layer.kind)
             taken = {other.name for other in self.layers}
@@ -89,35 +147,126 @@ class Sequential(Trainer):
             layer.name = name
         elif any(other.name == layer.name for other in self.layers):
             raise ValueError(f"layer: the name {layer.name!r} is already used in this model")
+        if self._built:
+            self._plan(self.input_dim, self.layers + [layer])  # refuses before any change
         self.layers.append(layer)
+        layer._model = self
+        if self._built:
+            self._rebuild()
+        self._fuse()
 
-    def _plan(self, input_dim):
+    @locked
+    def pop(self, rebuild=True):
+        """Remove the last layer and return it (with copies of its weights);
+        the model keeps the other layers' weights (rebuild is accepted for
+        Keras compatibility: fastgrad rebuilds its buffers when it has them)."""
+        if not self.layers:
+            raise ValueError("pop: the model has no layers to remove")
+        layer = self.layers.pop()
+        layer._model = None
+        if layer.weights:
+            layer.bind({k: v.copy() for k, v in layer.weights.items()},
+                       {k: v.copy() for k, v in layer.grads.items()})
+        if self._built:
+            self._rebuild()
+        self._fuse()
+        return layer
+
+    def _rebuild(self):
+        """New buffers for the current layers, with the weights they had."""
+        kept = {id(layer): {k: v.copy() for k, v in layer.weights.items()}
+                for layer in self.layers if layer.weights}
+        self._built, self._cap = False, 0
+        if self.optimizer is not None:
+            self.optimizer._moments = {}   # moments of another layout start over
+        if not self.layers:
+            return
+        self.build(self.input_dim)
+        for layer in self.layers:
+            for k, v in kept.get(id(layer), {}).items():
+                if k in layer.weights and layer.weights[k].shape == v.shape:
+                    layer.weights[k][...] = v
+
+    def _fuse(self):
+        """Whether the loss is computed from the last layer's logits."""
+        if self.loss is None:
+            return
+        act = getattr(self.layers[-1], "activation", None) if self.layers else None
+        self._fused = (not self.loss.from_logits and self.loss.name in _FUSED
+                       and act == _FUSED[self.loss.name])
+        self._from_logits = self.loss.from_logits or self._fused
+
+    @locked
+    def get_layer(self, name=None, index=None):
+        """The layer called ``name``, or at position ``index`` of
+        ``model.layers`` (give one of them); ValueError when there is none."""
+        if (name is None) == (index is None):
+            raise ValueError("get_layer: give exactly one of name= and index=")
+        if index is not None:
+            index = check_int("index", index)
+            if not -len(self.layers) <= index < len(self.layers):
+                raise ValueError(f"index: the model has {len(self.layers)} layers, got {index}")
+            return self.layers[index]
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(f"name: no layer called {name!r}; the layers are "
+                         f"{[layer.name for layer in self.layers]}")
+
+    # -- Keras's weight API -------------------------------------------------
+    def _set_trainable(self, value):
+        self._trainable = _check_bool("trainable", value)
+        for layer in self.layers:
+            layer.trainable = value
+
+    trainable = property(lambda self: self._trainable, _set_trainable,
+                         doc="False freezes every layer (sets each layer's ``trainable``).")
+
+    def _sync_frozen(self):
+        """The optimizer's per-tensor frozen flags from the layers'
+        ``trainable``, written in place (the compiled step reads them)."""
+        with self._lock:
+            if self._built:
+                self._frozen[...] = [not layer.trainable for layer, s in self._specs
+                                     if s.trainable]
+
+    @property
+    def weights(self):
+        """Every weight as a fastgrad.variables.Variable, in get_weights() order."""
+        return [v for layer in self.layers for v in layer.variables]
+
+    variables = weights
+
+    def _plan(self, input_dim, layers=None):
         """Layer shapes and weight specs for input_dim features, allocating
         nothing. Returns (output_dim, [(layer, WeightSpec)])."""
-        if not self.layers:
+        layers = self.layers if layers is None else layers
+        if not layers:
             raise ValueError("model: it has no layers; add some first")
         dim = check_int("input_dim", input_dim, low=1)
-        for layer in self.layers:
+        for layer in layers:
             dim = layer.build(dim)
-        return dim, [(layer, s) for layer in self.layers for s in layer.weight_specs]
+        return dim, [(layer, s) for layer in layers for s in layer.weight_specs]
 
     def weight_shapes(self, input_dim=None):
         """``[(name, shape, trainable)]`` of every weight, in get_weights()
         order, for inputs of ``input_dim`` features (default: the model's),
         computed without building the model or allocating anything."""
         if input_dim is None:
-            input_dim = self.input_dim if self.built else self.layers[0].input_dim \
-                if self.layers else None
+            input_dim = self.input_dim if self._built else self._known_input_dim()
         _, specs = self._plan(input_dim)
         return [(f"{layer.name}/{s.name}", s.shape, s.trainable) for layer, s in specs]
 
     @locked
     def build(self, input_dim=None):
-        """Create the weights for inputs of ``input_dim`` features."""
-        if self.built:
+        """Create the weights for inputs of ``input_dim`` features (Keras's
+        ``build((None, features))`` is taken too)."""
+        if self._built:
             return
-        if input_dim is None and self.layers:
-            input_dim = self.layers[0].input_dim
+        if isinstance(input_dim, (tuple, list)):
+            input_dim = _features("input_shape", input_dim)
+        if input_dim is None:
+            input_dim = self._known_input_dim()
         if input_dim is None:
             raise ValueError("input_dim: unknown; give the first layer input_dim= or "
                              "input_shape=, or call fit/predict")
@@ -148,9 +297,11 @@ class Sequential(Trainer):
         for layer in self.layers:
             layer.bind(*views[id(layer)])
             layer.init_random(self._rng)
-        self.built = True
+        self._frozen = np.array([not layer.trainable for layer, s in specs if s.trainable],
+                                np.uint8)
+        self._built = True
         if self.optimizer is not None:
-            self.optimizer.build(self.params, self.grads, self._tensors)
+            self.optimizer.build(self.params, self.grads, self._tensors, self._frozen)
 
     @property
     def weight_names(self):
@@ -163,8 +314,21 @@ class Sequential(Trainer):
 
     # -- compile ----------------------------------------------------------
     @locked
-    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
-        """Choose the optimizer, loss and metrics (names or objects)."""
+    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None,
+                loss_weights=None, weighted_metrics=None, run_eagerly=False,
+                steps_per_execution=1, jit_compile="auto", auto_scale_loss=True):
+        """Choose the optimizer, loss and metrics (names or objects).
+
+        Keras 3's other arguments are taken where they mean something here
+        or change nothing: run_eagerly and jit_compile (fastgrad runs its
+        compiled kernels either way), steps_per_execution (an int >= 1;
+        the batch callbacks still run every step), auto_scale_loss (for
+        mixed precision, which fastgrad does not have). loss_weights must
+        be None (one output, one loss); weighted_metrics None or [].
+        metrics is the third positional argument (in Keras it is
+        loss_weights: pass the others by keyword, as Keras code does)."""
+        _check_compile_extras(loss_weights, weighted_metrics, run_eagerly, steps_per_execution,
+                              jit_compile, auto_scale_loss)
         opt = optimizers.get(optimizer)
         loss_obj = losses.get(loss)
         if metrics is None:
@@ -178,21 +342,17 @@ class Sequential(Trainer):
         mets = [metrics_mod.get(m, loss_obj.name) for m in metrics]
         names = [m if isinstance(m, str) else m.name for m in metrics]
         names = ["accuracy" if n in ("acc", "accuracy") else n for n in names]
-        last = self.layers[-1] if self.layers else None
-        act = getattr(last, "activation", None)
-        fused = (not loss_obj.from_logits and loss_obj.name in _FUSED
-                 and act == _FUSED[loss_obj.name])
         loss_code = ops.LOSSES[loss_obj.name]
         # every argument is resolved and checked (layers checked their
         # constraints when created): only now does anything change
-        if not self.built and self.layers and self.layers[0].input_dim is not None:
-            self.build()
         if self.built:
-            opt.build(self.params, self.grads, self._tensors)
+            self._require_built()
+            opt.build(self.params, self.grads, self._tensors, self._frozen)
         self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
         self._metric_names, self._metric_specs = names, metrics
-        self._fused, self._from_logits = fused, loss_obj.from_logits or fused
+        self._fuse()
         self._loss_code = loss_code
+        self.steps_per_execution = steps_per_execution
 
     def get_compile_config(self):
         """compile's arguments, serialized (Keras 3's name), or None before
@@ -215,8 +375,15 @@ class Sequential(Trainer):
                       for m in config["metrics"]])
 
     def _require_built(self, input_dim=None):
-        if not self.built:
+        if not self._built:
             self.build(input_dim)
+
+    @property
+    def metrics_names(self):
+        """["loss", *metric names] once compiled, the names evaluate's list
+        and history use (Keras 3 gives the names of its metric trackers,
+        ["loss", "compile_metrics"], and only after the model has run)."""
+        return ["loss", *self._metric_names] if self.optimizer is not None else []
 
     def _require_compiled(self, what):
         if self.optimizer is None:
@@ -228,12 +395,13 @@ class Sequential(Trainer):
         """Work buffers for batches of up to ``batch`` rows."""
         if batch <= self._cap:
             return
-        self._cap = batch
         for i, layer in enumerate(self.layers):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
         self._rows = np.empty(batch, self.dtype)
+        # last: an interrupt in between leaves the buffers to be grown again
+        self._cap = batch
 
     def _forward(self, x, training, logits):
         h = x
@@ -265,7 +433,7 @@ class Sequential(Trainer):
     def _forward_backward(self, x, target, labels, weights=None):
         """(loss, predictions) of a batch in training mode; the gradients
         land in self.grads (weights as in _batch_loss). Callers have checked
-        the batch's rows (fastgrad._data.check_training_rows), so no layer
+        that the batch has rows (fastgrad._data.check_rows), so no layer
         refuses it after others have run."""
         h = self._forward(x, True, self._fused)
         d = self._dlogits[:x.shape[0]]
@@ -300,9 +468,39 @@ class Sequential(Trainer):
         return loss, self._batch_metrics(pred, target, labels)
 
     def _penalty(self):
-        """The regularization penalties at the current weights."""
+        """The regularization penalties at the current weights (trainable
+        weights only, as in Keras 3)."""
         return sum(s.regularizer(layer.weights[s.name]) for layer, s in self._specs
-                   if s.trainable and s.regularizer is not None)
+                   if s.trainable and s.regularizer is not None and layer.trainable)
+
+    # -- configuration ------------------------------------------------------
+    def get_config(self):
+        """The architecture as plain data (Keras 3's form): {"name",
+        "trainable", "dtype", "seed", "layers": [serialized layers]}, an
+        InputLayer first when the input width is known. No weights."""
+        dim = self.input_dim if self._built else self._known_input_dim()
+        entries = [] if dim is None else [layers_mod.serialize(
+            self._input_layer or InputLayer(shape=(dim,), name="input_layer"))]
+        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name,
+                "seed": self.seed,
+                "layers": entries + [layers_mod.serialize(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, config):
+        """A new, unbuilt-weights model from a get_config() dict (fresh
+        layers and initial weights)."""
+        config = dict(config)
+        entries = config.pop("layers", [])
+        config.pop("build_input_shape", None)   # Keras writes it beside an InputLayer
+        if not isinstance(entries, list):
+            raise TypeError(f"layers: expected a list of serialized layers, got {entries!r}")
+        return cls([layers_mod.deserialize(entry) for entry in entries], **config)
+
+    def to_json(self, **kwargs):
+        """``{"class_name": "Sequential", "config": get_config()}`` as JSON
+        text; keyword arguments go to json.dumps."""
+        return json.dumps({"class_name": type(self).__name__, "config": self.get_config()},
+                          **kwargs)
 
     # -- weights and files ------------------------------------------------
     @locked
@@ -354,29 +552,21 @@ class Sequential(Trainer):
     @locked
     def set_weights(self, weights):
         """Set every weight from a list like get_weights() returns; the whole
-        list is checked before anything changes."""
+        list is checked (count, shapes, numbers) before anything changes."""
         self._require_built()
         weights = list(weights)
         if len(weights) != len(self._specs):
             raise ValueError(f"weights: expected {len(self._specs)} arrays, got {len(weights)}")
-        arrays = []
         for (layer, s), w in zip(self._specs, weights):
-            w = np.asarray(w)
-            if w.dtype.kind not in "biuf":
-                raise TypeError(f"weights: {layer.name}/{s.name} must be numbers, got dtype "
-                                f"{w.dtype}")
-            if w.shape != s.shape:
-                raise ValueError(f"weights: {layer.name}/{s.name} expected shape {s.shape}, "
-                                 f"got {w.shape}")
-            arrays.append(w)
-        for (layer, s), w in zip(self._specs, arrays):
+            _check_weight(layer._variables[s.name], w)
+        for (layer, s), w in zip(self._specs, weights):
             layer.weights[s.name][...] = w
 
     def summary(self, print_fn=None):
         """Print each layer's name and type, output shape and parameter count."""
         print_fn = print_fn or print
-        if not self.built and self.layers and self.layers[0].input_dim is not None:
-            self.build()
+        if self.built:
+            self._require_built()
         rows = []
         for layer in self.layers:
             shape = f"(None, {layer.output_dim})" if layer.output_dim else "?"
@@ -394,9 +584,40 @@ class Sequential(Trainer):
             print_fn(f"{r[0]:<{w[0]}}   {r[1]:<{w[1]}}   {r[2]:>{w[2]}}")
         print_fn(line)
         if self.built:
-            t, s = self.params.size, self.state.size
+            # a frozen layer's weights count as non-trainable, as in Keras
+            t = sum(s.size for layer, s in self._specs if s.trainable and layer.trainable)
+            s = self.params.size + self.state.size - t
             print_fn(f" Total params: {t + s:,}")
             print_fn(f" Trainable params: {t:,}")
             print_fn(f" Non-trainable params: {s:,}")
         else:
             print_fn(" Total params: unknown until the model is built")
+
+
+def model_from_json(json_string):
+    """The model a ``to_json()`` text describes (new initial weights)."""
+    spec = json.loads(json_string)
+    if not isinstance(spec, dict) or spec.get("class_name") != "Sequential":
+        raise ValueError("json_string: expected a Sequential model's to_json() text")
+    return Sequential.from_config(spec["config"])
+
+
+def clone_model(model, input_tensors=None, clone_function=None):
+    """A new model with the same architecture and fresh layers: new initial
+    weights drawn as the layers' initializers say (as in Keras; copy them
+    with ``clone.set_weights(model.get_weights())``). clone_function, when
+    given, maps each layer to the layer the clone gets (Keras's default is
+    a layer made from the original's config). The clone is not compiled."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model: expected a fastgrad Sequential, got {type(model).__name__}")
+    if input_tensors is not None:
+        raise ValueError("input_tensors: fastgrad models have no symbolic inputs; expected None")
+    if clone_function is None:
+        def clone_function(layer):
+            return type(layer).from_config(layer.get_config())
+    elif not callable(clone_function):
+        raise TypeError(f"clone_function: expected a function, got {clone_function!r}")
+    config = model.get_config()
+    config.pop("layers")
+    entries = [model._input_layer] if model._input_layer is not None else []
+    return Sequential([clone_function(layer) for layer in entries + model.layers], **config)

@@ -470,9 +470,9 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
     dt = _dtype_of("x", x)
     x = _input("x", x, dt, 2)
     f = x.shape[1]
-    if training and x.shape[0] < 2:
-        raise ValueError(f"x: training needs at least 2 rows to estimate a variance, "
-                         f"got {x.shape[0]}")
+    if training and x.shape[0] < 1:
+        # one row is taken: its variance is 0 and its output beta, as in Keras
+        raise ValueError("x: training needs at least one row, got 0")
     epsilon, momentum = _real("epsilon", epsilon), _real("momentum", momentum)
     if not epsilon > 0:
         raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")

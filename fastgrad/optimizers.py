@@ -46,7 +46,7 @@ import warnings
 
 import numpy as np
 
-from fastgrad import _core, schedules
+from fastgrad import _core, schedules  # noqa: F401  (also fg.optimizers.schedules, as in Keras)
 from fastgrad._utils import Hyper, Registry, check_choice, check_real
 
 # settings the compiled step is configured with when the optimizer is built
@@ -86,6 +86,12 @@ class StepRecord:
         self.penalty = penalty
         self.update_ratio = None
         self.overflow = None
+
+
+# Keras 3 optimizer settings without a fastgrad counterpart, and the values
+# at which they change nothing (what from_config accepts)
+_KERAS_DEFAULTS = {"use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None,
+                   "loss_scale_factor": None, "gradient_accumulation_steps": None}
 
 
 # hyperparameters, checked whenever they are set
@@ -131,10 +137,12 @@ class Optimizer:
 
     @property
     def learning_rate(self):
-        """A float >= 0, or the schedule the optimizer was created with.
-        As in Keras, a schedule may replace a float or another schedule,
-        but a float cannot replace a schedule (TypeError)."""
-        return self._learning_rate
+        """The rate of the next step, a float: as in Keras 3, under a
+        schedule this is the schedule's value at ``iterations`` (the
+        schedule itself is ``_learning_rate``). Set it to a float >= 0 or
+        a schedule; as in Keras, a schedule may replace a float or another
+        schedule, but a float cannot replace a schedule (TypeError)."""
+        return self.current_learning_rate()
 
     @learning_rate.setter
     def learning_rate(self, value):
@@ -149,10 +157,16 @@ class Optimizer:
         self._learning_rate = check_real("learning_rate", value, low=0.0)
 
     # -- state ------------------------------------------------------------
-    def build(self, params, grads, tensors):
+    def build(self, params, grads, tensors, frozen=None):
         """Bind to flat buffers. tensors: (name, offset, shape, regularizer,
-        constraint) per trainable tensor, in buffer order."""
+        constraint) per trainable tensor, in buffer order. frozen: None, or
+        a (tensors,) uint8 array the owner keeps, 1 for a tensor the steps
+        leave alone (its weights, moments and penalty; a layer with
+        ``trainable = False``); read at every step."""
         T = len(tensors)
+        if frozen is not None and (not isinstance(frozen, np.ndarray)
+                                   or frozen.dtype != np.uint8 or frozen.shape != (T,)):
+            raise ValueError(f"frozen: expected a ({T},) uint8 array, got {frozen!r}")
         offset = np.zeros(T + 1, np.int64)
         l1, l2, cvalue = np.zeros(T), np.zeros(T), np.zeros(T)
         constraint = np.full(T, _core.CONSTRAINT_CODES[None], np.intc)
@@ -173,7 +187,8 @@ class Optimizer:
                 elif kind == "ClipValue":
                     cvalue[t] = con.clip_value
         self._scale = np.ones(T)
-        self._table = _core.TensorTable(offset, l1, l2, self._scale, constraint, cvalue, cols)
+        self._table = _core.TensorTable(offset, l1, l2, self._scale, constraint, cvalue, cols,
+                                        frozen)
         self._config = self._step_config()
         self._names = [t[0] for t in tensors]
         self._upd, self._wsq, self._ratio = np.zeros(T), np.zeros(T), np.zeros(T)
@@ -317,6 +332,7 @@ class Optimizer:
     def get_config(self):
         lr = self._learning_rate
         return {
+            "name": self.name,
             "learning_rate": schedules.serialize(lr) if callable(lr) else lr,
             "weight_decay": self.weight_decay, "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue, "global_clipnorm": self.global_clipnorm,
@@ -328,6 +344,13 @@ class Optimizer:
         """The optimizer a ``get_config`` dict describes; a serialized
         schedule as learning rate is rebuilt."""
         config = dict(config)
+        # Keras 3's settings that fastgrad lacks are taken at their defaults
+        for key, default in _KERAS_DEFAULTS.items():
+            if key in config:
+                value = config.pop(key)
+                if value != default:
+                    raise ValueError(f"{key}: fastgrad's optimizers have no {key} (Keras's "
+                                     f"default {default!r} only), got {value!r}")
         if isinstance(config.get("learning_rate"), dict):
             config["learning_rate"] = schedules.deserialize(config["learning_rate"])
         return cls(**config)

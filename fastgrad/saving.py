@@ -213,6 +213,8 @@ def describe(model):
     (as pickling stores it) has input_dim None and no arrays."""
     from fastgrad import __version__
 
+    if model.built:   # a known input width: the weights are made on first use
+        model._require_built()
     header = {
         "format": "fastgrad.model", "fastgrad_version": __version__,
         "model": {"class_name": "Sequential", "config": {

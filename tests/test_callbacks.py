@@ -354,7 +354,7 @@ def test_learning_rate_scheduler_refuses_an_optimizer_with_a_schedule():
     with pytest.raises(TypeError, match=r"learning_rate.*CosineDecay"):
         model.fit(x, y, epochs=2, verbose=0, callbacks=[cb])
     assert_model_state(model, before)
-    assert model.optimizer.learning_rate is sched
+    assert model.optimizer._learning_rate is sched
     model.fit(x, y, epochs=1, verbose=0)      # trains on with its schedule
 
 
@@ -362,7 +362,7 @@ def test_optimizer_learning_rate_assignment_follows_keras():
     opt = fg.optimizers.SGD(fg.schedules.ExponentialDecay(0.1, 10, 0.5))
     with pytest.raises(TypeError, match=r"learning_rate.*ExponentialDecay"):
         opt.learning_rate = 0.01
-    assert isinstance(opt.learning_rate, fg.schedules.ExponentialDecay)
+    assert isinstance(opt._learning_rate, fg.schedules.ExponentialDecay)
     opt.learning_rate = fg.schedules.PiecewiseConstantDecay([5], [0.2, 0.1])  # allowed
     assert opt.current_learning_rate() == 0.2
     opt = fg.optimizers.SGD(0.1)

@@ -465,8 +465,14 @@ X60, Y60 = blobs(60)
      "batch_size"),
     (lambda m: m.fit(X60, Y60, batch_size=8.0, verbose=0), (ValueError, TypeError),
      "batch_size"),
-    (lambda m: m.fit(X60, Y60, batch_size=None, verbose=0), (ValueError, TypeError),
+    (lambda m: m.fit(X60, Y60, batch_size="32", verbose=0), (ValueError, TypeError),
      "batch_size"),
+    (lambda m: m.fit(X60, Y60, steps_per_epoch=0, verbose=0), ValueError, "steps_per_epoch"),
+    (lambda m: m.fit(X60, Y60, validation_freq=0, verbose=0), ValueError, "validation_freq"),
+    (lambda m: m.fit(X60, Y60, validation_freq=[1, 0], verbose=0), ValueError,
+     "validation_freq"),
+    (lambda m: m.fit(X60, Y60, validation_batch_size=0, verbose=0), ValueError,
+     "validation_batch_size"),
     (lambda m: m.fit(X60, Y60, verbose=3), (ValueError, TypeError), "verbose"),
     (lambda m: m.fit(X60, Y60, verbose=-1), (ValueError, TypeError), "verbose"),
     (lambda m: m.fit(X60, Y60, verbose="loud"), (ValueError, TypeError), "verbose"),
@@ -543,7 +549,7 @@ def test_a_refused_compile_leaves_the_model_as_it_was(call, exc, pattern, built)
     with pytest.raises(exc) as info:
         call(model)
     assert re.search(pattern, str(info.value)), str(info.value)
-    assert model.built == built
+    assert model._built == built   # the weights were not allocated by the refused call
     assert model.optimizer is opt and model.loss is loss and model.metrics is mets
     if built:
         assert_model_state(model, before)
@@ -626,14 +632,10 @@ def _unbuilt_bn_model():
     (lambda m: m.fit(X60, Y60, validation_split=0.999, verbose=0), ValueError,
      "validation_split"),
     (lambda m: m.fit(X60[:0], Y60[:0], verbose=0), ValueError, r"\bx\b"),
-    (lambda m: m.fit(X60[:41], Y60[:41], batch_size=20, verbose=0), ValueError, "batch_size"),
-    (lambda m: m.fit(X60, Y60, batch_size=1, verbose=0), ValueError, "batch_size"),
     (lambda m: m.fit(X60, Y60, callbacks=[print], verbose=0), TypeError, "callbacks"),
     (lambda m: m.fit(X60, Y60, callbacks=fg.callbacks.History(), verbose=0), TypeError,
      "callbacks"),
-    (lambda m: m.train_on_batch(X60[:1], Y60[:1]), ValueError, "BatchNormalization"),
     (lambda m: m.train_on_batch(X60[:0], Y60[:0]), ValueError, r"\bx\b.*row"),
-    (lambda m: m.compute_gradients(X60[:1], Y60[:1]), ValueError, "BatchNormalization"),
 ])
 def test_a_refused_call_leaves_an_unbuilt_model_unbuilt(call, exc, pattern):
     """Every argument check runs before the first call builds the model."""
@@ -653,11 +655,8 @@ def test_a_refused_call_leaves_an_unbuilt_model_unbuilt(call, exc, pattern):
 
 
 @pytest.mark.parametrize("call", [
-    lambda m: m.fit(X60, Y60, batch_size=1, verbose=0),
-    lambda m: m.fit(X60[:41], Y60[:41], batch_size=20, verbose=0),
     lambda m: m.fit(X60, Y60, validation_data=(X60[:4], Y60[:3]), verbose=0),
     lambda m: m.fit(X60, Y60, callbacks=[object()], verbose=0),
-    lambda m: m.train_on_batch(X60[:1], Y60[:1]),
     lambda m: m.train_on_batch(X60[:0], Y60[:0]),
 ])
 def test_a_refused_call_leaves_a_built_model_unchanged(call):
@@ -669,32 +668,15 @@ def test_a_refused_call_leaves_a_built_model_unchanged(call):
     assert_model_state(m, before)
 
 
-def test_batch_normalization_refuses_a_one_row_batch_before_training():
+def test_batch_normalization_trains_on_a_last_batch_of_one_row():
+    # 65 rows at batch 32 leave a last batch of one row: Keras trains on it
+    # (its variance is 0, its output beta), and so does fastgrad
     x, y = blobs(65, d=5)
     m = bn_dropout_model()
     m.compile("adam", "sparse_categorical_crossentropy")
-    before = model_state(m)
-    with pytest.raises(ValueError, match="batch_size"):
-        m.fit(x, y, batch_size=32, verbose=0)      # 32 + 32 + 1
-    with pytest.raises(ValueError, match="batch_size"):
-        m.fit(x, y, batch_size=1, verbose=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        m.fit(x, y, batch_size=16, verbose=0)      # 16 * 4 + 1
-    assert_model_state(m, before)
-    m.fit(x, y, batch_size=20, epochs=1, verbose=0)   # 20 * 3 + 5 is fine
-    assert m.optimizer.iterations == 4
-
-    x, y = blobs(20)
-    m = mlp()
-    m.build()
-    w = m.get_weights()
-    for call in (lambda: m.fit(x, y, verbose=0), lambda: m.evaluate(x, y, verbose=0),
-                 lambda: m.train_on_batch(x, y)):
-        with pytest.raises(RuntimeError, match="compile"):
-            call()
-    assert_same_bits(m.get_weights(), w)
-    # predict works uncompiled
-    assert m.predict(x).shape == (20, 3)
+    m.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    assert m.optimizer.iterations == 3
+    assert all(np.isfinite(w).all() for w in m.get_weights())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -524,7 +524,8 @@ def _layers(config):
     (lambda c: _layers(c)[1]["config"].update(kernel_initializer={
         "module": "evil", "class_name": "GlorotUniform", "config": {}}), "evil"),
     (lambda c: _layers(c)[1]["config"].update(activation="my_activation"), "my_activation"),
-    (lambda c: _layers(c)[1]["config"].update(trainable=False), "trainable"),
+    (lambda c: _layers(c)[1]["config"].update(lora_rank=4), "lora_rank"),
+    (lambda c: _layers(c)[1]["config"].update(trainable="no"), "trainable"),
     (lambda c: _layers(c)[1]["config"].update(surprise=1), "surprise"),
     (lambda c: _layers(c)[1]["config"].update(units=10**400), "dense/kernel"),
     (lambda c: _layers(c)[1]["config"].update(units=10**9), r"dense/kernel \(5, 1000000000\)"),
@@ -542,6 +543,15 @@ def test_custom_objects_code_and_unknown_entries_are_refused_by_name(tmp_path, a
     members, _ = archive
     with pytest.raises(ValueError, match=match):
         load_bytes(tmp_path, with_config(members, edit))
+
+
+def test_a_frozen_keras_layer_loads_frozen(tmp_path, archive):
+    members, _ = archive
+    model = load_bytes(tmp_path, with_config(
+        members, lambda c: _layers(c)[1]["config"].update(trainable=False)))
+    assert not model.layers[0].trainable
+    assert all(v.trainable for layer in model.layers[1:] for v in layer.variables
+               if v.name in ("kernel", "bias"))
 
 
 def test_loading_never_runs_code(tmp_path, archive):

@@ -379,8 +379,8 @@ def test_a_file_whose_schedule_has_no_name_loads(tmp_path, small_file):
 
     m = load_bytes(tmp_path, _edit(data, drop_name))
     assert_same_bits(m.get_weights(), weights)
-    assert m.optimizer.learning_rate.name == "ExponentialDecay"
-    assert m.optimizer.learning_rate(7) == fg.schedules.ExponentialDecay(0.01, 10, 0.9)(7)
+    assert m.optimizer._learning_rate.name == "ExponentialDecay"
+    assert m.optimizer._learning_rate(7) == fg.schedules.ExponentialDecay(0.01, 10, 0.9)(7)
 
 
 def test_truncated_files_raise_value_error(tmp_path, small_file):
