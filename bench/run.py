@@ -16,6 +16,8 @@ dropout/BxF: inverted dropout at rate 0.5 forward + backward, _core.dropout twic
 mask / (1 - rate), dy * mask / (1 - rate)); the generators differ, so fastgrad's
 output is checked against NumPy's formula applied with fastgrad's own mask, and
 its kept fraction against 1 - rate (within 6 standard deviations).
+nadam/N, lion/N: one Nadam or Lion step with global_clipnorm=1.0 over N
+parameters, apply() on flat buffers vs NumPy with temporaries.
 monitor/B: what callbacks.GradientMonitor costs a step: model.train_on_batch of
 the train/B MLP with Adam, without vs with the monitor's per-step work
 (optimizer.track_updates(True), which its on_train_begin sets, and its
@@ -427,6 +429,44 @@ CASES = ([(f"dense/{act}/{b}x{i}x{o}", "gemm", dense_case, (b, i, o, act))
          + [(f"dropout/{b}x{f}", None, dropout_case, (b, f))
             for b, f in ((256, 1024), (4096, 1024))]
          + [(f"monitor/{b}", "step", monitor_case, (b,)) for b in (32, 256)])
+
+
+# -- one fused Nadam or Lion step --------------------------------------------------
+def fused_step_case(kind, n):
+    """nadam/N, lion/N: one step with global_clipnorm=1.0 over N float32
+    parameters, optimizer.apply() on flat buffers (the norms pass, then the
+    fused update) vs the same step in NumPy with temporaries."""
+    rng = np.random.default_rng(0)
+    params, grads = randn(rng, n), randn(rng, n)
+    fg_params, np_params = params.copy(), params.copy()
+    cls = {"nadam": fg.optimizers.Nadam, "lion": fg.optimizers.Lion}[kind]
+    opt = cls(learning_rate=ADAM_LR, global_clipnorm=CLIP)
+    opt.build(fg_params, grads, [("w", 0, (n,), None, None)])
+    m, v, t, u = np.zeros_like(params), np.zeros_like(params), [0], [1.0]
+
+    def numpy_step():
+        t[0] += 1
+        norm = np.linalg.norm(grads)
+        g = grads * F32(CLIP / norm) if norm > CLIP else grads
+        if kind == "lion":
+            np_params[:] -= F32(ADAM_LR) * np.sign(F32(0.9) * m + F32(0.1) * g)
+            m[:] = F32(0.99) * m + F32(0.01) * g
+            return
+        u_t, u_t1 = (BETA_1 * (1 - 0.5 * 0.96 ** k) for k in (t[0], t[0] + 1))
+        u[0] *= u_t
+        m[:] = BETA_1 * m + (1 - BETA_1) * g
+        v[:] = BETA_2 * v + (1 - BETA_2) * g * g
+        m_hat = F32(u_t1 / (1 - u[0] * u_t1)) * m + F32((1 - u_t) / (1 - u[0])) * g
+        np_params[:] -= F32(ADAM_LR) * m_hat / (np.sqrt(v / F32(1 - BETA_2 ** t[0]))
+                                                 + F32(EPS))
+
+    impls = {"fastgrad": opt.apply, "numpy": numpy_step}
+    impls["fastgrad"](), impls["numpy"]()
+    return impls, rel_diff([fg_params], [np_params])
+
+
+CASES += [(f"{k}/{label}", None, fused_step_case, (k, n)) for k in ("nadam", "lion")
+          for label, n in (("1M", 10 ** 6), ("10M", 10 ** 7))]
 
 
 def run_case(name, floor, make, args, reps, target, rounds):
