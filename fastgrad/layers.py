@@ -315,7 +315,9 @@ class _Random(Layer):
     training batch, so that masks and noise are recomputed in backward
     rather than stored, and a seed reproduces them. The model saves the
     counter and puts it back when a step is skipped. Subclasses give
-    ``_amount`` (0: the layer is the identity) and ``_apply``."""
+    ``_amount`` (0: the layer is the identity) and ``_apply``; backward
+    applies the same numbers to the gradient unless ``_apply_backward`` or
+    ``backward`` says otherwise."""
 
     seed = Hyper(check_int, low=0, none=True)
 
@@ -339,15 +341,25 @@ class _Random(Layer):
         self.counter = (self.counter + x.size) % 2**64   # the generator's positions wrap
         return out
 
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        if not self._active:
+            return dout
+        dx = self._dx[:dout.shape[0]]
+        self._apply_backward(dout, dx)
+        return dx
+
+    def _apply_backward(self, dout, dx):
+        """The same numbers again: the backward of a multiplicative noise."""
+        self._apply(dout, dx)
+
     def get_config(self):
         return {"name": self.name, "seed": self.seed, "input_dim": self.input_dim}
 
 
-class Dropout(_Random):
-    """Inverted dropout (Srivastava et al. 2014): in training each entry is
-    kept with probability 1 - rate and scaled by 1 / (1 - rate); in
-    inference the layer is the identity. Masks come from the counter-based
-    generator (see ``_Random``)."""
+class _Rated(_Random):
+    """A random layer set by a rate in [0, 1)."""
 
     rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
 
@@ -358,20 +370,18 @@ class Dropout(_Random):
     def _amount(self):
         return self.rate
 
-    def _apply(self, x, out):
-        _core.dropout(x, out, self.rate, self._seed, self._at)
-
-    def backward(self, dout, need_dx=True):
-        if not need_dx:
-            return None
-        if not self._active:
-            return dout
-        dx = self._dx[:dout.shape[0]]
-        _core.dropout(dout, dx, self.rate, self._seed, self._at)
-        return dx
-
     def get_config(self):
         return {**super().get_config(), "rate": self.rate}
+
+
+class Dropout(_Rated):
+    """Inverted dropout (Srivastava et al. 2014): in training each entry is
+    kept with probability 1 - rate and scaled by 1 / (1 - rate); in
+    inference the layer is the identity. Masks come from the counter-based
+    generator (see ``_Random``)."""
+
+    def _apply(self, x, out):
+        _core.dropout(x, out, self.rate, self._seed, self._at)
 
 
 class GaussianNoise(_Random):
@@ -398,20 +408,11 @@ class GaussianNoise(_Random):
         return {**super().get_config(), "stddev": self.stddev}
 
 
-class GaussianDropout(_Random):
+class GaussianDropout(_Rated):
     """Multiplicative Gaussian noise (Srivastava et al. 2014, section 10), in
     training only: ``y = x * (1 + s z)``, s = sqrt(rate / (1 - rate)), z
     standard normal; identity in inference. Backward: dx = dout (1 + s z)
     with the same z, recomputed. rate in [0, 1)."""
-
-    rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
-
-    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None):
-        super().__init__(seed, input_dim, input_shape, name)
-        self.rate = rate
-
-    def _amount(self):
-        return self.rate
 
     def _stddev(self):
         return (self.rate / (1.0 - self.rate)) ** 0.5
@@ -419,23 +420,11 @@ class GaussianDropout(_Random):
     def _apply(self, x, out):
         _core.gaussian_noise(x, out, self._stddev(), True, self._seed, self._at)
 
-    def backward(self, dout, need_dx=True):
-        if not need_dx:
-            return None
-        if not self._active:
-            return dout
-        dx = self._dx[:dout.shape[0]]
-        _core.gaussian_noise(dout, dx, self._stddev(), True, self._seed, self._at)
-        return dx
-
-    def get_config(self):
-        return {**super().get_config(), "rate": self.rate}
-
 
 _SELU_ALPHA_P = -1.6732632423543772848170429916717 * 1.0507009873554804934193349852946
 
 
-class AlphaDropout(_Random):
+class AlphaDropout(_Rated):
     """Alpha dropout (Klambauer et al. 2017), for self-normalizing (SELU)
     networks: keeps the mean and variance of its inputs. In training, with
     the mask of Dropout (each entry kept with probability 1 - rate),
@@ -447,18 +436,13 @@ class AlphaDropout(_Random):
 
     identity in inference. ``noise_shape`` must be None (one draw per entry)."""
 
-    rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
-
     def __init__(self, rate, noise_shape=None, seed=None, input_dim=None, input_shape=None,
                  name=None):
-        super().__init__(seed, input_dim, input_shape, name)
         if noise_shape is not None:
             raise ValueError(f"noise_shape: only None (one draw per entry) is supported, "
                              f"got {noise_shape!r}")
-        self.rate, self.noise_shape = rate, None
-
-    def _amount(self):
-        return self.rate
+        super().__init__(rate, seed, input_dim, input_shape, name)
+        self.noise_shape = None
 
     def _affine(self):
         r = self.rate
@@ -469,18 +453,12 @@ class AlphaDropout(_Random):
         a, b = self._affine()
         _core.alpha_dropout(x, out, self.rate, a, b, a * _SELU_ALPHA_P + b, self._seed, self._at)
 
-    def backward(self, dout, need_dx=True):
-        if not need_dx:
-            return None
-        if not self._active:
-            return dout
-        dx = self._dx[:dout.shape[0]]
+    def _apply_backward(self, dout, dx):
         _core.alpha_dropout(dout, dx, self.rate, self._affine()[0], 0.0, 0.0, self._seed,
                             self._at)
-        return dx
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "noise_shape": None}
+        return {**super().get_config(), "noise_shape": None}
 
 
 class Identity(Layer):

@@ -74,27 +74,37 @@ def _steps():
     return Hyper(_step_count, low=0.0, low_open=True)
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """Exponential decay: ``initial_learning_rate * decay_rate ** (step /
-    decay_steps)``, the exponent floored when ``staircase``."""
+class _TimeDecay(LearningRateSchedule):
+    """The arguments of the decays in ``step / decay_steps`` (floored when
+    ``staircase``)."""
 
     initial_learning_rate, decay_steps = _rate(), _steps()
-    decay_rate = Hyper(check_real, low=0.0, low_open=True)
     name = Hyper(_check_name)
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
-                 name="ExponentialDecay"):
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase, name):
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
         self.decay_rate = decay_rate
         self.staircase = bool(staircase)
         self.name = name
 
-    def __call__(self, step):
+    def _progress(self, step):
         p = step / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate ** p
+        return math.floor(p) if self.staircase else p
+
+
+class ExponentialDecay(_TimeDecay):
+    """Exponential decay: ``initial_learning_rate * decay_rate ** (step /
+    decay_steps)``, the exponent floored when ``staircase``."""
+
+    decay_rate = Hyper(check_real, low=0.0, low_open=True)
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
+                 name="ExponentialDecay"):
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
+
+    def __call__(self, step):
+        return self.initial_learning_rate * self.decay_rate ** self._progress(step)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -158,27 +168,18 @@ class CosineDecay(LearningRateSchedule):
         return self._decay(step - self.warmup_steps, self.warmup_target)
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_TimeDecay):
     """Inverse time decay: ``initial_learning_rate / (1 + decay_rate * step /
     decay_steps)``, the ratio floored when ``staircase``."""
 
-    initial_learning_rate, decay_steps = _rate(), _steps()
     decay_rate = Hyper(check_real, low=0.0)
-    name = Hyper(_check_name)
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
                  name="InverseTimeDecay"):
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = bool(staircase)
-        self.name = name
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
 
     def __call__(self, step):
-        p = step / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate / (1.0 + self.decay_rate * p)
+        return self.initial_learning_rate / (1.0 + self.decay_rate * self._progress(step))
 
 
 class PolynomialDecay(LearningRateSchedule):

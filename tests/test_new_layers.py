@@ -9,16 +9,12 @@ GaussianDropout, AlphaDropout and Identity.
    statistics, and training from the same initial weights; the noise
    layers, whose random numbers differ, by their moments
 """
-import os
-
 import numpy as np
 import pytest
 
 import fastgrad as fg
 from fastgrad import layers as L
 
-os.environ.setdefault("KERAS_BACKEND", "jax")   # read when keras is first imported
-os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 F32, F64 = np.float32, np.float64
 DTYPES = [pytest.param(F64, id="float64"), pytest.param(F32, id="float32")]
@@ -311,27 +307,6 @@ def test_every_new_layer_saves_loads_and_resumes_bit_identically(tmp_path):
 
 
 # -- 4. Keras --------------------------------------------------------------------
-@pytest.fixture
-def keras64():
-    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
-    import jax
-
-    x64, floatx = jax.config.jax_enable_x64, keras.config.floatx()
-    jax.config.update("jax_enable_x64", True)
-    keras.config.set_floatx("float64")
-    yield keras
-    keras.config.set_floatx(floatx)
-    jax.config.update("jax_enable_x64", x64)
-
-
-def keras_mse(keras):
-    """The mean squared error in float64 throughout (Keras's "mse" averages
-    with keras.ops.mean, which sums float64 in float32 on JAX)."""
-    def mse(y_true, y_pred):
-        return keras.ops.sum(keras.ops.square(y_pred - y_true), axis=-1) / y_pred.shape[-1]
-    return mse
-
-
 @pytest.mark.parametrize("invert", [False, True])
 def test_normalization_adapt_and_values_agree_with_keras(keras64, invert):
     keras = keras64
@@ -350,7 +325,7 @@ def test_normalization_adapt_and_values_agree_with_keras(keras64, invert):
 
 
 @pytest.mark.parametrize("first", ["flatten", "rescaling", "normalization", "identity"])
-def test_training_through_the_layer_agrees_with_keras(keras64, first):
+def test_training_through_the_layer_agrees_with_keras(keras64, keras_mse, first):
     keras = keras64
     rng = fresh(13)
     x, y = rng.standard_normal((48, 3, 2)) * 4 + 1, rng.standard_normal((48, 2))
@@ -372,7 +347,7 @@ def test_training_through_the_layer_agrees_with_keras(keras64, first):
     dense = model.get_weights()[-4:]
     km.layers[1].set_weights(dense[:2])
     km.layers[2].set_weights(dense[2:])
-    km.compile(keras.optimizers.Nadam(0.01), keras_mse(keras))
+    km.compile(keras.optimizers.Nadam(0.01), keras_mse)
     xin = x if first == "flatten" else flat
     for i in range(6):
         rows = slice(i * 16 % 48, i * 16 % 48 + 16)
