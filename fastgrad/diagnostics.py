@@ -255,6 +255,11 @@ def _suggest(model, status, rows, dead, sat, batch=None):
     if dead:
         out.append(f"Many ReLU units are dead in {_ranges([r.name for r in dead])}: use "
                    "leaky_relu, he_normal initialization, or a lower learning rate.")
+    if has_bn and batch is not None and batch <= SMALL_BATCH and \
+            not any("LayerNormalization" in o for o in out):
+        # whatever the status: BatchNormalization itself is the weak point here
+        out.append(_normalize_advice(True, batch, "so that training does not depend on "
+                                     "the batch"))
     if sat and status != "vanishing":
         out.append(f"Saturated sigmoid/tanh outputs in {_ranges([r.name for r in sat])}: "
                    "normalize the inputs, add BatchNormalization, or use relu.")

@@ -374,3 +374,36 @@ def test_noise_layers_agree_with_keras_in_inference_and_in_moments(keras64, name
     assert abs(ours.mean() - theirs.mean()) < 0.01
     assert abs(ours.std() / theirs.std() - 1) < 0.02
     assert layer.get_config()["seed"] == kl.get_config()["seed"]
+
+
+# -- diagnose knows when BatchNormalization cannot help -------------------------
+def _deep_sigmoid(bn=False):
+    layers = []
+    for i in range(12):
+        first = {"input_dim": 8} if i == 0 else {}
+        if bn:
+            layers += [L.Dense(16, use_bias=False, **first), L.BatchNormalization(),
+                       L.Activation("sigmoid")]
+        else:
+            layers.append(L.Dense(16, activation="sigmoid", **first))
+    model = fg.Sequential(layers + [L.Dense(3, activation="softmax")], seed=0)
+    model.compile(fg.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_diagnose_suggests_layer_normalization_for_small_batches(bn):
+    rng = fresh(15)
+    x, y = rng.standard_normal((64, 8)), rng.integers(0, 3, 64)
+    model = _deep_sigmoid(bn)
+    small = fg.diagnose(model, x[:4], y[:4]) if not bn else fg.diagnose(model, x, y, batch_size=4)
+    large = fg.diagnose(model, x, y)
+    if not bn:   # the plain sigmoid network vanishes at any batch size
+        assert small.status == large.status == "vanishing"
+    text_small, text_large = " ".join(small.suggestions), " ".join(large.suggestions)
+    # with BatchNormalization, whatever the status (here: healthy)
+    assert "fg.layers.LayerNormalization" in text_small and "4 rows" in text_small
+    assert ("Replace BatchNormalization with" in text_small) == bn
+    assert "LayerNormalization" not in text_large
+    if not bn:
+        assert "Add BatchNormalization" in text_large
