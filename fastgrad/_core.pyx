@@ -655,7 +655,7 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
     _check(step >= 1, "step: expected a count >= 1")
     _hyper("learning_rate", lr)
     _check(0.0 <= ema_momentum <= 1.0, "ema_momentum: expected a value in [0, 1]")
-    _check(0.0 < u_product <= 1.0, "u_product: expected a value in (0, 1]")
+    _check(0.0 <= u_product <= 1.0, "u_product: expected a value in [0, 1]")
     config.c.lr, config.c.step = lr, step
     config.c.ema_momentum, config.c.ema_overwrite = ema_momentum, ema_overwrite
     config.c.accumulate_only, config.c.u_product = accumulate, u_product
