@@ -207,9 +207,9 @@ class Optimizer:
         self._config = self._step_config()
         self._names = [t[0] for t in tensors]
         self._upd, self._wsq, self._ratio = np.zeros(T), np.zeros(T), np.zeros(T)
-        self.track_updates(self._track)
         self._sumsq, self._norms = np.zeros(T), np.zeros(T)
         self._params, self._grads = params, grads
+        self.track_updates(self._track)   # also when asked before the first build
         old = getattr(self, "_moments", None)
         self._moments = {s: np.zeros_like(params)
                          for s in self._slots_used() + self._extra_slots()}

@@ -379,3 +379,28 @@ def test_training_agrees_with_keras_in_float64(keras64, keras_mse, kind, kw):
         kavg = np.concatenate([np.asarray(v).ravel()
                                for v in km.optimizer._model_variables_moving_average])
         np.testing.assert_allclose(ema, kavg, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_update_ratio_tracking_changes_nothing_and_measures_the_update(kind, dtype):
+    # 300 elements per tensor: blocks of 128 and a tail, with the moving average
+    shapes = [(30, 10), (300,)]
+    rng = fresh_rng = np.random.default_rng(8)
+    ws = [rng.standard_normal(s) for s in shapes]
+    grads = [[fresh_rng.standard_normal(s) for s in shapes] for _ in range(4)]
+    kw = dict(learning_rate=0.01, use_ema=True, ema_momentum=0.5)
+    plain, _ = run_flat(make(kind, **kw), ws, grads, dtype)
+    opt = make(kind, **kw)
+    opt.track_updates(True)
+    params, g, offs = flat(opt, ws, dtype)
+    for gs in grads:
+        before = params.astype(F64)
+        g[...] = np.concatenate([a.ravel() for a in gs])
+        rec = opt.apply()
+    for a, b in zip(split(params, ws, offs), plain):
+        assert a.tobytes() == b.tobytes()
+    after = params.astype(F64)
+    want = [np.linalg.norm(after[offs[i]:offs[i + 1]] - before[offs[i]:offs[i + 1]])
+            / np.linalg.norm(after[offs[i]:offs[i + 1]]) for i in range(len(ws))]
+    np.testing.assert_allclose(rec.update_ratio, want, rtol=1e-6 if dtype == F32 else 1e-12)
