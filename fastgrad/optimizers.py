@@ -60,6 +60,15 @@ of times slower, depending on the CPU. The caller's floating-point mode is
 restored after.
 
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
+
+There is no Adafactor (Shazeer & Stern 2018). Its step needs two reductions
+over a whole tensor before any element of it can change: the RMS of the
+weights, which sets the step size, and the RMS of the update, which clips
+it; with the row and column means of g^2 that factor the second moment of
+each 2-D tensor, that is three passes over every tensor where the other
+optimizers take one fused pass. Keras's form also keeps a full-size second
+moment, so the memory saving that motivates the method would not
+materialize.
 """
 import math
 import warnings
@@ -630,14 +639,6 @@ class Lion(Optimizer):
     def get_config(self):
         return {**super().get_config(), **self._hyper()}
 
-
-# Adafactor (Shazeer & Stern 2018) is not provided: each step needs two
-# reductions over a whole tensor before any of its elements can change (the
-# RMS of the weights, which sets the step size, and the RMS of the update,
-# which clips it), plus the row and column means of g^2 of each 2-D tensor.
-# That is three passes over every tensor instead of the one fused pass the
-# other optimizers take, and Keras's form also keeps a full-size second
-# moment, so the memory saving that motivates it would not materialize.
 
 # lower-case names, as in Keras
 _CLASSES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad,
