@@ -19,6 +19,8 @@ with "!" above the case's tolerance). GradientMonitor's with/without pair
 stays in one process, sample by sample: its overhead is the point.
 
 Cases, all float32 (see README.md for the exact work on each side):
+  nadam/N, lion/N   one fused Nadam or Lion step with global-norm clipping over
+                    N parameters: optimizer.apply() vs NumPy with temporaries
   dense/ACT/BxIxO   Dense forward + backward: ops.dense_forward/backward, NumPy,
                     the 3 GEMMs alone, torch (addmm, activation, autograd.grad)
   train/B           784-256-256-10 MLP step, SGD: train_on_batch vs NumPy;
@@ -534,6 +536,44 @@ def numpy_adam(params, grads):
     return step
 
 
+# -- one fused Nadam or Lion step -------------------------------------------------
+def fused_step_case(impl, kind, n):
+    """nadam/N, lion/N: one step with global_clipnorm=1.0 over N float32
+    parameters, optimizer.apply() on flat buffers (the norms pass, then the
+    fused update) vs the same step in NumPy with temporaries."""
+    rng = np.random.default_rng(0)
+    params, grads = randn(rng, n), randn(rng, n)
+    if impl == "fastgrad":
+        cls = {"nadam": fastgrad().optimizers.Nadam, "lion": fastgrad().optimizers.Lion}[kind]
+        opt = cls(learning_rate=ADAM_LR, global_clipnorm=CLIP)
+        opt.build(params, grads, [("w", 0, (n,), None, None)])
+        run = opt.apply
+    else:
+        run = numpy_fused_step(kind, params, grads)
+    run()
+    return timed(run, params=params.copy())
+
+
+def numpy_fused_step(kind, params, grads):
+    m, v, t, u = np.zeros_like(params), np.zeros_like(params), [0], [1.0]
+
+    def step():
+        t[0] += 1
+        norm = np.linalg.norm(grads)
+        g = grads * F32(CLIP / norm) if norm > CLIP else grads
+        if kind == "lion":
+            params[:] -= F32(ADAM_LR) * np.sign(F32(0.9) * m + F32(0.1) * g)
+            m[:] = F32(0.99) * m + F32(0.01) * g
+            return
+        u_t, u_t1 = (BETA_1 * (1 - 0.5 * 0.96 ** k) for k in (t[0], t[0] + 1))
+        u[0] *= u_t
+        m[:] = BETA_1 * m + (1 - BETA_1) * g
+        v[:] = BETA_2 * v + (1 - BETA_2) * g * g
+        m_hat = F32(u_t1 / (1 - u[0] * u_t1)) * m + F32((1 - u_t) / (1 - u[0])) * g
+        params[:] -= F32(ADAM_LR) * m_hat / (np.sqrt(v / F32(1 - BETA_2 ** t[0])) + F32(EPS))
+    return step
+
+
 # -- BatchNormalization forward (training) + backward ----------------------------
 BN_MOMENTUM, BN_EPS = 0.99, 1e-3  # the layer's (and Keras's) defaults
 
@@ -751,6 +791,8 @@ CASES = ([Case(f"dense/{act}/{b}x{i}x{o}", dense_case, (b, i, o, act),
          + [Case(f"adam/{label}", adam_case, (n,), ("fastgrad", "numpy", "copy", "torch"),
                  kind="copy")
             for label, n in (("100K", 10 ** 5), ("1M", 10 ** 6), ("10M", 10 ** 7))]
+         + [Case(f"{k}/{label}", fused_step_case, (k, n))
+            for k in ("nadam", "lion") for label, n in (("1M", 10 ** 6), ("10M", 10 ** 7))]
          + [Case(f"bn/{b}x{f}", bn_case, (b, f), ("fastgrad", "numpy", "torch"))
             for b, f in ((64, 256), (256, 1024), (4096, 1024))]
          + [Case(f"dropout/{b}x{f}", dropout_case, (b, f), ("fastgrad", "numpy", "torch"))

@@ -43,7 +43,10 @@ enum fg_loss {
 };
 
 /* Optimizer codes. */
-enum fg_optimizer { FG_SGD = 0, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_N_OPTIMIZERS };
+enum fg_optimizer {
+    FG_SGD = 0, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_NADAM, FG_ADAMAX, FG_ADADELTA,
+    FG_LION, FG_N_OPTIMIZERS
+};
 
 /* Constraint codes, applied to a tensor right after its update. */
 enum fg_constraint {
@@ -52,13 +55,17 @@ enum fg_constraint {
 
 /* Hyperparameters of one optimizer step; unused fields are ignored.
  * lr is this step's learning rate (schedules are evaluated by the caller),
- * step the 1-based count including this step (Adam's bias correction). */
+ * step the 1-based count including this step (bias corrections). */
 typedef struct {
     int kind;
     double lr, momentum, rho, beta_1, beta_2, epsilon, weight_decay;
     double clipvalue;          /* element-wise gradient clip; 0 = off */
     int nesterov, centered, amsgrad;
     int64_t step;
+    double u_product;          /* Nadam: prod_{i<=step} beta_1 (1 - 0.96^i / 2) */
+    double ema_momentum;       /* with an ema buffer: avg = mom avg + (1-mom) w */
+    int ema_overwrite;         /* with an ema buffer: then w = avg */
+    int accumulate_only;       /* with an acc buffer: acc += grad, no update */
 } fg_opt_config;
 
 /* Per-tensor table of a flat buffer: tensor t is [offset[t], offset[t+1]). */
@@ -104,10 +111,11 @@ int fg_activation_needs_pre(int act);
     ptrdiff_t fg_first_nonfinite_row##S(const T *x, ptrdiff_t B, ptrdiff_t F);  \
     void fg_grad_norms##S(double *sumsq, double *penalty, int64_t *first_bad,   \
                          T *grad,                                              \
-                         const T *param, const fg_tensors *tt);                \
+                         const T *param, const T *acc, double acc_steps,       \
+                         const fg_tensors *tt);                                \
     int fg_optimizer_step##S(int64_t *first_overflow, T *param, T *m, T *v,    \
-                             T *vmax, const T *grad, const fg_tensors *tt,     \
-                             const fg_opt_config *c);                          \
+                             T *vmax, T *ema, T *acc, const T *grad,           \
+                             const fg_tensors *tt, const fg_opt_config *c);    \
     void fg_batchnorm_forward##S(T *out, double *mean, double *rstd,            \
                                 T *moving_mean, T *moving_var, const T *inp,    \
                                 const T *gamma, const T *beta, ptrdiff_t B,     \
@@ -118,7 +126,14 @@ int fg_activation_needs_pre(int act);
                                  const double *rstd, const T *gamma,            \
                                  ptrdiff_t B, ptrdiff_t F);                     \
     void fg_dropout_forward##S(T *out, const T *inp, ptrdiff_t N, double rate,  \
-                               uint64_t seed, uint64_t offset);
+                               uint64_t seed, uint64_t offset);                \
+    void fg_gaussian_noise##S(T *out, const T *inp, ptrdiff_t N, double stddev, \
+                              int multiply, uint64_t seed, uint64_t offset);   \
+    void fg_alpha_dropout##S(T *out, const T *inp, ptrdiff_t N, double rate,    \
+                             double a, double b_keep, double b_drop,           \
+                             uint64_t seed, uint64_t offset);                  \
+    void fg_affine##S(T *out, const T *inp, const T *shift, const T *scale,     \
+                      ptrdiff_t B, ptrdiff_t F, int divide);
 
 FG_DECLARE(float, _f32)
 FG_DECLARE(double, _f64)

@@ -519,12 +519,16 @@ FG_TARGETS double S(fg_sum_squares)(const T *x, ptrdiff_t N)
 /* Pass 1 of an optimizer step, over the gradients only.
  * For each tensor t: adds the regularizer's gradient l1 sign(w) + 2 l2 w into
  * grad (so clipping sees the gradient of the regularized loss, as in Keras),
+ * with acc (the gradients accumulated over the previous micro-steps) makes
+ * grad = (grad + acc) / acc_steps, the average that is clipped and applied,
  * then sumsq[t] = sum of grad^2 in double. penalty receives the regularizers'
  * loss, sum_t l1 sum|w| + l2 sum w^2. first_bad receives the index of the
  * first tensor holding a non-finite gradient, or -1. */
 FG_TARGETS void S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_bad,
-                     T *grad, const T *param, const fg_tensors *tt)
+                     T *grad, const T *param, const T *acc, double acc_steps,
+                     const fg_tensors *tt)
 {
+    const T ks = (T)acc_steps;
     *first_bad = -1;
     *penalty = 0.0;
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
@@ -544,6 +548,10 @@ FG_TARGETS void S(fg_grad_norms)(double *sumsq, double *penalty, int64_t *first_
                 a2 += (double)w[k] * w[k];
             }
             *penalty += tt->l1[t] * a1 + tt->l2[t] * a2;
+        }
+        if (acc) {
+            const T *at = acc + a;
+            for (ptrdiff_t k = 0; k < n; k++) g[k] = (g[k] + at[k]) / ks;
         }
         sumsq[t] = S(sumsq)(g, n);
         /* inf or NaN anywhere makes the sum of squares inf or NaN */
@@ -589,6 +597,7 @@ static void S(max_norm)(T *w, ptrdiff_t n, ptrdiff_t cols, double maxv)
 typedef struct {
     int kind, clip, nesterov, centered, amsgrad;
     T lr, mu, eps, keep, cv, rho, b1, b2, adam_lr;
+    T cm, cg, cv2, bc1;   /* Nadam's m, g and v factors; Adamax's 1 - beta_1^t */
 } S(opt_consts);
 
 /* The update of n consecutive elements of one tensor. One loop per kind,
@@ -601,6 +610,7 @@ FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
 {
     const T lr = q->lr, mu = q->mu, eps = q->eps, keep = q->keep, cv = q->cv;
     const T rho = q->rho, b1 = q->b1, b2 = q->b2, adam_lr = q->adam_lr;
+    const T cm = q->cm, cg = q->cg, cv2 = q->cv2, bc1 = q->bc1;
     const int clip = q->clip;
 #define G(k) (clip ? FG_CLAMP(gr[k] * sc, -cv, cv) : gr[k] * sc)
 /* the new weight; dw (when given) receives the change, for update ratios;
@@ -671,6 +681,42 @@ FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
             PUT(k, w[k] * keep - lr * g / SQRT(acc + eps));
         }
         break;
+    case FG_NADAM:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k);
+            T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+            T vv = vt[k] + ((T)1 - b2) * (g * g - vt[k]);
+            mt[k] = mm; vt[k] = vv;
+            PUT(k, w[k] * keep - (cm * mm + cg * g) * lr / (SQRT(vv * cv2) + eps));
+        }
+        break;
+    case FG_ADAMAX:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k), bu = b2 * vt[k], ag = FABS(g);
+            T mm = mt[k] + ((T)1 - b1) * (g - mt[k]);
+            T uu = bu > ag ? bu : ag;
+            mt[k] = mm; vt[k] = uu;
+            PUT(k, w[k] * keep - lr * mm / (bc1 * (uu + eps)));
+        }
+        break;
+    case FG_ADADELTA:   /* v: accumulated g^2, m: accumulated delta^2 */
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k);
+            T ag = rho * vt[k] + ((T)1 - rho) * g * g;
+            T d = -(SQRT(mt[k] + eps) * g) / SQRT(ag + eps);
+            vt[k] = ag;
+            mt[k] = rho * mt[k] + ((T)1 - rho) * d * d;
+            PUT(k, w[k] * keep + lr * d);
+        }
+        break;
+    case FG_LION:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            T g = G(k), c = mt[k] * b1 + g * ((T)1 - b1);
+            T sgn = (T)(c > 0) - (T)(c < 0);
+            mt[k] = mt[k] * b2 + g * ((T)1 - b2);
+            PUT(k, w[k] * keep - lr * sgn);
+        }
+        break;
     }
 #undef G
 #undef PUT
@@ -690,14 +736,39 @@ FG_INLINE int S(update_range)(const S(opt_consts) *q, T *restrict w,
  *             amsgrad: vmax = max(vmax, v), used for v;
  *             w -= lr sqrt(1-beta_2^t)/(1-beta_1^t) * m / (sqrt(v) + eps)
  *   Adagrad   v += g^2;  w -= lr g / sqrt(v + eps)
- * then the tensor's constraint (NonNeg, ClipValue, MaxNorm).
- * A frozen tensor (tt->frozen[t]) is skipped: weights, moments, constraint.
+ *   Nadam     m, v as Adam; u_i = beta_1 (1 - 0.96^i / 2), U_t = prod_{i<=t} u_i
+ *             (c->u_product, kept by the caller);
+ *             w -= lr (u_{t+1} m / (1 - U_t u_{t+1}) + (1 - u_t) g / (1 - U_t))
+ *                  / (sqrt(v / (1 - beta_2^t)) + eps)
+ *   Adamax    m += (1-beta_1)(g - m);  u = max(beta_2 u, |g|)  (u in v);
+ *             w -= lr m / ((1 - beta_1^t) (u + eps))
+ *   Adadelta  a = rho a + (1-rho) g^2 (in v);  d = -sqrt(s + eps) g / sqrt(a + eps);
+ *             s = rho s + (1-rho) d^2 (in m);  w += lr d
+ *   Lion      w -= lr sign(beta_1 m + (1-beta_1) g);  m = beta_2 m + (1-beta_2) g
+ * then, with an ema buffer, avg = mom avg + (1 - mom) w (and w = avg when
+ * c->ema_overwrite), then the tensor's constraint (NonNeg, ClipValue,
+ * MaxNorm), as Keras orders them. With an acc buffer, c->accumulate_only
+ * makes the call a micro-step of gradient accumulation: acc += g and no
+ * update (the EMA and the constraint still run, as in Keras); otherwise acc
+ * is cleared after its tensor's update.
+ * A frozen tensor (tt->frozen[t]) is skipped: weights, moments, EMA,
+ * accumulator and constraint.
  * When tt->upd_sumsq is set, each tensor's sum (w_new - w_old)^2 (before the
  * constraint) and sum w_new^2 are accumulated too, block by block.
  * first_overflow receives the first tensor whose weights are not all finite
  * after the step (finite gradients whose update overflowed), or -1. */
+/* The exponential moving average of n weights, and their overwrite. */
+FG_INLINE void S(ema_range)(T *restrict w, T *restrict avg, T mom, int overwrite, ptrdiff_t n)
+{
+    if (overwrite) {
+        for (ptrdiff_t k = 0; k < n; k++) { T a = mom * avg[k] + ((T)1 - mom) * w[k]; avg[k] = a; w[k] = a; }
+    } else {
+        for (ptrdiff_t k = 0; k < n; k++) avg[k] = mom * avg[k] + ((T)1 - mom) * w[k];
+    }
+}
+
 FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *v,
-                         T *vmax, const T *grad, const fg_tensors *tt,
+                         T *vmax, T *ema, T *acc, const T *grad, const fg_tensors *tt,
                          const fg_opt_config *c)
 {
     *first_overflow = -1;
@@ -708,15 +779,26 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     q.lr = (T)c->lr; q.mu = (T)c->momentum; q.eps = (T)c->epsilon;
     q.keep = (T)(1.0 - c->lr * c->weight_decay);   /* decay as a factor */
     q.cv = (T)c->clipvalue; q.rho = (T)c->rho; q.b1 = (T)c->beta_1; q.b2 = (T)c->beta_2;
-    q.adam_lr = 0;
-    if (c->kind == FG_ADAM) {
-        double t = (double)c->step;
+    q.adam_lr = q.cm = q.cg = q.cv2 = q.bc1 = 0;
+    const double t = (double)c->step;
+    if (c->kind == FG_ADAM)
         q.adam_lr = (T)(c->lr * sqrt(1.0 - pow(c->beta_2, t)) / (1.0 - pow(c->beta_1, t)));
+    if (c->kind == FG_NADAM) {
+        /* in T, as Keras computes them in the variable's dtype */
+        T u_t = (T)c->beta_1 * ((T)1 - (T)0.5 * (T)pow(0.96, t));
+        T u_t1 = (T)c->beta_1 * ((T)1 - (T)0.5 * (T)pow(0.96, t + 1.0));
+        T up_t = (T)c->u_product, up_t1 = up_t * u_t1;
+        q.cm = u_t1 / ((T)1 - up_t1);
+        q.cg = ((T)1 - u_t) / ((T)1 - up_t);
+        q.cv2 = (T)1 / ((T)1 - (T)pow(c->beta_2, t));
     }
+    if (c->kind == FG_ADAMAX) q.bc1 = (T)(1.0 - pow(c->beta_1, t));
+    const T ema_m = (T)c->ema_momentum;
+    const int ema_over = c->ema_overwrite, acc_only = acc && c->accumulate_only;
     const unsigned fp_mode = fg_flush_begin();
     /* update-ratio tracking goes block by block: blocks this small let the
      * out-of-order core run one block's sums beside the next one's update */
-    enum { BLOCK = FG_UPD_BLOCK };
+    enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096 };
     T dw[BLOCK];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
@@ -728,9 +810,22 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
         const T *gr = grad + a;
         T *mt = m ? m + a : NULL, *vt = v ? v + a : NULL, *xt = vmax ? vmax + a : NULL;
         const T sc = (T)tt->scale[t];
-        int bad;
-        if (!tt->upd_sumsq) {
+        T *et = ema ? ema + a : NULL;
+        int bad = 0;
+        if (acc_only) {   /* a micro-step: the weights do not change */
+            T *at = acc + a;
+            for (ptrdiff_t k = 0; k < n; k++) at[k] += gr[k];
+            if (et) S(ema_range)(w, et, ema_m, ema_over, n);
+        } else if (!tt->upd_sumsq && !et) {
             bad = S(update_range)(&q, w, gr, mt, vt, xt, NULL, sc, n);
+        } else if (!tt->upd_sumsq) {
+            /* the average follows each chunk while it is in cache */
+            for (ptrdiff_t k0 = 0; k0 < n; k0 += CHUNK) {
+                ptrdiff_t len = n - k0 < CHUNK ? n - k0 : CHUNK;
+                bad |= S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
+                                       vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, NULL, sc, len);
+                S(ema_range)(w + k0, et + k0, ema_m, ema_over, len);
+            }
         } else {
             S(dlanes) du = {0}, ww = {0};
             ptrdiff_t k0 = 0;
@@ -741,6 +836,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, BLOCK);
                 /* the change, from L1, into lanes kept across blocks */
                 S(block_sumsq2)(&du, &ww, dw, w + k0);
+                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, BLOCK);
             }
             if (k0 < n) {   /* the last block, zero-padded */
                 T ws[BLOCK] = {0};
@@ -749,6 +845,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
                 for (ptrdiff_t k = n - k0; k < BLOCK; k++) dw[k] = 0;
                 for (ptrdiff_t k = 0; k < n - k0; k++) ws[k] = w[k0 + k];
                 S(block_sumsq2)(&du, &ww, dw, ws);
+                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, n - k0);
             }
             tt->upd_sumsq[t] = S(dlanes_total)(&du);
             tt->w_sumsq[t] = S(dlanes_total)(&ww);
@@ -756,6 +853,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
              * squares past the range; a look at the weights tells */
             bad = !(tt->upd_sumsq[t] + tt->w_sumsq[t] <= DBL_MAX);
         }
+        if (acc && !acc_only && n > 0) memset(acc + a, 0, (size_t)n * sizeof(T));
         /* Constraints: rare, so a second pass over the constrained tensor
          * keeps the update loops free of them. */
         const T cval = (T)tt->cvalue[t];
@@ -770,7 +868,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
             S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
             break;
         }
-        if (bad && (tt->upd_sumsq || tt->constraint[t] != FG_NO_CONSTRAINT)) {
+        if (bad && (tt->upd_sumsq || et || tt->constraint[t] != FG_NO_CONSTRAINT)) {
             bad = 0;   /* a constraint (ClipValue) may have mended it */
             for (ptrdiff_t k = 0; k < n; k++) bad |= !(FABS(w[k]) <= T_MAX);
         }
@@ -943,6 +1041,60 @@ FG_TARGETS void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double 
     for (ptrdiff_t k = 0; k < N; k++) { /* vec */
         uint32_t r = (uint32_t)(fg_splitmix64(seed, offset + (uint64_t)k) >> 32);
         out[k] = inp[k] * SELECT((r < lim) | all, scale, (T)0);
+    }
+}
+
+/* Gaussian noise from the dropout generator: element k takes one normal
+ * number z_k from fg_splitmix64(seed, offset + k) by Box-Muller on its two
+ * 32-bit halves (u1 in (0, 1], so the logarithm is finite; |z| < 6.7):
+ *   multiply == 0:  out = inp + stddev z            (GaussianNoise)
+ *   multiply == 1:  out = inp (1 + stddev z)        (GaussianDropout)
+ * The same call on the gradient with the same seed and offset is the
+ * backward of the multiplicative form. out may alias inp. */
+FG_TARGETS void S(fg_gaussian_noise)(T *out, const T *inp, ptrdiff_t N, double stddev,
+                          int multiply, uint64_t seed, uint64_t offset)
+{
+    const double two_pi = 6.283185307179586476925286766559;
+    for (ptrdiff_t k = 0; k < N; k++) {
+        uint64_t r = fg_splitmix64(seed, offset + (uint64_t)k);
+        double u1 = ((double)(r >> 32) + 1.0) * 0x1p-32, u2 = (double)(r & 0xffffffffu) * 0x1p-32;
+        T e = (T)(stddev * sqrt(-2.0 * log(u1)) * cos(two_pi * u2));
+        out[k] = multiply ? inp[k] * ((T)1 + e) : inp[k] + e;
+    }
+}
+
+/* Alpha dropout (Klambauer et al. 2017) with the mask of fg_dropout_forward
+ * (same generator and threshold): out = keep ? a inp + b_keep : b_drop.
+ * Forward: b_keep = b, b_drop = a alpha' + b (layers.AlphaDropout gives the
+ * formulas); backward: the same call on the gradient with b_keep = b_drop = 0.
+ * out may alias inp. */
+FG_TARGETS void S(fg_alpha_dropout)(T *out, const T *inp, ptrdiff_t N, double rate,
+                         double a, double b_keep, double b_drop,
+                         uint64_t seed, uint64_t offset)
+{
+    const uint64_t threshold = (uint64_t)((1.0 - rate) * 4294967296.0);
+    const T ta = (T)a, tk = (T)b_keep, td = (T)b_drop;
+    for (ptrdiff_t k = 0; k < N; k++) {
+        uint64_t r = fg_splitmix64(seed, offset + (uint64_t)k) >> 32;
+        T x = inp[k], kept = ta * x + tk;
+        out[k] = r < threshold ? kept : td;
+    }
+}
+
+/* A per-feature affine map (Normalization, Rescaling and their backward).
+ * inp, out are (B,F); shift (F) or NULL (zeros), scale (F).
+ *   divide:  out = (inp - shift) / scale       else:  out = inp * scale + shift
+ * out may alias inp. */
+FG_TARGETS void S(fg_affine)(T *out, const T *inp, const T *shift, const T *scale,
+                  ptrdiff_t B, ptrdiff_t F, int divide)
+{
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *x = inp + i * F;
+        T *y = out + i * F;
+        if (divide && shift) for (ptrdiff_t j = 0; j < F; j++) y[j] = (x[j] - shift[j]) / scale[j];
+        else if (divide) for (ptrdiff_t j = 0; j < F; j++) y[j] = x[j] / scale[j];
+        else if (shift) for (ptrdiff_t j = 0; j < F; j++) y[j] = x[j] * scale[j] + shift[j];
+        else for (ptrdiff_t j = 0; j < F; j++) y[j] = x[j] * scale[j];
     }
 }
 

@@ -27,7 +27,8 @@ LOSS_CODES = {
     "sparse_categorical_crossentropy": FG_SPARSE_CATEGORICAL_CROSSENTROPY,
 }
 OPTIMIZER_CODES = {"sgd": FG_SGD, "rmsprop": FG_RMSPROP, "adam": FG_ADAM,
-                   "adagrad": FG_ADAGRAD}
+                   "adagrad": FG_ADAGRAD, "nadam": FG_NADAM, "adamax": FG_ADAMAX,
+                   "adadelta": FG_ADADELTA, "lion": FG_LION}
 # keyed by the constraint's class name; None: no constraint
 CONSTRAINT_CODES = {None: FG_NO_CONSTRAINT, "MaxNorm": FG_MAX_NORM, "NonNeg": FG_NON_NEG,
                     "ClipValue": FG_CLIP_VALUE}
@@ -139,20 +140,21 @@ cdef inline Py_ssize_t _bad_row(const floating *x, Py_ssize_t B, Py_ssize_t F) n
 
 
 cdef inline void _norms(double *sumsq, double *penalty, int64_t *bad, floating *grad,
-                        const floating *param, const fg_tensors *tt) noexcept nogil:
+                        const floating *param, const floating *acc, double acc_steps,
+                        const fg_tensors *tt) noexcept nogil:
     if floating is float:
-        fg_grad_norms_f32(sumsq, penalty, bad, grad, param, tt)
+        fg_grad_norms_f32(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
     else:
-        fg_grad_norms_f64(sumsq, penalty, bad, grad, param, tt)
+        fg_grad_norms_f64(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
 
 
 cdef inline int _step(int64_t *overflow, floating *param, floating *m, floating *v,
-                      floating *vmax, const floating *grad, const fg_tensors *tt,
-                      const fg_opt_config *c) noexcept nogil:
+                      floating *vmax, floating *ema, floating *acc, const floating *grad,
+                      const fg_tensors *tt, const fg_opt_config *c) noexcept nogil:
     if floating is float:
-        return fg_optimizer_step_f32(overflow, param, m, v, vmax, grad, tt, c)
+        return fg_optimizer_step_f32(overflow, param, m, v, vmax, ema, acc, grad, tt, c)
     else:
-        return fg_optimizer_step_f64(overflow, param, m, v, vmax, grad, tt, c)
+        return fg_optimizer_step_f64(overflow, param, m, v, vmax, ema, acc, grad, tt, c)
 
 
 cdef inline void _bn_forward(floating *out, double *mean, double *rstd,
@@ -177,6 +179,32 @@ cdef inline void _bn_backward(floating *dinp, floating *dgamma, floating *dbeta,
         fg_batchnorm_backward_f32(dinp, dgamma, dbeta, dout, inp, mean, rstd, gamma, B, F)
     else:
         fg_batchnorm_backward_f64(dinp, dgamma, dbeta, dout, inp, mean, rstd, gamma, B, F)
+
+
+cdef inline void _gauss(floating *out, const floating *inp, Py_ssize_t N, double stddev,
+                        int multiply, uint64_t seed, uint64_t offset) noexcept nogil:
+    if floating is float:
+        fg_gaussian_noise_f32(out, inp, N, stddev, multiply, seed, offset)
+    else:
+        fg_gaussian_noise_f64(out, inp, N, stddev, multiply, seed, offset)
+
+
+cdef inline void _alpha_drop(floating *out, const floating *inp, Py_ssize_t N, double rate,
+                             double a, double bk, double bd, uint64_t seed,
+                             uint64_t offset) noexcept nogil:
+    if floating is float:
+        fg_alpha_dropout_f32(out, inp, N, rate, a, bk, bd, seed, offset)
+    else:
+        fg_alpha_dropout_f64(out, inp, N, rate, a, bk, bd, seed, offset)
+
+
+cdef inline void _affine(floating *out, const floating *inp, const floating *shift,
+                         const floating *scale, Py_ssize_t B, Py_ssize_t F,
+                         int divide) noexcept nogil:
+    if floating is float:
+        fg_affine_f32(out, inp, shift, scale, B, F, divide)
+    else:
+        fg_affine_f64(out, inp, shift, scale, B, F, divide)
 
 
 cdef inline void _dropout(floating *out, const floating *inp, Py_ssize_t N, double rate,
@@ -513,9 +541,15 @@ cdef class StepConfig:
             raise ValueError(f"kind: unknown optimizer code {kind}")
         self.c.kind = kind
         self.c.momentum, self.c.rho = _fraction("momentum", momentum), _fraction("rho", rho)
-        self.c.beta_1, self.c.beta_2 = _fraction("beta_1", beta_1), _fraction("beta_2", beta_2)
+        if kind == FG_LION:   # Lion takes beta_1 in (0, 1], as Keras
+            if not (0.0 < beta_1 <= 1.0):
+                raise ValueError(f"beta_1: expected a value in (0, 1], got {beta_1!r}")
+            self.c.beta_1 = beta_1
+        else:
+            self.c.beta_1 = _fraction("beta_1", beta_1)
+        self.c.beta_2 = _fraction("beta_2", beta_2)
         self.c.epsilon = _hyper("epsilon", epsilon)
-        if kind != FG_SGD and not epsilon > 0:
+        if kind != FG_SGD and kind != FG_LION and not epsilon > 0:
             raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
         self.c.weight_decay = _hyper("weight_decay", weight_decay)
         self.c.clipvalue = _hyper("clipvalue", clipvalue)
@@ -526,8 +560,11 @@ cdef class StepConfig:
         self.c.nesterov, self.c.centered, self.c.amsgrad = nesterov, centered, amsgrad
         self.c.lr, self.c.step = 0.0, 1
         # the moment buffers these settings read and write
-        self.needs_m = kind == FG_ADAM or (kind == FG_RMSPROP and centered)
-        self.needs_v = kind != FG_SGD or momentum != 0
+        self.c.u_product, self.c.ema_momentum = 1.0, 0.0
+        self.c.ema_overwrite = self.c.accumulate_only = 0
+        self.needs_m = (kind in (FG_ADAM, FG_NADAM, FG_ADAMAX, FG_ADADELTA, FG_LION)
+                        or (kind == FG_RMSPROP and centered))
+        self.needs_v = (kind != FG_SGD and kind != FG_LION) or (kind == FG_SGD and momentum != 0)
         self.needs_vmax = (kind == FG_ADAM and amsgrad) or (kind == FG_RMSPROP and momentum != 0)
 
     @property
@@ -546,8 +583,10 @@ cdef class StepConfig:
 
 def grad_norms(double[::1] sumsq not None, double[::1] norms not None, floating[::1] grad not None,
                const floating[::1] param not None, TensorTable table not None,
-               StepConfig config not None):
-    """Pass 1 of a step: adds regularizer gradients into grad, writes each
+               StepConfig config not None, const floating[::1] acc=None, double acc_steps=1.0):
+    """Pass 1 of a step: adds regularizer gradients into grad (with acc,
+    the gradients accumulated over the previous micro-steps, makes grad
+    (grad + acc) / acc_steps, the average to apply), writes each
     tensor's sum of squared gradients into sumsq and its square root into
     norms, and the clip factor config asks for into table.scale (all 1 when
     a gradient is not finite). Returns (index of the first tensor with a
@@ -562,8 +601,11 @@ def grad_norms(double[::1] sumsq not None, double[::1] norms not None, floating[
         raise ValueError(f"sumsq, norms: expected {T} entries")
     if not (grad.shape[0] == table.size and param.shape[0] == table.size):
         raise ValueError(f"grads and params: expected {table.size} elements")
+    _len1(acc, table.size, False, "acc")
+    _check(acc is None or acc_steps >= 1, "acc_steps: expected a count >= 1")
     with nogil:
-        _norms(&sumsq[0] if T else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param), &table.tt)
+        _norms(&sumsq[0] if T else NULL, &penalty, &bad, _ptr1(grad), _cptr1(param),
+               _cptr1(acc), acc_steps, &table.tt)
         for t in range(T):
             norms[t] = sqrt(sumsq[t])
             total += sumsq[t]
@@ -590,12 +632,19 @@ def grad_norms(double[::1] sumsq not None, double[::1] norms not None, floating[
 def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] v,
                    floating[::1] vmax, const floating[::1] grad not None,
                    TensorTable table not None, StepConfig config not None, double lr,
-                   int64_t step):
+                   int64_t step, floating[::1] ema=None, floating[::1] acc=None,
+                   bint accumulate=False, double ema_momentum=0.0, bint ema_overwrite=False,
+                   double u_product=1.0):
     """Pass 2 of a step: the fused update of every parameter with learning
     rate lr and 1-based step count step (formulas in csrc/fastgrad_impl.h),
     scaling each tensor's gradient by table.scale; with the table tracking
     updates, also the update-to-weight ratios. m, v, vmax are the moment
     buffers config.needs_m, needs_v, needs_vmax ask for (None otherwise).
+    With ema, the moving average ema = ema_momentum ema + (1 - ema_momentum) w
+    follows each update (then w = ema when ema_overwrite). With acc and
+    accumulate, the call is a micro-step of gradient accumulation (acc +=
+    grad, no update); with acc alone it is the update, and acc is cleared.
+    u_product is Nadam's prod_{i<=step} beta_1 (1 - 0.96^i / 2).
     Returns the first tensor whose weights are not all finite after the
     step (an update that overflowed), or -1."""
     cdef int64_t overflow = -1
@@ -608,13 +657,19 @@ def optimizer_step(floating[::1] param not None, floating[::1] m, floating[::1] 
     if config.needs_m: _len1(m, N, True, "m")
     if config.needs_v: _len1(v, N, True, "v")
     if config.needs_vmax: _len1(vmax, N, True, "vmax")
+    _len1(ema, N, False, "ema")
+    _len1(acc, N, accumulate, "acc")
     _check(step >= 1, "step: expected a count >= 1")
     _hyper("learning_rate", lr)
+    _check(0.0 <= ema_momentum <= 1.0, "ema_momentum: expected a value in [0, 1]")
+    _check(0.0 <= u_product <= 1.0, "u_product: expected a value in [0, 1]")
     config.c.lr, config.c.step = lr, step
+    config.c.ema_momentum, config.c.ema_overwrite = ema_momentum, ema_overwrite
+    config.c.accumulate_only, config.c.u_product = accumulate, u_product
     with nogil:
         s = _step(&overflow, _ptr1(param), _ptr1(m) if config.needs_m else NULL,
                   _ptr1(v) if config.needs_v else NULL, _ptr1(vmax) if config.needs_vmax else NULL,
-                  _cptr1(grad), &table.tt, &config.c)
+                  _ptr1(ema), _ptr1(acc), _cptr1(grad), &table.tt, &config.c)
         if s == FG_OK and table.ratio_ptr != NULL:
             for t in range(table.tt.n_tensors):
                 du = sqrt(table.tt.upd_sumsq[t])
@@ -677,6 +732,45 @@ def dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None, 
     _check(0.0 <= rate < 1.0, "rate: expected a value in [0, 1)")
     with nogil:
         _dropout(_ptr2(out), _cptr2(inp), B * F, rate, seed, offset)
+    return out
+
+
+def gaussian_noise(const floating[:, ::1] inp not None, floating[:, ::1] out not None,
+                   double stddev, bint multiply, uint64_t seed, uint64_t offset):
+    """out = inp + stddev z, or inp (1 + stddev z) when multiply, z normal
+    numbers from (seed, offset); the multiplicative call on a gradient with
+    the same seed and offset is its backward."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _hyper("stddev", stddev)
+    with nogil:
+        _gauss(_ptr2(out), _cptr2(inp), B * F, stddev, multiply, seed, offset)
+    return out
+
+
+def alpha_dropout(const floating[:, ::1] inp not None, floating[:, ::1] out not None,
+                  double rate, double a, double b_keep, double b_drop, uint64_t seed,
+                  uint64_t offset):
+    """out = a inp + b_keep where dropout's mask of (seed, offset) keeps,
+    b_drop elsewhere."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _check(0.0 <= rate < 1.0, "rate: expected a value in [0, 1)")
+    with nogil:
+        _alpha_drop(_ptr2(out), _cptr2(inp), B * F, rate, a, b_keep, b_drop, seed, offset)
+    return out
+
+
+def affine(const floating[:, ::1] inp not None, const floating[::1] shift,
+           const floating[::1] scale not None, floating[:, ::1] out not None, bint divide):
+    """Per feature: out = (inp - shift) / scale when divide, else
+    inp * scale + shift; shift None is zeros."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _len1(shift, F, False, "shift")
+    _len1(scale, F, True, "scale")
+    with nogil:
+        _affine(_ptr2(out), _cptr2(inp), _cptr1(shift), _cptr1(scale), B, F, divide)
     return out
 
 

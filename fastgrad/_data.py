@@ -8,7 +8,7 @@ labels, for sparse categorical cross-entropy); the other one is None.
 """
 import numpy as np
 
-from fastgrad import _core, ops
+from fastgrad import _core, layers, ops
 
 
 def converted(a, dtype, name):
@@ -32,8 +32,16 @@ def check_x(model, x, name="x", dim=None):
     x = np.asarray(x)
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected an array of numbers, got dtype {x.dtype}")
+    if x.ndim > 2 and model.layers and isinstance(model.layers[0], layers.Flatten):
+        # a Flatten first: each sample read as one row (a view when contiguous)
+        want = model.layers[0].sample_shape
+        if want is not None and x.shape[1:] != want:
+            raise ValueError(f"{name}: expected samples of shape {want} (the Flatten layer's "
+                             f"input_shape), got shape {x.shape}")
+        x = x.reshape(x.shape[0], -1)
     if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}")
+        raise ValueError(f"{name}: expected a 2-D array (batch, features), got shape {x.shape}"
+                         " (inputs of more dimensions need a Flatten first layer)")
     if dim is None:
         dim = model.input_dim if model._built else model._known_input_dim()
     if dim is not None and x.shape[1] != dim:

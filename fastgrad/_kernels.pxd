@@ -12,7 +12,8 @@ cdef extern from "fastgrad.h" nogil:
         FG_MSE, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY, FG_CATEGORICAL_CROSSENTROPY,
         FG_SPARSE_CATEGORICAL_CROSSENTROPY, FG_N_LOSSES
     enum fg_optimizer:
-        FG_SGD, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_N_OPTIMIZERS
+        FG_SGD, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_NADAM, FG_ADAMAX, FG_ADADELTA,
+        FG_LION, FG_N_OPTIMIZERS
     enum fg_constraint:
         FG_NO_CONSTRAINT, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE, FG_N_CONSTRAINTS
     int fg_activation_needs_pre(int act)
@@ -56,6 +57,8 @@ cdef extern from "fastgrad.h" nogil:
         double clipvalue
         int nesterov, centered, amsgrad
         int64_t step
+        double u_product, ema_momentum
+        int ema_overwrite, accumulate_only
 
     ctypedef struct fg_tensors:
         const int64_t *offset
@@ -71,14 +74,16 @@ cdef extern from "fastgrad.h" nogil:
         Py_ssize_t n_tensors
 
     void fg_grad_norms_f32(double *sumsq, double *penalty, int64_t *first_bad, float *grad,
-                          const float *param, const fg_tensors *tt)
+                          const float *param, const float *acc, double acc_steps,
+                          const fg_tensors *tt)
     void fg_grad_norms_f64(double *sumsq, double *penalty, int64_t *first_bad, double *grad,
-                          const double *param, const fg_tensors *tt)
+                          const double *param, const double *acc, double acc_steps,
+                          const fg_tensors *tt)
     int fg_optimizer_step_f32(int64_t *first_overflow, float *param, float *m, float *v, float *vmax,
-                              const float *grad, const fg_tensors *tt,
+                              float *ema, float *acc, const float *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
     int fg_optimizer_step_f64(int64_t *first_overflow, double *param, double *m, double *v, double *vmax,
-                              const double *grad, const fg_tensors *tt,
+                              double *ema, double *acc, const double *grad, const fg_tensors *tt,
                               const fg_opt_config *c)
 
     void fg_batchnorm_forward_f32(float *out, double *mean, double *rstd,
@@ -99,3 +104,15 @@ cdef extern from "fastgrad.h" nogil:
                                 uint64_t seed, uint64_t offset)
     void fg_dropout_forward_f64(double *out, const double *inp, Py_ssize_t N, double rate,
                                 uint64_t seed, uint64_t offset)
+    void fg_gaussian_noise_f32(float *out, const float *inp, Py_ssize_t N, double stddev,
+                               int multiply, uint64_t seed, uint64_t offset)
+    void fg_gaussian_noise_f64(double *out, const double *inp, Py_ssize_t N, double stddev,
+                               int multiply, uint64_t seed, uint64_t offset)
+    void fg_alpha_dropout_f32(float *out, const float *inp, Py_ssize_t N, double rate, double a,
+                              double b_keep, double b_drop, uint64_t seed, uint64_t offset)
+    void fg_alpha_dropout_f64(double *out, const double *inp, Py_ssize_t N, double rate, double a,
+                              double b_keep, double b_drop, uint64_t seed, uint64_t offset)
+    void fg_affine_f32(float *out, const float *inp, const float *shift, const float *scale,
+                       Py_ssize_t B, Py_ssize_t F, int divide)
+    void fg_affine_f64(double *out, const double *inp, const double *shift, const double *scale,
+                       Py_ssize_t B, Py_ssize_t F, int divide)

@@ -371,6 +371,8 @@ class Trainer:
                 cbs.on_epoch_end(epoch, logs)
                 if self.stop_training:
                     break
+        # use_ema: the weights become their moving average, as Keras' fit ends
+        self.optimizer.finalize_variable_values()
         cbs.on_train_end()
         self.history = history
         return history

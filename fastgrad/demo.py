@@ -6,6 +6,9 @@ five ways on data it generates, each diagnosed before training.
 3. sigmoid with BatchNormalization         cured by normalization
 4. ReLU, oversized N(0, 0.25^2) init       the gradient explodes
 5. the same with global_clipnorm=1.0       tamed by clipping
+6. sigmoid with LayerNormalization         cured by normalization of each row,
+                                           which needs no batch statistics
+                                           (shown when fg.layers has it)
 """
 import time
 
@@ -35,6 +38,9 @@ def _model(kind, seed):
         elif kind == "sigmoid_bn":
             layers += [L.Dense(WIDTH, use_bias=False, **first), L.BatchNormalization(),
                        L.Activation("sigmoid")]
+        elif kind == "sigmoid_ln":
+            layers += [L.Dense(WIDTH, use_bias=False, **first), L.LayerNormalization(),
+                       L.Activation("sigmoid")]
         else:
             layers.append(L.Dense(WIDTH, activation="relu", **first,
                                   kernel_initializer=fg.initializers.RandomNormal(stddev=0.25)))
@@ -50,6 +56,15 @@ CASES = [
     ("relu + random_normal(0.25), global_clipnorm=1.0", "relu_big",
      dict(learning_rate=0.03, global_clipnorm=1.0)),
 ]
+# shown only where the layer exists
+LAYER_NORM_CASE = ("sigmoid + LayerNormalization", "sigmoid_ln", dict(learning_rate=0.01))
+
+
+def cases():
+    """CASES, and the LayerNormalization case when fg.layers has the layer."""
+    import fastgrad as fg
+
+    return CASES + ([LAYER_NORM_CASE] if hasattr(fg.layers, "LayerNormalization") else [])
 
 
 def run(seed=0, epochs=10, plot=None, out=print):
@@ -58,7 +73,7 @@ def run(seed=0, epochs=10, plot=None, out=print):
     x, y, xt, yt = _data(seed)
     results = []
     t_all = time.perf_counter()
-    for title, kind, opt in CASES:
+    for title, kind, opt in cases():
         model = _model(kind, seed)
         model.compile(fg.optimizers.SGD(momentum=0.9, **opt),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])

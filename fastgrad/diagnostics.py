@@ -103,7 +103,7 @@ def diagnose(model, x, y, batch_size=None):
         raise RuntimeError("diagnose: the model is not compiled; call "
                            "model.compile(optimizer, loss) first")
     with model.training_pass(x, y, batch_size, activation_stats=True) as loss:
-        return _report(model, loss)
+        return _report(model, loss, batch_size or len(x))
 
 
 def _layer_rows(model):
@@ -149,7 +149,7 @@ def _classify(rows, last):
             r.status = "healthy"
 
 
-def _report(model, loss):
+def _report(model, loss, batch=None):
     rows = _layer_rows(model)
     dense = [r for r in rows if r.kind == "Dense"]
     last = dense[-1].grad_norm if dense else None
@@ -181,7 +181,8 @@ def _report(model, loss):
     if sat:
         findings.append(f"over {SATURATED:.0%} saturated outputs in "
                         f"{_ranges([r.name for r in sat])}")
-    return GradientReport(status, rows, _suggest(model, status, rows, dead, sat), loss, findings)
+    return GradientReport(status, rows, _suggest(model, status, rows, dead, sat, batch), loss,
+                          findings)
 
 
 def _init_name(init):
@@ -194,7 +195,27 @@ def _init_name(init):
     return snake_case(n) + extra
 
 
-def _suggest(model, status, rows, dead, sat):
+# Batches of at most this many rows give BatchNormalization statistics too
+# noisy to train with (and none at all at 1 row): LayerNormalization, which
+# normalizes each row by itself, is suggested instead.
+SMALL_BATCH = 8
+
+
+def _normalize_advice(has_bn, batch, why):
+    """The normalization to add (or to swap in) for batches of ``batch`` rows."""
+    if batch is not None and batch <= SMALL_BATCH:
+        swap = "Replace BatchNormalization with" if has_bn else "Add"
+        return (f"{swap} fg.layers.LayerNormalization after the hidden Dense layers {why}: "
+                f"at {batch} row{'s' if batch != 1 else ''} per batch BatchNormalization's "
+                "batch statistics are too noisy (and undefined at 1 row), while "
+                "LayerNormalization normalizes each row by itself, the same in training "
+                "and inference.")
+    if has_bn:
+        return None
+    return f"Add BatchNormalization after the hidden Dense layers {why}."
+
+
+def _suggest(model, status, rows, dead, sat, batch=None):
     out = []
     dense = [r for r in rows if r.kind == "Dense"]
     hidden = dense[:-1]
@@ -209,9 +230,10 @@ def _suggest(model, status, rows, dead, sat):
             out.append(f"Replace {'/'.join(acts)} with relu or leaky_relu in "
                        f"{_ranges([r.name for r in squashing])}, with "
                        "kernel_initializer='he_normal'.")
-        if not has_bn:
-            out.append("Add BatchNormalization after the hidden Dense layers "
-                       "(Dense(use_bias=False) -> BatchNormalization -> Activation).")
+        advice = _normalize_advice(has_bn, batch, "(Dense(use_bias=False) -> "
+                                   "normalization -> Activation)")
+        if advice:
+            out.append(advice)
         if type(opt).__name__ == "SGD":
             out.append("Use an adaptive optimizer (Adam or RMSprop): per-parameter step "
                        "sizes compensate for small gradients in the first layers.")
@@ -227,12 +249,17 @@ def _suggest(model, status, rows, dead, sat):
                        f"glorot_uniform (tanh, sigmoid) instead of {', '.join(inits)}.")
         out.append("Lower the learning rate (for example by 10x) or use a decaying "
                    "schedule from fastgrad.schedules.")
-        if not has_bn:
-            out.append("Add BatchNormalization after the hidden Dense layers to keep "
-                       "activations at unit scale.")
+        advice = _normalize_advice(has_bn, batch, "to keep activations at unit scale")
+        if advice:
+            out.append(advice)
     if dead:
         out.append(f"Many ReLU units are dead in {_ranges([r.name for r in dead])}: use "
                    "leaky_relu, he_normal initialization, or a lower learning rate.")
+    if has_bn and batch is not None and batch <= SMALL_BATCH and \
+            not any("LayerNormalization" in o for o in out):
+        # whatever the status: BatchNormalization itself is the weak point here
+        out.append(_normalize_advice(True, batch, "so that training does not depend on "
+                                     "the batch"))
     if sat and status != "vanishing":
         out.append(f"Saturated sigmoid/tanh outputs in {_ranges([r.name for r in sat])}: "
                    "normalize the inputs, add BatchNormalization, or use relu.")

@@ -439,21 +439,22 @@ class BatchNormalization(Layer):
         }
 
 
-class Dropout(Layer):
-    """Inverted dropout (Srivastava et al. 2014): in training each entry is
-    kept with probability 1 - rate and scaled by 1 / (1 - rate); in
-    inference the layer is the identity. Masks come from a counter-based
-    generator: ``seed`` (or, when None, a number drawn from the model's seed)
-    and a counter that advances with every training batch, so they are
-    reproduced, not stored."""
+class _Random(Layer):
+    """A layer drawing random numbers in training from the counter-based
+    generator of the compiled kernels: ``seed`` (or, when None, a number
+    drawn from the model's seed) and a counter that advances with every
+    training batch, so that masks and noise are recomputed in backward
+    rather than stored, and a seed reproduces them. The model saves the
+    counter and puts it back when a step is skipped. Subclasses give
+    ``_amount`` (0: the layer is the identity) and ``_apply``; backward
+    applies the same numbers to the gradient unless ``_apply_backward`` or
+    ``backward`` says otherwise."""
 
-    rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
     seed = Hyper(check_int, low=0, none=True)
 
-    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None,
-                 trainable=True):
+    def __init__(self, seed=None, input_dim=None, input_shape=None, name=None, trainable=True):
         super().__init__(name, input_dim, input_shape, trainable)
-        self.rate, self.seed = rate, seed
+        self.seed = seed
         self.counter = 0                      # random numbers drawn so far
         self._seed = None if self.seed is None else self.seed % 2**64
 
@@ -462,12 +463,12 @@ class Dropout(Layer):
             self._seed = int(rng.integers(0, 2**63))
 
     def forward(self, x, training=False, logits=False):
-        self._active = training and self.rate > 0
+        self._active = training and self._amount() > 0
         if not self._active:
             return x
         out = self._out[:x.shape[0]]
         self._at = self.counter
-        _core.dropout(x, out, self.rate, self._seed, self._at)
+        self._apply(x, out)
         self.counter = (self.counter + x.size) % 2**64   # the generator's positions wrap
         return out
 
@@ -477,12 +478,313 @@ class Dropout(Layer):
         if not self._active:
             return dout
         dx = self._dx[:dout.shape[0]]
-        _core.dropout(dout, dx, self.rate, self._seed, self._at)
+        self._apply_backward(dout, dx)
         return dx
 
+    def _apply_backward(self, dout, dx):
+        """The same numbers again: the backward of a multiplicative noise."""
+        self._apply(dout, dx)
+
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, "rate": self.rate,
-                "seed": self.seed, "input_dim": self.input_dim}
+        return {"name": self.name, "trainable": self.trainable, "seed": self.seed,
+                "input_dim": self.input_dim}
+
+
+class _Rated(_Random):
+    """A random layer set by a rate in [0, 1)."""
+
+    rate = Hyper(check_real, low=0.0, high=1.0, high_open=True)
+
+    def __init__(self, rate, seed=None, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(seed, input_dim, input_shape, name, trainable)
+        self.rate = rate
+
+    def _amount(self):
+        return self.rate
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+class Dropout(_Rated):
+    """Inverted dropout (Srivastava et al. 2014): in training each entry is
+    kept with probability 1 - rate and scaled by 1 / (1 - rate); in
+    inference the layer is the identity. Masks come from the counter-based
+    generator (see ``_Random``)."""
+
+    def _apply(self, x, out):
+        _core.dropout(x, out, self.rate, self._seed, self._at)
+
+
+class GaussianNoise(_Random):
+    """Additive Gaussian noise, in training only: ``y = x + stddev * z`` with
+    z standard normal (Box-Muller on the counter-based generator); identity
+    in inference. Its gradient passes unchanged. stddev in [0, 1] as Keras."""
+
+    stddev = Hyper(check_real, low=0.0, high=1.0)
+
+    def __init__(self, stddev, seed=None, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(seed, input_dim, input_shape, name, trainable)
+        self.stddev = stddev
+
+    def _amount(self):
+        return self.stddev
+
+    def _apply(self, x, out):
+        _core.gaussian_noise(x, out, self.stddev, False, self._seed, self._at)
+
+    def backward(self, dout, need_dx=True):
+        return dout if need_dx else None
+
+    def get_config(self):
+        return {**super().get_config(), "stddev": self.stddev}
+
+
+class GaussianDropout(_Rated):
+    """Multiplicative Gaussian noise (Srivastava et al. 2014, section 10), in
+    training only: ``y = x * (1 + s z)``, s = sqrt(rate / (1 - rate)), z
+    standard normal; identity in inference. Backward: dx = dout (1 + s z)
+    with the same z, recomputed. rate in [0, 1)."""
+
+    def _stddev(self):
+        return (self.rate / (1.0 - self.rate)) ** 0.5
+
+    def _apply(self, x, out):
+        _core.gaussian_noise(x, out, self._stddev(), True, self._seed, self._at)
+
+
+_SELU_ALPHA_P = -1.6732632423543772848170429916717 * 1.0507009873554804934193349852946
+
+
+class AlphaDropout(_Rated):
+    """Alpha dropout (Klambauer et al. 2017), for self-normalizing (SELU)
+    networks: keeps the mean and variance of its inputs. In training, with
+    the mask of Dropout (each entry kept with probability 1 - rate),
+    alpha' = -selu_alpha * selu_scale, a = ((1 - rate)(1 + rate alpha'^2))^-1/2
+    and b = -a alpha' rate::
+
+        y = a x + b where kept,   a alpha' + b where dropped
+        dx = a dout where kept,   0 where dropped
+
+    identity in inference. ``noise_shape`` must be None (one draw per entry)."""
+
+    def __init__(self, rate, noise_shape=None, seed=None, input_dim=None, input_shape=None,
+                 name=None, trainable=True):
+        if noise_shape is not None:
+            raise ValueError(f"noise_shape: only None (one draw per entry) is supported, "
+                             f"got {noise_shape!r}")
+        super().__init__(rate, seed, input_dim, input_shape, name, trainable)
+        self.noise_shape = None
+
+    def _affine(self):
+        r = self.rate
+        a = ((1.0 - r) * (1.0 + r * _SELU_ALPHA_P ** 2)) ** -0.5
+        return a, -a * _SELU_ALPHA_P * r
+
+    def _apply(self, x, out):
+        a, b = self._affine()
+        _core.alpha_dropout(x, out, self.rate, a, b, a * _SELU_ALPHA_P + b, self._seed, self._at)
+
+    def _apply_backward(self, dout, dx):
+        _core.alpha_dropout(dout, dx, self.rate, self._affine()[0], 0.0, 0.0, self._seed,
+                            self._at)
+
+    def get_config(self):
+        return {**super().get_config(), "noise_shape": None}
+
+
+class Identity(Layer):
+    """``y = x``; its gradient passes unchanged."""
+
+    def forward(self, x, training=False, logits=False):
+        return x
+
+    def backward(self, dout, need_dx=True):
+        return dout if need_dx else None
+
+    def _allocate(self, cap, dtype, need_dx):
+        pass
+
+    def get_config(self):
+        return {**super().get_config(), "input_dim": self.input_dim}
+
+
+class Flatten(Identity):
+    """Flattens each sample to one row, as Keras's ``Flatten``: as the first
+    layer it lets the model take inputs of any rank, ``(batch, d1, d2, ...)``
+    read as ``(batch, d1 * d2 * ...)`` (a view, row-major as NumPy and Keras
+    order it); on 2-D rows it is the identity. ``input_shape`` may have any
+    length."""
+
+    def __init__(self, data_format=None, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        if data_format not in (None, "channels_last"):
+            raise ValueError(f"data_format: expected None or 'channels_last', got "
+                             f"{data_format!r}")
+        shape = None
+        if input_shape is not None:
+            if not isinstance(input_shape, (tuple, list)) or not input_shape:
+                raise ValueError(f"input_shape: expected a tuple of sizes, got {input_shape!r}")
+            shape = tuple(check_int(f"input_shape[{i}]", d, low=1)
+                          for i, d in enumerate(input_shape))
+            input_dim = int(np.prod(shape))
+        super().__init__(name, input_dim, trainable=trainable)
+        self.sample_shape = shape
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "data_format": None,
+                "input_dim": self.input_dim, "input_shape": self.sample_shape}
+
+
+class Rescaling(Layer):
+    """``y = x * scale + offset`` (Keras's Rescaling; scale 1/255 maps pixel
+    values to [0, 1]). Backward: dx = dout * scale. scale and offset are
+    finite numbers."""
+
+    scale, offset = Hyper(check_real), Hyper(check_real)
+
+    def __init__(self, scale, offset=0.0, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
+        self.scale, self.offset = scale, offset
+
+    def _allocate(self, cap, dtype, need_dx):
+        super()._allocate(cap, dtype, need_dx)
+        self._mul = np.full(self.input_dim, self.scale, dtype)
+        self._add = np.full(self.input_dim, self.offset, dtype)
+
+    def forward(self, x, training=False, logits=False):
+        self._mul[...], self._add[...] = self.scale, self.offset   # set after build
+        return _core.affine(x, self._add, self._mul, self._out[:x.shape[0]], False)
+
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        return _core.affine(dout, None, self._mul, self._dx[:dout.shape[0]], False)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "scale": self.scale,
+                "offset": self.offset, "input_dim": self.input_dim}
+
+
+class Normalization(Layer):
+    """Feature-wise standardization, Keras's preprocessing layer::
+
+        y = (x - mean) / max(sqrt(variance), 1e-7)       (invert: x * that + mean)
+
+    ``mean`` and ``variance`` are given (numbers or one per feature) or
+    learned by ``adapt(data)``: the mean and biased variance of each feature
+    over the rows, accumulated in float64 (over batches, when ``data`` is an
+    iterable of arrays, merged as Keras merges them). They are non-trainable
+    weights, saved with the model; get_weights() order: mean, variance.
+    Backward: dx = dout / max(sqrt(variance), 1e-7) (invert: times it).
+    Only ``axis=-1`` (the features of 2-D rows)."""
+
+    def __init__(self, axis=-1, mean=None, variance=None, invert=False, input_dim=None,
+                 input_shape=None, name=None, trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
+        if axis not in (-1, 1, (-1,), (1,), [-1], [1]):
+            raise ValueError(f"axis: expected -1 (the features of 2-D rows), got {axis!r}")
+        if (mean is None) != (variance is None):
+            raise ValueError("mean, variance: give both or neither")
+        self.axis, self.invert = -1, bool(invert)
+        self._given = None
+        if mean is not None:
+            m, v = (np.asarray(a, np.float64) for a in (mean, variance))
+            for arg, a in (("mean", m), ("variance", v)):
+                if a.ndim > 1 or not np.isfinite(a).all():
+                    raise ValueError(f"{arg}: expected finite numbers, one or one per "
+                                     f"feature, got {a!r}")
+            if (v < 0).any():
+                raise ValueError("variance: expected numbers >= 0")
+            self._given = (m, v)
+        self._values = self._given
+
+    def build(self, input_dim):
+        self.input_dim = self.output_dim = input_dim
+        if self._values is not None:
+            for arg, a in zip(("mean", "variance"), self._values):
+                if a.ndim == 1 and a.shape[0] != input_dim:
+                    raise ValueError(f"{arg}: expected {input_dim} values, one per feature, "
+                                     f"got {a.shape[0]}")
+        f = (input_dim,)
+        self.weight_specs = [WeightSpec("mean", f, self._initial(0), False),
+                             WeightSpec("variance", f, self._initial(1), False)]
+        return input_dim
+
+    def _initial(self, which):
+        def init(shape, dtype, rng=None):
+            if self._values is None:
+                return np.full(shape, float(which), dtype)   # mean 0, variance 1
+            return np.broadcast_to(self._values[which], shape).astype(dtype)
+        return init
+
+    def adapt(self, data):
+        """Set mean and variance from ``data``: a 2-D array (rows, features),
+        or an iterable of such batches."""
+        one = isinstance(data, np.ndarray) or (
+            isinstance(data, (list, tuple)) and len(data) > 0
+            and isinstance(data[0], (list, tuple)) and len(data[0]) > 0
+            and not isinstance(data[0][0], (list, tuple)))
+        count, mean, var = 0, None, None
+        for i, batch in enumerate([data] if one else data):
+            try:
+                b = np.asarray(batch)
+            except ValueError:   # ragged rows
+                raise ValueError(f"data: batch {i}: expected rows of equal length") from None
+            if b.dtype.kind not in "biuf" or b.ndim != 2 or b.shape[0] == 0:
+                raise ValueError(f"data: batch {i}: expected a non-empty 2-D array of numbers "
+                                 f"(rows, features), got shape {b.shape}, dtype {b.dtype}")
+            want = self.input_dim if mean is None else mean.shape[0]
+            if want is not None and b.shape[1] != want:
+                raise ValueError(f"data: batch {i}: expected {want} features, got {b.shape[1]}")
+            if not np.isfinite(b).all():
+                raise ValueError(f"data: batch {i} holds NaN or inf")
+            bm = b.mean(axis=0, dtype=np.float64)
+            bv = b.var(axis=0, dtype=np.float64)
+            n = count + b.shape[0]
+            if mean is None:
+                mean, var = bm, bv
+            else:   # the combined mean and biased variance of both parts
+                wb = b.shape[0] / n
+                wa = 1.0 - wb
+                new = mean * wa + bm * wb
+                var = (var + (mean - new) ** 2) * wa + (bv + (bm - new) ** 2) * wb
+                mean = new
+            count = n
+        if mean is None:
+            raise ValueError("data: expected at least one batch")
+        self._values = (mean, var)
+        if "mean" in self.weights:   # built: into the model's state
+            self.weights["mean"][...] = mean
+            self.weights["variance"][...] = var
+
+    def _allocate(self, cap, dtype, need_dx):
+        super()._allocate(cap, dtype, need_dx)
+        self._den = np.empty(self.input_dim, dtype)
+
+    def forward(self, x, training=False, logits=False):
+        d, w = self._den, self.weights
+        np.sqrt(w["variance"], out=d)
+        np.maximum(d, 1e-7, out=d)
+        return _core.affine(x, w["mean"], d, self._out[:x.shape[0]], not self.invert)
+
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        return _core.affine(dout, None, self._den, self._dx[:dout.shape[0]], not self.invert)
+
+    def get_config(self):
+        given = self._given
+        return {"name": self.name, "trainable": self.trainable, "axis": -1,
+                "invert": self.invert,
+                "mean": None if given is None else given[0].tolist(),
+                "variance": None if given is None else given[1].tolist(),
+                "input_dim": self.input_dim}
+
+
 
 
 class InputLayer(Layer):
@@ -541,7 +843,12 @@ def Input(shape=None, batch_size=None, dtype=None, batch_shape=None, name=None, 
 
 _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
-                                      "dropout": Dropout, "input_layer": InputLayer})
+                                      "dropout": Dropout, "gaussian_noise": GaussianNoise,
+                                      "gaussian_dropout": GaussianDropout,
+                                      "alpha_dropout": AlphaDropout, "identity": Identity,
+                                      "flatten": Flatten, "rescaling": Rescaling,
+                                      "normalization": Normalization,
+                                      "input_layer": InputLayer})
 
 
 def get(identifier):

@@ -27,6 +27,26 @@ already applied, is reported: ``StepRecord.overflow`` names the tensor,
 and a RuntimeWarning (``nonfinite="skip"``) or FloatingPointError
 (``"raise"``) says so.
 
+Moving average and accumulation (Keras 3's base-optimizer arguments, each
+one flat buffer allocated at build and updated by the same compiled pass):
+    use_ema, ema_momentum (0.99), ema_overwrite_frequency (None)
+        after each step avg = ema_momentum * avg + (1 - ema_momentum) * w
+        (ema_momentum taken as 0 while ``iterations`` below is 0, so the
+        average starts at the weights); every ema_overwrite_frequency steps
+        (when (iterations + 1) % frequency == 0) the weights become avg; at
+        the end of ``fit`` too (``finalize_variable_values``). Weight
+        constraints apply after it, as in Keras.
+    gradient_accumulation_steps k (None, or an int >= 2)
+        steps whose ``(self.iterations + 1) % k != 0`` only add their
+        gradients into a buffer; the k-th averages, (g + sum) / k, then
+        clips, decays and updates as usual. Schedules see every call
+        (``self.iterations`` counts them all, Keras's internal count); bias
+        corrections and the EMA see ``self.iterations // k``, as Keras's
+        ``iterations`` property gives. A record's norms are those of the
+        micro-step's gradient, and on an update step those of the average.
+        A step with non-finite gradients is skipped without touching the
+        sum.
+
 Hyperparameters are checked whenever they are set (ValueError naming the
 argument). A learning-rate schedule is evaluated at every step; a value
 that is not a finite number >= 0 refuses the step with a ValueError naming
@@ -40,6 +60,15 @@ of times slower, depending on the CPU. The caller's floating-point mode is
 restored after.
 
 Update formulas are in each class's docstring and in csrc/fastgrad_impl.h.
+
+There is no Adafactor (Shazeer & Stern 2018). Its step needs two reductions
+over a whole tensor before any element of it can change: the RMS of the
+weights, which sets the step size, and the RMS of the update, which clips
+it; with the row and column means of g^2 that factor the second moment of
+each 2-D tensor, that is three passes over every tensor where the other
+optimizers take one fused pass. Keras's form also keeps a full-size second
+moment, so the memory saving that motivates the method would not
+materialize.
 """
 import math
 import warnings
@@ -47,7 +76,7 @@ import warnings
 import numpy as np
 
 from fastgrad import _core, schedules  # noqa: F401  (also fg.optimizers.schedules, as in Keras)
-from fastgrad._utils import Hyper, Registry, check_choice, check_real
+from fastgrad._utils import Hyper, Registry, check_choice, check_int, check_real
 
 # settings the compiled step is configured with when the optimizer is built
 _STEP_SETTINGS = frozenset({"momentum", "rho", "beta_1", "beta_2", "epsilon", "weight_decay",
@@ -90,8 +119,7 @@ class StepRecord:
 
 # Keras 3 optimizer settings without a fastgrad counterpart, and the values
 # at which they change nothing (what from_config accepts)
-_KERAS_DEFAULTS = {"use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None,
-                   "loss_scale_factor": None, "gradient_accumulation_steps": None}
+_KERAS_DEFAULTS = {"loss_scale_factor": None}
 
 
 # hyperparameters, checked whenever they are set
@@ -115,9 +143,19 @@ class Optimizer:
     weight_decay = Hyper(check_real, low=0.0, none=True)
     clipnorm, clipvalue, global_clipnorm = _clip(), _clip(), _clip()
     nonfinite = Hyper(check_choice, choices=("skip", "raise"))
+    ema_momentum = Hyper(check_real, low=0.0, high=1.0)
+    ema_overwrite_frequency = Hyper(check_int, low=1, none=True)
+    gradient_accumulation_steps = Hyper(check_int, low=2, none=True)
 
     def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None,
-                 clipvalue=None, global_clipnorm=None, nonfinite="skip", name=None):
+                 clipvalue=None, global_clipnorm=None, nonfinite="skip", name=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 gradient_accumulation_steps=None):
+        self.use_ema = bool(use_ema)
+        self.ema_momentum = ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self._u_product = (0, None, 1.0)   # Nadam: (step, beta_1, product)
         self._learning_rate = None
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -192,11 +230,12 @@ class Optimizer:
         self._config = self._step_config()
         self._names = [t[0] for t in tensors]
         self._upd, self._wsq, self._ratio = np.zeros(T), np.zeros(T), np.zeros(T)
-        self.track_updates(self._track)
         self._sumsq, self._norms = np.zeros(T), np.zeros(T)
         self._params, self._grads = params, grads
+        self.track_updates(self._track)   # also when asked before the first build
         old = getattr(self, "_moments", None)
-        self._moments = {s: np.zeros_like(params) for s in self._slots_used()}
+        self._moments = {s: np.zeros_like(params)
+                         for s in self._slots_used() + self._extra_slots()}
         self._init_moments()
         if old is not None and all(k in old and old[k].shape == params.shape
                                    for k in self._moments):
@@ -205,6 +244,29 @@ class Optimizer:
 
     def _slots_used(self):
         return self._slots
+
+    def _extra_slots(self):
+        """The buffers of the moving average and of accumulation, when on."""
+        return (("ema",) if self.use_ema else ()) + \
+            (("acc",) if self.gradient_accumulation_steps else ())
+
+    def finalize_variable_values(self):
+        """With ``use_ema``, set the weights to their moving average (as
+        Keras does when ``fit`` ends); otherwise nothing."""
+        if self.use_ema and self._params is not None and "ema" in self._moments \
+                and self.iterations > 0:
+            self._params[...] = self._moments["ema"]
+
+    def _nadam_product(self, step):
+        """prod_{i<=step} beta_1 (1 - 0.96^i / 2), kept from step to step
+        (in Keras's order of operations) and recomputed after a load."""
+        done, b1, prod = self._u_product
+        if b1 != self.beta_1 or done > step:
+            done, prod = 0, 1.0
+        for i in range(done + 1, step + 1):
+            prod = prod * self.beta_1 * (1.0 - 0.5 * 0.96 ** i)
+        self._u_product = (step, self.beta_1, prod)
+        return prod
 
     def __setattr__(self, name, value):
         if name not in _STEP_SETTINGS or self.__dict__.get("_config") is None:
@@ -288,8 +350,15 @@ class Optimizer:
         if self._params is None:
             raise RuntimeError("optimizer: not built; compile and build the model first")
         lr = self.current_learning_rate()
-        bad, penalty, total, clipped = _core.grad_norms(self._sumsq, self._norms, self._grads,
-                                                        self._params, self._table, self._config)
+        m = self._moments
+        for s in self._extra_slots():   # turned on after build
+            if s not in m:
+                m[s] = np.zeros_like(self._params)
+        k, it = self.gradient_accumulation_steps, self.iterations
+        update = not k or (it + 1) % k == 0
+        bad, penalty, total, clipped = _core.grad_norms(
+            self._sumsq, self._norms, self._grads, self._params, self._table, self._config,
+            m["acc"] if k and update else None, k or 1)
         scale = self._scale
         if bad >= 0:
             self.skipped_steps += 1
@@ -302,11 +371,21 @@ class Optimizer:
         # counted before the compiled step: an interrupt arriving during it is
         # raised as it returns, and must find the count matching the weights
         self.iterations += 1
-        m = self._moments
+        n = it // k if k else it   # Keras's iterations: updates before this one
+        kw = {}
+        if k:
+            kw.update(acc=m["acc"], accumulate=not update)
+            clipped = clipped and update
+        if self.use_ema:
+            f = self.ema_overwrite_frequency
+            kw.update(ema=m["ema"], ema_momentum=self.ema_momentum if n else 0.0,
+                      ema_overwrite=bool(f) and (n + 1) % f == 0)
+        if self._kind == "nadam" and update:
+            kw["u_product"] = self._nadam_product(n + 1)
         try:
             over = _core.optimizer_step(self._params, m.get("m"), m.get("v"), m.get("vmax"),
                                         self._grads, self._table, self._config, lr,
-                                        self.iterations)
+                                        n + 1, **kw)
         except ValueError:   # refused before anything changed
             self.iterations -= 1
             raise
@@ -336,7 +415,10 @@ class Optimizer:
             "learning_rate": schedules.serialize(lr) if callable(lr) else lr,
             "weight_decay": self.weight_decay, "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue, "global_clipnorm": self.global_clipnorm,
-            "nonfinite": self.nonfinite,
+            "nonfinite": self.nonfinite, "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }
 
     @classmethod
@@ -488,13 +570,107 @@ class Adagrad(Optimizer):
                 "epsilon": self.epsilon}
 
 
+class _Betas(Optimizer):
+    """The arguments Nadam and Adamax share with Adam."""
+
+    _slots = ("m", "v")
+    beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def _hyper(self):
+        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+    def get_config(self):
+        return {**super().get_config(), **self._hyper()}
+
+
+class Nadam(_Betas):
+    """Adam with Nesterov momentum (Dozat 2016), Keras 3's form, with
+    u_i = beta_1 (1 - 0.96^i / 2) and U_t = u_1 ... u_t::
+
+        m = m + (1 - beta_1) * (g - m)
+        v = v + (1 - beta_2) * (g^2 - v)
+        m_hat = u_{t+1} m / (1 - U_t u_{t+1}) + (1 - u_t) g / (1 - U_t)
+        w -= lr * m_hat / (sqrt(v / (1 - beta_2^t)) + epsilon)
+    """
+
+    _kind = "nadam"
+
+
+class Adamax(_Betas):
+    """Adamax, Adam under the infinity norm (Kingma & Ba 2015, section 7)::
+
+        m = m + (1 - beta_1) * (g - m)
+        u = max(beta_2 * u, |g|)
+        w -= lr * m / ((1 - beta_1^t) * (u + epsilon))
+    """
+
+    _kind = "adamax"
+
+
+class Adadelta(Optimizer):
+    """Adadelta (Zeiler 2012), Keras 3's form (the learning rate scales the
+    step; Keras's default 0.001 is far below the paper's 1.0)::
+
+        a = rho * a + (1 - rho) * g^2
+        d = -sqrt(s + epsilon) * g / sqrt(a + epsilon)
+        s = rho * s + (1 - rho) * d^2
+        w += lr * d
+    """
+
+    _kind = "adadelta"
+    _slots = ("m", "v")
+    rho, epsilon = _decay(), _epsilon()
+
+    def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.rho, self.epsilon = rho, epsilon
+
+    def _hyper(self):
+        return {"rho": self.rho, "epsilon": self.epsilon}
+
+    def get_config(self):
+        return {**super().get_config(), **self._hyper()}
+
+
+class Lion(Optimizer):
+    """Lion, evolved sign momentum (Chen et al. 2023)::
+
+        w -= lr * sign(beta_1 * m + (1 - beta_1) * g)      (sign(0) = 0)
+        m = beta_2 * m + (1 - beta_2) * g
+    beta_1 in (0, 1], beta_2 in [0, 1). Its steps have the size of the
+    learning rate in every coordinate: use a rate 3 to 10 times smaller
+    than Adam's.
+    """
+
+    _kind = "lion"
+    _slots = ("m",)
+    beta_1 = Hyper(check_real, low=0.0, low_open=True, high=1.0)
+    beta_2 = _decay()
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1, self.beta_2 = beta_1, beta_2
+
+    def _hyper(self):
+        return {"beta_1": self.beta_1, "beta_2": self.beta_2}
+
+    def get_config(self):
+        return {**super().get_config(), **self._hyper()}
+
+
 _REGISTRY = Registry("optimizer", Optimizer, {   # lower-case names, as in Keras
-    "sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad})
+    "sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad,
+    "nadam": Nadam, "adamax": Adamax, "adadelta": Adadelta, "lion": Lion})
 
 
 def get(identifier):
     """An optimizer from a name ("sgd", "rmsprop", "adam", "adamw",
-    "adagrad", any case, or a class name), a ``serialize`` dict, or an
+    "adagrad", "nadam", "adamax", "adadelta", "lion", any case, or a class
+    name), a ``serialize`` dict, or an
     Optimizer instance (returned as it is)."""
     return _REGISTRY.get(identifier)
 

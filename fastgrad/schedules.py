@@ -17,6 +17,20 @@ positions and defaults are Keras 3's; ``name`` only labels the schedule.
         otherwise: step < warmup_steps: linear from initial_learning_rate to
                    warmup_target, initial + (target - initial) * step / warmup_steps;
                    then decay(min(step - warmup_steps, decay_steps), warmup_target)
+    InverseTimeDecay(initial_learning_rate, decay_steps, decay_rate,
+                     staircase=False, name="InverseTimeDecay")
+        lr0 / (1 + decay_rate * step / decay_steps)   (staircase: the ratio floored)
+    PolynomialDecay(initial_learning_rate, decay_steps, end_learning_rate=0.0001,
+                    power=1.0, cycle=False, name="PolynomialDecay")
+        (lr0 - end) * (1 - s / D) ** power + end, with s = min(step, decay_steps)
+        and D = decay_steps; cycle: s = step and D = decay_steps *
+        ceil(step / decay_steps) (1 at step 0), so the decay restarts from a
+        lower peak each period
+    CosineDecayRestarts(initial_learning_rate, first_decay_steps, t_mul=2.0,
+                        m_mul=1.0, alpha=0.0, name="SGDRDecay")
+        SGDR (Loshchilov & Hutter 2017): period i lasts first_decay_steps *
+        t_mul**i steps; within it, with f the fraction of the period done,
+        lr0 * ((1 - alpha) * m_mul**i * (1 + cos(pi f)) / 2 + alpha)
 """
 import math
 import numbers
@@ -60,27 +74,37 @@ def _steps():
     return Hyper(_step_count, low=0.0, low_open=True)
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """Exponential decay: ``initial_learning_rate * decay_rate ** (step /
-    decay_steps)``, the exponent floored when ``staircase``."""
+class _TimeDecay(LearningRateSchedule):
+    """The arguments of the decays in ``step / decay_steps`` (floored when
+    ``staircase``)."""
 
     initial_learning_rate, decay_steps = _rate(), _steps()
-    decay_rate = Hyper(check_real, low=0.0, low_open=True)
     name = Hyper(_check_name)
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
-                 name="ExponentialDecay"):
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase, name):
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
         self.decay_rate = decay_rate
         self.staircase = bool(staircase)
         self.name = name
 
-    def __call__(self, step):
+    def _progress(self, step):
         p = step / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate ** p
+        return math.floor(p) if self.staircase else p
+
+
+class ExponentialDecay(_TimeDecay):
+    """Exponential decay: ``initial_learning_rate * decay_rate ** (step /
+    decay_steps)``, the exponent floored when ``staircase``."""
+
+    decay_rate = Hyper(check_real, low=0.0, low_open=True)
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
+                 name="ExponentialDecay"):
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
+
+    def __call__(self, step):
+        return self.initial_learning_rate * self.decay_rate ** self._progress(step)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -144,8 +168,99 @@ class CosineDecay(LearningRateSchedule):
         return self._decay(step - self.warmup_steps, self.warmup_target)
 
 
+class InverseTimeDecay(_TimeDecay):
+    """Inverse time decay: ``initial_learning_rate / (1 + decay_rate * step /
+    decay_steps)``, the ratio floored when ``staircase``."""
+
+    decay_rate = Hyper(check_real, low=0.0)
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
+                 name="InverseTimeDecay"):
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
+
+    def __call__(self, step):
+        return self.initial_learning_rate / (1.0 + self.decay_rate * self._progress(step))
+
+
+class PolynomialDecay(LearningRateSchedule):
+    """Polynomial decay from ``initial_learning_rate`` to
+    ``end_learning_rate`` over ``decay_steps`` (see the module docstring);
+    with ``cycle`` the decay restarts, its span stretched to the next
+    multiple of ``decay_steps``."""
+
+    initial_learning_rate, decay_steps, end_learning_rate = _rate(), _steps(), _rate()
+    power = Hyper(check_real, low=0.0)
+    name = Hyper(_check_name)
+
+    def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0,
+                 cycle=False, name="PolynomialDecay"):
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.end_learning_rate = end_learning_rate
+        self.power = power
+        self.cycle = bool(cycle)
+        self.name = name
+
+    def __call__(self, step):
+        span = self.decay_steps
+        if self.cycle:
+            span = span * (math.ceil(step / self.decay_steps) if step else 1)
+        else:
+            step = min(step, span)
+        start, end = self.initial_learning_rate, self.end_learning_rate
+        return (start - end) * (1.0 - step / span) ** self.power + end
+
+
+class CosineDecayRestarts(LearningRateSchedule):
+    """Cosine decay with warm restarts (SGDR, Loshchilov & Hutter 2017): the
+    i-th period (from 0) lasts ``first_decay_steps * t_mul**i`` steps and
+    starts from ``m_mul**i`` times the first peak (module docstring)."""
+
+    initial_learning_rate, first_decay_steps, alpha = _rate(), _steps(), _rate()
+    name = Hyper(_check_name)
+
+    def __init__(self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0,
+                 alpha=0.0, name="SGDRDecay"):
+        self.initial_learning_rate = initial_learning_rate
+        self.first_decay_steps = first_decay_steps
+        self._t_mul = check_real("t_mul", t_mul, low=0.0, low_open=True)
+        self._m_mul = check_real("m_mul", m_mul, low=0.0)
+        self.alpha = alpha
+        self.name = name
+
+    def _period(self, done):
+        """(i, fraction of period i done) for ``done`` first periods' worth
+        of steps: the closed form, then mended by the bounds it must meet
+        (a logarithm can land on the wrong side of a restart)."""
+        t = self._t_mul
+        if t == 1.0:
+            i = math.floor(done)
+            return i, done - i
+
+        def start(j):   # periods before period j, in first periods
+            return (1.0 - t ** j) / (1.0 - t)
+
+        i = max(0, math.floor(math.log(1.0 - done * (1.0 - t)) / math.log(t)))
+        while i > 0 and start(i) > done:
+            i -= 1
+        while start(i + 1) <= done:
+            i += 1
+        return i, (done - start(i)) / t ** i
+
+    def __call__(self, step):
+        i, frac = self._period(step / self.first_decay_steps)
+        cos = 0.5 * self._m_mul ** i * (1.0 + math.cos(math.pi * frac))
+        return self.initial_learning_rate * ((1.0 - self.alpha) * cos + self.alpha)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "first_decay_steps": self.first_decay_steps, "t_mul": self._t_mul,
+                "m_mul": self._m_mul, "alpha": self.alpha, "name": self.name}
+
+
 _REGISTRY = Registry("schedule", LearningRateSchedule, {}, classes=(
-    ExponentialDecay, PiecewiseConstantDecay, CosineDecay))
+    ExponentialDecay, PiecewiseConstantDecay, CosineDecay, InverseTimeDecay, PolynomialDecay,
+    CosineDecayRestarts))
 
 
 def get(identifier):

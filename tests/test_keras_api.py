@@ -388,8 +388,11 @@ def test_optimizer_learning_rate_under_a_schedule_and_iterations_match_keras():
     assert from_keras.learning_rate == pytest.approx(0.05)
     assert keras.optimizers.get("adam").get_config()["name"].startswith(
         fg.optimizers.get("adam").get_config()["name"])
-    bad = keras.optimizers.serialize(keras.optimizers.Adam(use_ema=True))
-    with pytest.raises(ValueError, match="use_ema"):
+    ema = fg.optimizers.deserialize(keras.optimizers.serialize(
+        keras.optimizers.Adam(use_ema=True, ema_momentum=0.9)))
+    assert ema.use_ema and ema.ema_momentum == pytest.approx(0.9)
+    bad = keras.optimizers.serialize(keras.optimizers.Adam(loss_scale_factor=2.0))
+    with pytest.raises(ValueError, match="loss_scale_factor"):
         fg.optimizers.deserialize(bad)
     assert fg.optimizers.schedules is fg.schedules
 

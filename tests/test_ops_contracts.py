@@ -373,7 +373,8 @@ def test_one_table_of_codes():
     for table in (_core.ACTIVATION_CODES, _core.LOSS_CODES, _core.OPTIMIZER_CODES,
                   _core.CONSTRAINT_CODES):
         assert sorted(table.values()) == list(range(len(table)))
-    assert set(_core.OPTIMIZER_CODES) == {"sgd", "rmsprop", "adam", "adagrad"}
+    assert set(_core.OPTIMIZER_CODES) == {"sgd", "rmsprop", "adam", "adagrad", "nadam", "adamax",
+                                          "adadelta", "lion"}
     assert set(_core.CONSTRAINT_CODES) == {None, "MaxNorm", "NonNeg", "ClipValue"}
     assert {type(c).__name__ for c in (fg.constraints.MaxNorm(), fg.constraints.NonNeg(),
                                        fg.constraints.ClipValue(1.0))} \
