@@ -186,12 +186,17 @@ static void optimizers_##S(void)                                                
         fill_##S(w, N, 0);                                                         \
         fill_##S(g, N, 0);                                                         \
         for (int k = 0; k < N; k++) { m[k] = (T)0.01 * w[k]; v[k] = (T)0.5; vmax[k] = (T)0.6; } \
-        fg_tensors tt = {offset, l1, l2, scale, constraint, cvalue, cols,          \
-                         upd, wsq, 3};                                             \
-        fg_opt_config c = {kind, 0.01, 0.9, 0.9, 0.9, 0.999, 1e-7, 1e-3, 0.9,     \
-                           kind == FG_SGD, kind == FG_RMSPROP, kind == FG_ADAM, 3};\
-        fg_grad_norms##S(sumsq, &penalty, &bad, g, w, &tt);                        \
-        fg_optimizer_step##S(&overflow, w, m, v, vmax, g, &tt, &c);                \
+        fg_tensors tt = {.offset = offset, .l1 = l1, .l2 = l2, .scale = scale,    \
+                         .constraint = constraint, .cvalue = cvalue, .cols = cols, \
+                         .frozen = NULL, .upd_sumsq = upd, .w_sumsq = wsq,         \
+                         .n_tensors = 3};                                          \
+        fg_opt_config c = {.kind = kind, .lr = 0.01, .momentum = 0.9, .rho = 0.9,  \
+                           .beta_1 = 0.9, .beta_2 = 0.999, .epsilon = 1e-7,        \
+                           .weight_decay = 1e-3, .clipvalue = 0.9,                 \
+                           .nesterov = kind == FG_SGD, .centered = kind == FG_RMSPROP, \
+                           .amsgrad = kind == FG_ADAM, .step = 3, .u_product = 0.5};\
+        fg_grad_norms##S(sumsq, &penalty, &bad, g, w, NULL, 1.0, &tt);             \
+        fg_optimizer_step##S(&overflow, w, m, v, vmax, NULL, NULL, g, &tt, &c);    \
         put_double_##S("sumsq" #S, sumsq, 3);                                      \
         put_double_##S("penalty", &penalty, 1);                                    \
         put_double_##S("update ratios", upd, 3);                                   \

@@ -27,7 +27,7 @@ libubsan=$(gcc -print-file-name=libubsan.so)
 log="$work/sanitizer"
 # Python itself is not instrumented and keeps memory to the end: leaks are
 # not checked; every memory error or undefined behaviour aborts.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$log"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:log_path=$log"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$log"
 cd "$work"
 status=0
