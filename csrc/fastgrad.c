@@ -8,6 +8,7 @@
 #define FG_SELU_SCALE 1.0507009873554804934193349852946
 #define FG_SQRT1_2 0.70710678118654752440084436210485
 #define FG_INV_SQRT_2PI 0.39894228040143267793994605993438
+#define FG_LN2 0.69314718055994530941723212145818
 #define FG_CLAMP(x, lo, hi) ((x) < (lo) ? (lo) : ((x) > (hi) ? (hi) : (x)))
 /* Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps]. */
 #define FG_EPSILON 1e-7
@@ -54,7 +55,8 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
 
 int fg_activation_needs_pre(int act)
 {
-    return act == FG_GELU || act == FG_SILU;
+    return act == FG_GELU || act == FG_SILU || act == FG_SOFTPLUS || act == FG_SOFTSIGN
+        || act == FG_HARD_SILU || act == FG_MISH;
 }
 
 /* Dropout's counter-based generator, splitmix64 (Steele, Lea, Flood 2014):
@@ -76,28 +78,41 @@ static inline uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
  * e^r by its Taylor series (degree 7 in float, 13 in double: truncation
  * below half an ulp), then times 2^n built in the exponent bits. Results
  * below the smallest normal number take 2^n in two factors, so that they
- * round once, to the right subnormal. Below -104 (float) or -746 (double)
- * the result is 0; NaN stays NaN. Error: a few ulp. */
-static inline float fg_exp_nonpos_f32(float x)
+ * round once, to the right subnormal; results beyond 2^127 (float) or
+ * 2^1023 (double) likewise, so that they overflow only past the range.
+ * Below -104 (float) or -746 (double) the result is 0; NaN stays NaN.
+ * Error: a few ulp. */
+static inline float fg_exp_core_f32(float x)
 {
     const float magic = 12582912.0f;               /* 1.5 * 2^23 */
-    x = x < -104.0f ? -104.0f : x;
     float t = x * 1.44269504088896341f + magic;    /* round(x / ln2) in its low bits */
     float n = t - magic;
     float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
               + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    int deep = n < -125.0f;                         /* 2^n = 2^(n-k) 2^k */
-    float k = deep ? -64.0f : 0.0f, two_k = deep ? 0x1p-64f : 1.0f;
+    /* 2^n = 2^(n-k) 2^k where 2^n alone would leave the normal range */
+    int deep = n < -125.0f, high = n > 127.0f;
+    float k = deep ? -64.0f : (high ? 64.0f : 0.0f);
+    float two_k = deep ? 0x1p-64f : (high ? 0x1p64f : 1.0f);
     union { float f; uint32_t i; } u, v = {.f = t - k};
     u.i = (v.i + 127u) << 23;                       /* 2^(n-k) */
     return p * u.f * two_k;
 }
 
-static inline double fg_exp_nonpos_f64(double x)
+static inline float fg_exp_nonpos_f32(float x)
+{
+    return fg_exp_core_f32(x < -104.0f ? -104.0f : x);
+}
+
+/* e^x for any x: beyond 89 the product overflows to inf, as it should */
+static inline float fg_exp_f32(float x)
+{
+    return fg_exp_core_f32(x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x));
+}
+
+static inline double fg_exp_core_f64(double x)
 {
     const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
-    x = x < -746.0 ? -746.0 : x;
     double t = x * 1.4426950408889634074 + magic;
     double n = t - magic;
     double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
@@ -106,11 +121,22 @@ static inline double fg_exp_nonpos_f64(double x)
         1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
         1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
     for (int i = 0; i < 13; i++) p = inv_fact[i] + r * p;
-    int deep = n < -1021.0;
-    double k = deep ? -128.0 : 0.0, two_k = deep ? 0x1p-128 : 1.0;
+    int deep = n < -1021.0, high = n > 1023.0;
+    double k = deep ? -128.0 : (high ? 128.0 : 0.0);
+    double two_k = deep ? 0x1p-128 : (high ? 0x1p128 : 1.0);
     union { double f; uint64_t i; } u, v = {.f = t - k};
     u.i = (v.i + 1023u) << 52;
     return p * u.f * two_k;
+}
+
+static inline double fg_exp_nonpos_f64(double x)
+{
+    return fg_exp_core_f64(x < -746.0 ? -746.0 : x);
+}
+
+static inline double fg_exp_f64(double x)
+{
+    return fg_exp_core_f64(x < -746.0 ? -746.0 : (x > 710.0 ? 710.0 : x));
 }
 
 /* e^x - 1 for x <= 0 (or NaN): the Taylor series where e^x - 1 would
@@ -146,6 +172,19 @@ static inline double fg_tanh_f64(double x)
 {
     double e = fg_expm1_nonpos_f64(-2.0 * fabs(x));
     return copysign(-e / (2.0 + e), x);
+}
+
+/* log(1 + e) for e in [0, 1] (or NaN), in arithmetic only (softplus and
+ * mish compute in double for either type): with
+ * s = e / (2 + e) in [0, 1/3], log(1 + e) = 2 atanh s = 2 s (1 + s^2/3 +
+ * s^4/5 + ...), truncated below half an ulp; no cancellation, so relative
+ * accuracy holds down to e = 0 and through the subnormals. */
+static inline double fg_log1p_unit_f64(double e)
+{
+    double s = e / (2.0 + e), q = s * s;
+    double p = 1.0 / 37;
+    for (int k = 35; k >= 1; k -= 2) p = 1.0 / (double)k + q * p;
+    return 2.0 * s * p;
 }
 
 /* GELU from the normal distribution function Phi, for float z in double
@@ -207,6 +246,7 @@ static inline double fg_gelu_grad_f64(double z)
 #define FABS fabsf
 #define T_MAX FLT_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f32
+#define EXP_ANY fg_exp_f32
 #include "fastgrad_impl.h"
 #undef T
 #undef S
@@ -218,6 +258,7 @@ static inline double fg_gelu_grad_f64(double z)
 #undef FABS
 #undef T_MAX
 #undef EXPM1_NONPOS
+#undef EXP_ANY
 
 #define T double
 #define S(name) name##_f64
@@ -229,4 +270,5 @@ static inline double fg_gelu_grad_f64(double z)
 #define FABS fabs
 #define T_MAX DBL_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f64
+#define EXP_ANY fg_exp_f64
 #include "fastgrad_impl.h"

@@ -14,6 +14,7 @@ categorical cross-entropy) or sigmoid (with binary cross-entropy), training
 and evaluation compute the loss from its logits, fused and stable; predict
 returns the activation's output.
 """
+import re
 import threading
 
 import numpy as np
@@ -28,12 +29,15 @@ __all__ = ["Sequential", "load_model"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",
-          "binary_crossentropy": "sigmoid"}
+          "binary_crossentropy": "sigmoid", "binary_focal_crossentropy": "sigmoid",
+          "categorical_focal_crossentropy": "softmax"}
 
 
 def snake_case(name):
-    """"BatchNormalization" -> "batch_normalization"."""
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    """"BatchNormalization" -> "batch_normalization", "PReLU" -> "p_re_lu"
+    (Keras' rule: a capital starts a word, a run of capitals is one)."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 class Sequential(Trainer):
@@ -248,8 +252,10 @@ class Sequential(Trainer):
         with d, the loss's gradient with respect to h lands in it."""
         b = h.shape[0]
         prob = self._prob[:b] if self._fused else None
+        lo = self.loss
         loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
-                                           self._from_logits, self.loss.delta)
+                                           self._from_logits, lo.delta, lo.alpha, lo.gamma,
+                                           lo.apply_class_balancing)
         return loss, (prob if self._fused else h)
 
     def _batch_metrics(self, pred, target, labels):

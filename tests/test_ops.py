@@ -83,6 +83,23 @@ def ref_activation(name, z, alpha=None):
         return np.tanh(z)
     if name == "softmax":
         return _softmax(z)
+    if name == "softplus":
+        return np.logaddexp(z, 0.0)
+    if name == "softsign":
+        return z / (1.0 + np.abs(z))
+    if name == "relu6":
+        return np.clip(z, 0.0, 6.0)
+    if name in ("hard_sigmoid", "hard_silu", "hard_swish"):
+        hs = np.clip(z + 3.0, 0.0, 6.0) / 6.0
+        return hs if name == "hard_sigmoid" else z * hs
+    if name == "mish":
+        return z * np.tanh(np.logaddexp(z, 0.0))
+    if name == "exponential":
+        return np.exp(z)
+    if name == "log_softmax":
+        return z - special.logsumexp(z, axis=-1, keepdims=True)
+    if name == "swish":
+        return z * special.expit(z)
     raise KeyError(f"no reference for activation {name!r}")
 
 
@@ -95,6 +112,8 @@ def ref_activation_vjp(name, z, g, alpha=None):
     if name == "softmax":
         y = _softmax(z)
         return y * (g - np.sum(g * y, axis=-1, keepdims=True))
+    if name == "log_softmax":
+        return g - _softmax(z) * np.sum(g, axis=-1, keepdims=True)
     if name == "linear":
         slope = np.ones_like(z)
     elif name == "relu":
@@ -117,6 +136,24 @@ def ref_activation_vjp(name, z, g, alpha=None):
         slope = s * (1.0 - s)
     elif name == "tanh":
         slope = 1.0 - np.tanh(z) ** 2
+    elif name == "softplus":
+        slope = special.expit(z)
+    elif name == "softsign":
+        slope = 1.0 / (1.0 + np.abs(z)) ** 2
+    elif name == "relu6":
+        slope = ((z > 0) & (z < 6)).astype(F64)
+    elif name == "hard_sigmoid":
+        slope = np.where((z > -3) & (z < 3), 1.0 / 6.0, 0.0)
+    elif name in ("hard_silu", "hard_swish"):
+        slope = np.where(z >= 3, 1.0, np.where(z > -3, (2.0 * z + 3.0) / 6.0, 0.0))
+    elif name == "mish":
+        sp = np.logaddexp(z, 0.0)
+        slope = np.tanh(sp) + z * special.expit(z) / np.cosh(sp) ** 2
+    elif name == "exponential":
+        slope = np.exp(z)
+    elif name == "swish":
+        s = special.expit(z)
+        slope = s + z * s * (1.0 - s)
     else:
         raise KeyError(f"no reference for activation {name!r}")
     return g * slope
@@ -167,6 +204,84 @@ def ref_loss(loss, y_true, y_pred, from_logits=False, delta=1.0):
         # chain rule through the clip (no gradient where clipped) and q = p / s
         dq = np.where((q >= EPS) & (q <= 1.0 - EPS), -t / qc, 0.0)
         return rows, (dq - np.sum(dq * q, axis=1, keepdims=True)) / s / B
+    return ref_new_loss(loss, t, p, from_logits)
+
+
+def ref_new_loss(loss, t, p, from_logits=False, alpha=0.25, gamma=2.0, balancing=False):
+    """(rows, gradient) of the losses added with the focal ones, float64,
+    each by its documented formula (Keras 3's)."""
+    B, O = p.shape
+    e = p - t
+    if loss == "log_cosh":
+        return np.mean(np.logaddexp(e, -e) - np.log(2.0), axis=1), np.tanh(e) / (B * O)
+    if loss == "kl_divergence":
+        tc, pc = np.clip(t, EPS, 1.0), np.clip(p, EPS, 1.0)
+        inside = (p > EPS) & (p < 1.0)
+        return np.sum(tc * np.log(tc / pc), axis=1), np.where(inside, -tc / pc, 0.0) / B
+    if loss == "poisson":
+        return np.mean(p - t * np.log(p + EPS), axis=1), (1.0 - t / (p + EPS)) / (B * O)
+    if loss in ("hinge", "squared_hinge"):
+        tt = 2.0 * t - 1.0 if np.all((t == 0) | (t == 1)) else t
+        m = np.maximum(1.0 - tt * p, 0.0)
+        if loss == "hinge":
+            return np.mean(m, axis=1), np.where(m > 0, -tt, 0.0) / (B * O)
+        return np.mean(m * m, axis=1), -2.0 * tt * m / (B * O)
+    if loss == "categorical_hinge":
+        pos = np.sum(t * p, axis=1)
+        v = (1.0 - t) * p
+        k = np.argmax(v, axis=1)
+        m = v[np.arange(B), k] - pos + 1.0
+        d = -t.copy()
+        d[np.arange(B), k] += 1.0 - t[np.arange(B), k]
+        return np.maximum(m, 0.0), np.where((m > 0)[:, None], d, 0.0) / B
+    if loss == "mape":
+        den = np.maximum(np.abs(t), EPS)
+        return 100.0 * np.mean(np.abs(e) / den, axis=1), 100.0 * np.sign(e) / den / (B * O)
+    if loss == "msle":
+        pc = np.maximum(p, EPS)
+        a = np.log1p(pc) - np.log1p(np.maximum(t, EPS))
+        return np.mean(a * a, axis=1), np.where(p > EPS, 2.0 * a / (1.0 + pc), 0.0) / (B * O)
+    if loss == "cosine_similarity":
+        it = np.minimum(1.0 / np.sqrt(np.sum(t * t, axis=1, keepdims=True)), 1.0 / EPS)
+        ip = np.minimum(1.0 / np.sqrt(np.sum(p * p, axis=1, keepdims=True)), 1.0 / EPS)
+        dot = np.sum(t * p, axis=1, keepdims=True)
+        return -(dot * it * ip)[:, 0], -it * ip * (t - dot * ip * ip * p) / B
+    if loss == "binary_focal_crossentropy":
+        w = alpha * t + (1 - alpha) * (1 - t) if balancing else np.ones_like(t)
+        if from_logits:
+            s = special.expit(p)
+            bce = t * np.logaddexp(0.0, -p) + (1 - t) * np.logaddexp(0.0, p)
+            om = t * (1 - s) + (1 - t) * s
+            dbce, dom = s - t, (1 - 2 * t) * s * (1 - s)
+        else:
+            pc = np.clip(p, EPS, 1 - EPS)
+            bce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+            om = 1 - (t * p + (1 - t) * (1 - p))
+            dbce = np.where((p >= EPS) & (p <= 1 - EPS), -t / pc + (1 - t) / (1 - pc), 0.0)
+            dom = 1 - 2 * t
+        rows = np.mean(w * om ** gamma * bce, axis=1)
+        dff = gamma * om ** (gamma - 1) * dom if gamma else 0.0
+        return rows, w * (om ** gamma * dbce + dff * bce) / (B * O)
+    if loss == "categorical_focal_crossentropy":
+        if from_logits:
+            lq = p - special.logsumexp(p, axis=1, keepdims=True)
+            q = np.exp(lq)
+            inside = np.ones_like(q, bool)
+        else:
+            s = p.sum(axis=1, keepdims=True)
+            q = p / s
+            inside = (q >= EPS) & (q <= 1 - EPS)
+            lq = np.log(np.clip(q, EPS, 1 - EPS))
+        qc = np.exp(lq)
+        ratio = 1.0 if from_logits else q / qc   # q over its clipped value
+        rows = -np.sum(alpha * (1 - qc) ** gamma * t * lq, axis=1)
+        # c q with c = dl/dq, multiplied out so that q = 0 gives no 0 / 0
+        cq = np.where(inside, alpha * t * ((gamma * (1 - qc) ** (gamma - 1) * lq * q
+                                            if gamma else 0) - (1 - qc) ** gamma * ratio), 0.0)
+        total = np.sum(cq, axis=1, keepdims=True)
+        if from_logits:
+            return rows, (cq - q * total) / B
+        return rows, (cq / q - total) / s / B
     raise KeyError(f"no reference for loss {loss!r}")
 
 
@@ -256,7 +371,12 @@ ACT_CASES = [pytest.param(name, None, id=name) for name in ops.ACTIVATIONS] + [
 ]
 
 # Loss cases: (loss, from_logits, delta)
-LOSS_CASES = [
+LOSS_CASES = [pytest.param(name, False, 1.0, id=name) for name in (
+    "log_cosh", "kl_divergence", "poisson", "hinge", "squared_hinge", "categorical_hinge",
+    "mape", "msle", "cosine_similarity", "binary_focal_crossentropy",
+    "categorical_focal_crossentropy")] + [
+    pytest.param("binary_focal_crossentropy", True, 1.0, id="bfce-logits"),
+    pytest.param("categorical_focal_crossentropy", True, 1.0, id="cfce-logits"),
     pytest.param("mse", False, 1.0, id="mse"),
     pytest.param("mae", False, 1.0, id="mae"),
     pytest.param("huber", False, 1.0, id="huber"),
@@ -269,6 +389,7 @@ LOSS_CASES = [
     pytest.param("sparse_categorical_crossentropy", True, 1.0, id="scce-logits"),
 ]
 LOGIT_LOSSES = ["binary_crossentropy", "categorical_crossentropy",
+                "binary_focal_crossentropy", "categorical_focal_crossentropy",
                 "sparse_categorical_crossentropy"]
 
 
@@ -292,10 +413,36 @@ def make_loss_data(loss, from_logits, shape, rng, delta=1.0):
         t = rng.uniform(0.0, 1.0, shape)  # soft, not normalized: sum(t) != 1
     elif loss == "sparse_categorical_crossentropy":
         t = rng.integers(0, O, size=B)
+    elif loss == "categorical_focal_crossentropy":
+        t = one_hot(rng.integers(0, O, size=B), O)
     else:
-        raise KeyError(loss)
+        return make_new_loss_data(loss, from_logits, shape, rng)
     p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.2, 1.0, shape)
     return t, p
+
+
+def make_new_loss_data(loss, from_logits, shape, rng):
+    """(y_true, y_pred) for the losses of ref_new_loss, off their kinks."""
+    B, O = shape
+    if loss == "binary_focal_crossentropy":
+        t = (rng.random(shape) < 0.5).astype(F64)
+        p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.05, 0.95, shape)
+        return t, p
+    if loss in ("hinge", "squared_hinge"):
+        t = (rng.random(shape) < 0.5).astype(F64)   # {0, 1}: mapped to {-1, 1}
+        # 1 - t' p off 0: |p| away from 1
+        mag = np.where(rng.random(shape) < 0.5, rng.uniform(0.1, 0.8, shape),
+                       rng.uniform(1.2, 2.5, shape))
+        return t, mag * np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+    if loss == "categorical_hinge":
+        t = one_hot(rng.integers(0, O, size=B), O)
+        return t, normal(rng, shape, std=0.3)
+    if loss in ("kl_divergence", "poisson", "msle"):
+        return rng.uniform(0.05, 0.95, shape), rng.uniform(0.05, 0.95, shape)
+    if loss in ("log_cosh", "mape", "cosine_similarity"):
+        t = normal(rng, shape) + np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+        return t, t + rng.uniform(0.1, 1.0, shape) * np.where(rng.random(shape) < 0.5, -1, 1)
+    raise KeyError(loss)
 
 
 def test_tables_are_covered_by_the_references():
@@ -307,7 +454,8 @@ def test_tables_are_covered_by_the_references():
     for name in ops.LOSSES:
         t, p = make_loss_data(name, False, (3, 4), np.random.default_rng(0))
         ref_loss(name, t, p)
-    assert ops.NEEDS_PRE == {"gelu", "silu"}
+    assert ops.NEEDS_PRE == {"gelu", "silu", "swish", "softplus", "softsign", "hard_silu",
+                             "hard_swish", "mish"}
     codes = [code for code, _ in ops.ACTIVATIONS.values()]
     assert sorted(codes) == list(range(len(codes)))
     assert sorted(ops.LOSSES.values()) == list(range(len(ops.LOSSES)))
@@ -945,7 +1093,7 @@ _BAD = [
     ("dfwd-kernel-1d", lambda: ops.dense_forward(_a(2, 3), _a(3)), ValueError, "^kernel:"),
     ("dfwd-bias-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(3)), ValueError, "^bias:"),
     ("dfwd-bias-2d", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(1, 4)), ValueError, "^bias:"),
-    ("dfwd-act-unknown", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="swish"), ValueError, "^activation:"),
+    ("dfwd-act-unknown", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="swishy"), ValueError, "^activation:"),
     ("dfwd-act-type", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation=1), TypeError, "^activation:"),
     ("dfwd-alpha-neg", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="leaky_relu", alpha=-0.1), ValueError, "^alpha:"),
     ("dfwd-out-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=_a(4, 2)), ValueError, "^out:"),
@@ -987,7 +1135,7 @@ _BAD = [
     ("afwd-x-list", lambda: ops.activation_forward([[1.0, -1.0]], "relu"), TypeError, "^x:"),
     ("afwd-x-3d", lambda: ops.activation_forward(_a(2, 3, 4), "relu"), ValueError, "^x:"),
     ("afwd-x-1d", lambda: ops.activation_forward(_a(3), "softmax"), ValueError, "^x:"),
-    ("afwd-act-unknown", lambda: ops.activation_forward(_a(2, 3), "softplus"), ValueError, "^activation:"),
+    ("afwd-act-unknown", lambda: ops.activation_forward(_a(2, 3), "softplux"), ValueError, "^activation:"),
     ("afwd-act-none", lambda: ops.activation_forward(_a(2, 3), None), TypeError, "^activation:"),
     ("afwd-alpha-neg", lambda: ops.activation_forward(_a(2, 3), "elu", alpha=-1.0), ValueError, "^alpha:"),
     ("afwd-out-shape", lambda: ops.activation_forward(_a(2, 3), "relu", out=_a(3, 2)), ValueError, "^out:"),
@@ -1007,7 +1155,7 @@ _BAD = [
     ("abwd-x-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu", x=_a(2, 4)), ValueError, "^x:"),
     ("abwd-x-missing-gelu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu"), ValueError, "^x:"),
     ("abwd-x-missing-silu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "silu"), ValueError, "^x:"),
-    ("abwd-act-unknown", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "hard_sigmoid"), ValueError, "^activation:"),
+    ("abwd-act-unknown", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "hard_sigmoidal"), ValueError, "^activation:"),
     ("abwd-dx-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_a(2, 2)), ValueError, "^dx:"),
     ("abwd-dx-fortran", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_fortran(2, 3)), ValueError, "^dx:"),
     ("abwd-dx-readonly", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=readonly(_a(2, 3))), ValueError, "^dx:"),
