@@ -584,7 +584,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
             const int sq = kind == FG_SQUARED_HINGE;
             for (ptrdiff_t j = 0; j < O; j++) {
                 double y = to_pm1 ? 2.0 * (double)t[j] - 1.0 : (double)t[j];
-                double m = 1.0 - y * (double)p[j], h = m > 0 ? m : 0.0;
+                double m = 1.0 - y * (double)p[j], h = m < 0 ? 0.0 : m;   /* NaN passes */
                 row += sq ? h * h : h;
                 if (d) d[j] = (T)((sq ? -2.0 * y * h : (m > 0 ? -y : 0.0)) * invBO);
             }
@@ -603,7 +603,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 if (v > neg) { neg = v; kn = j; }
             }
             double m = neg - pos + 1.0;
-            row = m > 0 ? m : 0.0;
+            row = m < 0 ? 0.0 : m;
             if (d) {
                 for (ptrdiff_t j = 0; j < O; j++) d[j] = (T)(m > 0 ? -(double)t[j] * invB : 0.0);
                 if (m > 0) d[kn] = (T)((1.0 - (double)t[kn] - (double)t[kn]) * invB);
@@ -621,7 +621,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
         case FG_MSLE:   /* mean_j (log(max(p, eps) + 1) - log(max(t, eps) + 1))^2 */
             for (ptrdiff_t j = 0; j < O; j++) {
                 double z = p[j], y = t[j];
-                double pc = z > eps ? z : eps, a = log1p(pc) - log1p(y > eps ? y : eps);
+                double pc = z < eps ? eps : z, a = log1p(pc) - log1p(y < eps ? eps : y);
                 row += a * a;
                 if (d) d[j] = (T)(z > eps ? 2.0 * a / (1.0 + pc) * invBO : 0.0);
             }
