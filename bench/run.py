@@ -381,6 +381,38 @@ def dropout_case(batch, features):
     return impls, max(rel_diff(got, numpy(kept)), off)
 
 
+# -- LayerNormalization forward + backward ----------------------------------------
+def ln_case(batch, features, eps=1e-3):
+    """LayerNormalization (Keras defaults) forward and backward, with the
+    gamma and beta gradients; NumPy and PyTorch's layer_norm do the same."""
+    rng = np.random.default_rng(0)
+    x, dy = randn(rng, batch, features, scale=2.0) + F32(1), randn(rng, batch, features)
+    gamma, beta = 1 + randn(rng, features, scale=0.1), randn(rng, features, scale=0.1)
+    out, dx, dgamma, dbeta = (np.empty_like(a) for a in (x, x, gamma, beta))
+    mean, rstd, work = np.empty(batch), np.empty(batch), np.empty(2 * features)
+
+    def fastgrad():
+        _core.layernorm_forward(x, gamma, beta, out, mean, rstd, eps)
+        _core.layernorm_backward(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, work)
+        return out, dx, dgamma, dbeta
+
+    def numpy():
+        mu = x.mean(1, keepdims=True)
+        r = 1 / np.sqrt(x.var(1, keepdims=True) + eps)
+        xhat = (x - mu) * r
+        g = dy * gamma
+        dx = r * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+        return gamma * xhat + beta, dx, (dy * xhat).sum(0), dy.sum(0)
+
+    impls = {"fastgrad": fastgrad, "numpy": numpy}
+    if torch is not None:
+        xt, dyt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+        gt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (gamma, beta))
+        impls["torch"] = lambda: torch.autograd.grad(
+            torch.nn.functional.layer_norm(xt, (features,), gt, bt, eps), (xt, gt, bt), dyt)
+    return impls, rel_diff(fastgrad(), numpy())
+
+
 # -- GradientMonitor overhead on a training step ----------------------------------
 def monitor_case(batch):
     rng = np.random.default_rng(0)
@@ -426,7 +458,8 @@ CASES = ([(f"dense/{act}/{b}x{i}x{o}", "gemm", dense_case, (b, i, o, act))
             for b, f in ((64, 256), (256, 1024), (4096, 1024))]
          + [(f"dropout/{b}x{f}", None, dropout_case, (b, f))
             for b, f in ((256, 1024), (4096, 1024))]
-         + [(f"monitor/{b}", "step", monitor_case, (b,)) for b in (32, 256)])
+         + [(f"monitor/{b}", "step", monitor_case, (b,)) for b in (32, 256)]
+         + [(f"layernorm/{b}x{f}", None, ln_case, (b, f)) for b, f in ((256, 1024), (4096, 1024))])
 
 
 def run_case(name, floor, make, args, reps, target, rounds):
