@@ -215,6 +215,42 @@ class Activation(Layer):
                 "input_dim": self.input_dim}
 
 
+def _set_affine(layer, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                gamma_regularizer, beta_constraint, gamma_constraint):
+    """A normalization layer's settings of its scale gamma and shift beta."""
+    layer.center, layer.scale = bool(center), bool(scale)
+    layer.beta_initializer = initializers.get(beta_initializer)
+    layer.gamma_initializer = initializers.get(gamma_initializer)
+    layer.beta_regularizer = regularizers.get(beta_regularizer)
+    layer.gamma_regularizer = regularizers.get(gamma_regularizer)
+    layer.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
+    layer.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
+
+
+def _affine_specs(layer, features):
+    """gamma (scale=True) then beta (center=True), Keras' order."""
+    specs = []
+    if layer.scale:
+        specs.append(WeightSpec("gamma", (features,), layer.gamma_initializer, True,
+                                layer.gamma_regularizer, layer.gamma_constraint))
+    if layer.center:
+        specs.append(WeightSpec("beta", (features,), layer.beta_initializer, True,
+                                layer.beta_regularizer, layer.beta_constraint))
+    return specs
+
+
+def _affine_config(layer):
+    return {
+        "center": layer.center, "scale": layer.scale,
+        "beta_initializer": initializers.serialize(layer.beta_initializer),
+        "gamma_initializer": initializers.serialize(layer.gamma_initializer),
+        "beta_regularizer": regularizers.serialize(layer.beta_regularizer),
+        "gamma_regularizer": regularizers.serialize(layer.gamma_regularizer),
+        "beta_constraint": constraints.serialize(layer.beta_constraint),
+        "gamma_constraint": constraints.serialize(layer.gamma_constraint),
+    }
+
+
 class BatchNormalization(Layer):
     """Batch normalization (Ioffe & Szegedy 2015) over the features::
 
@@ -241,26 +277,15 @@ class BatchNormalization(Layer):
         if axis not in (-1, 1):
             raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
         self.momentum, self.epsilon = momentum, epsilon
-        self.center, self.scale = bool(center), bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        _set_affine(self, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                    gamma_regularizer, beta_constraint, gamma_constraint)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
-        self.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
 
     def build(self, input_dim):
         self.input_dim = self.output_dim = input_dim
         f = (input_dim,)
-        specs = []
-        if self.scale:
-            specs.append(WeightSpec("gamma", f, self.gamma_initializer, True,
-                                    self.gamma_regularizer, self.gamma_constraint))
-        if self.center:
-            specs.append(WeightSpec("beta", f, self.beta_initializer, True,
-                                    self.beta_regularizer, self.beta_constraint))
+        specs = _affine_specs(self, input_dim)
         specs.append(WeightSpec("moving_mean", f, self.moving_mean_initializer, False))
         specs.append(WeightSpec("moving_variance", f, self.moving_variance_initializer, False))
         self.weight_specs = specs
@@ -294,16 +319,10 @@ class BatchNormalization(Layer):
     def get_config(self):
         return {
             "name": self.name, "momentum": self.momentum, "epsilon": self.epsilon,
-            "center": self.center, "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            **_affine_config(self),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
             "moving_variance_initializer":
                 initializers.serialize(self.moving_variance_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "input_dim": self.input_dim,
         }
 
@@ -379,24 +398,12 @@ class LayerNormalization(Layer):
         if rms_scaling:
             raise ValueError("rms_scaling: only False (mean and variance) is implemented")
         self.epsilon = epsilon
-        self.center, self.scale = bool(center), bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
-        self.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
+        _set_affine(self, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                    gamma_regularizer, beta_constraint, gamma_constraint)
 
     def build(self, input_dim):
         self.input_dim = self.output_dim = input_dim
-        specs = []
-        if self.scale:
-            specs.append(WeightSpec("gamma", (input_dim,), self.gamma_initializer, True,
-                                    self.gamma_regularizer, self.gamma_constraint))
-        if self.center:
-            specs.append(WeightSpec("beta", (input_dim,), self.beta_initializer, True,
-                                    self.beta_regularizer, self.beta_constraint))
-        self.weight_specs = specs
+        self.weight_specs = _affine_specs(self, input_dim)
         return input_dim
 
     def _allocate(self, cap, dtype, need_dx):
@@ -421,17 +428,8 @@ class LayerNormalization(Layer):
         return dx if need_dx else None
 
     def get_config(self):
-        return {
-            "name": self.name, "axis": -1, "epsilon": self.epsilon, "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
-            "input_dim": self.input_dim,
-        }
+        return {"name": self.name, "axis": -1, "epsilon": self.epsilon,
+                **_affine_config(self), "input_dim": self.input_dim}
 
 
 class _ActivationWith(Activation):

@@ -218,36 +218,23 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False):
     return _per_sample("sparse_categorical_crossentropy", y_true, y_pred, from_logits)
 
 
-def log_cosh(y_true, y_pred):
-    return _per_sample("log_cosh", y_true, y_pred)
+def _plain_function(public, kernel):
+    """The per-sample function of a loss without settings."""
+    def fn(y_true, y_pred):
+        return _per_sample(kernel, y_true, y_pred)
+    fn.__name__ = fn.__qualname__ = public
+    fn.__doc__ = f"Per-sample {public} loss (formula in the module docstring)."
+    return fn
 
 
-def kl_divergence(y_true, y_pred):
-    return _per_sample("kl_divergence", y_true, y_pred)
-
-
-def poisson(y_true, y_pred):
-    return _per_sample("poisson", y_true, y_pred)
-
-
-def hinge(y_true, y_pred):
-    return _per_sample("hinge", y_true, y_pred)
-
-
-def squared_hinge(y_true, y_pred):
-    return _per_sample("squared_hinge", y_true, y_pred)
-
-
-def categorical_hinge(y_true, y_pred):
-    return _per_sample("categorical_hinge", y_true, y_pred)
-
-
-def mean_absolute_percentage_error(y_true, y_pred):
-    return _per_sample("mape", y_true, y_pred)
-
-
-def mean_squared_logarithmic_error(y_true, y_pred):
-    return _per_sample("msle", y_true, y_pred)
+log_cosh = _plain_function("log_cosh", "log_cosh")
+kl_divergence = _plain_function("kl_divergence", "kl_divergence")
+poisson = _plain_function("poisson", "poisson")
+hinge = _plain_function("hinge", "hinge")
+squared_hinge = _plain_function("squared_hinge", "squared_hinge")
+categorical_hinge = _plain_function("categorical_hinge", "categorical_hinge")
+mean_absolute_percentage_error = _plain_function("mean_absolute_percentage_error", "mape")
+mean_squared_logarithmic_error = _plain_function("mean_squared_logarithmic_error", "msle")
 
 
 def cosine_similarity(y_true, y_pred, axis=-1):

@@ -514,6 +514,24 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
     return out, mean, rstd
 
 
+def _norm_backward_args(dout, x, mean, rstd, gamma, dx, per_row):
+    """The checked arguments of a normalization's backward, with its new
+    dgamma and dbeta: mean and rstd float64, one per row (per_row) or one
+    per feature."""
+    dt = _dtype_of("dout", dout)
+    x = _input("x", x, dt, 2)
+    b, f = x.shape
+    dout = _input("dout", dout, dt, 2, x.shape)
+    n = b if per_row else f
+    mean = _input("mean", mean, np.dtype(np.float64), 1, (n,))
+    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (n,))
+    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
+    dx = _output("dx", dx, dt, x.shape)
+    _in_place_or_apart("dx", dx, dout=dout)
+    _no_overlap("dx", dx, x, mean, rstd, gamma)
+    return dout, x, mean, rstd, gamma, dx, np.empty(f, dt), np.empty(f, dt)
+
+
 def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
     """BatchNormalization backward for training statistics::
 
@@ -522,17 +540,8 @@ def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
         dx = gamma * rstd / B * (B * dout - dbeta - xhat * dgamma)
 
     Returns ``(dx, dgamma, dbeta)``."""
-    dt = _dtype_of("dout", dout)
-    x = _input("x", x, dt, 2)
-    f = x.shape[1]
-    dout = _input("dout", dout, dt, 2, x.shape)
-    mean = _input("mean", mean, np.dtype(np.float64), 1, (f,))
-    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (f,))
-    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
-    dx = _output("dx", dx, dt, x.shape)
-    _in_place_or_apart("dx", dx, dout=dout)
-    _no_overlap("dx", dx, x, mean, rstd, gamma)
-    dgamma, dbeta = np.empty(f, dt), np.empty(f, dt)
+    dout, x, mean, rstd, gamma, dx, dgamma, dbeta = _norm_backward_args(
+        dout, x, mean, rstd, gamma, dx, per_row=False)
     _core.batchnorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
@@ -594,18 +603,10 @@ def layernorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
         dgamma = (dout * xhat).sum(0);  dbeta = dout.sum(0)
 
     Returns ``(dx, dgamma, dbeta)``."""
-    dt = _dtype_of("dout", dout)
-    x = _input("x", x, dt, 2)
-    b, f = x.shape
-    dout = _input("dout", dout, dt, 2, x.shape)
-    mean = _input("mean", mean, np.dtype(np.float64), 1, (b,))
-    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (b,))
-    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
-    dx = _output("dx", dx, dt, x.shape)
-    _in_place_or_apart("dx", dx, dout=dout)
-    _no_overlap("dx", dx, x, mean, rstd, gamma)
-    dgamma, dbeta = np.empty(f, dt), np.empty(f, dt)
-    _core.layernorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta, np.empty(2 * f))
+    dout, x, mean, rstd, gamma, dx, dgamma, dbeta = _norm_backward_args(
+        dout, x, mean, rstd, gamma, dx, per_row=True)
+    _core.layernorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta,
+                             np.empty(2 * x.shape[1]))
     return dx, dgamma, dbeta
 
 

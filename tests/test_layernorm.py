@@ -9,6 +9,7 @@ import fastgrad as fg
 from fastgrad import _core, ops
 from fastgrad.layers import Dense, LayerNormalization
 from keras_peer import assert_agree, keras_or_skip, train_both
+from test_ops import numerical_grad
 
 F32, F64 = np.float32, np.float64
 DTYPES = [F32, F64]
@@ -75,19 +76,6 @@ def test_forward_and_backward_match_the_reference(dtype, shape, affine):
     close(dbeta, rdb, dtype, np.abs(dout).sum(axis=0).max(initial=1.0))
 
 
-def _fd(f, a, h=1e-6):
-    g = np.empty(a.shape)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        fp = f()
-        a[i] = old - h
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
-
 def _rel(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-300)
 
@@ -105,7 +93,7 @@ def test_gradients_match_finite_differences(shape):
     _, mean, rstd = ops.layernorm_forward(x, gamma, beta)
     dx, dgamma, dbeta = ops.layernorm_backward(w, x, mean, rstd, gamma)
     for name, got, arr in (("x", dx, x), ("gamma", dgamma, gamma), ("beta", dbeta, beta)):
-        assert _rel(got, _fd(value, arr)) < 1e-6, name
+        assert _rel(got, numerical_grad(value, arr)) < 1e-6, name
 
 
 def test_work_buffer_and_sizes_are_checked_in_core():
