@@ -242,8 +242,9 @@ def ref_new_loss(loss, t, p, from_logits=False, alpha=0.25, gamma=2.0, balancing
         a = np.log1p(pc) - np.log1p(np.maximum(t, EPS))
         return np.mean(a * a, axis=1), np.where(p > EPS, 2.0 * a / (1.0 + pc), 0.0) / (B * O)
     if loss == "cosine_similarity":
-        it = np.minimum(1.0 / np.sqrt(np.sum(t * t, axis=1, keepdims=True)), 1.0 / EPS)
-        ip = np.minimum(1.0 / np.sqrt(np.sum(p * p, axis=1, keepdims=True)), 1.0 / EPS)
+        with np.errstate(divide="ignore"):   # 1 / 0 = inf, then capped
+            it = np.minimum(1.0 / np.sqrt(np.sum(t * t, axis=1, keepdims=True)), 1.0 / EPS)
+            ip = np.minimum(1.0 / np.sqrt(np.sum(p * p, axis=1, keepdims=True)), 1.0 / EPS)
         dot = np.sum(t * p, axis=1, keepdims=True)
         return -(dot * it * ip)[:, 0], -it * ip * (t - dot * ip * ip * p) / B
     if loss == "binary_focal_crossentropy":
