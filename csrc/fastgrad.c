@@ -181,9 +181,16 @@ static inline double fg_tanh_f64(double x)
  * accuracy holds down to e = 0 and through the subnormals. */
 static inline double fg_log1p_unit_f64(double e)
 {
+    static const double inv_odd[18] = {     /* 1/35, 1/33, ..., 1/1 */
+        1.0 / 35, 1.0 / 33, 1.0 / 31, 1.0 / 29, 1.0 / 27, 1.0 / 25, 1.0 / 23, 1.0 / 21,
+        1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5,
+        1.0 / 3, 1.0};
     double s = e / (2.0 + e), q = s * s;
     double p = 1.0 / 37;
-    for (int k = 35; k >= 1; k -= 2) p = 1.0 / (double)k + q * p;
+    /* two loops of 9: each short enough to be unrolled whole, so that the
+     * loops calling this have no control flow left and vectorize */
+    for (int i = 0; i < 9; i++) p = inv_odd[i] + q * p;
+    for (int i = 9; i < 18; i++) p = inv_odd[i] + q * p;
     return 2.0 * s * p;
 }
 
