@@ -720,6 +720,42 @@ def act_case(impl, name, rows, cols, backward=True):
     return timed(run, **{k: a for k, a in zip(("y", "dx"), got) if a is not None})
 
 
+# -- LayerNormalization forward + backward ----------------------------------------
+def ln_case(impl, batch, features, eps=1e-3):
+    """LayerNormalization (Keras defaults) forward and backward, with the
+    gamma and beta gradients; NumPy and PyTorch's layer_norm do the same."""
+    rng = np.random.default_rng(0)
+    x, dy = randn(rng, batch, features, scale=2.0) + F32(1), randn(rng, batch, features)
+    gamma, beta = 1 + randn(rng, features, scale=0.1), randn(rng, features, scale=0.1)
+    if impl == "fastgrad":
+        _core = core()
+        out, dx, dgamma, dbeta = (np.empty_like(a) for a in (x, x, gamma, beta))
+        mean, rstd, work = np.empty(batch), np.empty(batch), np.empty(2 * features)
+
+        def run():
+            _core.layernorm_forward(x, gamma, beta, out, mean, rstd, eps)
+            _core.layernorm_backward(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, work)
+            return out, dx, dgamma, dbeta
+    elif impl == "numpy":
+        def run():
+            mu = x.mean(1, keepdims=True)
+            r = 1 / np.sqrt(x.var(1, keepdims=True) + eps)
+            xhat = (x - mu) * r
+            g = dy * gamma
+            dx = r * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+            return gamma * xhat + beta, dx, (dy * xhat).sum(0), dy.sum(0)
+    else:  # torch
+        import torch
+        (xt,), (dyt,) = torch_tensors(x, grad=True), torch_tensors(dy)
+        gt, bt = torch_tensors(gamma.copy(), beta.copy(), grad=True)
+
+        def run():
+            y = torch.nn.functional.layer_norm(xt, (features,), gt, bt, eps)
+            return (y.detach(), *torch.autograd.grad(y, (xt, gt, bt), dyt))
+    got = [np.array(a) for a in run()]
+    return timed(run, **dict(zip(("y", "dx", "dgamma", "dbeta"), got)))
+
+
 # -- GradientMonitor overhead on a training step ----------------------------------
 def monitor_case(impl, batch):
     """Both sides in one process on one model, sample by sample: the
@@ -801,6 +837,8 @@ CASES = ([Case(f"dense/{act}/{b}x{i}x{o}", dense_case, (b, i, o, act),
             for a in ACTIVATIONS]
          + [Case(f"act/softmax-fwd/{r}x{c}", act_case, ("softmax", r, c, False), kind="act")
             for r, c in ((65536, 10), (1024, 1000))]
+         + [Case(f"layernorm/{b}x{f}", ln_case, (b, f), ("fastgrad", "numpy", "torch"))
+            for b, f in ((256, 1024), (4096, 1024))]
          + [Case(f"monitor/{b}", monitor_case, (b,), ("fastgrad",), "fastgrad", kind="monitor")
             for b in (32, 256)])
 

@@ -17,6 +17,7 @@
 #define FG_SELU_SCALE 1.0507009873554804934193349852946
 #define FG_SQRT1_2 0.70710678118654752440084436210485
 #define FG_INV_SQRT_2PI 0.39894228040143267793994605993438
+#define FG_LN2 0.69314718055994530941723212145818
 #define FG_CLAMP(x, lo, hi) ((x) < (lo) ? (lo) : ((x) > (hi) ? (hi) : (x)))
 /* Keras' backend epsilon: probabilities are clipped to [eps, 1 - eps]. */
 #define FG_EPSILON 1e-7
@@ -63,7 +64,8 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
 
 int fg_activation_needs_pre(int act)
 {
-    return act == FG_GELU || act == FG_SILU;
+    return act == FG_GELU || act == FG_SILU || act == FG_SOFTPLUS || act == FG_SOFTSIGN
+        || act == FG_HARD_SILU || act == FG_MISH;
 }
 
 /* Branch-free selects, c ? a : b (see the pragma above): a bit mask for
@@ -106,35 +108,46 @@ FG_INLINE uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
     return z ^ (z >> 31);
 }
 
-/* e^x for x <= 0 (or NaN), in arithmetic only, so that the loops calling
- * it vectorize (a libm call would not) and every instruction set rounds
- * alike. x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact),
- * e^r by its Taylor series (degree 7 in float, 13 in double: truncation
- * below half an ulp), then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each
- * built in the exponent bits: p 2^n1 is exact, and the second factor
- * rounds once, to the right subnormal where the result is one. Below -104
- * (float) or -746 (double) the result is 0; NaN stays NaN. No branch:
- * the clamp is a mask, the split plain arithmetic. Error: a few ulp. */
-static inline float fg_exp_nonpos_f32(float x)
+/* e^x in arithmetic only, so that the loops calling it vectorize (a libm
+ * call would not) and every instruction set rounds alike. x = n ln2 + r
+ * with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact), e^r by its Taylor
+ * series (degree 7 in float, 13 in double: truncation below half an ulp),
+ * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
+ * bits: p 2^n1 is exact, and the second factor rounds once, to the right
+ * subnormal where the result is one, or to inf past the range. The callers
+ * clamp x (a mask, not a branch): below -104 (float) or -746 (double) the
+ * result is 0, above 89 or 710 inf; NaN stays NaN. Error: a few ulp. */
+static inline float fg_exp_core_f32(float x)
 {
     const float magic = 12582912.0f;               /* 1.5 * 2^23 */
-    x = fg_select_f32(x < -104.0f, -104.0f, x);
     float t = x * 1.44269504088896341f + magic;    /* round(x / ln2) in its low bits */
     float n = t - magic;
     float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
               + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    float t1 = n * 0.5f + magic, n1 = t1 - magic;  /* n1, n - n1 >= -75 */
+    float t1 = n * 0.5f + magic, n1 = t1 - magic;  /* n1, n - n1 in [-75, 64] */
     union { float f; uint32_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
     u1.i = (u1.i + 127u) << 23;                     /* 2^n1 */
     u2.i = (u2.i + 127u) << 23;                     /* 2^(n - n1) */
     return p * u1.f * u2.f;
 }
 
-static inline double fg_exp_nonpos_f64(double x)
+/* e^x for x <= 0 (or NaN) */
+static inline float fg_exp_nonpos_f32(float x)
+{
+    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f, x));
+}
+
+/* e^x for any x */
+static inline float fg_exp_f32(float x)
+{
+    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f,
+                                         fg_select_f32(x > 89.0f, 89.0f, x)));
+}
+
+static inline double fg_exp_core_f64(double x)
 {
     const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
-    x = fg_select_f64(x < -746.0, -746.0, x);
     double t = x * 1.4426950408889634074 + magic;
     double n = t - magic;
     double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
@@ -143,11 +156,22 @@ static inline double fg_exp_nonpos_f64(double x)
         1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
         1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
     for (int i = 0; i < 13; i++) p = inv_fact[i] + r * p;
-    double t1 = n * 0.5 + magic, n1 = t1 - magic;   /* n1, n - n1 >= -539 */
+    double t1 = n * 0.5 + magic, n1 = t1 - magic;   /* n1, n - n1 in [-539, 512] */
     union { double f; uint64_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
     u1.i = (u1.i + 1023u) << 52;
     u2.i = (u2.i + 1023u) << 52;
     return p * u1.f * u2.f;
+}
+
+static inline double fg_exp_nonpos_f64(double x)
+{
+    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0, x));
+}
+
+static inline double fg_exp_f64(double x)
+{
+    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0,
+                                         fg_select_f64(x > 710.0, 710.0, x)));
 }
 
 /* e^x - 1 for x <= 0 (or NaN): the Taylor series where e^x - 1 would
@@ -183,6 +207,26 @@ static inline double fg_tanh_f64(double x)
 {
     double e = fg_expm1_nonpos_f64(-2.0 * fabs(x));
     return copysign(-e / (2.0 + e), x);
+}
+
+/* log(1 + e) for e in [0, 1] (or NaN), in arithmetic only (softplus and
+ * mish compute in double for either type): with
+ * s = e / (2 + e) in [0, 1/3], log(1 + e) = 2 atanh s = 2 s (1 + s^2/3 +
+ * s^4/5 + ...), truncated below half an ulp; no cancellation, so relative
+ * accuracy holds down to e = 0 and through the subnormals. */
+static inline double fg_log1p_unit_f64(double e)
+{
+    static const double inv_odd[18] = {     /* 1/35, 1/33, ..., 1/1 */
+        1.0 / 35, 1.0 / 33, 1.0 / 31, 1.0 / 29, 1.0 / 27, 1.0 / 25, 1.0 / 23, 1.0 / 21,
+        1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5,
+        1.0 / 3, 1.0};
+    double s = e / (2.0 + e), q = s * s;
+    double p = 1.0 / 37;
+    /* two loops of 9: each short enough to be unrolled whole, so that the
+     * loops calling this have no control flow left and vectorize */
+    for (int i = 0; i < 9; i++) p = inv_odd[i] + q * p;
+    for (int i = 9; i < 18; i++) p = inv_odd[i] + q * p;
+    return 2.0 * s * p;
 }
 
 /* GELU from the normal distribution function Phi, for float z in double
@@ -269,6 +313,7 @@ static inline double fg_gelu_grad_f64(double z)
 #define FABS fabsf
 #define T_MAX FLT_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f32
+#define EXP_ANY fg_exp_f32
 #include "fastgrad_impl.h"
 #undef T
 #undef S
@@ -281,6 +326,7 @@ static inline double fg_gelu_grad_f64(double z)
 #undef FABS
 #undef T_MAX
 #undef EXPM1_NONPOS
+#undef EXP_ANY
 
 #define T double
 #define S(name) name##_f64
@@ -293,4 +339,5 @@ static inline double fg_gelu_grad_f64(double z)
 #define FABS fabs
 #define T_MAX DBL_MAX
 #define EXPM1_NONPOS fg_expm1_nonpos_f64
+#define EXP_ANY fg_exp_f64
 #include "fastgrad_impl.h"

@@ -32,15 +32,27 @@ enum fg_status {
 /* Activation codes. */
 enum fg_activation {
     FG_LINEAR = 0, FG_RELU, FG_LEAKY_RELU, FG_ELU, FG_SELU, FG_GELU,
-    FG_SILU, FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_N_ACTIVATIONS
+    FG_SILU, FG_SIGMOID, FG_TANH, FG_SOFTMAX,
+    FG_SOFTPLUS, FG_SOFTSIGN, FG_RELU6, FG_HARD_SIGMOID, FG_HARD_SILU, FG_MISH,
+    FG_EXPONENTIAL, FG_LOG_SOFTMAX, FG_N_ACTIVATIONS
 };
 
 /* Loss codes. */
 enum fg_loss {
     FG_MSE = 0, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY,
     FG_CATEGORICAL_CROSSENTROPY, FG_SPARSE_CATEGORICAL_CROSSENTROPY,
+    FG_LOG_COSH, FG_KL_DIVERGENCE, FG_POISSON, FG_HINGE, FG_SQUARED_HINGE,
+    FG_CATEGORICAL_HINGE, FG_MAPE, FG_MSLE, FG_BINARY_FOCAL_CROSSENTROPY,
+    FG_CATEGORICAL_FOCAL_CROSSENTROPY, FG_COSINE_SIMILARITY,
     FG_N_LOSSES
 };
+
+/* Settings of a loss; unused fields are ignored. */
+typedef struct {
+    double delta;              /* Huber's delta */
+    double alpha, gamma;       /* focal losses' weight and focusing exponent */
+    int class_balancing;       /* binary focal: weight alpha for t = 1, 1 - alpha for t = 0 */
+} fg_loss_params;
 
 /* Optimizer codes. */
 enum fg_optimizer {
@@ -105,7 +117,7 @@ int fg_activation_needs_pre(int act);
                                     const T *pred, const T *target,            \
                                     const int64_t *labels, ptrdiff_t B,        \
                                     ptrdiff_t O, int kind, int from_logits,    \
-                                    double param);                             \
+                                    const fg_loss_params *lp);                 \
     double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
     int fg_any_abs_above##S(const T *x, ptrdiff_t N, double limit);            \
     ptrdiff_t fg_first_nonfinite_row##S(const T *x, ptrdiff_t B, ptrdiff_t F);  \
@@ -133,7 +145,24 @@ int fg_activation_needs_pre(int act);
                              double a, double b_keep, double b_drop,           \
                              uint64_t seed, uint64_t offset);                  \
     void fg_affine##S(T *out, const T *inp, const T *shift, const T *scale,     \
-                      ptrdiff_t B, ptrdiff_t F, int divide);
+                      ptrdiff_t B, ptrdiff_t F, int divide);                 \
+    void fg_layernorm_forward##S(T *out, double *mean, double *rstd,            \
+                                const T *inp, const T *gamma, const T *beta,    \
+                                ptrdiff_t B, ptrdiff_t F, double epsilon);      \
+    void fg_layernorm_backward##S(T *dinp, T *dgamma, T *dbeta, double *work,   \
+                                 const T *dout, const T *inp,                   \
+                                 const double *mean, const double *rstd,        \
+                                 const T *gamma, ptrdiff_t B, ptrdiff_t F);     \
+    void fg_relu_forward##S(T *out, const T *inp, ptrdiff_t N,                  \
+                            double negative_slope, double threshold,            \
+                            double max_value);                                  \
+    void fg_relu_backward##S(T *dinp, const T *dout, const T *inp, ptrdiff_t N, \
+                             double negative_slope, double threshold,           \
+                             double max_value);                                 \
+    void fg_prelu_forward##S(T *out, const T *inp, const T *alpha, ptrdiff_t B, \
+                             ptrdiff_t F);                                      \
+    void fg_prelu_backward##S(T *dinp, T *dalpha, const T *dout, const T *inp,  \
+                              const T *alpha, ptrdiff_t B, ptrdiff_t F);
 
 FG_DECLARE(float, _f32)
 FG_DECLARE(double, _f64)

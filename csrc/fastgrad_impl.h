@@ -1,7 +1,8 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix, and
  * SQRT, FABS are T's math functions; SELECT(c, a, b) is c ? a : b by bit
- * masks; EXP_NONPOS (e^x), EXPM1_NONPOS (e^x - 1), both for x <= 0, TANH,
+ * masks; EXP_NONPOS (e^x), EXPM1_NONPOS (e^x - 1), both for x <= 0,
+ * EXP_ANY (e^x for any x), TANH,
  * GELU and GELU_GRAD (its derivative) are fastgrad's own, in plain
  * arithmetic, so that the loops calling them vectorize (GELU in double
  * keeps the C library's erfc).
@@ -34,6 +35,46 @@ FG_INLINE double S(lanes_total)(double *acc, int lanes)
     for (int h = lanes / 2; h > 0; h /= 2)
         for (int j = 0; j < h; j++) acc[j] += acc[j + h];
     return acc[0];
+}
+
+/* tanh(softplus(z)) = r and 1 - r, from w = e^-|z| alone (no overflow):
+ * z <= 0: n = w (w + 2), r = n / (n + 2), 1 - r = 2 / (n + 2);
+ * z > 0:  a = 1 + 2 w,   r = a / (a + 2 w^2), 1 - r = 2 w^2 / (a + 2 w^2).
+ * sig, when given, receives sigmoid(z) from the same w. In double for
+ * either type: a float result is then rounded once. */
+FG_INLINE void S(mish_parts)(double z, double *r, double *omr, double *sig)
+{
+    double w = fg_exp_nonpos_f64(-fabs(z)), n = w * (w + 2.0), a = 1.0 + 2.0 * w;
+    double w2 = 2.0 * w * w, dp = a + w2, dn = n + 2.0;
+    int pos = z > 0;
+    *r = pos ? a / dp : n / dn;
+    *omr = pos ? w2 / dp : 2.0 / dn;
+    if (sig) {
+        double inv = 1.0 / (1.0 + w);
+        *sig = pos ? inv : w * inv;
+    }
+}
+
+/* Log-softmax of one row of length O, in place on y (which holds z on
+ * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
+ * m the first maximum, whose own term (exactly 1) is left out of the sum so
+ * that log1p keeps its digits when it dominates. */
+static void S(log_softmax_row)(T *y, ptrdiff_t O)
+{
+    T m = y[0];
+    ptrdiff_t im = 0;
+    for (ptrdiff_t j = 1; j < O; j++) {
+        int up = y[j] > m;
+        im = up ? j : im;
+        m = up ? y[j] : m;
+    }
+    double rest = 0.0;
+    for (ptrdiff_t j = 0; j < O; j++) {
+        T e = EXP_NONPOS(y[j] - m);
+        rest += j == im ? 0.0 : (double)e;
+    }
+    const double ls = log1p(rest), md = (double)m;
+    for (ptrdiff_t j = 0; j < O; j++) y[j] = (T)(((double)y[j] - md) - ls);
 }
 
 /* sum_k x_k y_k (y NULL: sum_k x_k) in double: in order for short rows; for
@@ -135,6 +176,47 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
     case FG_GELU:
         for (ptrdiff_t k = 0; k < n; k++) y[k] = GELU(y[k]); /* vec f32 */
         break;
+    case FG_SOFTPLUS:  /* max(z, 0) + log(1 + e^-|z|): no overflow, no
+                        * cancellation; in double, so a float rounds once */
+        for (ptrdiff_t k = 0; k < n; k++) {
+            double z = y[k];
+            y[k] = (T)(fg_select_f64(z > 0, z, 0.0)
+                       + fg_log1p_unit_f64(fg_exp_nonpos_f64(-fabs(z))));
+        }
+        break;
+    case FG_SOFTSIGN:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = y[k] / ((T)1 + FABS(y[k])); /* vec */
+        break;
+    case FG_RELU6:     /* selects that let NaN through, as relu's */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T z = y[k], c = SELECT(z > (T)6, (T)6, z);
+            y[k] = SELECT(z <= 0, (T)0, c);
+        }
+        break;
+    case FG_HARD_SIGMOID:   /* relu6(z + 3) / 6 */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T t = y[k] + (T)3;
+            t = SELECT(t > (T)6, (T)6, t);
+            y[k] = SELECT(t <= 0, (T)0, t) / (T)6;
+        }
+        break;
+    case FG_HARD_SILU:      /* z relu6(z + 3) / 6 */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T z = y[k], t = z + (T)3;
+            t = SELECT(t > (T)6, (T)6, t);
+            y[k] = z * (SELECT(t <= 0, (T)0, t) / (T)6);
+        }
+        break;
+    case FG_MISH:
+        for (ptrdiff_t k = 0; k < n; k++) {
+            double z = y[k], r, omr;
+            S(mish_parts)(z, &r, &omr, NULL);
+            y[k] = (T)(z * r);
+        }
+        break;
+    case FG_EXPONENTIAL:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = EXP_ANY(y[k]); /* vec */
+        break;
     }
 }
 
@@ -162,6 +244,8 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
         }
         if (pre) for (ptrdiff_t k = 0; k < n; k++) pre[i0 * O + k] = y[k];
         if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
+        else if (act == FG_LOG_SOFTMAX)
+            for (ptrdiff_t i = 0; i < nr; i++) S(log_softmax_row)(y + i * O, O);
         else S(act_inplace)(y, n, act, a);
         if (!stats) continue;   /* only when asked: a second look, in cache */
         if (act == FG_RELU && stats->alive) {
@@ -216,6 +300,40 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
     case FG_GELU:
         for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * GELU_GRAD(z[k]); /* vec f32 */
         break;
+    case FG_SOFTPLUS:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * S(sigmoid)(z[k]); /* vec */
+        break;
+    case FG_SOFTSIGN:  /* g / (1 + |z|)^2, divided twice: no overflow */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T q = (T)1 + FABS(z[k]);
+            d[k] = g[k] / q / q;
+        }
+        break;
+    case FG_RELU6:
+        for (ptrdiff_t k = 0; k < n; k++) /* vec */
+            d[k] = SELECT((y[k] > 0) & (y[k] < (T)6), g[k], (T)0);
+        break;
+    case FG_HARD_SIGMOID:
+        for (ptrdiff_t k = 0; k < n; k++) /* vec */
+            d[k] = SELECT((y[k] > 0) & (y[k] < (T)1), g[k] / (T)6, (T)0);
+        break;
+    case FG_HARD_SILU:     /* (2z + 3) / 6 on (-3, 3), 1 above, 0 below */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T zk = z[k], mid = ((T)2 * zk + (T)3) / (T)6;
+            T sl = SELECT(zk > (T)-3, mid, (T)0);
+            d[k] = g[k] * SELECT(zk >= (T)3, (T)1, sl);
+        }
+        break;
+    case FG_MISH:          /* r + z (1 - r)(1 + r) sigmoid(z) */
+        for (ptrdiff_t k = 0; k < n; k++) {
+            double zk = z[k], r, omr, sg;
+            S(mish_parts)(zk, &r, &omr, &sg);
+            d[k] = (T)((double)g[k] * (r + zk * (omr * (1.0 + r) * sg)));
+        }
+        break;
+    case FG_EXPONENTIAL:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * y[k]; /* vec */
+        break;
     }
 }
 
@@ -232,12 +350,21 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
     const T a = (T)alpha;
     double acc[FG_COLS];
 
-    if (act == FG_SOFTMAX) {
-        /* dz_j = y_j (g_j - sum_k g_k y_k): the row's dot product comes first,
-         * so rows are done whole; the bias sums below then read dpre. */
+    if (act == FG_SOFTMAX || act == FG_LOG_SOFTMAX) {
+        /* softmax:     dz_j = y_j (g_j - sum_k g_k y_k)
+         * log_softmax: dz_j = g_j - e^(y_j) sum_k g_k
+         * the row's sum comes first, so rows are done whole; the bias sums
+         * below then read dpre. */
+        const int lsm = act == FG_LOG_SOFTMAX;
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *g = dout + i * O, *y = out + i * O;
             T *d = dpre + i * O;
+            if (lsm) {
+                const double sum = S(row_dot)(g, NULL, O);
+                for (ptrdiff_t j = 0; j < O; j++)
+                    d[j] = (T)((double)g[j] - (double)EXP_NONPOS(y[j]) * sum);
+                continue;
+            }
             const T dot = (T)S(row_dot)(g, y, O);
             for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - dot); /* vec */
         }
@@ -276,6 +403,62 @@ static inline void S(exp_shifted)(double *e, const T *x, double shift, ptrdiff_t
     else for (ptrdiff_t j = 0; j < n; j++) e[j] = exp((double)x[j] - shift);
 }
 
+/* Categorical focal cross-entropy of one row: l = sum_j alpha (1 - q_j)^gamma
+ * (-t_j log q_j), with q = p / sum(p) clipped to [eps, 1 - eps] (Keras), or
+ * from logits q = softmax(z), log q = z - logsumexp(z) (no clip needed).
+ * With c_j = dl/dq_j (0 where clipped):
+ *   probabilities: dl/dp_k = (c_k - sum_j c_j q_j) / sum(p)
+ *   logits:        dl/dz_k = c_k q_k - q_k sum_j c_j q_j
+ * d (scaled by invB) and q (logits: the softmax) may be NULL. */
+static double S(categorical_focal_row)(T *d, T *q, const T *p, const T *t, ptrdiff_t O,
+                                       int from_logits, double alpha, double gamma,
+                                       double invB)
+{
+    const double eps = FG_EPSILON;
+    double row = 0.0, cq = 0.0, s = 0.0, lse = 0.0;
+    if (O == 0) return 0.0;
+    if (from_logits) {
+        double m = p[0];
+        for (ptrdiff_t j = 1; j < O; j++) if (p[j] > m) m = p[j];
+        for (ptrdiff_t j = 0; j < O; j++) s += exp((double)p[j] - m);
+        lse = m + log(s);
+    } else {
+        for (ptrdiff_t j = 0; j < O; j++) s += p[j];
+    }
+    /* two passes: the loss and sum_j c_j q_j, then the gradient */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1 && !d) break;
+        for (ptrdiff_t j = 0; j < O; j++) {
+            double y = t[j], qj, lq;
+            int clipped = 0;
+            if (from_logits) {
+                lq = (double)p[j] - lse;
+                qj = exp(lq);
+                if (pass == 0 && q) q[j] = (T)qj;
+            } else {
+                qj = (double)p[j] / s;
+                clipped = qj < eps || qj > 1.0 - eps;
+                lq = log(FG_CLAMP(qj, eps, 1.0 - eps));
+            }
+            double qc = from_logits ? qj : FG_CLAMP(qj, eps, 1.0 - eps), om = 1.0 - qc;
+            /* cqj = c_j q_j, formed without dividing by q (which underflows
+             * for very negative logits) */
+            double cqj = 0.0;
+            if (y != 0.0) {
+                double ff = pow(om, gamma);
+                if (pass == 0) row -= alpha * ff * y * lq;
+                if (!clipped)
+                    cqj = alpha * y * ((gamma == 0 ? 0.0 : gamma * pow(om, gamma - 1.0) * lq * qj)
+                                       - ff * (from_logits ? 1.0 : qj / qc));
+            }
+            if (pass == 0) cq += cqj;
+            else if (from_logits) d[j] = (T)((cqj - qj * cq) * invB);
+            else d[j] = (T)((y != 0.0 && !clipped ? cqj / qj - cq : -cq) / s * invB);
+        }
+    }
+    return row;
+}
+
 /* Loss value and gradient in one pass.
  * pred, target, dpred, prob are (B,O); labels is (B) for the sparse loss
  * (target is then unused). rows (B) receives each l_i. Any of rows, dpred,
@@ -283,20 +466,28 @@ static inline void S(exp_shifted)(double *e, const T *x, double shift, ptrdiff_t
  * loss = (1/B) sum_i l_i, with l_i the per-row loss (see losses.py);
  * dpred = d loss / d pred, or d loss / d logits when from_logits.
  * prob receives sigmoid/softmax(pred) when from_logits.
- * param is Huber's delta. */
+ * lp holds Huber's delta and the focal losses' alpha, gamma and class
+ * balancing. The hinge losses take targets in {-1, 1}; targets all in
+ * {0, 1} (over the whole batch, as Keras checks) are mapped to 2 t - 1. */
 FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
                                 const T *pred, const T *target,
                                 const int64_t *labels, ptrdiff_t B,
                                 ptrdiff_t O, int kind, int from_logits,
-                                double param)
+                                const fg_loss_params *lp)
 {
     if (kind < 0 || kind >= FG_N_LOSSES) return FG_ELOSS;
     if (kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY) {
         for (ptrdiff_t i = 0; i < B; i++)
             if (labels[i] < 0 || labels[i] >= O) return FG_ELABEL;
     }
-    const double eps = FG_EPSILON;
+    const double eps = FG_EPSILON, delta = lp->delta;
+    const double fa = lp->alpha, fgam = lp->gamma;
     const double invB = B > 0 ? 1.0 / (double)B : 0.0;
+    int to_pm1 = 0;
+    if (kind == FG_HINGE || kind == FG_SQUARED_HINGE) {
+        to_pm1 = 1;
+        for (ptrdiff_t k = 0; k < B * O; k++) to_pm1 &= target[k] == 0 || target[k] == 1;
+    }
     const double invBO = (B > 0 && O > 0) ? invB / (double)O : 0.0;
     double total = 0.0;
 
@@ -327,12 +518,12 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
         case FG_HUBER:
             for (ptrdiff_t j = 0; j < O; j++) {
                 double e = (double)p[j] - (double)t[j], ae = fabs(e);
-                if (ae <= param) {
+                if (ae <= delta) {
                     row += 0.5 * e * e;
                     if (d) d[j] = (T)(e * invBO);
                 } else {
-                    row += param * ae - 0.5 * param * param;
-                    if (d) d[j] = (T)(((e > 0) - (e < 0)) * param * invBO);
+                    row += delta * ae - 0.5 * delta * delta;
+                    if (d) d[j] = (T)(((e > 0) - (e < 0)) * delta * invBO);
                 }
             }
             row /= (double)O;
@@ -423,6 +614,133 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 }
             }
 #undef FG_TARGET
+            break;
+        }
+        case FG_LOG_COSH:
+            /* log cosh e = log1p(2 sinh^2(e/2)): no cancellation near 0 */
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double e = (double)p[j] - (double)t[j], ae = fabs(e);
+                double sh = sinh(0.5 * ae);
+                row += ae < 40.0 ? log1p(2.0 * sh * sh) : ae - FG_LN2 + log1p(exp(-2.0 * ae));
+                if (d) d[j] = (T)(tanh(e) * invBO);
+            }
+            row /= (double)O;
+            break;
+        case FG_KL_DIVERGENCE:   /* sum_j t log(t / p), both clipped to [eps, 1] */
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = FG_CLAMP((double)t[j], eps, 1.0), z = p[j];
+                double pc = FG_CLAMP(z, eps, 1.0);
+                row += y * log(y / pc);
+                if (d) d[j] = (z > eps && z < 1.0) ? (T)(-y / pc * invB) : (T)0;
+            }
+            break;
+        case FG_POISSON:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = t[j], z = (double)p[j] + eps;
+                row += (double)p[j] - y * log(z);
+                if (d) d[j] = (T)((1.0 - y / z) * invBO);
+            }
+            row /= (double)O;
+            break;
+        case FG_HINGE:
+        case FG_SQUARED_HINGE: {
+            const int sq = kind == FG_SQUARED_HINGE;
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = to_pm1 ? 2.0 * (double)t[j] - 1.0 : (double)t[j];
+                double m = 1.0 - y * (double)p[j], h = m < 0 ? 0.0 : m;   /* NaN passes */
+                row += sq ? h * h : h;
+                if (d) d[j] = (T)((sq ? -2.0 * y * h : (m > 0 ? -y : 0.0)) * invBO);
+            }
+            row /= (double)O;
+            break;
+        }
+        case FG_CATEGORICAL_HINGE: {
+            /* max(neg - pos + 1, 0), pos = sum t p, neg = max (1 - t) p; the
+             * gradient of the max goes to its first place */
+            if (O == 0) break;
+            double pos = 0.0, neg = (1.0 - (double)t[0]) * (double)p[0];
+            ptrdiff_t kn = 0;
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double v = (1.0 - (double)t[j]) * (double)p[j];
+                pos += (double)t[j] * (double)p[j];
+                if (v > neg) { neg = v; kn = j; }
+            }
+            double m = neg - pos + 1.0;
+            row = m < 0 ? 0.0 : m;
+            if (d) {
+                for (ptrdiff_t j = 0; j < O; j++) d[j] = (T)(m > 0 ? -(double)t[j] * invB : 0.0);
+                if (m > 0) d[kn] = (T)((1.0 - (double)t[kn] - (double)t[kn]) * invB);
+            }
+            break;
+        }
+        case FG_MAPE:   /* 100 mean_j |t - p| / max(|t|, eps) */
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = t[j], e = (double)p[j] - y, den = fabs(y) > eps ? fabs(y) : eps;
+                row += fabs(e) / den;
+                if (d) d[j] = (T)(100.0 * ((e > 0) - (e < 0)) / den * invBO);
+            }
+            row *= 100.0 / (double)O;
+            break;
+        case FG_MSLE:   /* mean_j (log(max(p, eps) + 1) - log(max(t, eps) + 1))^2 */
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double z = p[j], y = t[j];
+                double pc = z < eps ? eps : z, a = log1p(pc) - log1p(y < eps ? eps : y);
+                row += a * a;
+                if (d) d[j] = (T)(z > eps ? 2.0 * a / (1.0 + pc) * invBO : 0.0);
+            }
+            row /= (double)O;
+            break;
+        case FG_BINARY_FOCAL_CROSSENTROPY:
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = t[j], z = p[j];
+                double wgt = lp->class_balancing ? y * fa + (1.0 - y) * (1.0 - fa) : 1.0;
+                double bce, om, dbce, dom;
+                if (from_logits) {
+                    /* log p = -softplus(-z), log(1 - p) = -softplus(z); 1 - p_t
+                     * from sigmoid(-z), no cancellation */
+                    double e = exp(-fabs(z)), l1 = log1p(e);
+                    double sp_pos = (z > 0 ? z : 0.0) + l1, sp_neg = (z < 0 ? -z : 0.0) + l1;
+                    double s = z >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+                    double sm = z >= 0 ? e / (1.0 + e) : 1.0 / (1.0 + e);
+                    if (q) q[j] = (T)s;
+                    bce = y * sp_neg + (1.0 - y) * sp_pos;
+                    om = y * sm + (1.0 - y) * s;
+                    dbce = s - y;                         /* per logit */
+                    dom = (1.0 - 2.0 * y) * s * sm;
+                } else {
+                    double pc = FG_CLAMP(z, eps, 1.0 - eps);
+                    bce = -(y * log(pc) + (1.0 - y) * log(1.0 - pc));
+                    om = 1.0 - (y * z + (1.0 - y) * (1.0 - z));
+                    dbce = (z < eps || z > 1.0 - eps) ? 0.0 : -y / pc + (1.0 - y) / (1.0 - pc);
+                    dom = 1.0 - 2.0 * y;
+                }
+                double ff = pow(om, fgam);
+                row += wgt * ff * bce;
+                if (d) {
+                    double dff = fgam == 0 ? 0.0 : fgam * pow(om, fgam - 1.0) * dom;
+                    d[j] = (T)(wgt * (ff * dbce + dff * bce) * invBO);
+                }
+            }
+            row /= (double)O;
+            break;
+        case FG_CATEGORICAL_FOCAL_CROSSENTROPY:
+            row = S(categorical_focal_row)(d, q, p, t, O, from_logits, fa, fgam, invB);
+            break;
+        case FG_COSINE_SIMILARITY: {
+            /* -t.p / (|t| |p|), each 1/|.| capped at 1/eps as Keras' l2 normalization */
+            double st = 0.0, sp = 0.0, dot = 0.0;
+            for (ptrdiff_t j = 0; j < O; j++) {
+                double y = t[j], z = p[j];
+                st += y * y; sp += z * z; dot += y * z;
+            }
+            double it = fmin(1.0 / sqrt(st), 1.0 / eps), rp = 1.0 / sqrt(sp);
+            int capped = !(rp < 1.0 / eps);
+            double ip = capped ? 1.0 / eps : rp;
+            row = -dot * it * ip;
+            if (d) for (ptrdiff_t j = 0; j < O; j++) {
+                double g = (double)t[j] - (capped ? 0.0 : dot * ip * ip * (double)p[j]);
+                d[j] = (T)(-it * ip * g * invB);
+            }
             break;
         }
         }
@@ -1113,4 +1431,169 @@ FG_TARGETS ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_
         if (bad) return i;
     }
     return -1;
+}
+
+/* LayerNormalization forward, per row of inp (B,F); gamma, beta (F) or NULL
+ * (scale=False, center=False); mean, rstd (B) receive what backward needs:
+ *   mu = mean_j x_j,  var = mean_j (x_j - mu)^2     (two passes, in double)
+ *   out = gamma (x - mu) / sqrt(var + epsilon) + beta
+ * The row stays in L1 between its passes; sums run over 16 lanes in a fixed
+ * order (they vectorize and give the same result on every instruction set).
+ * Two passes: no cancellation when the mean is large against the spread.
+ * out may alias inp. */
+FG_TARGETS void S(fg_layernorm_forward)(T *out, double *mean, double *rstd,
+                            const T *inp, const T *gamma, const T *beta,
+                            ptrdiff_t B, ptrdiff_t F, double epsilon)
+{
+    enum { L = 16 };
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *x = inp + i * F;
+        T *y = out + i * F;
+        double acc[L] = {0};
+        ptrdiff_t k = 0;
+        for (; k + L <= F; k += L)
+            for (int l = 0; l < L; l++) acc[l] += (double)x[k + l];
+        for (int l = 0; k < F; k++, l++) acc[l] += (double)x[k];
+        const double mu = S(lanes_total)(acc, L) / (double)F;
+        for (int l = 0; l < L; l++) acc[l] = 0.0;
+        for (k = 0; k + L <= F; k += L)
+            for (int l = 0; l < L; l++) {
+                double c = (double)x[k + l] - mu;
+                acc[l] += c * c;
+            }
+        for (int l = 0; k < F; k++, l++) {
+            double c = (double)x[k] - mu;
+            acc[l] += c * c;
+        }
+        const double r = 1.0 / sqrt(S(lanes_total)(acc, L) / (double)F + epsilon);
+        mean[i] = mu;
+        rstd[i] = r;
+        /* in T so that it vectorizes; mu = mhi + mlo, and x - mhi is exact
+         * for x near the mean (Sterbenz), so a large mean loses nothing */
+        const T mhi = (T)mu, mlo = (T)(mu - (double)mhi), rt = (T)r;
+        if (gamma && beta)
+            for (ptrdiff_t j = 0; j < F; j++) y[j] = ((x[j] - mhi) - mlo) * rt * gamma[j] + beta[j];
+        else if (gamma)
+            for (ptrdiff_t j = 0; j < F; j++) y[j] = ((x[j] - mhi) - mlo) * rt * gamma[j];
+        else if (beta)
+            for (ptrdiff_t j = 0; j < F; j++) y[j] = ((x[j] - mhi) - mlo) * rt + beta[j];
+        else
+            for (ptrdiff_t j = 0; j < F; j++) y[j] = ((x[j] - mhi) - mlo) * rt;
+    }
+}
+
+/* LayerNormalization backward, with xhat = (x - mean) rstd recomputed per
+ * row and g = dout * gamma:
+ *   dinp   = rstd (g - mean_j g - xhat mean_j (g xhat))     (per row)
+ *   dgamma = sum_i dout xhat,   dbeta = sum_i dout           (per column)
+ * Row sums run over 16 lanes in double; the column sums accumulate in
+ * work (2F doubles, required when dgamma or dbeta is given). dgamma, dbeta
+ * may be NULL; dinp may alias dout. */
+FG_TARGETS void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work,
+                             const T *dout, const T *inp,
+                             const double *mean, const double *rstd,
+                             const T *gamma, ptrdiff_t B, ptrdiff_t F)
+{
+    enum { L = 16 };
+    const int cols = dgamma || dbeta;
+    double *wg = work, *wb = work ? work + F : NULL;
+    if (cols) for (ptrdiff_t j = 0; j < 2 * F; j++) work[j] = 0.0;
+#define FG_XHAT(j) (((x[j] - mhi) - mlo) * rt)
+#define FG_G(j) (gamma ? dy[j] * gamma[j] : dy[j])
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *x = inp + i * F, *dy = dout + i * F;
+        T *dx = dinp + i * F;
+        const double r = rstd[i];
+        const T mhi = (T)mean[i], mlo = (T)(mean[i] - (double)mhi), rt = (T)r;
+        double a1[L] = {0}, a2[L] = {0};
+        ptrdiff_t k = 0;
+        for (; k + L <= F; k += L)
+            for (int l = 0; l < L; l++) {
+                double g = FG_G(k + l);
+                a1[l] += g;
+                a2[l] += g * (double)FG_XHAT(k + l);
+            }
+        for (int l = 0; k < F; k++, l++) {
+            double g = FG_G(k);
+            a1[l] += g;
+            a2[l] += g * (double)FG_XHAT(k);
+        }
+        if (cols)
+            for (ptrdiff_t j = 0; j < F; j++) {
+                wg[j] += (double)dy[j] * (double)FG_XHAT(j);
+                wb[j] += (double)dy[j];
+            }
+        /* g - mean(g) - xhat mean(g xhat) cancels to almost nothing when
+         * the row's gradient is nearly its projection: taken in double */
+        const double m1 = S(lanes_total)(a1, L) / (double)F;
+        const double m2 = S(lanes_total)(a2, L) / (double)F;
+        for (ptrdiff_t j = 0; j < F; j++)
+            dx[j] = (T)(r * ((double)FG_G(j) - m1 - (double)FG_XHAT(j) * m2));
+    }
+#undef FG_XHAT
+#undef FG_G
+    if (dgamma) for (ptrdiff_t j = 0; j < F; j++) dgamma[j] = (T)wg[j];
+    if (dbeta) for (ptrdiff_t j = 0; j < F; j++) dbeta[j] = (T)wb[j];
+}
+
+/* Keras 3's relu with its options, element-wise over N:
+ *   out = x > threshold ? min(x, max_value) : negative_slope (x - threshold)
+ * (max_value = inf: no cap). NaN passes. out may alias inp. */
+FG_TARGETS void S(fg_relu_forward)(T *out, const T *inp, ptrdiff_t N,
+                        double negative_slope, double threshold, double max_value)
+{
+    const T s = (T)negative_slope, th = (T)threshold, hi = (T)max_value;
+    for (ptrdiff_t k = 0; k < N; k++) {
+        T x = inp[k], c = x < hi ? x : hi;
+        out[k] = x > th ? c : s * (x - th);
+    }
+}
+
+/* Its backward: dinp = dout * (x > threshold ? [x < max_value] : negative_slope).
+ * dinp may alias dout. */
+FG_TARGETS void S(fg_relu_backward)(T *dinp, const T *dout, const T *inp, ptrdiff_t N,
+                         double negative_slope, double threshold, double max_value)
+{
+    const T s = (T)negative_slope, th = (T)threshold, hi = (T)max_value;
+    for (ptrdiff_t k = 0; k < N; k++) {
+        T x = inp[k], g = dout[k], up = x < hi ? g : (T)0;
+        dinp[k] = x > th ? up : s * g;
+    }
+}
+
+/* PReLU: out = x > 0 ? x : alpha_j x, inp (B,F), alpha (F). out may alias inp. */
+FG_TARGETS void S(fg_prelu_forward)(T *out, const T *inp, const T *alpha, ptrdiff_t B,
+                         ptrdiff_t F)
+{
+    for (ptrdiff_t i = 0; i < B; i++) {
+        const T *x = inp + i * F;
+        T *y = out + i * F;
+        for (ptrdiff_t j = 0; j < F; j++) {
+            T xj = x[j];
+            y[j] = xj > 0 ? xj : alpha[j] * xj;
+        }
+    }
+}
+
+/* PReLU backward: dinp = dout (x > 0 ? 1 : alpha_j); dalpha_j = sum_i dout
+ * min(x, 0), in double over column blocks on the stack. dalpha may be
+ * NULL; dinp may alias dout. */
+FG_TARGETS void S(fg_prelu_backward)(T *dinp, T *dalpha, const T *dout, const T *inp,
+                          const T *alpha, ptrdiff_t B, ptrdiff_t F)
+{
+    double acc[FG_COLS];
+    for (ptrdiff_t c0 = 0; c0 < F; c0 += FG_COLS) {
+        ptrdiff_t w = F - c0 < FG_COLS ? F - c0 : FG_COLS;
+        for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
+        for (ptrdiff_t i = 0; i < B; i++) {
+            const T *x = inp + i * F + c0, *g = dout + i * F + c0, *a = alpha + c0;
+            T *d = dinp + i * F + c0;
+            for (ptrdiff_t j = 0; j < w; j++) {
+                T xj = x[j], gj = g[j];
+                acc[j] += (double)gj * (double)(xj > 0 ? (T)0 : xj);
+                d[j] = xj > 0 ? gj : a[j] * gj;
+            }
+        }
+        if (dalpha) for (ptrdiff_t j = 0; j < w; j++) dalpha[c0 + j] = (T)acc[j];
+    }
 }

@@ -16,15 +16,27 @@ from fastgrad._kernels cimport *
 ACTIVATION_CODES = {
     "linear": FG_LINEAR, "relu": FG_RELU, "leaky_relu": FG_LEAKY_RELU, "elu": FG_ELU,
     "selu": FG_SELU, "gelu": FG_GELU, "silu": FG_SILU, "sigmoid": FG_SIGMOID,
-    "tanh": FG_TANH, "softmax": FG_SOFTMAX,
+    "tanh": FG_TANH, "softmax": FG_SOFTMAX, "softplus": FG_SOFTPLUS, "softsign": FG_SOFTSIGN,
+    "relu6": FG_RELU6, "hard_sigmoid": FG_HARD_SIGMOID, "hard_silu": FG_HARD_SILU,
+    "mish": FG_MISH, "exponential": FG_EXPONENTIAL, "log_softmax": FG_LOG_SOFTMAX,
 }
+# names Keras gives to the same functions
+ACTIVATION_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
 ACTIVATIONS_NEEDING_PRE = frozenset(
     name for name, code in ACTIVATION_CODES.items() if fg_activation_needs_pre(code))
+ACTIVATIONS_NEEDING_PRE |= {a for a, name in ACTIVATION_ALIASES.items()
+                            if name in ACTIVATIONS_NEEDING_PRE}
 LOSS_CODES = {
     "mse": FG_MSE, "mae": FG_MAE, "huber": FG_HUBER,
     "binary_crossentropy": FG_BINARY_CROSSENTROPY,
     "categorical_crossentropy": FG_CATEGORICAL_CROSSENTROPY,
     "sparse_categorical_crossentropy": FG_SPARSE_CATEGORICAL_CROSSENTROPY,
+    "log_cosh": FG_LOG_COSH, "kl_divergence": FG_KL_DIVERGENCE, "poisson": FG_POISSON,
+    "hinge": FG_HINGE, "squared_hinge": FG_SQUARED_HINGE,
+    "categorical_hinge": FG_CATEGORICAL_HINGE, "mape": FG_MAPE, "msle": FG_MSLE,
+    "binary_focal_crossentropy": FG_BINARY_FOCAL_CROSSENTROPY,
+    "categorical_focal_crossentropy": FG_CATEGORICAL_FOCAL_CROSSENTROPY,
+    "cosine_similarity": FG_COSINE_SIMILARITY,
 }
 OPTIMIZER_CODES = {"sgd": FG_SGD, "rmsprop": FG_RMSPROP, "adam": FG_ADAM,
                    "adagrad": FG_ADAGRAD, "nadam": FG_NADAM, "adamax": FG_ADAMAX,
@@ -109,13 +121,13 @@ cdef inline int _act_back(floating *dpre, floating *dbias, const floating *dout,
 cdef inline int _loss(double *loss, floating *rows, floating *dpred, floating *prob,
                       const floating *pred, const floating *target, const int64_t *labels,
                       Py_ssize_t B, Py_ssize_t O, int kind, int from_logits,
-                      double param) noexcept nogil:
+                      const fg_loss_params *lp) noexcept nogil:
     if floating is float:
         return fg_loss_forward_backward_f32(loss, rows, dpred, prob, pred, target, labels,
-                                            B, O, kind, from_logits, param)
+                                            B, O, kind, from_logits, lp)
     else:
         return fg_loss_forward_backward_f64(loss, rows, dpred, prob, pred, target, labels,
-                                            B, O, kind, from_logits, param)
+                                            B, O, kind, from_logits, lp)
 
 
 cdef inline double _sum_sq(const floating *x, Py_ssize_t N) noexcept nogil:
@@ -205,6 +217,59 @@ cdef inline void _affine(floating *out, const floating *inp, const floating *shi
         fg_affine_f32(out, inp, shift, scale, B, F, divide)
     else:
         fg_affine_f64(out, inp, shift, scale, B, F, divide)
+
+
+cdef inline void _ln_forward(floating *out, double *mean, double *rstd, const floating *inp,
+                             const floating *gamma, const floating *beta, Py_ssize_t B,
+                             Py_ssize_t F, double epsilon) noexcept nogil:
+    if floating is float:
+        fg_layernorm_forward_f32(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
+    else:
+        fg_layernorm_forward_f64(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
+
+
+cdef inline void _ln_backward(floating *dinp, floating *dgamma, floating *dbeta, double *work,
+                              const floating *dout, const floating *inp, const double *mean,
+                              const double *rstd, const floating *gamma, Py_ssize_t B,
+                              Py_ssize_t F) noexcept nogil:
+    if floating is float:
+        fg_layernorm_backward_f32(dinp, dgamma, dbeta, work, dout, inp, mean, rstd, gamma, B, F)
+    else:
+        fg_layernorm_backward_f64(dinp, dgamma, dbeta, work, dout, inp, mean, rstd, gamma, B, F)
+
+
+cdef inline void _relu_fwd(floating *out, const floating *inp, Py_ssize_t N, double slope,
+                           double threshold, double max_value) noexcept nogil:
+    if floating is float:
+        fg_relu_forward_f32(out, inp, N, slope, threshold, max_value)
+    else:
+        fg_relu_forward_f64(out, inp, N, slope, threshold, max_value)
+
+
+cdef inline void _relu_back(floating *dinp, const floating *dout, const floating *inp,
+                            Py_ssize_t N, double slope, double threshold,
+                            double max_value) noexcept nogil:
+    if floating is float:
+        fg_relu_backward_f32(dinp, dout, inp, N, slope, threshold, max_value)
+    else:
+        fg_relu_backward_f64(dinp, dout, inp, N, slope, threshold, max_value)
+
+
+cdef inline void _prelu_fwd(floating *out, const floating *inp, const floating *alpha,
+                            Py_ssize_t B, Py_ssize_t F) noexcept nogil:
+    if floating is float:
+        fg_prelu_forward_f32(out, inp, alpha, B, F)
+    else:
+        fg_prelu_forward_f64(out, inp, alpha, B, F)
+
+
+cdef inline void _prelu_back(floating *dinp, floating *dalpha, const floating *dout,
+                             const floating *inp, const floating *alpha, Py_ssize_t B,
+                             Py_ssize_t F) noexcept nogil:
+    if floating is float:
+        fg_prelu_backward_f32(dinp, dalpha, dout, inp, alpha, B, F)
+    else:
+        fg_prelu_backward_f64(dinp, dalpha, dout, inp, alpha, B, F)
 
 
 cdef inline void _dropout(floating *out, const floating *inp, Py_ssize_t N, double rate,
@@ -392,13 +457,17 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
 def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:, ::1] target,
                           const int64_t[::1] labels, floating[::1] rows, floating[:, ::1] dpred,
                           floating[:, ::1] prob, int kind, bint from_logits,
-                          double param):
+                          double param, double alpha=0.25, double gamma=2.0,
+                          bint class_balancing=False):
     """Mean loss over the batch; per-row losses into rows and the gradient
-    into dpred when given."""
+    into dpred when given. param is Huber's delta; alpha, gamma and
+    class_balancing are the focal losses' settings."""
     cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1]
     cdef double loss = 0.0
     cdef int s
     cdef const int64_t *lab = NULL
+    cdef fg_loss_params lp
+    lp.delta, lp.alpha, lp.gamma, lp.class_balancing = param, alpha, gamma, class_balancing
     if not (0 <= kind < FG_N_LOSSES):
         raise ValueError(f"unknown loss code {kind}")
     _same2(dpred, B, O, "dpred")
@@ -414,7 +483,7 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
         _same2(target, B, O, "y")
     with nogil:
         s = _loss(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
-                  lab, B, O, kind, from_logits, param)
+                  lab, B, O, kind, from_logits, &lp)
     if s != FG_OK:
         _raise(s)
     return loss
@@ -772,6 +841,107 @@ def affine(const floating[:, ::1] inp not None, const floating[::1] shift,
     with nogil:
         _affine(_ptr2(out), _cptr2(inp), _cptr1(shift), _cptr1(scale), B, F, divide)
     return out
+
+
+def layernorm_forward(const floating[:, ::1] inp not None, const floating[::1] gamma,
+                      const floating[::1] beta, floating[:, ::1] out not None,
+                      double[::1] mean not None, double[::1] rstd not None, double epsilon):
+    """out = gamma (inp - mu) / sqrt(var + epsilon) + beta per row, mu and
+    var the row's mean and biased variance; mean and rstd (float64, one per
+    row) receive mu and 1 / sqrt(var + epsilon)."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _check(F > 0, "x: expected at least one feature")
+    _same2(out, B, F, "out")
+    _len1(gamma, F, False, "gamma")
+    _len1(beta, F, False, "beta")
+    _len1(mean, B, True, "mean")
+    _len1(rstd, B, True, "rstd")
+    _check(epsilon > 0, "epsilon: expected a positive number")
+    with nogil:
+        _ln_forward(_ptr2(out), _ptr1(mean), _ptr1(rstd), _cptr2(inp), _cptr1(gamma),
+                    _cptr1(beta), B, F, epsilon)
+    return out
+
+
+def layernorm_backward(const floating[:, ::1] dout not None, const floating[:, ::1] inp not None,
+                       const double[::1] mean not None, const double[::1] rstd not None,
+                       const floating[::1] gamma, floating[:, ::1] dinp not None,
+                       floating[::1] dgamma, floating[::1] dbeta, double[::1] work):
+    """Backward of layernorm_forward; work (2F float64) holds the column
+    sums and is required when dgamma or dbeta is given."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(dout, B, F, "dout")
+    _same2(dinp, B, F, "dinp")
+    _len1(gamma, F, False, "gamma")
+    _len1(dgamma, F, False, "dgamma")
+    _len1(dbeta, F, False, "dbeta")
+    _len1(mean, B, True, "mean")
+    _len1(rstd, B, True, "rstd")
+    _len1(work, 2 * F, dgamma is not None or dbeta is not None, "work")
+    with nogil:
+        _ln_backward(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta),
+                     &work[0] if work is not None and F > 0 else NULL, _cptr2(dout),
+                     _cptr2(inp), _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
+    return dinp
+
+
+cdef int _relu_settings(double slope, double threshold, double max_value) except -1:
+    # NaN fails the comparisons too; max_value may be inf (no cap)
+    _check(0.0 <= slope <= DBL_MAX, "negative_slope: expected a finite number >= 0")
+    _check(0.0 <= threshold <= DBL_MAX, "threshold: expected a finite number >= 0")
+    _check(max_value >= 0.0, "max_value: expected a number >= 0")
+    return 0
+
+
+def relu_forward(const floating[:, ::1] inp not None, floating[:, ::1] out not None,
+                 double negative_slope, double threshold, double max_value):
+    """out = inp > threshold ? min(inp, max_value) : negative_slope (inp - threshold)."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _relu_settings(negative_slope, threshold, max_value)
+    with nogil:
+        _relu_fwd(_ptr2(out), _cptr2(inp), B * F, negative_slope, threshold, max_value)
+    return out
+
+
+def relu_backward(const floating[:, ::1] dout not None, const floating[:, ::1] inp not None,
+                  floating[:, ::1] dinp not None, double negative_slope, double threshold,
+                  double max_value):
+    """dinp = dout * relu_forward's slope at inp."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(dout, B, F, "dout")
+    _same2(dinp, B, F, "dinp")
+    _relu_settings(negative_slope, threshold, max_value)
+    with nogil:
+        _relu_back(_ptr2(dinp), _cptr2(dout), _cptr2(inp), B * F, negative_slope, threshold,
+                   max_value)
+    return dinp
+
+
+def prelu_forward(const floating[:, ::1] inp not None, const floating[::1] alpha not None,
+                  floating[:, ::1] out not None):
+    """out = inp > 0 ? inp : alpha * inp, alpha one slope per feature."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(out, B, F, "out")
+    _len1(alpha, F, True, "alpha")
+    with nogil:
+        _prelu_fwd(_ptr2(out), _cptr2(inp), _cptr1(alpha), B, F)
+    return out
+
+
+def prelu_backward(const floating[:, ::1] dout not None, const floating[:, ::1] inp not None,
+                   const floating[::1] alpha not None, floating[:, ::1] dinp not None,
+                   floating[::1] dalpha):
+    """dinp = dout * (inp > 0 ? 1 : alpha); dalpha (optional) = column sums
+    of dout * min(inp, 0)."""
+    cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
+    _same2(dout, B, F, "dout")
+    _same2(dinp, B, F, "dinp")
+    _len1(alpha, F, True, "alpha")
+    _len1(dalpha, F, False, "dalpha")
+    with nogil:
+        _prelu_back(_ptr2(dinp), _ptr1(dalpha), _cptr2(dout), _cptr2(inp), _cptr1(alpha), B, F)
+    return dinp
 
 
 def label_range(const int64_t[::1] y not None):

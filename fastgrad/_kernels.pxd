@@ -7,16 +7,25 @@ cdef extern from "fastgrad.h" nogil:
         FG_OK, FG_EACTIVATION, FG_ELOSS, FG_ELABEL, FG_EOPTIMIZER, FG_ENEEDS_PRE
     enum fg_activation:
         FG_LINEAR, FG_RELU, FG_LEAKY_RELU, FG_ELU, FG_SELU, FG_GELU, FG_SILU,
-        FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_N_ACTIVATIONS
+        FG_SIGMOID, FG_TANH, FG_SOFTMAX, FG_SOFTPLUS, FG_SOFTSIGN, FG_RELU6,
+        FG_HARD_SIGMOID, FG_HARD_SILU, FG_MISH, FG_EXPONENTIAL, FG_LOG_SOFTMAX,
+        FG_N_ACTIVATIONS
     enum fg_loss:
         FG_MSE, FG_MAE, FG_HUBER, FG_BINARY_CROSSENTROPY, FG_CATEGORICAL_CROSSENTROPY,
-        FG_SPARSE_CATEGORICAL_CROSSENTROPY, FG_N_LOSSES
+        FG_SPARSE_CATEGORICAL_CROSSENTROPY, FG_LOG_COSH, FG_KL_DIVERGENCE, FG_POISSON,
+        FG_HINGE, FG_SQUARED_HINGE, FG_CATEGORICAL_HINGE, FG_MAPE, FG_MSLE,
+        FG_BINARY_FOCAL_CROSSENTROPY, FG_CATEGORICAL_FOCAL_CROSSENTROPY,
+        FG_COSINE_SIMILARITY, FG_N_LOSSES
     enum fg_optimizer:
         FG_SGD, FG_RMSPROP, FG_ADAM, FG_ADAGRAD, FG_NADAM, FG_ADAMAX, FG_ADADELTA,
         FG_LION, FG_N_OPTIMIZERS
     enum fg_constraint:
         FG_NO_CONSTRAINT, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE, FG_N_CONSTRAINTS
     int fg_activation_needs_pre(int act)
+
+    ctypedef struct fg_loss_params:
+        double delta, alpha, gamma
+        int class_balancing
 
     ctypedef struct fg_act_stats:
         unsigned char *alive
@@ -38,12 +47,12 @@ cdef extern from "fastgrad.h" nogil:
                                      const float *pred, const float *target,
                                      const int64_t *labels, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
-                                     double param)
+                                     const fg_loss_params *lp)
     int fg_loss_forward_backward_f64(double *loss, double *rows, double *dpred, double *prob,
                                      const double *pred, const double *target,
                                      const int64_t *labels, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
-                                     double param)
+                                     const fg_loss_params *lp)
     Py_ssize_t fg_first_nonfinite_row_f32(const float *x, Py_ssize_t B, Py_ssize_t F)
     Py_ssize_t fg_first_nonfinite_row_f64(const double *x, Py_ssize_t B, Py_ssize_t F)
     double fg_sum_squares_f32(const float *x, Py_ssize_t N)
@@ -116,3 +125,34 @@ cdef extern from "fastgrad.h" nogil:
                        Py_ssize_t B, Py_ssize_t F, int divide)
     void fg_affine_f64(double *out, const double *inp, const double *shift, const double *scale,
                        Py_ssize_t B, Py_ssize_t F, int divide)
+    void fg_layernorm_forward_f32(float *out, double *mean, double *rstd, const float *inp,
+                                  const float *gamma, const float *beta, Py_ssize_t B,
+                                  Py_ssize_t F, double epsilon)
+    void fg_layernorm_forward_f64(double *out, double *mean, double *rstd, const double *inp,
+                                  const double *gamma, const double *beta, Py_ssize_t B,
+                                  Py_ssize_t F, double epsilon)
+    void fg_layernorm_backward_f32(float *dinp, float *dgamma, float *dbeta, double *work,
+                                   const float *dout, const float *inp, const double *mean,
+                                   const double *rstd, const float *gamma, Py_ssize_t B,
+                                   Py_ssize_t F)
+    void fg_layernorm_backward_f64(double *dinp, double *dgamma, double *dbeta, double *work,
+                                   const double *dout, const double *inp, const double *mean,
+                                   const double *rstd, const double *gamma, Py_ssize_t B,
+                                   Py_ssize_t F)
+    void fg_relu_forward_f32(float *out, const float *inp, Py_ssize_t N, double negative_slope,
+                             double threshold, double max_value)
+    void fg_relu_forward_f64(double *out, const double *inp, Py_ssize_t N, double negative_slope,
+                             double threshold, double max_value)
+    void fg_relu_backward_f32(float *dinp, const float *dout, const float *inp, Py_ssize_t N,
+                              double negative_slope, double threshold, double max_value)
+    void fg_relu_backward_f64(double *dinp, const double *dout, const double *inp, Py_ssize_t N,
+                              double negative_slope, double threshold, double max_value)
+    void fg_prelu_forward_f32(float *out, const float *inp, const float *alpha, Py_ssize_t B,
+                              Py_ssize_t F)
+    void fg_prelu_forward_f64(double *out, const double *inp, const double *alpha, Py_ssize_t B,
+                              Py_ssize_t F)
+    void fg_prelu_backward_f32(float *dinp, float *dalpha, const float *dout, const float *inp,
+                               const float *alpha, Py_ssize_t B, Py_ssize_t F)
+    void fg_prelu_backward_f64(double *dinp, double *dalpha, const double *dout,
+                               const double *inp, const double *alpha, Py_ssize_t B,
+                               Py_ssize_t F)

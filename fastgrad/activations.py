@@ -16,6 +16,18 @@ own activations, and ``deserialize(name)`` the function. Formulas, with z the in
     sigmoid     1 / (1 + exp(-z))
     tanh        tanh(z)
     softmax     exp(z_j - max z) / sum_k exp(z_k - max z), per row
+    softplus    log(1 + exp(z))
+    softsign    z / (1 + |z|)
+    relu6       min(max(z, 0), 6)
+    hard_sigmoid  relu6(z + 3) / 6
+    hard_silu   z * hard_sigmoid(z)                    (alias hard_swish)
+    mish        z * tanh(softplus(z))
+    exponential exp(z)
+    log_softmax z_j - log sum_k exp(z_k), per row
+    swish       silu's other name
+
+``relu(x, negative_slope, max_value, threshold)`` takes Keras 3's options
+(see fastgrad.layers.ReLU).
 """
 import types
 
@@ -25,10 +37,13 @@ from fastgrad import ops
 from fastgrad._utils import Registry
 
 
-def _apply(x, name, alpha=None):
+def _float(x):
     x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):
-        x = x.astype(np.float32)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+
+
+def _apply(x, name, alpha=None):
+    x = _float(x)
     flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
     return ops.activation_forward(flat, name, alpha=alpha).reshape(x.shape)
 
@@ -37,8 +52,12 @@ def linear(x):
     return _apply(x, "linear")
 
 
-def relu(x):
-    return _apply(x, "relu")
+def relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
+    if negative_slope == 0 and max_value is None and threshold == 0:
+        return _apply(x, "relu")
+    x = _float(x)
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    return ops.relu_forward(flat, negative_slope, max_value, threshold).reshape(x.shape)
 
 
 def leaky_relu(x, negative_slope=0.2):
@@ -77,10 +96,47 @@ def softmax(x, axis=-1):
     return _apply(x, "softmax")
 
 
+def softplus(x):
+    return _apply(x, "softplus")
+
+
+def softsign(x):
+    return _apply(x, "softsign")
+
+
+def relu6(x):
+    return _apply(x, "relu6")
+
+
+def hard_sigmoid(x):
+    return _apply(x, "hard_sigmoid")
+
+
+def hard_silu(x):
+    return _apply(x, "hard_silu")
+
+
+def mish(x):
+    return _apply(x, "mish")
+
+
+def exponential(x):
+    return _apply(x, "exponential")
+
+
+def log_softmax(x, axis=-1):
+    if axis not in (-1, np.ndim(x) - 1):
+        raise ValueError(f"axis: only the last axis is supported, got {axis}")
+    return _apply(x, "log_softmax")
+
+
 swish = silu
+hard_swish = hard_silu
 _BY_NAME = {f.__name__: f for f in (linear, relu, leaky_relu, elu, selu, gelu, silu,
-                                    sigmoid, tanh, softmax)}
-_REGISTRY = Registry("activation", types.FunctionType, {**_BY_NAME, "swish": silu})
+                                    sigmoid, tanh, softmax, softplus, softsign, relu6,
+                                    hard_sigmoid, hard_silu, mish, exponential, log_softmax)}
+_REGISTRY = Registry("activation", types.FunctionType,
+                     {**_BY_NAME, "swish": silu, "hard_swish": hard_silu})
 
 
 def get(identifier):

@@ -329,6 +329,42 @@ class Activation(Layer):
                 "input_dim": self.input_dim}
 
 
+def _set_affine(layer, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                gamma_regularizer, beta_constraint, gamma_constraint):
+    """A normalization layer's settings of its scale gamma and shift beta."""
+    layer.center, layer.scale = bool(center), bool(scale)
+    layer.beta_initializer = initializers.get(beta_initializer)
+    layer.gamma_initializer = initializers.get(gamma_initializer)
+    layer.beta_regularizer = regularizers.get(beta_regularizer)
+    layer.gamma_regularizer = regularizers.get(gamma_regularizer)
+    layer.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
+    layer.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
+
+
+def _affine_specs(layer, features):
+    """gamma (scale=True) then beta (center=True), Keras' order."""
+    specs = []
+    if layer.scale:
+        specs.append(WeightSpec("gamma", (features,), layer.gamma_initializer, True,
+                                layer.gamma_regularizer, layer.gamma_constraint))
+    if layer.center:
+        specs.append(WeightSpec("beta", (features,), layer.beta_initializer, True,
+                                layer.beta_regularizer, layer.beta_constraint))
+    return specs
+
+
+def _affine_config(layer):
+    return {
+        "center": layer.center, "scale": layer.scale,
+        "beta_initializer": initializers.serialize(layer.beta_initializer),
+        "gamma_initializer": initializers.serialize(layer.gamma_initializer),
+        "beta_regularizer": regularizers.serialize(layer.beta_regularizer),
+        "gamma_regularizer": regularizers.serialize(layer.gamma_regularizer),
+        "beta_constraint": constraints.serialize(layer.beta_constraint),
+        "gamma_constraint": constraints.serialize(layer.gamma_constraint),
+    }
+
+
 class BatchNormalization(Layer):
     """Batch normalization (Ioffe & Szegedy 2015) over the features::
 
@@ -360,26 +396,15 @@ class BatchNormalization(Layer):
         if axis not in (-1, 1):
             raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
         self.momentum, self.epsilon = momentum, epsilon
-        self.center, self.scale = bool(center), bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        _set_affine(self, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                    gamma_regularizer, beta_constraint, gamma_constraint)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
-        self.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
 
     def build(self, input_dim):
         self.input_dim = self.output_dim = input_dim
         f = (input_dim,)
-        specs = []
-        if self.scale:
-            specs.append(WeightSpec("gamma", f, self.gamma_initializer, True,
-                                    self.gamma_regularizer, self.gamma_constraint))
-        if self.center:
-            specs.append(WeightSpec("beta", f, self.beta_initializer, True,
-                                    self.beta_regularizer, self.beta_constraint))
+        specs = _affine_specs(self, input_dim)
         specs.append(WeightSpec("moving_mean", f, self.moving_mean_initializer, False))
         specs.append(WeightSpec("moving_variance", f, self.moving_variance_initializer, False))
         self.weight_specs = specs
@@ -424,17 +449,10 @@ class BatchNormalization(Layer):
     def get_config(self):
         return {
             "name": self.name, "trainable": self.trainable, "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center, "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "epsilon": self.epsilon, **_affine_config(self),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
             "moving_variance_initializer":
                 initializers.serialize(self.moving_variance_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "input_dim": self.input_dim,
         }
 
@@ -841,6 +859,206 @@ def Input(shape=None, batch_size=None, dtype=None, batch_shape=None, name=None, 
     return InputLayer(shape, batch_size, dtype, batch_shape, name, **kwargs)
 
 
+class LayerNormalization(Layer):
+    """Layer normalization (Ba, Kiros & Hinton 2016) of each row over its
+    features::
+
+        mu, var = mean and biased variance of the row
+        y = gamma * (x - mu) / sqrt(var + epsilon) + beta
+
+    The statistics are the row's own, so the layer is the same in training
+    and inference and works at any batch size, 1 included. gamma
+    (scale=True) and beta (center=True) are trained; weights in
+    get_weights() order: gamma, beta. Statistics are accumulated in double
+    in two passes over the row, so rows with a large mean and a tiny spread
+    keep their digits in float32. epsilon finite and > 0."""
+
+    epsilon = Hyper(check_real, low=0.0, low_open=True)
+
+    def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, rms_scaling=False,
+                 beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None,
+                 input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
+        if axis not in (-1, 1) or isinstance(axis, bool):
+            raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
+        if rms_scaling:
+            raise ValueError("rms_scaling: only False (mean and variance) is implemented")
+        self.epsilon = epsilon
+        _set_affine(self, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                    gamma_regularizer, beta_constraint, gamma_constraint)
+
+    def build(self, input_dim):
+        self.input_dim = self.output_dim = input_dim
+        self.weight_specs = _affine_specs(self, input_dim)
+        return input_dim
+
+    def _allocate(self, cap, dtype, need_dx):
+        super()._allocate(cap, dtype, need_dx)
+        self._mean, self._rstd = np.zeros(cap), np.ones(cap)
+        self._work = np.empty(2 * self.input_dim)   # the column sums of backward
+
+    def forward(self, x, training=False, logits=False):
+        b = x.shape[0]
+        out = self._out[:b]
+        _core.layernorm_forward(x, self.weights.get("gamma"), self.weights.get("beta"), out,
+                                self._mean[:b], self._rstd[:b], self.epsilon)
+        self._x = x
+        return out
+
+    def backward(self, dout, need_dx=True):
+        b = dout.shape[0]
+        dx = self._dx[:b] if need_dx else dout   # dout is scratch
+        _core.layernorm_backward(dout, self._x, self._mean[:b], self._rstd[:b],
+                                 self.weights.get("gamma"), dx, self.grads.get("gamma"),
+                                 self.grads.get("beta"), self._work)
+        return dx if need_dx else None
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "axis": -1, "epsilon": self.epsilon,
+                **_affine_config(self), "input_dim": self.input_dim}
+
+
+class _ActivationWith(Activation):
+    """An Activation layer whose slope or scale is a layer argument
+    (``setting`` names it, Keras 3's name)."""
+
+    setting = None
+
+    def __init__(self, activation, value, input_dim, input_shape, name, trainable):
+        super().__init__(activation, input_dim, input_shape, name, trainable)
+        value = check_real(self.setting, value, low=0.0)
+        setattr(self, self.setting, value)
+        self._alpha = value
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                self.setting: getattr(self, self.setting), "input_dim": self.input_dim}
+
+
+class LeakyReLU(_ActivationWith):
+    """``y = x if x > 0 else negative_slope * x`` (Keras default 0.3)."""
+
+    setting = "negative_slope"
+
+    def __init__(self, negative_slope=0.3, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__("leaky_relu", negative_slope, input_dim, input_shape, name,
+                         trainable)
+
+
+class ELU(_ActivationWith):
+    """``y = x if x > 0 else alpha * (exp(x) - 1)`` (alpha = 1.0)."""
+
+    setting = "alpha"
+
+    def __init__(self, alpha=1.0, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        super().__init__("elu", alpha, input_dim, input_shape, name, trainable)
+
+
+class Softmax(Activation):
+    """Softmax over the features (``axis=-1``)."""
+
+    def __init__(self, axis=-1, input_dim=None, input_shape=None, name=None,
+                 trainable=True):
+        if axis not in (-1, 1) or isinstance(axis, bool):
+            raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
+        super().__init__("softmax", input_dim, input_shape, name, trainable)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "axis": -1,
+                "input_dim": self.input_dim}
+
+
+class ReLU(Layer):
+    """Keras 3's ReLU layer, one compiled pass each way::
+
+        y = min(x, max_value)                  for x > threshold
+        y = negative_slope * (x - threshold)   for x <= threshold
+
+    max_value None (no cap) or >= 0; negative_slope and threshold >= 0.
+    The derivative is 1 on (threshold, max_value), 0 above max_value and
+    negative_slope at or below threshold."""
+
+    max_value = Hyper(check_real, low=0.0, none=True)
+    negative_slope = Hyper(check_real, low=0.0)
+    threshold = Hyper(check_real, low=0.0)
+
+    def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, input_dim=None,
+                 input_shape=None, name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
+        self.max_value, self.negative_slope, self.threshold = max_value, negative_slope, threshold
+
+    def _options(self):
+        cap = np.inf if self.max_value is None else self.max_value
+        return self.negative_slope, self.threshold, cap
+
+    def forward(self, x, training=False, logits=False):
+        out = self._out[:x.shape[0]]
+        _core.relu_forward(x, out, *self._options())
+        self._x = x
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if not need_dx:
+            return None
+        dx = self._dx[:dout.shape[0]]
+        _core.relu_backward(dout, self._x, dx, *self._options())
+        return dx
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "max_value": self.max_value,
+                "negative_slope": self.negative_slope, "threshold": self.threshold,
+                "input_dim": self.input_dim}
+
+
+class PReLU(Layer):
+    """Parametric ReLU (He et al. 2015): ``y = x if x > 0 else alpha * x``
+    with alpha (features,) trained; its gradient is
+    ``sum over rows of dout * min(x, 0)``. alpha starts at zeros (Keras'
+    default, where the layer begins as a ReLU). shared_axes: None only (one
+    slope per feature)."""
+
+    def __init__(self, alpha_initializer="zeros", alpha_regularizer=None,
+                 alpha_constraint=None, shared_axes=None, input_dim=None, input_shape=None,
+                 name=None,
+                 trainable=True):
+        super().__init__(name, input_dim, input_shape, trainable)
+        if shared_axes is not None:
+            raise ValueError(f"shared_axes: expected None (one slope per feature of a 2-D "
+                             f"input), got {shared_axes!r}")
+        self.alpha_initializer = initializers.get(alpha_initializer)
+        self.alpha_regularizer = regularizers.get(alpha_regularizer)
+        self.alpha_constraint = constraints.check(alpha_constraint, 1, "alpha_constraint")
+
+    def build(self, input_dim):
+        self.input_dim = self.output_dim = input_dim
+        self.weight_specs = [WeightSpec("alpha", (input_dim,), self.alpha_initializer, True,
+                                        self.alpha_regularizer, self.alpha_constraint)]
+        return input_dim
+
+    def forward(self, x, training=False, logits=False):
+        out = self._out[:x.shape[0]]
+        _core.prelu_forward(x, self.weights["alpha"], out)
+        self._x = x
+        return out
+
+    def backward(self, dout, need_dx=True):
+        dx = self._dx[:dout.shape[0]] if need_dx else dout   # dout is scratch
+        _core.prelu_backward(dout, self._x, self.weights["alpha"], dx, self.grads["alpha"])
+        return dx if need_dx else None
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "alpha_initializer": initializers.serialize(self.alpha_initializer),
+                "alpha_regularizer": regularizers.serialize(self.alpha_regularizer),
+                "alpha_constraint": constraints.serialize(self.alpha_constraint),
+                "shared_axes": None, "input_dim": self.input_dim}
+
+
 _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
                                       "dropout": Dropout, "gaussian_noise": GaussianNoise,
@@ -848,7 +1066,10 @@ _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "alpha_dropout": AlphaDropout, "identity": Identity,
                                       "flatten": Flatten, "rescaling": Rescaling,
                                       "normalization": Normalization,
-                                      "input_layer": InputLayer})
+                                      "input_layer": InputLayer,
+                                      "layer_normalization": LayerNormalization,
+                                      "relu": ReLU, "leaky_relu": LeakyReLU, "prelu": PReLU,
+                                      "elu": ELU, "softmax": Softmax})
 
 
 def get(identifier):

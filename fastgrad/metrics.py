@@ -99,7 +99,7 @@ def get(identifier, loss_name=None):
     if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
         if loss_name == "sparse_categorical_crossentropy":
             return SparseCategoricalAccuracy()
-        if loss_name == "binary_crossentropy":
+        if loss_name in ("binary_crossentropy", "binary_focal_crossentropy"):
             return BinaryAccuracy()
         return CategoricalAccuracy()
     return _REGISTRY.get(identifier)

@@ -15,6 +15,7 @@ and evaluation compute the loss from its logits, fused and stable; predict
 returns the activation's output.
 """
 import json
+import re
 import threading
 
 import numpy as np
@@ -31,7 +32,8 @@ __all__ = ["Sequential", "load_model", "model_from_json", "clone_model"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",
-          "binary_crossentropy": "sigmoid"}
+          "binary_crossentropy": "sigmoid", "binary_focal_crossentropy": "sigmoid",
+          "categorical_focal_crossentropy": "softmax"}
 
 
 def _check_compile_extras(loss_weights, weighted_metrics, run_eagerly, steps_per_execution,
@@ -55,8 +57,10 @@ def _check_compile_extras(loss_weights, weighted_metrics, run_eagerly, steps_per
 
 
 def snake_case(name):
-    """"BatchNormalization" -> "batch_normalization"."""
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    """"BatchNormalization" -> "batch_normalization", "PReLU" -> "p_re_lu"
+    (Keras' rule: a capital starts a word, a run of capitals is one)."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 class Sequential(Trainer, HasVariables):
@@ -418,8 +422,10 @@ class Sequential(Trainer, HasVariables):
         b = h.shape[0]
         prob = self._prob[:b] if self._fused else None
         rows = None if weights is None else self._rows[:b]
+        lo = self.loss
         loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
-                                           self._from_logits, self.loss.delta)
+                                           self._from_logits, lo.delta, lo.alpha, lo.gamma,
+                                           lo.apply_class_balancing)
         if weights is not None:
             loss = float(rows @ weights) / b
             if d is not None:

@@ -28,12 +28,16 @@ _DEFAULT_ALPHA = {"leaky_relu": 0.2, "elu": 1.0}
 # name -> (code in csrc/fastgrad.h, default alpha)
 ACTIVATIONS = {name: (code, _DEFAULT_ALPHA.get(name, 0.0))
                for name, code in _core.ACTIVATION_CODES.items()}
+# Keras' other names of the same functions ("swish" is silu), taken by
+# every function that takes an activation name
+ACTIVATION_ALIASES = dict(_core.ACTIVATION_ALIASES)
 NEEDS_PRE = _core.ACTIVATIONS_NEEDING_PRE  # derivative needs z, not just y
 
 # name -> code in csrc/fastgrad.h
 LOSSES = dict(_core.LOSS_CODES)
 _TAKES_LOGITS = frozenset({"binary_crossentropy", "categorical_crossentropy",
-                           "sparse_categorical_crossentropy"})
+                           "sparse_categorical_crossentropy", "binary_focal_crossentropy",
+                           "categorical_focal_crossentropy"})
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -122,10 +126,10 @@ def _in_place_or_apart(name, buf, **inputs):
 def _activation(activation, alpha):
     if not isinstance(activation, str):
         raise TypeError(f"activation: expected a name, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
+    if activation not in ACTIVATIONS and activation not in ACTIVATION_ALIASES:
         raise ValueError(f"activation: unknown name {activation!r}; expected one of "
-                         f"{', '.join(ACTIVATIONS)}")
-    code, default = ACTIVATIONS[activation]
+                         f"{', '.join([*ACTIVATIONS, *ACTIVATION_ALIASES])}")
+    code, default = ACTIVATIONS[ACTIVATION_ALIASES.get(activation, activation)]
     alpha = default if alpha is None else _real("alpha", alpha)
     if activation in ("leaky_relu", "elu") and not alpha >= 0:
         raise ValueError(f"alpha: expected a value >= 0 for {activation}, got {alpha}")
@@ -280,14 +284,17 @@ def _labels(y, batch, classes=None):
 
 
 def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
-                          grad=True, per_sample=False):
+                          grad=True, per_sample=False, alpha=0.25, gamma=2.0,
+                          apply_class_balancing=False):
     """Loss averaged over the batch and its gradient with respect to y_pred.
 
     loss is one of :data:`LOSSES` (formulas in :mod:`fastgrad.losses`).
     With ``from_logits`` (cross-entropies only) y_pred holds logits and the
-    loss and gradient come from them directly, stably. Returns
-    ``(loss, dy_pred)`` (``dy_pred`` is None when ``grad`` is False), and the
-    per-sample losses as a third item when ``per_sample`` is True."""
+    loss and gradient come from them directly, stably. ``delta`` is Huber's;
+    ``alpha``, ``gamma`` and ``apply_class_balancing`` are the focal
+    losses' (Keras defaults). Returns ``(loss, dy_pred)`` (``dy_pred`` is
+    None when ``grad`` is False), and the per-sample losses as a third item
+    when ``per_sample`` is True."""
     if not isinstance(loss, str) or loss not in LOSSES:
         raise ValueError(f"loss: unknown name {loss!r}; expected one of {', '.join(LOSSES)}")
     dt = _dtype_of("y_pred", y_pred)
@@ -298,6 +305,9 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
     delta = _real("delta", delta)
     if not delta > 0:
         raise ValueError(f"delta: expected a positive number, got {delta}")
+    alpha, gamma = _real("alpha", alpha), _real("gamma", gamma)
+    if not gamma >= 0:
+        raise ValueError(f"gamma: expected a number >= 0, got {gamma}")
     target = labels = None
     if loss == "sparse_categorical_crossentropy":
         labels = _labels(y_true, y_pred.shape[0], y_pred.shape[1])
@@ -309,7 +319,8 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
     d = np.empty_like(y_pred) if grad else None
     rows = np.empty(y_pred.shape[0], dt) if per_sample else None
     value = _core.loss_forward_backward(y_pred, target, labels, rows, d, None, kind,
-                                        bool(from_logits), float(delta))
+                                        bool(from_logits), delta, alpha, gamma,
+                                        bool(apply_class_balancing))
     return (value, d, rows) if per_sample else (value, d)
 
 
@@ -503,6 +514,24 @@ def batchnorm_forward(x, gamma=None, beta=None, moving_mean=None, moving_varianc
     return out, mean, rstd
 
 
+def _norm_backward_args(dout, x, mean, rstd, gamma, dx, per_row):
+    """The checked arguments of a normalization's backward, with its new
+    dgamma and dbeta: mean and rstd float64, one per row (per_row) or one
+    per feature."""
+    dt = _dtype_of("dout", dout)
+    x = _input("x", x, dt, 2)
+    b, f = x.shape
+    dout = _input("dout", dout, dt, 2, x.shape)
+    n = b if per_row else f
+    mean = _input("mean", mean, np.dtype(np.float64), 1, (n,))
+    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (n,))
+    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
+    dx = _output("dx", dx, dt, x.shape)
+    _in_place_or_apart("dx", dx, dout=dout)
+    _no_overlap("dx", dx, x, mean, rstd, gamma)
+    return dout, x, mean, rstd, gamma, dx, np.empty(f, dt), np.empty(f, dt)
+
+
 def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
     """BatchNormalization backward for training statistics::
 
@@ -511,17 +540,8 @@ def batchnorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
         dx = gamma * rstd / B * (B * dout - dbeta - xhat * dgamma)
 
     Returns ``(dx, dgamma, dbeta)``."""
-    dt = _dtype_of("dout", dout)
-    x = _input("x", x, dt, 2)
-    f = x.shape[1]
-    dout = _input("dout", dout, dt, 2, x.shape)
-    mean = _input("mean", mean, np.dtype(np.float64), 1, (f,))
-    rstd = _input("rstd", rstd, np.dtype(np.float64), 1, (f,))
-    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
-    dx = _output("dx", dx, dt, x.shape)
-    _in_place_or_apart("dx", dx, dout=dout)
-    _no_overlap("dx", dx, x, mean, rstd, gamma)
-    dgamma, dbeta = np.empty(f, dt), np.empty(f, dt)
+    dout, x, mean, rstd, gamma, dx, dgamma, dbeta = _norm_backward_args(
+        dout, x, mean, rstd, gamma, dx, per_row=False)
     _core.batchnorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
@@ -548,3 +568,108 @@ def sum_squares(x):
     """``sum(x**2)`` of any float array, accumulated in float64."""
     _dtype_of("x", x)
     return _core.sum_squares(np.require(x, requirements=['C', 'A']).reshape(-1))
+
+
+def layernorm_forward(x, gamma=None, beta=None, epsilon=1e-3, out=None):
+    """LayerNormalization forward over the last axis (formula in
+    fastgrad.layers.LayerNormalization), the same in training and inference.
+
+    x is (batch, features); gamma, beta (features,) or None (scale 1, shift
+    0). Returns ``(out, mean, rstd)`` with mean and rstd = 1 / sqrt(var +
+    epsilon) as float64 (batch,), which layernorm_backward takes."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    f = x.shape[1]
+    if f < 1:
+        raise ValueError(f"x: expected at least one feature, got shape {x.shape}")
+    epsilon = _real("epsilon", epsilon)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon: expected a positive number, got {epsilon!r}")
+    gamma = None if gamma is None else _input("gamma", gamma, dt, 1, (f,))
+    beta = None if beta is None else _input("beta", beta, dt, 1, (f,))
+    out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
+    _no_overlap("out", out, gamma, beta)
+    mean, rstd = np.empty(x.shape[0]), np.empty(x.shape[0])
+    _core.layernorm_forward(x, gamma, beta, out, mean, rstd, epsilon)
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
+    """LayerNormalization backward, per row (B rows, F features)::
+
+        xhat = (x - mean) * rstd;  g = dout * gamma
+        dx = rstd * (g - g.mean(1) - xhat * (g * xhat).mean(1))
+        dgamma = (dout * xhat).sum(0);  dbeta = dout.sum(0)
+
+    Returns ``(dx, dgamma, dbeta)``."""
+    dout, x, mean, rstd, gamma, dx, dgamma, dbeta = _norm_backward_args(
+        dout, x, mean, rstd, gamma, dx, per_row=True)
+    _core.layernorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta,
+                             np.empty(2 * x.shape[1]))
+    return dx, dgamma, dbeta
+
+
+def _relu_options(negative_slope, threshold, max_value):
+    slope, threshold = _real("negative_slope", negative_slope), _real("threshold", threshold)
+    cap = math.inf if max_value is None else _real("max_value", max_value)
+    for name, v in (("negative_slope", slope), ("threshold", threshold), ("max_value", cap)):
+        if not v >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    return slope, threshold, cap
+
+
+def relu_forward(x, negative_slope=0.0, max_value=None, threshold=0.0, out=None):
+    """Keras 3's relu with its options (max_value None: no cap)::
+
+        out = x if threshold < x < max_value, max_value above it,
+              negative_slope * (x - threshold) for x <= threshold
+
+    Returns ``out``."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    options = _relu_options(negative_slope, threshold, max_value)
+    out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
+    _core.relu_forward(x, out, *options)
+    return out
+
+
+def relu_backward(dout, x, negative_slope=0.0, max_value=None, threshold=0.0, dx=None):
+    """``dx = dout * relu'(x)``: 1 on (threshold, max_value), 0 above,
+    negative_slope at or below threshold. Returns ``dx``."""
+    dt = _dtype_of("dout", dout)
+    dout = _input("dout", dout, dt, 2)
+    x = _input("x", x, dt, 2, dout.shape)
+    options = _relu_options(negative_slope, threshold, max_value)
+    dx = _output("dx", dx, dt, dout.shape)
+    _in_place_or_apart("dx", dx, dout=dout, x=x)
+    _core.relu_backward(dout, x, dx, *options)
+    return dx
+
+
+def prelu_forward(x, alpha, out=None):
+    """PReLU: ``out = x if x > 0 else alpha * x``, alpha (features,). Returns ``out``."""
+    dt = _dtype_of("x", x)
+    x = _input("x", x, dt, 2)
+    alpha = _input("alpha", alpha, dt, 1, (x.shape[1],))
+    out = _output("out", out, dt, x.shape)
+    _in_place_or_apart("out", out, x=x)
+    _no_overlap("out", out, alpha)
+    _core.prelu_forward(x, alpha, out)
+    return out
+
+
+def prelu_backward(dout, x, alpha, dx=None):
+    """PReLU backward: ``dx = dout * (1 if x > 0 else alpha)`` and
+    ``dalpha = (dout * minimum(x, 0)).sum(0)``. Returns ``(dx, dalpha)``."""
+    dt = _dtype_of("dout", dout)
+    dout = _input("dout", dout, dt, 2)
+    x = _input("x", x, dt, 2, dout.shape)
+    alpha = _input("alpha", alpha, dt, 1, (x.shape[1],))
+    dx = _output("dx", dx, dt, dout.shape)
+    _in_place_or_apart("dx", dx, dout=dout)
+    _no_overlap("dx", dx, x, alpha)
+    dalpha = np.empty(x.shape[1], dt)
+    _core.prelu_backward(dout, x, alpha, dx, dalpha)
+    return dx, dalpha

@@ -92,6 +92,27 @@ def ref_act(name, z, alpha=None):
             return np.tanh(z)
         if name == "softmax":
             return softmax(z)
+        if name == "softplus":
+            return np.logaddexp(z, 0.0)
+        if name == "softsign":
+            return z / (1.0 + np.abs(z))
+        if name == "relu6":
+            return np.where(z > 6, 6.0, np.where(z > 0, z, 0.0)) + np.where(np.isnan(z), z, 0.0)
+        if name in ("hard_sigmoid", "hard_silu", "hard_swish"):
+            t = z + 3.0
+            hs = (np.where(t > 6, 6.0, np.where(t > 0, t, 0.0))
+                  + np.where(np.isnan(t), t, 0.0)) / 6
+            return hs if name == "hard_sigmoid" else z * hs
+        if name == "mish":
+            return z * np.tanh(np.logaddexp(z, 0.0))
+        if name == "exponential":
+            return np.exp(z)
+        if name == "log_softmax":
+            if z.shape[-1] == 0:
+                return z.copy()
+            return z - special.logsumexp(z, axis=-1, keepdims=True)
+        if name == "swish":
+            return z * special.expit(z)
     raise KeyError(f"no reference for activation {name!r}")
 
 
@@ -112,6 +133,11 @@ def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
         y = softmax(z) if y is None else y
         dz = y * (g - np.sum(g * y, axis=-1, keepdims=True))
         b = y * (np.abs(g) + np.sum(np.abs(g) * y, axis=-1, keepdims=True))
+        return (dz, b) if bound else dz
+    if name == "log_softmax":
+        sm = np.exp(ref_act("log_softmax", z) if y is None else y)
+        dz = g - sm * np.sum(g, axis=-1, keepdims=True)
+        b = np.abs(g) + sm * np.sum(np.abs(g), axis=-1, keepdims=True)
         return (dz, b) if bound else dz
     pos = (z > 0) if y is None else (y > 0)
     terms = None   # magnitudes of the terms the documented slope sums, if several
@@ -143,6 +169,29 @@ def ref_act_vjp(name, z, g, alpha=None, y=None, bound=False):
     elif name == "tanh":
         t = np.tanh(z) if y is None else y
         slope, terms = 1.0 - t ** 2, 1.0 + t ** 2
+    elif name == "softplus":
+        slope = special.expit(z)
+    elif name == "softsign":
+        slope = 1.0 / (1.0 + np.abs(z)) ** 2
+    elif name == "relu6":
+        inside = (z > 0) & (z < 6) if y is None else (y > 0) & (y < 6)
+        slope = inside.astype(F64)
+    elif name == "hard_sigmoid":
+        inside = (z > -3) & (z < 3) if y is None else (y > 0) & (y < 1)
+        slope = np.where(inside, 1.0 / 6.0, 0.0)
+    elif name in ("hard_silu", "hard_swish"):
+        slope = np.where(z >= 3, 1.0, np.where(z > -3, (2.0 * z + 3.0) / 6.0, 0.0))
+        terms = np.where((z > -3) & (z < 3), (2.0 * np.abs(z) + 3.0) / 6.0, np.abs(slope))
+    elif name == "mish":
+        with np.errstate(all="ignore"):
+            sp = np.logaddexp(z, 0.0)
+            first, second = np.tanh(sp), z * special.expit(z) / np.cosh(sp) ** 2
+        slope, terms = first + second, np.abs(first) + np.abs(second)
+    elif name == "exponential":
+        slope = np.exp(z) if y is None else y
+    elif name == "swish":
+        s = special.expit(z)
+        slope, terms = s * (1.0 + z * (1.0 - s)), s * (1.0 + np.abs(z))
     else:
         raise KeyError(f"no reference for activation {name!r}")
     dz = g * slope
@@ -239,9 +288,98 @@ def ref_loss(kind, y_true, y_pred, from_logits=False, delta=1.0):
             rb = np.sum(np.where(t != 0, at * np.abs(logq), 0.0), axis=1)
             db = (np.sum(np.where(inside, at, 0.0), axis=1, keepdims=True)
                   + np.where(inside & (t != 0), np.abs(t / q), 0.0)) / np.abs(s) / B
+        elif kind in NEW_LOSSES:
+            rows, d = ref_new_loss(kind, t, p, from_logits)
+            # terms of the size of the inputs, for the tolerance
+            rb = np.abs(rows) + np.mean(at + ap, axis=1) if O else np.abs(rows)
+            db = np.abs(d) + (at + ap + 1.0) / max(B * O, 1)
         else:
             raise KeyError(f"no reference for loss {kind!r}")
     return (float(rows.mean()) if B else 0.0), rows, d, rb, db
+
+
+NEW_LOSSES = ("log_cosh", "kl_divergence", "poisson", "hinge", "squared_hinge",
+              "categorical_hinge", "mape", "msle", "cosine_similarity",
+              "binary_focal_crossentropy", "categorical_focal_crossentropy")
+
+
+def ref_new_loss(loss, t, p, from_logits=False, alpha=0.25, gamma=2.0, balancing=False):
+    """(rows, gradient of the batch mean) of the losses added with the
+    focal ones, float64, each by its documented formula (Keras 3's)."""
+    B, O = p.shape
+    e = p - t
+    if loss == "log_cosh":
+        return np.mean(np.logaddexp(e, -e) - np.log(2.0), axis=1), np.tanh(e) / (B * O)
+    if loss == "kl_divergence":
+        tc, pc = np.clip(t, EPS, 1.0), np.clip(p, EPS, 1.0)
+        inside = (p > EPS) & (p < 1.0)
+        return np.sum(tc * np.log(tc / pc), axis=1), np.where(inside, -tc / pc, 0.0) / B
+    if loss == "poisson":
+        return np.mean(p - t * np.log(p + EPS), axis=1), (1.0 - t / (p + EPS)) / (B * O)
+    if loss in ("hinge", "squared_hinge"):
+        tt = 2.0 * t - 1.0 if np.all((t == 0) | (t == 1)) else t
+        m = np.maximum(1.0 - tt * p, 0.0)
+        if loss == "hinge":
+            return np.mean(m, axis=1), np.where(m > 0, -tt, 0.0) / (B * O)
+        return np.mean(m * m, axis=1), -2.0 * tt * m / (B * O)
+    if loss == "categorical_hinge":
+        pos = np.sum(t * p, axis=1)
+        v = (1.0 - t) * p
+        k = np.argmax(v, axis=1)
+        m = v[np.arange(B), k] - pos + 1.0
+        d = -t.copy()
+        d[np.arange(B), k] += 1.0 - t[np.arange(B), k]
+        return np.maximum(m, 0.0), np.where((m > 0)[:, None], d, 0.0) / B
+    if loss == "mape":
+        den = np.maximum(np.abs(t), EPS)
+        return 100.0 * np.mean(np.abs(e) / den, axis=1), 100.0 * np.sign(e) / den / (B * O)
+    if loss == "msle":
+        pc = np.maximum(p, EPS)
+        a = np.log1p(pc) - np.log1p(np.maximum(t, EPS))
+        return np.mean(a * a, axis=1), np.where(p > EPS, 2.0 * a / (1.0 + pc), 0.0) / (B * O)
+    if loss == "cosine_similarity":
+        with np.errstate(divide="ignore"):   # 1 / 0 = inf, then capped
+            it = np.minimum(1.0 / np.sqrt(np.sum(t * t, axis=1, keepdims=True)), 1.0 / EPS)
+            ip = np.minimum(1.0 / np.sqrt(np.sum(p * p, axis=1, keepdims=True)), 1.0 / EPS)
+        dot = np.sum(t * p, axis=1, keepdims=True)
+        return -(dot * it * ip)[:, 0], -it * ip * (t - dot * ip * ip * p) / B
+    if loss == "binary_focal_crossentropy":
+        w = alpha * t + (1 - alpha) * (1 - t) if balancing else np.ones_like(t)
+        if from_logits:
+            s = special.expit(p)
+            bce = t * np.logaddexp(0.0, -p) + (1 - t) * np.logaddexp(0.0, p)
+            om = t * (1 - s) + (1 - t) * s
+            dbce, dom = s - t, (1 - 2 * t) * s * (1 - s)
+        else:
+            pc = np.clip(p, EPS, 1 - EPS)
+            bce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+            om = 1 - (t * p + (1 - t) * (1 - p))
+            dbce = np.where((p >= EPS) & (p <= 1 - EPS), -t / pc + (1 - t) / (1 - pc), 0.0)
+            dom = 1 - 2 * t
+        rows = np.mean(w * om ** gamma * bce, axis=1)
+        dff = gamma * om ** (gamma - 1) * dom if gamma else 0.0
+        return rows, w * (om ** gamma * dbce + dff * bce) / (B * O)
+    if loss == "categorical_focal_crossentropy":
+        if from_logits:
+            lq = p - special.logsumexp(p, axis=1, keepdims=True)
+            q = np.exp(lq)
+            inside = np.ones_like(q, bool)
+        else:
+            s = p.sum(axis=1, keepdims=True)
+            q = p / s
+            inside = (q >= EPS) & (q <= 1 - EPS)
+            lq = np.log(np.clip(q, EPS, 1 - EPS))
+        qc = np.exp(lq)
+        ratio = 1.0 if from_logits else q / qc   # q over its clipped value
+        rows = -np.sum(alpha * (1 - qc) ** gamma * t * lq, axis=1)
+        # c q with c = dl/dq, multiplied out so that q = 0 gives no 0 / 0
+        cq = np.where(inside, alpha * t * ((gamma * (1 - qc) ** (gamma - 1) * lq * q
+                                            if gamma else 0) - (1 - qc) ** gamma * ratio), 0.0)
+        total = np.sum(cq, axis=1, keepdims=True)
+        if from_logits:
+            return rows, (cq - q * total) / B
+        return rows, (cq / q - total) / s / B
+    raise KeyError(f"no reference for loss {loss!r}")
 
 
 def ref_loss_value(kind, y_true, y_pred, from_logits=False, delta=1.0):

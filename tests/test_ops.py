@@ -113,7 +113,12 @@ ACT_CASES = [pytest.param(name, None, id=name) for name in ops.ACTIVATIONS] + [
 ]
 
 # Loss cases: (loss, from_logits, delta)
-LOSS_CASES = [
+LOSS_CASES = [pytest.param(name, False, 1.0, id=name) for name in (
+    "log_cosh", "kl_divergence", "poisson", "hinge", "squared_hinge", "categorical_hinge",
+    "mape", "msle", "cosine_similarity", "binary_focal_crossentropy",
+    "categorical_focal_crossentropy")] + [
+    pytest.param("binary_focal_crossentropy", True, 1.0, id="bfce-logits"),
+    pytest.param("categorical_focal_crossentropy", True, 1.0, id="cfce-logits"),
     pytest.param("mse", False, 1.0, id="mse"),
     pytest.param("mae", False, 1.0, id="mae"),
     pytest.param("huber", False, 1.0, id="huber"),
@@ -126,6 +131,7 @@ LOSS_CASES = [
     pytest.param("sparse_categorical_crossentropy", True, 1.0, id="scce-logits"),
 ]
 LOGIT_LOSSES = ["binary_crossentropy", "categorical_crossentropy",
+                "binary_focal_crossentropy", "categorical_focal_crossentropy",
                 "sparse_categorical_crossentropy"]
 
 
@@ -149,10 +155,36 @@ def make_loss_data(loss, from_logits, shape, rng, delta=1.0):
         t = rng.uniform(0.0, 1.0, shape)  # soft, not normalized: sum(t) != 1
     elif loss == "sparse_categorical_crossentropy":
         t = rng.integers(0, O, size=B)
+    elif loss == "categorical_focal_crossentropy":
+        t = one_hot(rng.integers(0, O, size=B), O)
     else:
-        raise KeyError(loss)
+        return make_new_loss_data(loss, from_logits, shape, rng)
     p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.2, 1.0, shape)
     return t, p
+
+
+def make_new_loss_data(loss, from_logits, shape, rng):
+    """(y_true, y_pred) for the losses of ref_new_loss, off their kinks."""
+    B, O = shape
+    if loss == "binary_focal_crossentropy":
+        t = (rng.random(shape) < 0.5).astype(F64)
+        p = normal(rng, shape, std=3.0) if from_logits else rng.uniform(0.05, 0.95, shape)
+        return t, p
+    if loss in ("hinge", "squared_hinge"):
+        t = (rng.random(shape) < 0.5).astype(F64)   # {0, 1}: mapped to {-1, 1}
+        # 1 - t' p off 0: |p| away from 1
+        mag = np.where(rng.random(shape) < 0.5, rng.uniform(0.1, 0.8, shape),
+                       rng.uniform(1.2, 2.5, shape))
+        return t, mag * np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+    if loss == "categorical_hinge":
+        t = one_hot(rng.integers(0, O, size=B), O)
+        return t, normal(rng, shape, std=0.3)
+    if loss in ("kl_divergence", "poisson", "msle"):
+        return rng.uniform(0.05, 0.95, shape), rng.uniform(0.05, 0.95, shape)
+    if loss in ("log_cosh", "mape", "cosine_similarity"):
+        t = normal(rng, shape) + np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+        return t, t + rng.uniform(0.1, 1.0, shape) * np.where(rng.random(shape) < 0.5, -1, 1)
+    raise KeyError(loss)
 
 
 def test_tables_are_covered_by_the_references():
@@ -164,7 +196,8 @@ def test_tables_are_covered_by_the_references():
     for name in ops.LOSSES:
         t, p = make_loss_data(name, False, (3, 4), np.random.default_rng(0))
         ref_loss(name, t, p)
-    assert ops.NEEDS_PRE == {"gelu", "silu"}
+    assert ops.NEEDS_PRE == {"gelu", "silu", "swish", "softplus", "softsign", "hard_silu",
+                             "hard_swish", "mish"}
     codes = [code for code, _ in ops.ACTIVATIONS.values()]
     assert sorted(codes) == list(range(len(codes)))
     assert sorted(ops.LOSSES.values()) == list(range(len(ops.LOSSES)))
@@ -802,7 +835,7 @@ _BAD = [
     ("dfwd-kernel-1d", lambda: ops.dense_forward(_a(2, 3), _a(3)), ValueError, "^kernel:"),
     ("dfwd-bias-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(3)), ValueError, "^bias:"),
     ("dfwd-bias-2d", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), _a(1, 4)), ValueError, "^bias:"),
-    ("dfwd-act-unknown", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="swish"), ValueError, "^activation:"),
+    ("dfwd-act-unknown", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="swishy"), ValueError, "^activation:"),
     ("dfwd-act-type", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation=1), TypeError, "^activation:"),
     ("dfwd-alpha-neg", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), activation="leaky_relu", alpha=-0.1), ValueError, "^alpha:"),
     ("dfwd-out-shape", lambda: ops.dense_forward(_a(2, 3), _a(3, 4), out=_a(4, 2)), ValueError, "^out:"),
@@ -844,7 +877,7 @@ _BAD = [
     ("afwd-x-list", lambda: ops.activation_forward([[1.0, -1.0]], "relu"), TypeError, "^x:"),
     ("afwd-x-3d", lambda: ops.activation_forward(_a(2, 3, 4), "relu"), ValueError, "^x:"),
     ("afwd-x-1d", lambda: ops.activation_forward(_a(3), "softmax"), ValueError, "^x:"),
-    ("afwd-act-unknown", lambda: ops.activation_forward(_a(2, 3), "softplus"), ValueError, "^activation:"),
+    ("afwd-act-unknown", lambda: ops.activation_forward(_a(2, 3), "softplux"), ValueError, "^activation:"),
     ("afwd-act-none", lambda: ops.activation_forward(_a(2, 3), None), TypeError, "^activation:"),
     ("afwd-alpha-neg", lambda: ops.activation_forward(_a(2, 3), "elu", alpha=-1.0), ValueError, "^alpha:"),
     ("afwd-out-shape", lambda: ops.activation_forward(_a(2, 3), "relu", out=_a(3, 2)), ValueError, "^out:"),
@@ -864,7 +897,7 @@ _BAD = [
     ("abwd-x-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu", x=_a(2, 4)), ValueError, "^x:"),
     ("abwd-x-missing-gelu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "gelu"), ValueError, "^x:"),
     ("abwd-x-missing-silu", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "silu"), ValueError, "^x:"),
-    ("abwd-act-unknown", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "hard_sigmoid"), ValueError, "^activation:"),
+    ("abwd-act-unknown", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "hard_sigmoidal"), ValueError, "^activation:"),
     ("abwd-dx-shape", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_a(2, 2)), ValueError, "^dx:"),
     ("abwd-dx-fortran", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=_fortran(2, 3)), ValueError, "^dx:"),
     ("abwd-dx-readonly", lambda: ops.activation_backward(_a(2, 3), _a(2, 3), "relu", dx=readonly(_a(2, 3))), ValueError, "^dx:"),

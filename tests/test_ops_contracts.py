@@ -369,7 +369,8 @@ def test_matmul_and_dense_refuse_overlapping_outputs_by_name(case):
 def test_one_table_of_codes():
     assert {k: v[0] for k, v in ops.ACTIVATIONS.items()} == _core.ACTIVATION_CODES
     assert ops.LOSSES == _core.LOSS_CODES
-    assert ops.NEEDS_PRE == {"gelu", "silu"}
+    assert ops.NEEDS_PRE == {"gelu", "silu", "swish", "softplus", "softsign", "hard_silu",
+                             "hard_swish", "mish"}
     for table in (_core.ACTIVATION_CODES, _core.LOSS_CODES, _core.OPTIMIZER_CODES,
                   _core.CONSTRAINT_CODES):
         assert sorted(table.values()) == list(range(len(table)))

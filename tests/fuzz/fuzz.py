@@ -796,7 +796,9 @@ def _gen_call(r):
     kernel = r.choice(["matmul", "dense_forward", "dense_backward", "activation_forward",
                        "activation_backward", "loss_forward_backward", "batchnorm_forward",
                        "batchnorm_backward", "dropout", "sum_squares", "sgd_step",
-                       "rmsprop_step", "adam_step", "adagrad_step"])
+                       "rmsprop_step", "adam_step", "adagrad_step", "layernorm_forward",
+                       "layernorm_backward", "relu_forward", "relu_backward",
+                       "prelu_forward", "prelu_backward"])
     act = r.choice(ACT_NAMES)
     kw, written, out_like = {}, set(), {}
     if kernel == "matmul":
@@ -869,6 +871,32 @@ def _gen_call(r):
         if r.chance(0.6):
             kw["gamma"] = arr((F,))
         out_like["dx"] = (B, F)
+    elif kernel == "layernorm_forward":
+        kw.update(x=arr((B, O)), epsilon=r.choice([1e-3, 1e-7, 1.0]))
+        for name in ("gamma", "beta"):
+            if r.chance(0.6):
+                kw[name] = arr((O,))
+        out_like["out"] = (B, O)
+    elif kernel == "layernorm_backward":
+        x = arr((B, max(O, 1)))
+        with np.errstate(all="ignore"):
+            _, mean, rstd = ops.layernorm_forward(x)
+        kw.update(dout=arr(x.shape), x=x, mean=mean, rstd=rstd)
+        if r.chance(0.6):
+            kw["gamma"] = arr((x.shape[1],))
+        out_like["dx"] = x.shape
+    elif kernel in ("relu_forward", "relu_backward"):
+        kw["x"] = arr((B, O))
+        if kernel == "relu_backward":
+            kw["dout"] = arr((B, O))
+        kw.update(negative_slope=r.choice([0.0, 0.1, 2.0]), threshold=r.choice([0.0, 0.5]),
+                  max_value=r.choice([None, 6.0, 0.0]))
+        out_like["out" if kernel == "relu_forward" else "dx"] = (B, O)
+    elif kernel in ("prelu_forward", "prelu_backward"):
+        kw.update(x=arr((B, O)), alpha=arr((O,)))
+        if kernel == "prelu_backward":
+            kw["dout"] = arr((B, O))
+        out_like["out" if kernel == "prelu_forward" else "dx"] = (B, O)
     elif kernel == "dropout":
         kw.update(x=arr((B, O)), rate=r.choice([0.0, 0.1, 0.5, 0.99]),
                   seed=r.int(0, 2**64 - 1), offset=r.choice([0, 1, r.int(0, 2**64 - 1)]))
@@ -1039,6 +1067,23 @@ def _expect(call, result):
         arrcheck(dx, x.shape, kw["dout"].dtype, "dx")
         arrcheck(dg, (x.shape[1],), kw["dout"].dtype, "dgamma")
         arrcheck(db, (x.shape[1],), kw["dout"].dtype, "dbeta")
+    elif k == "layernorm_forward":
+        out, mean, rstd = result
+        x = kw["x"]
+        arrcheck(out, x.shape, what="out")
+        arrcheck(mean, (x.shape[0],), np.float64, "mean")
+        arrcheck(rstd, (x.shape[0],), np.float64, "rstd")
+    elif k in ("layernorm_backward", "prelu_backward"):
+        x = kw["x"]
+        dx, *rest = result
+        arrcheck(dx, x.shape, kw["dout"].dtype, "dx")
+        for r_ in rest:
+            arrcheck(r_, (x.shape[1],), kw["dout"].dtype, "dgamma, dbeta or dalpha")
+    elif k in ("relu_forward", "prelu_forward", "relu_backward"):
+        arrcheck(result, kw["x"].shape)
+        out = kw.get("out", kw.get("dx"))
+        if out is not None and result is not out:
+            raise HarnessFailure(f"{k} did not return its output")
     elif k == "sum_squares":
         if not isinstance(result, float):
             raise HarnessFailure(f"sum_squares returned {type(result).__name__}")
