@@ -213,16 +213,18 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
 /* Loss value and gradient in one pass.
  * pred, target, dpred, prob are (B,O); labels is (B) for the sparse loss
  * (target is then unused). rows (B) receives each l_i. Any of rows, dpred,
- * prob may be NULL.
- * loss = (1/B) sum_i l_i, with l_i the per-row loss (see losses.py);
+ * prob, weights may be NULL.
+ * loss = (1/B) sum_i w_i l_i, with l_i the per-row loss (see losses.py) and
+ * w_i = weights[i] (1 when weights is NULL): Keras's sum_over_batch_size,
+ * which divides by the rows, not by the sum of the weights;
  * dpred = d loss / d pred, or d loss / d logits when from_logits.
  * prob receives sigmoid/softmax(pred) when from_logits.
  * param is Huber's delta. */
 FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
                                 const T *pred, const T *target,
-                                const int64_t *labels, ptrdiff_t B,
-                                ptrdiff_t O, int kind, int from_logits,
-                                double param)
+                                const int64_t *labels, const T *weights,
+                                ptrdiff_t B, ptrdiff_t O, int kind,
+                                int from_logits, double param)
 {
     if (kind < 0 || kind >= FG_N_LOSSES) return FG_ELOSS;
     if (kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY) {
@@ -230,11 +232,15 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
             if (labels[i] < 0 || labels[i] >= O) return FG_ELABEL;
     }
     const double eps = FG_EPSILON;
-    const double invB = B > 0 ? 1.0 / (double)B : 0.0;
-    const double invBO = (B > 0 && O > 0) ? invB / (double)O : 0.0;
+    const double invB_all = B > 0 ? 1.0 / (double)B : 0.0;
+    const double invBO_all = (B > 0 && O > 0) ? invB_all / (double)O : 0.0;
     double total = 0.0;
 
     for (ptrdiff_t i = 0; i < B; i++) {
+        /* a row's weight scales its share of the mean, hence its gradient */
+        const double wi = weights ? (double)weights[i] : 1.0;
+        const double invB = weights ? invB_all * wi : invB_all;
+        const double invBO = weights ? invBO_all * wi : invBO_all;
         const T *p = pred + i * O;
         const T *t = target ? target + i * O : NULL;
         T *d = dpred ? dpred + i * O : NULL;
@@ -361,9 +367,9 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
         }
         }
         if (rows) rows[i] = (T)row;
-        total += row;
+        total += weights ? wi * row : row;
     }
-    *loss = total * invB;
+    *loss = total * invB_all;
     return FG_OK;
 }
 

@@ -233,7 +233,6 @@ class Sequential(Trainer):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
-        self._rows = np.empty(batch, self.dtype)
 
     def _forward(self, x, training, logits):
         h = x
@@ -245,17 +244,12 @@ class Sequential(Trainer):
     def _batch_loss(self, h, target, labels, d, weights=None):
         """(loss, predictions) of a batch's outputs h (logits when fused);
         with d, the loss's gradient with respect to h lands in it. With row
-        weights w, the loss is sum_i w_i l_i / rows and row i's gradient is
-        scaled by w_i."""
-        b = h.shape[0]
-        prob = self._prob[:b] if self._fused else None
-        rows = None if weights is None else self._rows[:b]
-        loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
-                                           self._from_logits, self.loss.delta)
-        if weights is not None:
-            loss = float(rows @ weights) / b
-            if d is not None:
-                np.multiply(d, weights[:, None], out=d)
+        weights w (the model's dtype, one per row), the compiled loss gives
+        sum_i w_i l_i / rows and scales row i's gradient by w_i (Keras's
+        sum_over_batch_size)."""
+        prob = self._prob[:h.shape[0]] if self._fused else None
+        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
+                                           self._from_logits, self.loss.delta, weights)
         return loss, (prob if self._fused else h)
 
     def _batch_metrics(self, pred, target, labels):
