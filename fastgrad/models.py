@@ -4,10 +4,9 @@ All trainable parameters live in one contiguous array (``model.params``),
 their gradients in another (``model.grads``) and non-trainable state (such
 as BatchNormalization's moving statistics) in a third; layers and the
 optimizer hold views. A training step is one compiled call per layer and
-direction, one for the loss and two for the optimizer, writing into buffers
-allocated for the largest batch seen: after the first step it allocates no
-arrays beyond the compiled metrics' NumPy temporaries, sized by the batch's
-predictions (fastgrad.metrics).
+direction, one for the loss, two for the optimizer and one per metric,
+writing into buffers allocated for the largest batch seen: after the first
+step it allocates no arrays.
 
 When the last layer's activation is softmax (with categorical or sparse
 categorical cross-entropy) or sigmoid (with binary cross-entropy), training
@@ -60,6 +59,7 @@ class Sequential(Trainer):
         self.built = False
         self.optimizer = self.loss = None
         self.metrics = []
+        self._loss_sum = self._loss_rows = 0.0
         self.stop_training = False
         self.history = None
         self._rng = np.random.default_rng(seed)
@@ -175,9 +175,11 @@ class Sequential(Trainer):
             raise TypeError(f"metrics: expected a list of metric names or "
                             f"fastgrad.metrics.Metric objects, got {metrics!r}")
         metrics = list(metrics)
-        mets = [metrics_mod.get(m, loss_obj.name) for m in metrics]
-        names = [m if isinstance(m, str) else m.name for m in metrics]
-        names = ["accuracy" if n in ("acc", "accuracy") else n for n in names]
+        mets = [metrics_mod.get(m) for m in metrics]
+        names = [m.name for m in mets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metrics: two metrics share a name in {names}; give each "
+                             "metric object its own name=")
         last = self.layers[-1] if self.layers else None
         act = getattr(last, "activation", None)
         fused = (not loss_obj.from_logits and loss_obj.name in _FUSED
@@ -190,6 +192,7 @@ class Sequential(Trainer):
         if self.built:
             opt.build(self.params, self.grads, self._tensors)
         self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
+        self.reset_metrics()
         self._metric_names, self._metric_specs = names, metrics
         self._fused, self._from_logits = fused, loss_obj.from_logits or fused
         self._loss_code = loss_code
@@ -252,9 +255,11 @@ class Sequential(Trainer):
                                            self._from_logits, self.loss.delta, weights)
         return loss, (prob if self._fused else h)
 
-    def _batch_metrics(self, pred, target, labels):
-        y_true = labels if labels is not None else target
-        return [m(y_true, pred, self._from_logits and not self._fused) for m in self.metrics]
+    def _update_metrics(self, pred, target, labels):
+        """Add a batch's predictions to every compiled metric (unweighted, as
+        Keras's ``metrics``)."""
+        for m in self.metrics:
+            m._update(pred, target, labels, None)
 
     def _forward_backward(self, x, target, labels, weights=None):
         """(loss, predictions) of a batch in training mode; the gradients
@@ -268,15 +273,16 @@ class Sequential(Trainer):
             d = self.layers[i].backward(d, i > 0)
         return loss, pred
 
-    def _train_step(self, x, target, labels):
-        """One optimizer step; (loss with penalties, metrics or None)."""
+    def _train_step(self, x, target, labels, weights=None):
+        """One optimizer step (rows weighted as in _batch_loss); returns the
+        loss with penalties and adds the batch to the metrics."""
         opt, stateful = self.optimizer, self.state.size > 0
         if stateful:
             np.copyto(self._state_before, self.state)
         counters = [(layer, layer.counter) for layer in self._dropouts]
         steps, finished = opt.iterations, False
         try:
-            loss, pred = self._forward_backward(x, target, labels)
+            loss, pred = self._forward_backward(x, target, labels, weights)
             rec = opt.apply()
             finished = True
         finally:
@@ -288,10 +294,9 @@ class Sequential(Trainer):
             if not finished and opt.iterations == steps:
                 for layer, counter in counters:
                     layer.counter = counter
-        loss += rec.penalty
-        if not self.metrics:
-            return loss, None
-        return loss, self._batch_metrics(pred, target, labels)
+        if self.metrics:
+            self._update_metrics(pred, target, labels)
+        return loss + rec.penalty
 
     def _penalty(self):
         """The regularization penalties at the current weights."""
