@@ -245,11 +245,16 @@ class _Accuracy(Metric):
         if self._inner is not None:
             self._inner.reset_state()
 
+    def resolved(self, outputs, sparse):
+        """The accuracy for a model of ``outputs`` columns trained on class
+        labels (``sparse``) or targets, named as this one."""
+        cls = (BinaryAccuracy if outputs == 1 else
+               SparseCategoricalAccuracy if sparse else CategoricalAccuracy)
+        return cls(name=self.name)
+
     def _resolve(self, pred, labels):
         if self._inner is None:
-            cls = (BinaryAccuracy if pred.shape[1] == 1 else
-                   SparseCategoricalAccuracy if labels is not None else CategoricalAccuracy)
-            self._inner = cls(name=self.name)
+            self._inner = self.resolved(pred.shape[1], labels is not None)
         return self._inner
 
     def update_state(self, y_true, y_pred, sample_weight=None):

@@ -191,6 +191,10 @@ class Sequential(Trainer):
             self.build()
         if self.built:
             opt.build(self.params, self.grads, self._tensors)
+            # "accuracy" is known from the outputs now (else on the first batch)
+            sparse = loss_obj.name == "sparse_categorical_crossentropy"
+            mets = [m.resolved(self.output_dim, sparse) if isinstance(m, metrics_mod._Accuracy)
+                    else m for m in mets]
         self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
         self.reset_metrics()
         self._metric_names, self._metric_specs = names, metrics
