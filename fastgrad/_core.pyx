@@ -764,7 +764,7 @@ def metric_update(int kind, const floating[:, ::1] pred not None, const floating
                 v = _argmax(p, O) == lab
             elif kind == 2:
                 for j in range(O):   # as Keras: a target of 0.7 never matches
-                    v += (1.0 if p[j] > param else 0.0) == <double>t[j]
+                    v += (1.0 if p[j] > <floating>param else 0.0) == <double>t[j]
                 v /= O
             elif kind == 3 or kind == 4:
                 for j in range(O):
@@ -794,12 +794,14 @@ def metric_update(int kind, const floating[:, ::1] pred not None, const floating
 def confusion_update(const floating[:, ::1] pred not None, const floating[:, ::1] target not None,
                      const floating[::1] weights, const double[::1] thresholds not None,
                      double[:, ::1] state not None):
-    """Add a batch to confusion counts at each threshold t_k, over every
-    entry (rows weighted by w_i): state[0, k] true positives (p > t_k, y !=
+    """Add a batch to confusion counts at each threshold t_k (compared in the
+    predictions' precision, as Keras does), over every entry (rows weighted
+    by w_i): state[0, k] true positives (p > t_k, y !=
     0), state[1, k] false positives, state[2, k] true negatives, state[3, k]
     false negatives."""
     cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], T = thresholds.shape[0], i, j, q
-    cdef double w, p
+    cdef double w
+    cdef floating p
     cdef bint pos
     _same2(target, B, O, "y")
     _len1(weights, B, False, "weights")
@@ -811,7 +813,7 @@ def confusion_update(const floating[:, ::1] pred not None, const floating[:, ::1
                 p = pred[i, j]
                 pos = target[i, j] != 0.0
                 for q in range(T):
-                    if p > thresholds[q]:
+                    if p > <floating>thresholds[q]:
                         state[0 if pos else 1, q] += w
                     else:
                         state[3 if pos else 2, q] += w

@@ -128,8 +128,12 @@ class CallbackList:
         return bool(self._batch[mode, when])
 
     def _call(self, hook, *args):
+        # as Keras: the callbacks share one copy of the logs, so that what one
+        # adds (learning_rate) reaches those after it, not the caller's dict
+        *args, logs = args
+        logs = None if logs is None else dict(logs)
         for cb in self.callbacks:
-            getattr(cb, hook)(*args)
+            getattr(cb, hook)(*args, logs)
 
     def on_train_begin(self, logs=None):
         self._call("on_train_begin", logs)

@@ -37,6 +37,7 @@ BinaryAccuracy, integer labels SparseCategoricalAccuracy, otherwise
 CategoricalAccuracy.
 """
 import math
+import re
 
 import numpy as np
 
@@ -45,7 +46,9 @@ from fastgrad._utils import Hyper, Registry, check_int, check_real
 
 
 def _snake(name):
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    """"TruePositives" -> "true_positives", "AUC" -> "auc" (Keras's rule)."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _pred_2d(y_pred):
