@@ -6,7 +6,7 @@ from cython cimport floating
 from libc.float cimport DBL_MAX
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
-from libc.math cimport ceil, fabs, sqrt
+from libc.math cimport ceil, fabs, log, sqrt
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -844,3 +844,61 @@ def bucket_update(const floating[:, ::1] pred not None, const floating[:, ::1] t
                 b = <Py_ssize_t>ceil(p * top) - 1
                 b = 0 if b < 0 else b
                 hist[0 if target[i, j] != 0.0 else 1, b] += w
+
+
+cdef inline double _div0(double a, double b) noexcept nogil:
+    return a / b if b != 0.0 else 0.0   # Keras's divide_no_nan
+
+
+def auc_result(double[:, ::1] conf not None, const double[:, ::1] hist, bint pr,
+               int method):
+    """Area under the curve from confusion counts conf (4, T): rows TP, FP,
+    TN, FN at thresholds in increasing order. With hist (2, T) (bucket_update's
+    histograms) the counts are first made from it into conf: TP_k = sum of
+    positives in buckets >= k, FP_k likewise, TN_k = negatives - FP_k, FN_k =
+    positives - TP_k. pr: precision-recall curve, else ROC. method: 0
+    interpolation (for PR, Davis and Goadrich's: each interval adds
+    slope (dTP + intercept log(P_A / P_B)) / (TP_B + FN_B) with P = TP + FP
+    linear in between), 1 minoring, 2 majoring (Riemann sums of the lower or
+    upper ends). Keras 3's formulas, in float64."""
+    cdef Py_ssize_t T = conf.shape[1], i
+    cdef double pos = 0.0, neg = 0.0, tp, fp, total = 0.0, x0, x1, y0, y1, h
+    cdef double dtp, p0, p1, dp, slope, ratio
+    _check(conf.shape[0] == 4 and T >= 2, "conf: expected shape (4, thresholds >= 2)")
+    _check(0 <= method <= 2, "method: expected 0, 1 or 2")
+    if hist is not None:
+        _check(hist.shape[0] == 2 and hist.shape[1] == T, "hist: expected shape (2, T)")
+    with nogil:
+        if hist is not None:
+            tp = fp = 0.0
+            for i in range(T - 1, -1, -1):
+                tp += hist[0, i]
+                fp += hist[1, i]
+                conf[0, i], conf[1, i] = tp, fp
+            pos, neg = tp, fp
+            for i in range(T):
+                conf[2, i] = neg - conf[1, i]
+                conf[3, i] = pos - conf[0, i]
+        for i in range(T - 1):
+            if pr and method == 0:
+                dtp = conf[0, i] - conf[0, i + 1]
+                p0 = conf[0, i] + conf[1, i]
+                p1 = conf[0, i + 1] + conf[1, i + 1]
+                dp = p0 - p1
+                slope = _div0(dtp, dp if dp > 0 else 0.0)
+                ratio = _div0(p0, p1 if p1 > 0 else 0.0) if p0 > 0 and p1 > 0 else 1.0
+                total += _div0(slope * (dtp + (conf[0, i + 1] - slope * p1) * log(ratio)),
+                               max(conf[0, i + 1] + conf[3, i + 1], 0.0))
+                continue
+            y0 = _div0(conf[0, i], conf[0, i] + conf[3, i])          # recall
+            y1 = _div0(conf[0, i + 1], conf[0, i + 1] + conf[3, i + 1])
+            if pr:   # x = recall, y = precision
+                x0, x1 = y0, y1
+                y0 = _div0(conf[0, i], conf[0, i] + conf[1, i])
+                y1 = _div0(conf[0, i + 1], conf[0, i + 1] + conf[1, i + 1])
+            else:    # x = false positive rate, y = recall
+                x0 = _div0(conf[1, i], conf[1, i] + conf[2, i])
+                x1 = _div0(conf[1, i + 1], conf[1, i + 1] + conf[2, i + 1])
+            h = (y0 + y1) / 2 if method == 0 else (min(y0, y1) if method == 1 else max(y0, y1))
+            total += (x0 - x1) * h
+    return total

@@ -418,45 +418,10 @@ class AUC(Metric):
         else:
             _core.confusion_update(pred, target, weights, self.thresholds, self._counts)
 
-    def _confusion(self):
-        """(tp, fp, tn, fn) at each threshold."""
-        if not self._even:
-            return self._counts
-        tp = np.cumsum(self._hist[0, ::-1])[::-1]
-        fp = np.cumsum(self._hist[1, ::-1])[::-1]
-        return np.stack([tp, fp, self._hist[1].sum() - fp, self._hist[0].sum() - tp])
-
     def result(self):
-        tp, fp, tn, fn = self._confusion()
-        if self.curve == "PR" and self.summation_method == "interpolation":
-            return self._interpolate_pr(tp, fp, fn)
-        recall = _ratio(tp, tp + fn)
-        if self.curve == "ROC":
-            x, y = _ratio(fp, fp + tn), recall
-        else:
-            x, y = recall, _ratio(tp, tp + fp)
-        if self.summation_method == "interpolation":
-            heights = (y[:-1] + y[1:]) / 2
-        elif self.summation_method == "minoring":
-            heights = np.minimum(y[:-1], y[1:])
-        else:
-            heights = np.maximum(y[:-1], y[1:])
-        return float(np.sum((x[:-1] - x[1:]) * heights))
-
-    @staticmethod
-    def _interpolate_pr(tp, fp, fn):
-        """Precision taken to vary as TP / P with TP and P = TP + FP linear
-        between thresholds: each interval adds slope (dTP + intercept
-        log(P_A / P_B)) / (TP_B + FN_B)."""
-        dtp = tp[:-1] - tp[1:]
-        p = tp + fp
-        dp = p[:-1] - p[1:]
-        slope = _ratio(dtp, np.maximum(dp, 0))
-        intercept = tp[1:] - slope * p[1:]
-        both = (p[:-1] > 0) & (p[1:] > 0)
-        ratio = np.where(both, _ratio(p[:-1], np.maximum(p[1:], 0)), 1.0)
-        inc = _ratio(slope * (dtp + intercept * np.log(ratio)), np.maximum(tp[1:] + fn[1:], 0))
-        return float(np.sum(inc))
+        method = ("interpolation", "minoring", "majoring").index(self.summation_method)
+        return _core.auc_result(self._counts, self._hist if self._even else None,
+                                self.curve == "PR", method)
 
     def get_config(self):
         return {**super().get_config(), "num_thresholds": self.num_thresholds,
