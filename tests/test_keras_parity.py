@@ -23,7 +23,6 @@ Both start from the same weights with ``shuffle=False``. Compared:
 import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -33,8 +32,9 @@ import pytest
 import fastgrad as fg
 
 # The runner, executed on both sides with ``lib`` the library's adapter:
-# lib.model(d, layers, weights) -> model; lib.metric(spec); lib.callback(spec);
-# lib.optimizer(name, kw); lib.evaluate(model, kw) -> dict; lib.Callback.
+# lib.model(d, layers, weights) -> model; lib.evaluate(model, kw, callbacks)
+# -> dict; lib.Callback; the modules lib.optimizers, lib.metrics,
+# lib.callbacks.
 _RUNNER = r'''
 import os
 
@@ -74,12 +74,26 @@ def make_recorder(base):
     return Recorder
 
 
+def metric(lib, spec):
+    return spec if isinstance(spec, str) else getattr(lib.metrics, spec[0])(**spec[1])
+
+
+def callback(lib, spec, tmp):
+    name, kw = spec
+    if name == "CSVLogger":
+        kw = {**kw, "filename": os.path.join(tmp, "log.csv")}
+    if name == "LambdaCallback":
+        seen = []
+        kw = {"on_epoch_end": lambda e, logs: seen.append(e)}
+    return getattr(lib.callbacks, name)(**kw)
+
+
 def stream(lib, sc):
     """Each metric fed the batches in turn (y_true, y_pred, sample_weight or
     None); its result after each, then after reset_state and one more."""
     out = {}
     for spec in sc["metrics"]:
-        m = lib.metric(spec)
+        m = metric(lib, spec)
         vals = []
         for y, p, w in sc["batches"]:
             m.update_state(np.asarray(y, np.float32), np.asarray(p, np.float32),
@@ -112,14 +126,15 @@ def run(lib, sc, tmp):
         return out
 
     model = lib.model(sc["d"], sc["layers"], [np.asarray(w, np.float32) for w in sc["weights"]])
-    model.compile(optimizer=lib.optimizer(*sc["optimizer"]), loss=sc["loss"],
-                  metrics=[lib.metric(m) for m in sc["metrics"]])
+    name, kw = sc["optimizer"]
+    model.compile(optimizer=getattr(lib.optimizers, name)(**kw), loss=sc["loss"],
+                  metrics=[metric(lib, m) for m in sc["metrics"]])
     Recorder = make_recorder(lib.Callback)
     results = []
     for op, kw in sc["ops"]:
         rec = Recorder()
         kw = args(kw)
-        cbs = [rec] + [lib.callback(c, tmp) for c in kw.pop("callbacks", [])]
+        cbs = [rec] + [callback(lib, c, tmp) for c in kw.pop("callbacks", [])]
         if op == "fit":
             h = model.fit(verbose=0, shuffle=False, callbacks=cbs, **kw)
             out = {"history": {k: [_float(v) for v in vs] for k, vs in h.history.items()}}
@@ -155,23 +170,7 @@ class Lib:
         m.set_weights(weights)
         return m
 
-    @staticmethod
-    def optimizer(name, kw):
-        return getattr(keras.optimizers, name)(**kw)
-
-    @staticmethod
-    def metric(spec):
-        return spec if isinstance(spec, str) else getattr(keras.metrics, spec[0])(**spec[1])
-
-    @staticmethod
-    def callback(spec, tmp):
-        name, kw = spec
-        if name == "CSVLogger":
-            kw = {**kw, "filename": os.path.join(tmp, "log.csv")}
-        if name == "LambdaCallback":
-            seen = []
-            kw = {"on_epoch_end": lambda e, logs: seen.append(e)}
-        return getattr(keras.callbacks, name)(**kw)
+    optimizers, metrics, callbacks = keras.optimizers, keras.metrics, keras.callbacks
 
     @staticmethod
     def evaluate(model, kw, cbs):
@@ -199,23 +198,7 @@ class _FastgradLib:
         m.set_weights(weights)
         return m
 
-    @staticmethod
-    def optimizer(name, kw):
-        return getattr(fg.optimizers, name)(**kw)
-
-    @staticmethod
-    def metric(spec):
-        return spec if isinstance(spec, str) else getattr(fg.metrics, spec[0])(**spec[1])
-
-    @staticmethod
-    def callback(spec, tmp):
-        name, kw = spec
-        if name == "CSVLogger":
-            kw = {**kw, "filename": os.path.join(tmp, "log.csv")}
-        if name == "LambdaCallback":
-            seen = []
-            kw = {"on_epoch_end": lambda e, logs: seen.append(e)}
-        return getattr(fg.callbacks, name)(**kw)
+    optimizers, metrics, callbacks = fg.optimizers, fg.metrics, fg.callbacks
 
     @staticmethod
     def evaluate(model, kw, cbs):
