@@ -27,31 +27,62 @@ PARAMS = {"hidden_layer_sizes": (256, 128), "solver": "adam", "batch_size": 32,
           "max_iter": 30, "tol": 0.0, "n_iter_no_change": 30, "random_state": 0}
 
 
-def digits_case(repeats=3):
-    """{"fastgrad"/"sklearn": {"seconds", "accuracy"}, "speedup", "accuracy_gap"}."""
+def _digits():
+    """(X_train, X_test, y_train, y_test) of the case's split."""
     import numpy as np
     from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier as SkMLP
-
-    from fastgrad.sklearn import MLPClassifier as FgMLP
 
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(np.float32)
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, stratify=y,
-                                              random_state=0)
-    times = {"fastgrad": [], "sklearn": []}
-    accuracy = {}
+    return train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
+
+
+def _estimator(impl):
+    if impl == "fastgrad":
+        from fastgrad.sklearn import MLPClassifier
+    else:
+        from sklearn.neural_network import MLPClassifier
+    return MLPClassifier(**PARAMS)
+
+
+def _fit_quietly(clf, X, y):
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for _ in range(repeats):
-            for name, cls in (("fastgrad", FgMLP), ("sklearn", SkMLP)):
-                clf = cls(**PARAMS)
-                t0 = time.perf_counter()
-                clf.fit(X_tr, y_tr)
-                times[name].append(time.perf_counter() - t0)
-                accuracy[name] = float(clf.score(X_te, y_te))
+        return clf.fit(X, y)
+
+
+def make(impl):
+    """bench/run.py's case: one side's fit, timed in its own process."""
+    import numpy as np
+
+    X_tr, X_te, y_tr, y_te = _digits()
+
+    def fit():
+        return _fit_quietly(_estimator(impl), X_tr, y_tr)
+    return {"run": fit, "result": {"accuracy": np.array(fit().score(X_te, y_te))}}
+
+
+CASES = [{"name": "digits/fit", "make": make, "impls": ("fastgrad", "sklearn"),
+          "reference": "sklearn", "tolerance": 0.005, "samples": 2,
+          "needs": {"fastgrad": ("sklearn",), "sklearn": ("sklearn",)}}]
+
+
+def digits_case(repeats=3):
+    """Both sides in this process, alternating: {"fastgrad"/"sklearn":
+    {"seconds", "accuracy"}, "speedup", "accuracy_gap_points"}."""
+    X_tr, X_te, y_tr, y_te = _digits()
+    times = {"fastgrad": [], "sklearn": []}
+    accuracy = {}
+    for _ in range(repeats):
+        for name in times:
+            clf = _estimator(name)
+            t0 = time.perf_counter()
+            _fit_quietly(clf, X_tr, y_tr)
+            times[name].append(time.perf_counter() - t0)
+            accuracy[name] = float(clf.score(X_te, y_te))
     out = {k: {"seconds": statistics.median(v), "accuracy": accuracy[k]}
            for k, v in times.items()}
     out["speedup"] = out["sklearn"]["seconds"] / out["fastgrad"]["seconds"]

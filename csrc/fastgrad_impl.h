@@ -1,9 +1,13 @@
 /* Kernel template, included by fastgrad.c once per floating type.
  * Before inclusion: T is the element type, S(name) appends the suffix, and
- * SQRT, FABS are T's math functions; EXP_NONPOS (e^x), EXPM1_NONPOS
- * (e^x - 1), both for x <= 0, TANH, GELU and GELU_GRAD (its derivative) are
- * fastgrad's own, in plain arithmetic, so that the loops calling them
- * vectorize (GELU in double keeps the C library's erfc). */
+ * SQRT, FABS are T's math functions; SELECT(c, a, b) is c ? a : b by bit
+ * masks; EXP_NONPOS (e^x), EXPM1_NONPOS (e^x - 1), both for x <= 0, TANH,
+ * GELU and GELU_GRAD (its derivative) are fastgrad's own, in plain
+ * arithmetic, so that the loops calling them vectorize (GELU in double
+ * keeps the C library's erfc).
+ * A loop whose line ends in the comment "vec" must vectorize on every
+ * target ("vec f32": in the float instantiation): tests/test_vectorization.py
+ * reads these markers and the compiler's report. */
 
 /* Column block for the bias-gradient reduction: its double accumulators
  * live on the stack, so the kernels never allocate. */
@@ -11,104 +15,208 @@
 #define FG_COLS 512
 #endif
 
+/* Elements per block of rows in the activation kernels: enough rows of a
+ * narrow layer that each element loop runs long, few enough to stay in L1. */
+#ifndef FG_BLOCK
+#define FG_BLOCK 4096
+#endif
+
 static inline T S(sigmoid)(T z)
 {
     /* exp of -|z| never overflows; sigmoid(-|z|) = e s, sigmoid(|z|) = s */
     T e = EXP_NONPOS(-FABS(z)), sv = (T)1 / ((T)1 + e);
-    return z >= 0 ? sv : e * sv;
+    return SELECT(z >= 0, sv, e * sv);
 }
 
-/* Softmax of one row of length O, in place on y (which holds z on entry). */
-static void S(softmax_row)(T *y, ptrdiff_t O)
+/* Pairwise total of lanes (a power of two), a fixed order. */
+FG_INLINE double S(lanes_total)(double *acc, int lanes)
 {
-    T m = y[0];
-    for (ptrdiff_t j = 1; j < O; j++) if (y[j] > m) m = y[j];
-    for (ptrdiff_t j = 0; j < O; j++) y[j] = EXP_NONPOS(y[j] - m);
-    double sum = 0.0;
-    for (ptrdiff_t j = 0; j < O; j++) sum += y[j];
-    T inv = (T)(1.0 / sum);
-    for (ptrdiff_t j = 0; j < O; j++) y[j] *= inv;
+    for (int h = lanes / 2; h > 0; h /= 2)
+        for (int j = 0; j < h; j++) acc[j] += acc[j + h];
+    return acc[0];
 }
 
-/* e[j] = exp(x[j] - shift) in double for j < n, all arguments <= 0:
- * fastgrad's exponential, which vectorizes, for runs of 16 or more; the C
- * library's for shorter ones, where the polynomial's latency would dominate. */
-static inline void S(exp_shifted)(double *e, const T *x, double shift, ptrdiff_t n)
+/* sum_k x_k y_k (y NULL: sum_k x_k) in double: in order for short rows; for
+ * rows of 32 or more in 16 lanes (lane j takes k = j mod 16) added
+ * pairwise. The order depends on n alone: the same result on every
+ * instruction set. */
+FG_INLINE double S(row_dot)(const T *x, const T *y, ptrdiff_t n)
 {
-    if (n >= 16) for (ptrdiff_t j = 0; j < n; j++) e[j] = fg_exp_nonpos_f64((double)x[j] - shift);
-    else for (ptrdiff_t j = 0; j < n; j++) e[j] = exp((double)x[j] - shift);
+#define FG_TERM(k) (y ? (double)x[k] * (double)y[k] : (double)x[k])
+    double acc[16] = {0};
+    ptrdiff_t k = 0;
+    if (n < 32) {
+        for (; k < n; k++) acc[0] += FG_TERM(k);
+        return acc[0];
+    }
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += FG_TERM(k + j);
+    for (int j = 0; k < n; k++, j++) acc[j] += FG_TERM(k);
+#undef FG_TERM
+    return S(lanes_total)(acc, 16);
+}
+
+/* Largest element of a row (NaN, if first, stays). A running maximum is a
+ * reduction compilers keep scalar without -ffinite-math-only, so long rows
+ * keep 16 running maxima in memory, lane j taking k = j mod 16, updated by
+ * an element-wise loop that vectorizes (not unrolled: unrolled, the lanes
+ * become 16 scalar chains), then compared in order. */
+FG_INLINE T S(row_max)(const T *y, ptrdiff_t n)
+{
+    T l[16], m = y[0];
+    if (n < 32) {
+        for (ptrdiff_t k = 1; k < n; k++) m = SELECT(y[k] > m, y[k], m);
+        return m;
+    }
+    ptrdiff_t k = 16;
+    for (int j = 0; j < 16; j++) l[j] = y[j];
+    for (; k + 16 <= n; k += 16) {
+        const T *v = y + k;
+#if defined(__GNUC__)
+#pragma GCC unroll 1
+#endif
+        for (int j = 0; j < 16; j++) l[j] = SELECT(v[j] > l[j], v[j], l[j]); /* vec */
+    }
+    for (int j = 0; k < n; k++, j++) l[j] = SELECT(y[k] > l[j], y[k], l[j]);
+    for (int j = 1; j < 16; j++) m = SELECT(l[j] > m, l[j], m);
+    return m;
+}
+
+/* Softmax of nr rows of length O > 0, in place on y (which holds z on
+ * entry): each row less its maximum, then one exponential loop over the
+ * whole block (long even when rows are short), then each row times
+ * 1 / its sum. */
+FG_INLINE void S(softmax_rows)(T *y, ptrdiff_t nr, ptrdiff_t O)
+{
+    for (ptrdiff_t i = 0; i < nr; i++) {
+        T *r = y + i * O, m = S(row_max)(r, O);
+        for (ptrdiff_t j = 0; j < O; j++) r[j] = r[j] - m; /* vec */
+    }
+    for (ptrdiff_t k = 0; k < nr * O; k++) y[k] = EXP_NONPOS(y[k]); /* vec */
+    for (ptrdiff_t i = 0; i < nr; i++) {
+        T *r = y + i * O, inv = (T)(1.0 / S(row_dot)(r, NULL, O));
+        for (ptrdiff_t j = 0; j < O; j++) r[j] *= inv; /* vec */
+    }
+}
+
+/* y = act(y) in place over n elements, for every activation but softmax.
+ * Branch-free loops (selects are masks), so that each vectorizes. */
+FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
+{
+    switch (act) {
+    case FG_RELU:      /* z <= 0 ? 0 : z lets NaN through */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(y[k] <= 0, (T)0, y[k]); /* vec */
+        break;
+    case FG_LEAKY_RELU:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(y[k] > 0, y[k], a * y[k]); /* vec */
+        break;
+    case FG_SIGMOID:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = S(sigmoid)(y[k]); /* vec */
+        break;
+    case FG_SILU:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = y[k] * S(sigmoid)(y[k]); /* vec */
+        break;
+    case FG_TANH:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = TANH(y[k]); /* vec */
+        break;
+    case FG_ELU:       /* e^z - 1 of min(z, 0), the unused side finite;
+                        * selected on z <= 0 so that NaN and -0 pass */
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T z = y[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
+            y[k] = SELECT(z <= 0, a * em, z);
+        }
+        break;
+    case FG_SELU:
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T z = y[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
+            y[k] = SELECT(z <= 0, (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em, (T)FG_SELU_SCALE * z);
+        }
+        break;
+    case FG_GELU:
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = GELU(y[k]); /* vec f32 */
+        break;
+    }
 }
 
 /* Dense epilogue: out = act(inp + bias), one pass; inp may be out itself
  * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
- * NULL; pre is (B,O) or NULL and receives z = inp + bias. */
+ * NULL; pre is (B,O) or NULL and receives z = inp + bias. Rows go in
+ * blocks of about FG_BLOCK elements, each finished while in L1. */
 FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
                            ptrdiff_t B, ptrdiff_t O, int act, double alpha,
                            fg_act_stats *stats)
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
+    if (O <= 0) return FG_OK;
     const T a = (T)alpha;
-    for (ptrdiff_t i = 0; i < B; i++) {
-        const T *x = inp + i * O;
-        T *y = out + i * O;
-        /* z = x + bias into y, then the activation in place on the row while
-         * it is in L1; each loop is branch-free so that it vectorizes */
-        if (bias) for (ptrdiff_t j = 0; j < O; j++) y[j] = x[j] + bias[j];
-        else if (y != x) for (ptrdiff_t j = 0; j < O; j++) y[j] = x[j];
-        if (pre) {
-            T *z = pre + i * O;
-            for (ptrdiff_t j = 0; j < O; j++) z[j] = y[j];
+    const ptrdiff_t rb = O < FG_BLOCK ? FG_BLOCK / O : 1;
+    for (ptrdiff_t i0 = 0; i0 < B; i0 += rb) {
+        const ptrdiff_t nr = B - i0 < rb ? B - i0 : rb, n = nr * O;
+        const T *x = inp + i0 * O;
+        T *y = out + i0 * O;
+        if (bias) {
+            for (ptrdiff_t i = 0; i < nr; i++)
+                for (ptrdiff_t j = 0; j < O; j++) y[i * O + j] = x[i * O + j] + bias[j]; /* vec */
+        } else if (y != x) {
+            for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k];
         }
-        switch (act) {
-        case FG_LINEAR:
-            break;
-        case FG_RELU:      /* z <= 0 ? 0 : z lets NaN through */
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] <= 0 ? (T)0 : y[j];
-            break;
-        case FG_LEAKY_RELU:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] > 0 ? y[j] : a * y[j];
-            break;
-        case FG_SOFTMAX:
-            if (O > 0) S(softmax_row)(y, O);
-            break;
-        case FG_SIGMOID:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = S(sigmoid)(y[j]);
-            break;
-        case FG_SILU:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = y[j] * S(sigmoid)(y[j]);
-            break;
-        case FG_TANH:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = TANH(y[j]);
-            break;
-        case FG_ELU:       /* e^z - 1 of min(z, 0), the unused side finite;
-                            * selected on z <= 0 so that NaN and -0 pass */
-            for (ptrdiff_t j = 0; j < O; j++) {
-                T z = y[j], em = EXPM1_NONPOS(z <= 0 ? z : (T)0);
-                y[j] = z <= 0 ? a * em : z;
-            }
-            break;
-        case FG_SELU:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                T z = y[j], em = EXPM1_NONPOS(z <= 0 ? z : (T)0);
-                y[j] = z <= 0 ? (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em : (T)FG_SELU_SCALE * z;
-            }
-            break;
-        case FG_GELU:
-            for (ptrdiff_t j = 0; j < O; j++) y[j] = GELU(y[j]);
-            break;
-        }
-        if (stats) {   /* only when asked: a second look at the row, in cache */
-            if (act == FG_RELU && stats->alive)
-                for (ptrdiff_t j = 0; j < O; j++) stats->alive[j] |= y[j] > 0;
-            else if (act == FG_SIGMOID)
-                for (ptrdiff_t j = 0; j < O; j++)
-                    stats->saturated += y[j] < (T)0.01 || y[j] > (T)0.99;
-            else if (act == FG_TANH)
-                for (ptrdiff_t j = 0; j < O; j++)
-                    stats->saturated += y[j] < (T)-0.99 || y[j] > (T)0.99;
+        if (pre) for (ptrdiff_t k = 0; k < n; k++) pre[i0 * O + k] = y[k];
+        if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
+        else S(act_inplace)(y, n, act, a);
+        if (!stats) continue;   /* only when asked: a second look, in cache */
+        if (act == FG_RELU && stats->alive) {
+            unsigned char *alive = stats->alive;
+            for (ptrdiff_t i = 0; i < nr; i++)
+                for (ptrdiff_t j = 0; j < O; j++) alive[j] |= y[i * O + j] > 0;
+        } else if (act == FG_SIGMOID || act == FG_TANH) {
+            const T lo = act == FG_SIGMOID ? (T)0.01 : (T)-0.99;
+            int64_t sat = 0;
+            for (ptrdiff_t k = 0; k < n; k++) sat += (y[k] < lo) | (y[k] > (T)0.99);
+            stats->saturated += sat;
         }
     }
     return FG_OK;
+}
+
+/* dpre = dout * act'(z) over n elements, every activation but softmax;
+ * z is pre, or y where the derivative needs no z. Branch-free loops. */
+FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
+                        int act, T a)
+{
+    switch (act) {
+    case FG_LINEAR:
+        if (d != g) for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k];
+        break;
+    case FG_RELU:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = SELECT(y[k] > 0, g[k], (T)0); /* vec */
+        break;
+    case FG_LEAKY_RELU:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = SELECT(y[k] > 0, g[k], a * g[k]); /* vec */
+        break;
+    case FG_ELU:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = SELECT(y[k] > 0, g[k], g[k] * (y[k] + a)); /* vec */
+        break;
+    case FG_SIGMOID:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * y[k] * ((T)1 - y[k]); /* vec */
+        break;
+    case FG_TANH:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * ((T)1 - y[k] * y[k]); /* vec */
+        break;
+    case FG_SILU:
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
+            T s = S(sigmoid)(z[k]);
+            d[k] = g[k] * (s * ((T)1 + z[k] * ((T)1 - s)));
+        }
+        break;
+    case FG_SELU:
+        for (ptrdiff_t k = 0; k < n; k++) /* vec */
+            d[k] = g[k] * SELECT(y[k] > 0, (T)FG_SELU_SCALE,
+                                 y[k] + (T)(FG_SELU_SCALE * FG_SELU_ALPHA));
+        break;
+    case FG_GELU:
+        for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k] * GELU_GRAD(z[k]); /* vec f32 */
+        break;
+    }
 }
 
 /* Activation backward with the bias gradient fused in.
@@ -126,88 +234,46 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
 
     if (act == FG_SOFTMAX) {
         /* dz_j = y_j (g_j - sum_k g_k y_k): the row's dot product comes first,
-         * so rows are done whole; the bias reduction then reads dpre. */
+         * so rows are done whole; the bias sums below then read dpre. */
         for (ptrdiff_t i = 0; i < B; i++) {
             const T *g = dout + i * O, *y = out + i * O;
             T *d = dpre + i * O;
-            double dot = 0.0;
-            for (ptrdiff_t j = 0; j < O; j++) dot += (double)g[j] * (double)y[j];
-            for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - (T)dot);
+            const T dot = (T)S(row_dot)(g, y, O);
+            for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - dot); /* vec */
         }
         if (!dbias) return FG_OK;
-        for (ptrdiff_t c0 = 0; c0 < O; c0 += FG_COLS) {
-            ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
-            for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
-            for (ptrdiff_t i = 0; i < B; i++) {
-                const T *d = dpre + i * O + c0;
-                for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];
-            }
-            for (ptrdiff_t j = 0; j < w; j++) dbias[c0 + j] = (T)acc[j];
-        }
-        return FG_OK;
+        act = FG_LINEAR;
+        dout = dpre;
     }
 
-    /* Element-wise activations: column blocks so the double accumulators
-     * fit on the stack; per row, one branch-free loop for the slope and one
-     * for the bias sums, each vectorizable. */
+    /* Column blocks, so that the double accumulators fit on the stack; when
+     * one block spans whole rows, the slope runs over blocks of rows at once.
+     * Then the block's rows are added into the bias sums, from L1. */
     for (ptrdiff_t c0 = 0; c0 < O; c0 += FG_COLS) {
-        ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
+        const ptrdiff_t w = O - c0 < FG_COLS ? O - c0 : FG_COLS;
+        const ptrdiff_t rb = w == O ? (O < FG_BLOCK ? FG_BLOCK / O : 1) : 1;
         for (ptrdiff_t j = 0; j < w; j++) acc[j] = 0.0;
-        for (ptrdiff_t i = 0; i < B; i++) {
-            ptrdiff_t off = i * O + c0;
-            const T *g = dout + off, *y = out + off;
-            const T *z = pre ? pre + off : y;
+        for (ptrdiff_t i0 = 0; i0 < B; i0 += rb) {
+            const ptrdiff_t nr = B - i0 < rb ? B - i0 : rb, off = i0 * O + c0;
             T *d = dpre + off;
-            switch (act) {
-            case FG_LINEAR:
-                if (d != g) for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j];
-                break;
-            case FG_RELU:
-                for (ptrdiff_t j = 0; j < w; j++) {
-                    T gj = g[j];   /* loaded unconditionally: the select vectorizes */
-                    d[j] = y[j] > 0 ? gj : (T)0;
-                }
-                break;
-            case FG_LEAKY_RELU:
-                for (ptrdiff_t j = 0; j < w; j++) {
-                    T gj = g[j];
-                    d[j] = y[j] > 0 ? gj : a * gj;
-                }
-                break;
-            case FG_ELU:
-                for (ptrdiff_t j = 0; j < w; j++) {
-                    T gj = g[j], yj = y[j];
-                    d[j] = yj > 0 ? gj : gj * (yj + a);
-                }
-                break;
-            case FG_SIGMOID:
-                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * y[j] * ((T)1 - y[j]);
-                break;
-            case FG_TANH:
-                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * ((T)1 - y[j] * y[j]);
-                break;
-            case FG_SILU:
-                for (ptrdiff_t j = 0; j < w; j++) {
-                    T sj = S(sigmoid)(z[j]);
-                    d[j] = g[j] * (sj * ((T)1 + z[j] * ((T)1 - sj)));
-                }
-                break;
-            case FG_SELU:
-                for (ptrdiff_t j = 0; j < w; j++) {
-                    T yj = y[j];
-                    d[j] = g[j] * (yj > 0 ? (T)FG_SELU_SCALE
-                                          : yj + (T)(FG_SELU_SCALE * FG_SELU_ALPHA));
-                }
-                break;
-            case FG_GELU:
-                for (ptrdiff_t j = 0; j < w; j++) d[j] = g[j] * GELU_GRAD(z[j]);
-                break;
-            }
-            if (dbias) for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[j];
+            S(slope)(d, dout + off, out + off, pre ? pre + off : out + off,
+                     w == O ? nr * O : w, act, a);
+            if (dbias)
+                for (ptrdiff_t i = 0; i < nr; i++)
+                    for (ptrdiff_t j = 0; j < w; j++) acc[j] += d[i * O + j]; /* vec */
         }
         if (dbias) for (ptrdiff_t j = 0; j < w; j++) dbias[c0 + j] = (T)acc[j];
     }
     return FG_OK;
+}
+
+/* e[j] = exp(x[j] - shift) in double for j < n, all arguments <= 0:
+ * fastgrad's exponential, which vectorizes, for runs of 16 or more; the C
+ * library's for shorter ones, where the polynomial's latency would dominate. */
+static inline void S(exp_shifted)(double *e, const T *x, double shift, ptrdiff_t n)
+{
+    if (n >= 16) for (ptrdiff_t j = 0; j < n; j++) e[j] = fg_exp_nonpos_f64((double)x[j] - shift);
+    else for (ptrdiff_t j = 0; j < n; j++) e[j] = exp((double)x[j] - shift);
 }
 
 /* Loss value and gradient in one pass.
@@ -377,13 +443,6 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
  * elements k = j mod 32): enough independent chains to hide the add latency
  * once vectorized. The lanes are then added pairwise. A fixed order: the
  * same result from run to run and from one instruction set to another. */
-FG_INLINE double S(lanes_total)(double *acc, int lanes)
-{
-    for (int h = lanes / 2; h > 0; h /= 2)
-        for (int j = 0; j < h; j++) acc[j] += acc[j + h];
-    return acc[0];
-}
-
 FG_INLINE double S(sumsq)(const T *x, ptrdiff_t n)
 {
     double acc[32] = {0};
@@ -869,13 +928,16 @@ FG_TARGETS void S(fg_batchnorm_backward)(T *dinp, T *dgamma, T *dbeta, const T *
 FG_TARGETS void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double rate,
                            uint64_t seed, uint64_t offset)
 {
-    /* keep when the top 32 bits are below (1 - rate) 2^32 */
+    /* keep when the top 32 bits r are below (1 - rate) 2^32, compared in
+     * 32 bits (no 64-bit vector comparison before SSE4.2): r < lim, or
+     * every r when the bound is 2^32 */
     const uint64_t threshold = (uint64_t)((1.0 - rate) * 4294967296.0);
+    const int all = threshold > 0xFFFFFFFFu;
+    const uint32_t lim = all ? 0xFFFFFFFFu : (uint32_t)threshold;
     const T scale = (T)(1.0 / (1.0 - rate));
-    for (ptrdiff_t k = 0; k < N; k++) {
-        uint64_t r = fg_splitmix64(seed, offset + (uint64_t)k) >> 32;
-        T keep = (T)(r < threshold);   /* no branch: the mask is random */
-        out[k] = inp[k] * (keep * scale);
+    for (ptrdiff_t k = 0; k < N; k++) { /* vec */
+        uint32_t r = (uint32_t)(fg_splitmix64(seed, offset + (uint64_t)k) >> 32);
+        out[k] = inp[k] * SELECT((r < lim) | all, scale, (T)0);
     }
 }
 

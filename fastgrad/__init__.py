@@ -27,14 +27,14 @@ except ImportError as e:
         + (f" (an installed fastgrad is at {_other[0]}: run from another folder to use it)"
            if _other else "")) from e
 
-from fastgrad import (activations, callbacks, constraints, initializers, layers, losses,  # noqa: E402
-                      metrics, models, ops, optimizers, regularizers, saving, schedules)
+from fastgrad import (activations, callbacks, constraints, export, initializers, layers,  # noqa: E402
+                      losses, metrics, models, ops, optimizers, regularizers, saving, schedules)
 from fastgrad.diagnostics import GradientReport, diagnose  # noqa: E402
 from fastgrad.models import Sequential  # noqa: E402
 from fastgrad.saving import load_model  # noqa: E402
 from fastgrad._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 
 __all__ = ["Sequential", "load_model", "diagnose", "GradientReport", "activations", "callbacks",
-           "constraints", "initializers", "layers", "losses", "metrics", "models", "ops",
+           "constraints", "export", "initializers", "layers", "losses", "metrics", "models", "ops",
            "optimizers", "regularizers", "saving", "schedules", "get_num_threads",
            "set_num_threads", "threads", "__version__"]

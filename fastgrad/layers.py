@@ -353,7 +353,6 @@ class Dropout(Layer):
                 "input_dim": self.input_dim}
 
 
-LAYERS = {cls.__name__: cls for cls in (Dense, Activation, BatchNormalization, Dropout)}
 _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
                                       "dropout": Dropout})

@@ -128,14 +128,13 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False):
 mse = mean_squared_error
 mae = mean_absolute_error
 
-_CLASSES = {
+_REGISTRY = Registry("loss", Loss, {
     "mse": MeanSquaredError, "mean_squared_error": MeanSquaredError,
     "mae": MeanAbsoluteError, "mean_absolute_error": MeanAbsoluteError,
     "huber": Huber, "binary_crossentropy": BinaryCrossentropy,
     "categorical_crossentropy": CategoricalCrossentropy,
     "sparse_categorical_crossentropy": SparseCategoricalCrossentropy,
-}
-_REGISTRY = Registry("loss", Loss, _CLASSES)
+})
 _FUNCTIONS = {
     mean_squared_error: MeanSquaredError, mean_absolute_error: MeanAbsoluteError,
     huber: Huber, binary_crossentropy: BinaryCrossentropy,

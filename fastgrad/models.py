@@ -310,10 +310,43 @@ class Sequential(Trainer):
     # -- weights and files ------------------------------------------------
     @locked
     def save(self, path):
-        """Write the model to one file: architecture, weights, optimizer
-        configuration and state, and random-generator state (see
-        fastgrad.saving). The write is atomic."""
+        """Write the model to one file, atomically. A name ending in
+        ``.keras`` gets a Keras 3 archive (fastgrad.keras_format: needs h5py);
+        ``.h5``/``.hdf5`` are refused (weights only: use save_weights); any
+        other name (``.fgm`` by convention) gets fastgrad's own format:
+        architecture, weights, optimizer configuration and state, and
+        random-generator state, for an exact resume (fastgrad.saving)."""
         save_model(self, path)
+
+    @locked
+    def save_weights(self, filepath, overwrite=True):
+        """Write the weights (and optimizer state) to a Keras
+        ``.weights.h5`` file (needs h5py). ``overwrite`` is accepted for
+        Keras compatibility; the file is always replaced, atomically."""
+        from fastgrad import keras_format
+
+        keras_format.save_weights(self, filepath)
+
+    @locked
+    def load_weights(self, filepath):
+        """Read weights written by ``save_weights`` here or in Keras."""
+        from fastgrad import keras_format
+
+        keras_format.load_weights(self, filepath)
+
+    @locked
+    def export(self, filepath, format="onnx", verbose=None):
+        """Export for inference; format "onnx" (fastgrad.export)."""
+        from fastgrad import export
+
+        export.export(self, filepath, format=format)
+
+    def __reduce__(self):
+        # pickle, copy and joblib go through the validated file format
+        from fastgrad import pickling
+
+        with self._lock:
+            return pickling.reduce(self)
 
     @locked
     def get_weights(self):

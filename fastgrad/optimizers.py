@@ -465,9 +465,8 @@ class Adagrad(Optimizer):
                 "epsilon": self.epsilon}
 
 
-# lower-case names, as in Keras
-_CLASSES = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad}
-_REGISTRY = Registry("optimizer", Optimizer, _CLASSES)
+_REGISTRY = Registry("optimizer", Optimizer, {   # lower-case names, as in Keras
+    "sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad})
 
 
 def get(identifier):

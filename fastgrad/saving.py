@@ -58,9 +58,13 @@ def _pad(n):
     return (-n) % _ALIGN
 
 
-def write_file(path, header, arrays):
-    """Write header (a JSON-able dict) and arrays (list of (name, ndarray))
-    atomically to path."""
+def to_bytes(header, arrays):
+    """The file's bytes for header (a JSON-able dict) and arrays (list of
+    (name, ndarray)), as ``write_file`` would write them."""
+    return b"".join(_chunks(header, arrays))
+
+
+def _chunks(header, arrays):
     entries, offset = [], 0
     for name, a in arrays:
         a = np.ascontiguousarray(a)
@@ -74,17 +78,29 @@ def write_file(path, header, arrays):
     blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     start = _PREFIX.size + len(blob)
     start_pad = _pad(start)
+    out = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob) + start_pad), blob,
+           b" " * start_pad]   # JSON allows trailing whitespace
+    for (_, a), e in zip(arrays, entries):
+        out.append(np.ascontiguousarray(a, dtype=_DTYPES[e["dtype"]]).tobytes())
+        out.append(b"\0" * _pad(e["nbytes"]))
+    return out
 
+
+def write_file(path, header, arrays):
+    """Write header (a JSON-able dict) and arrays (list of (name, ndarray))
+    atomically to path."""
+    write_atomic(path, _chunks(header, arrays))
+
+
+def write_atomic(path, chunks):
+    """Write the byte strings in chunks to path through a temporary file in
+    the same folder, moved over path only once complete."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastgrad-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob) + start_pad))
-            f.write(blob)
-            f.write(b" " * start_pad)   # JSON allows trailing whitespace
-            for (_, a), e in zip(arrays, entries):
-                f.write(np.ascontiguousarray(a, dtype=_DTYPES[e["dtype"]]).tobytes())
-                f.write(b"\0" * _pad(e["nbytes"]))
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -103,6 +119,11 @@ def read_file(path):
             data = f.read()
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a folder, not a model file") from None
+    return from_bytes(data, path)
+
+
+def from_bytes(data, path="<bytes>"):
+    """``read_file`` on the file's bytes; path only names them in errors."""
     if len(data) < _PREFIX.size:
         raise ModelFileError(f"{path}: too short to be a fastgrad model file "
                              f"({len(data)} bytes)")
@@ -171,44 +192,75 @@ def _entry(path, i, e, arrays):
 
 # -- models ---------------------------------------------------------------
 def save_model(model, path):
-    """Write ``model`` to ``path``: architecture, weights, optimizer
-    configuration and state, and the random generators' state (shuffling,
-    dropout). ``model.save(path)`` calls this."""
-    from fastgrad import __version__
+    """Write ``model`` to ``path``. A name ending in ``.keras`` gets a Keras 3
+    archive (fastgrad.keras_format); ``.h5``/``.hdf5`` are refused (weights
+    only: ``model.save_weights``); any other name gets this module's format:
+    architecture, weights, optimizer configuration and state, and the random
+    generators' state (shuffling, dropout). ``model.save(path)`` calls this."""
+    from fastgrad import keras_format
 
+    if keras_format.save_kind(path) == "keras":
+        keras_format.save_model(model, path)
+        return
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
                          "the first layer input_dim) before saving")
+    write_file(path, *describe(model))
+
+
+def describe(model):
+    """(header, arrays) of this format for ``model``; a model not built yet
+    (as pickling stores it) has input_dim None and no arrays."""
+    from fastgrad import __version__
+
     header = {
         "format": "fastgrad.model", "fastgrad_version": __version__,
         "model": {"class_name": "Sequential", "config": {
             "name": model.name, "dtype": model.dtype.name, "seed": model.seed,
-            "input_dim": model.input_dim,
+            "input_dim": model.input_dim if model.built else None,
             "layers": [layers.serialize(layer) for layer in model.layers]}},
         "rng": model._rng.bit_generator.state,
         "layers_random": {layer.name: {"seed": layer._seed, "counter": layer.counter}
                           for layer in model.layers if hasattr(layer, "counter")},
         "compile": None,
     }
-    arrays = [(f"weights/{name}", w) for (name, _, _), w in
-              zip(model.weight_shapes(), model.get_weights())]
+    arrays = []
+    if model.built:
+        arrays = [(f"weights/{name}", w) for (name, _, _), w in
+                  zip(model.weight_shapes(), model.get_weights())]
     opt = model.optimizer
     if opt is not None:
         header["compile"] = {**model.get_compile_config(), "iterations": opt.iterations,
                              "skipped_steps": opt.skipped_steps}
-        arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
-    write_file(path, header, arrays)
+        if model.built:
+            arrays += [(f"optimizer/{k}", v) for k, v in sorted(opt.variables().items())]
+    return header, arrays
 
 
 def load_model(path):
     """Read a model written by ``model.save(path)``: architecture, weights,
     optimizer and its state, and the random generators' state, so that
-    ``fit`` continues exactly where the saved model stopped. Raises
-    ``ModelFileError`` (a ValueError) for any file that is not a valid
-    model file."""
-    header, arrays = read_file(path)
+    ``fit`` continues exactly where the saved model stopped. A Keras 3
+    ``.keras`` archive (recognized by its content, not its name) is read by
+    fastgrad.keras_format. Raises ``ModelFileError`` (a ValueError) for any
+    file that is not a valid model file."""
+    from fastgrad import keras_format
+
+    kind = keras_format.sniff(path)
+    if kind == "keras":
+        return keras_format.load_model(path)
+    if kind == "hdf5":
+        raise ModelFileError(f"{path}: an HDF5 file holds weights only; build the model "
+                             "and call model.load_weights(path)")
+    return from_description(*read_file(path), path)
+
+
+def from_description(header, arrays, path, unbuilt=False):
+    """The model of a (header, arrays) pair already read from ``path``;
+    with ``unbuilt``, a model without weights (input_dim None) is allowed,
+    as pickling stores one."""
     try:
-        model = _model(header, arrays)
+        model = _model(header, arrays, unbuilt)
         _compile(model, header.get("compile"), arrays)
         if arrays:
             raise ModelFileError(f"unexpected arrays in the file: {', '.join(sorted(arrays))}")
@@ -221,7 +273,7 @@ def load_model(path):
                              f"{e})") from None
 
 
-def _model(header, arrays):
+def _model(header, arrays, unbuilt=False):
     """The architecture, built, with its weights (taken out of arrays)."""
     from fastgrad.models import Sequential
 
@@ -235,6 +287,8 @@ def _model(header, arrays):
         raise ModelFileError("the model name is not a string")
     model = Sequential([layers.deserialize(entry) for entry in cfg["layers"]],
                        dtype=cfg["dtype"], seed=cfg["seed"], name=cfg["name"])
+    if unbuilt and cfg["input_dim"] is None:
+        return model
     # every weight is compared with the architecture before anything is
     # allocated: the file's arrays bound what a description may ask for
     weights = []
@@ -258,7 +312,7 @@ def _compile(model, comp, arrays):
     # (files from before metric objects were saved hold metric names only)
     model.compile_from_config(comp)
     opt = model.optimizer
-    for k, buf in opt.variables().items():
+    for k, buf in opt.variables().items() if model.built else ():
         a = arrays.pop(f"optimizer/{k}", None)
         if a is None or a.shape != buf.shape or a.dtype != buf.dtype:
             raise ModelFileError(f"the optimizer state optimizer/{k} is missing or has "
@@ -280,7 +334,9 @@ def _restore_random(model, header):
     for layer in model.layers:
         if hasattr(layer, "counter"):
             r = header["layers_random"][layer.name]
-            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in ("seed", "counter")):
+            # a layer of a model not built yet has not drawn its seed
+            keys = ("seed", "counter") if model.built or r["seed"] is not None else ("counter",)
+            if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in keys):
                 raise ModelFileError(f"invalid random state for layer {layer.name}")
             layer._seed, layer.counter = r["seed"], r["counter"]
 

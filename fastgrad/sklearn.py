@@ -383,7 +383,7 @@ class _BaseMLP(BaseEstimator):
         else:
             if self.batch_size > n:
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
-                              "It is going to be clipped")
+                              "It is going to be clipped", stacklevel=3)
             bs = int(np.clip(self.batch_size, 1, n))
         target = self._targets(y, model.dtype)
         c_grad, c_loss = self._scales()
@@ -452,7 +452,7 @@ class _BaseMLP(BaseEstimator):
             if self.n_iter_ == self.max_iter:
                 warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
                               "reached and the optimization hasn't converged yet.",
-                              ConvergenceWarning)
+                              ConvergenceWarning, stacklevel=2)
         if early_stopping:
             model.set_weights(self._best_weights)
 
@@ -515,7 +515,8 @@ class _BaseMLP(BaseEstimator):
         if res.status != 0:
             warnings.warn(f"lbfgs failed to converge after {res.nit} iteration(s) "
                           f"(status={res.status}): {res.message}. Increase the number of "
-                          "iterations (max_iter) or scale the data.", ConvergenceWarning)
+                          "iterations (max_iter) or scale the data.", ConvergenceWarning,
+                          stacklevel=3)
         self.n_iter_ = min(int(res.nit), self.max_iter)
         self.model_.params[...] = res.x
         penalty = sum(float(np.dot(res.x[sl], res.x[sl])) for _, _, sl in self._kernels)

@@ -1716,7 +1716,8 @@ def _fuzz_module():
     return mod
 
 
-@pytest.mark.parametrize("target", ["load_model", "ops"])
+@pytest.mark.parametrize("target", ["load_model", "ops"] + (
+    ["load_keras"] if importlib.util.find_spec("h5py") else []))
 def test_fuzz_harness_briefly(target, tmp_path):
     fuzz = _fuzz_module()
     stats = fuzz.run_random(target, seconds=3.0, seed=12345, workdir=str(tmp_path))

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Fuzz runner for fastgrad.
 
-    python tests/fuzz/fuzz.py --seconds N [--target load_model|ops|all] [--seed S]
+    python tests/fuzz/fuzz.py --seconds N [--target load_model|load_keras|ops|all] [--seed S]
                          [--engine auto|random|atheris] [--crash-dir DIR]
                          [--replay TARGET:ITERATION] [--strict-warnings]
 
-Runs each chosen harness for N seconds (so ``--target all`` takes 2 N),
+Runs each chosen harness for N seconds (so ``--target all`` takes 3 N),
 prints per harness the number of iterations run and the failures found, and
 exits 1 when any harness found a failure (2 for a usage error). A crash of
 the interpreter (a fault in compiled code) ends the run with a non-zero
@@ -28,6 +28,16 @@ Harnesses
               ValueError allowed (and FloatingPointError when its optimizer
               says nonfinite="raise"), save, and load again to the same
               weights.
+
+  load_keras  fg.load_model on mutated Keras 3 archives (.keras): the same
+              models saved as .keras, then zip-level damage (member names
+              with traversal or unknown names, duplicates, added or dropped
+              members, compression methods, bytes of headers and data),
+              config.json edits through the JSON mutator above, and HDF5
+              weights damaged byte-wise or rewritten (datasets dropped or of
+              other shapes and dtypes, soft and external links, extra
+              groups). Same rules as load_model. Needs h5py (the keras
+              extra); without it the harness is left out.
 
   ops         fg.ops kernels on random shapes (0..40 on each side), random
               layouts (C, Fortran, transposed, strided, negative strides,
@@ -217,8 +227,9 @@ INTERESTING_STRINGS = ["", "x" * 300, "float16", "float32", "float64", "int64", 
                        "../../etc/passwd", "__import__('os')", "weights/dense/kernel"]
 
 
-def _base_models(dirpath):
-    """Valid model files of different architectures; returns their bytes."""
+def _base_models(dirpath, ext=".fgm"):
+    """Valid model files of different architectures, saved under names
+    ending in ext; returns their bytes."""
     fg = _import_fastgrad()
     from fastgrad.layers import Activation, BatchNormalization, Dense, Dropout
 
@@ -263,7 +274,7 @@ def _base_models(dirpath):
 
     out = []
     for i, m in enumerate(models):
-        p = os.path.join(dirpath, f"base-{i}.fgm")
+        p = os.path.join(dirpath, f"base-{i}{ext}")
         m.save(p)
         with open(p, "rb") as f:
             out.append(f.read())
@@ -508,6 +519,7 @@ def mutate_model_file(data, r, others=()):
 
 class LoadModelHarness:
     name = "load_model"
+    ext = ".fgm"
 
     def __init__(self, workdir, crash_dir):
         self.workdir, self.crash_dir = workdir, crash_dir
@@ -577,15 +589,132 @@ class LoadModelHarness:
             raise HarnessFailure(f"a loaded model raised {type(e).__name__} in {step}",
                                  e) from None
 
+    def mutate(self, data, r):
+        return mutate_model_file(data, r, self.bases)
+
     def one(self, r):
         data = self.generate(r)
         return self.check_bytes(data, r), data
 
     def save_input(self, data, iteration):
-        p = os.path.join(self.crash_dir, f"load_model-{iteration}.fgm")
+        p = os.path.join(self.crash_dir, f"{self.name}-{iteration}{self.ext}")
         with open(p, "wb") as f:
             f.write(data)
         return p
+
+
+KERAS_MEMBERS = ["metadata.json", "config.json", "model.weights.h5"]
+ZIP_NAMES = ["../config.json", "/config.json", "C:/config.json", "assets/x", "config.json",
+             "model.weights.h5", "a/../../b", "", "config.json/", "x" * 300]
+
+
+def _unzip(data):
+    import io
+    import zipfile
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return [(i.filename, zf.read(i), i.compress_type) for i in zf.infolist()]
+    except Exception:   # noqa: BLE001 - a mutant that zipfile cannot read
+        return None
+
+
+def _zip(members):
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # duplicate names
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, blob, method in members:
+                zf.writestr(zipfile.ZipInfo(name) if name else zipfile.ZipInfo("_"), blob,
+                            compress_type=method)
+    return buf.getvalue()
+
+
+def _mutate_h5(blob, r):
+    """Byte damage in the HDF5 weights, or valid HDF5 with changed content."""
+    if r.chance(0.5) or not blob:
+        return _mutate_bytes(blob, r, ())
+    import io
+
+    import h5py
+    buf = io.BytesIO(blob)
+    try:
+        with h5py.File(buf, "r+") as f:
+            names = []
+            f.visit(names.append)
+            if not names:
+                return blob
+            target = r.choice(names)
+            op = r.int(0, 5)
+            parent = f[target].parent
+            leaf = target.rsplit("/", 1)[-1]
+            if op == 0:
+                del f[target]
+            elif op == 1:
+                del f[target]
+                parent.create_dataset(leaf, data=r.np().standard_normal(
+                    r.choice([(), (1,), (3, 2), (0,), (8, 3), (4, 4)])).astype(
+                    r.choice(["f4", "f8", "i4", "i8", "f2", ">f4"])))
+            elif op == 2:
+                parent[r.choice(["extra", "0", "9", leaf])] = h5py.SoftLink("/" + target)
+            elif op == 3:
+                parent[r.choice(["ext", "5"])] = h5py.ExternalLink("/etc/hostname", "/")
+            elif op == 4:
+                parent.create_group(r.choice(["vars", "zz", "10"]))
+            else:
+                f[target].attrs["name"] = r.choice(INTERESTING_STRINGS)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return blob
+    return buf.getvalue()
+
+
+class LoadKerasHarness(LoadModelHarness):
+    """fg.load_model on mutated Keras archives: zip-level damage (names,
+    duplicates, sizes, counts, compression, truncation), config.json edits
+    through the JSON mutator, and HDF5 damage; then as load_model."""
+    name = "load_keras"
+    ext = ".keras"
+
+    def __init__(self, workdir, crash_dir):
+        self.workdir, self.crash_dir = workdir, crash_dir
+        self.bases = _base_models(workdir, ".keras")
+        self.path = os.path.join(crash_dir, "current-load_keras.keras")
+        self.saved = os.path.join(workdir, "resaved.fgm")
+
+    def mutate(self, data, r):
+        for _ in range(r.int(1, 3)):
+            members = _unzip(data)
+            if not members or r.chance(0.2):
+                data = _mutate_bytes(data, r, self.bases)
+                continue
+            i = r.int(0, len(members) - 1)
+            name, blob, method = members[i]
+            op = r.int(0, 6)
+            if op <= 2 and name == "config.json":
+                try:
+                    blob = json.dumps(_mutate_json_value(json.loads(blob), r)).encode()
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError,
+                        RecursionError):
+                    pass
+            elif op <= 2 and name == "model.weights.h5":
+                blob = _mutate_h5(blob, r)
+            elif op == 3:
+                name = r.choice(ZIP_NAMES)
+            elif op == 4:
+                members.append((r.choice(ZIP_NAMES + KERAS_MEMBERS),
+                                r.choice([b"", b"{}", blob, b"\0" * r.int(0, 5000)]), method))
+            elif op == 5:
+                del members[i]
+            else:
+                method = r.choice([0, 8, 12, 14])   # stored, deflate, bzip2, lzma
+            if i < len(members):
+                members[i] = (name, blob, method)
+            data = _zip(members)
+        return data
+
+    def generate(self, r):
+        return self.mutate(r.choice(self.bases), r)
 
 
 # ---------------------------------------------------------------------------
@@ -1003,6 +1132,8 @@ class OpsHarness:
 
 
 HARNESSES = {"load_model": LoadModelHarness, "ops": OpsHarness}
+if importlib.util.find_spec("h5py") is not None:   # the keras extra
+    HARNESSES["load_keras"] = LoadKerasHarness
 
 
 # ---------------------------------------------------------------------------
@@ -1108,7 +1239,7 @@ def _atheris_child(target, seconds, seed, crash_dir, strict_warnings):
         # an uncaught exception is what atheris records as a finding
         raise RuntimeError(Failure(target, -1, f.what, f.exc, f.detail).describe()) from None
 
-    if target == "load_model":
+    if target in ("load_model", "load_keras"):
         corpus = os.path.join(workdir, "corpus")
         os.makedirs(corpus)
         for i, b in enumerate(harness.bases):
@@ -1123,7 +1254,7 @@ def _atheris_child(target, seconds, seed, crash_dir, strict_warnings):
                 raise_failure(f)
 
         def mutator(data, max_size, mseed):
-            out = mutate_model_file(bytes(data), Rand(mseed), harness.bases)
+            out = harness.mutate(bytes(data), Rand(mseed))
             return out[:max_size]
 
         atheris.Setup(args, test_one, custom_mutator=mutator)
@@ -1179,7 +1310,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, required=True, help="time per harness")
-    p.add_argument("--target", choices=["load_model", "ops", "all"], default="all")
+    p.add_argument("--target", choices=[*HARNESSES, "all"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["auto", "random", "atheris"], default="auto")
     p.add_argument("--crash-dir", default=None,

@@ -16,7 +16,8 @@ python -m pip install --quiet --upgrade pip
 mkdir "$work/src"
 tar -C "$root" --exclude=./build --exclude=./dist --exclude='*.so' --exclude=./.git -cf - . \
     | tar -C "$work/src" -xf -
-FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test]"
+# the keras extra (h5py) lets the fuzzers cover the Keras archive loader
+FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test,keras]"
 # atheris makes the fuzzers coverage-guided; without it they draw at random
 pip install --quiet atheris \
     || echo "atheris did not install: the fuzzers run their random engine"
