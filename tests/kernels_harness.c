@@ -122,7 +122,7 @@ static void dropout_##S(void)                                                   
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* Every loss with and without logits, unweighted and with row weights,       \
+/* Every loss with and without logits, unweighted and with row weights,            \
  * targets in [0, 1]. */                                                           \
 static void losses_##S(void)                                                       \
 {                                                                                  \
@@ -141,7 +141,7 @@ static void losses_##S(void)                                                    
             double loss = 0.0;                                                     \
             memset(d, 0, sizeof d);                                                \
             memset(q, 0, sizeof q);                                                \
-            fg_loss_forward_backward##S(&loss, rows, d, q, p, t, labels,          \
+            fg_loss_forward_backward##S(&loss, rows, d, q, p, t, labels,           \
                                         logits & 2 ? w : NULL, B, O, kind,         \
                                         logits & 1, 0.7);                          \
             put_double_##S("loss" #S, &loss, 1);                                   \
