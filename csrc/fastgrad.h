@@ -115,9 +115,9 @@ int fg_activation_needs_pre(int act);
                            double alpha);                                      \
     int fg_loss_forward_backward##S(double *loss, T *rows, T *dpred, T *prob,  \
                                     const T *pred, const T *target,            \
-                                    const int64_t *labels, ptrdiff_t B,        \
-                                    ptrdiff_t O, int kind, int from_logits,    \
-                                    const fg_loss_params *lp);                 \
+                                    const int64_t *labels, const T *weights,   \
+                                    ptrdiff_t B, ptrdiff_t O, int kind,        \
+                                    int from_logits, const fg_loss_params *lp); \
     double fg_sum_squares##S(const T *x, ptrdiff_t N);                         \
     int fg_any_abs_above##S(const T *x, ptrdiff_t N, double limit);            \
     ptrdiff_t fg_first_nonfinite_row##S(const T *x, ptrdiff_t B, ptrdiff_t F);  \

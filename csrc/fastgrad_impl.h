@@ -462,8 +462,10 @@ static double S(categorical_focal_row)(T *d, T *q, const T *p, const T *t, ptrdi
 /* Loss value and gradient in one pass.
  * pred, target, dpred, prob are (B,O); labels is (B) for the sparse loss
  * (target is then unused). rows (B) receives each l_i. Any of rows, dpred,
- * prob may be NULL.
- * loss = (1/B) sum_i l_i, with l_i the per-row loss (see losses.py);
+ * prob, weights may be NULL.
+ * loss = (1/B) sum_i w_i l_i, with l_i the per-row loss (see losses.py) and
+ * w_i = weights[i] (1 when weights is NULL): Keras's sum_over_batch_size,
+ * which divides by the rows, not by the sum of the weights;
  * dpred = d loss / d pred, or d loss / d logits when from_logits.
  * prob receives sigmoid/softmax(pred) when from_logits.
  * lp holds Huber's delta and the focal losses' alpha, gamma and class
@@ -471,8 +473,8 @@ static double S(categorical_focal_row)(T *d, T *q, const T *p, const T *t, ptrdi
  * {0, 1} (over the whole batch, as Keras checks) are mapped to 2 t - 1. */
 FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *prob,
                                 const T *pred, const T *target,
-                                const int64_t *labels, ptrdiff_t B,
-                                ptrdiff_t O, int kind, int from_logits,
+                                const int64_t *labels, const T *weights,
+                                ptrdiff_t B, ptrdiff_t O, int kind, int from_logits,
                                 const fg_loss_params *lp)
 {
     if (kind < 0 || kind >= FG_N_LOSSES) return FG_ELOSS;
@@ -482,16 +484,20 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
     }
     const double eps = FG_EPSILON, delta = lp->delta;
     const double fa = lp->alpha, fgam = lp->gamma;
-    const double invB = B > 0 ? 1.0 / (double)B : 0.0;
+    const double invB_all = B > 0 ? 1.0 / (double)B : 0.0;
+    const double invBO_all = (B > 0 && O > 0) ? invB_all / (double)O : 0.0;
     int to_pm1 = 0;
     if (kind == FG_HINGE || kind == FG_SQUARED_HINGE) {
         to_pm1 = 1;
         for (ptrdiff_t k = 0; k < B * O; k++) to_pm1 &= target[k] == 0 || target[k] == 1;
     }
-    const double invBO = (B > 0 && O > 0) ? invB / (double)O : 0.0;
     double total = 0.0;
 
     for (ptrdiff_t i = 0; i < B; i++) {
+        /* a row's weight scales its share of the mean, hence its gradient */
+        const double wi = weights ? (double)weights[i] : 1.0;
+        const double invB = weights ? invB_all * wi : invB_all;
+        const double invBO = weights ? invBO_all * wi : invBO_all;
         const T *p = pred + i * O;
         const T *t = target ? target + i * O : NULL;
         T *d = dpred ? dpred + i * O : NULL;
@@ -745,9 +751,9 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
         }
         }
         if (rows) rows[i] = (T)row;
-        total += row;
+        total += weights ? wi * row : row;
     }
-    *loss = total * invB;
+    *loss = total * invB_all;
     return FG_OK;
 }
 

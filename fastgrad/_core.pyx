@@ -6,7 +6,7 @@ from cython cimport floating
 from libc.float cimport DBL_MAX
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
-from libc.math cimport sqrt
+from libc.math cimport ceil, fabs, log, sqrt
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -120,14 +120,14 @@ cdef inline int _act_back(floating *dpre, floating *dbias, const floating *dout,
 
 cdef inline int _loss(double *loss, floating *rows, floating *dpred, floating *prob,
                       const floating *pred, const floating *target, const int64_t *labels,
-                      Py_ssize_t B, Py_ssize_t O, int kind, int from_logits,
-                      const fg_loss_params *lp) noexcept nogil:
+                      const floating *weights, Py_ssize_t B, Py_ssize_t O, int kind,
+                      int from_logits, const fg_loss_params *lp) noexcept nogil:
     if floating is float:
         return fg_loss_forward_backward_f32(loss, rows, dpred, prob, pred, target, labels,
-                                            B, O, kind, from_logits, lp)
+                                            weights, B, O, kind, from_logits, lp)
     else:
         return fg_loss_forward_backward_f64(loss, rows, dpred, prob, pred, target, labels,
-                                            B, O, kind, from_logits, lp)
+                                            weights, B, O, kind, from_logits, lp)
 
 
 cdef inline double _sum_sq(const floating *x, Py_ssize_t N) noexcept nogil:
@@ -458,10 +458,11 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
                           const int64_t[::1] labels, floating[::1] rows, floating[:, ::1] dpred,
                           floating[:, ::1] prob, int kind, bint from_logits,
                           double param, double alpha=0.25, double gamma=2.0,
-                          bint class_balancing=False):
-    """Mean loss over the batch; per-row losses into rows and the gradient
-    into dpred when given. param is Huber's delta; alpha, gamma and
-    class_balancing are the focal losses' settings."""
+                          bint class_balancing=False, const floating[::1] weights=None):
+    """Mean loss over the batch, sum_i w_i l_i / rows (w_i = weights[i], 1
+    without weights); the unweighted per-row losses l_i into rows and the
+    gradient into dpred when given. param is Huber's delta; alpha, gamma
+    and class_balancing are the focal losses' settings."""
     cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1]
     cdef double loss = 0.0
     cdef int s
@@ -473,6 +474,7 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
     _same2(dpred, B, O, "dpred")
     _same2(prob, B, O, "prob")
     _len1(rows, B, False, "rows")
+    _len1(weights, B, False, "weights")
     if kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY:  # labels replace the target
         if not (labels is not None and labels.shape[0] == B):
             raise ValueError(f"y: expected {B} integer labels")
@@ -483,7 +485,7 @@ def loss_forward_backward(const floating[:, ::1] pred not None, const floating[:
         _same2(target, B, O, "y")
     with nogil:
         s = _loss(&loss, _ptr1(rows), _ptr2(dpred), _ptr2(prob), _cptr2(pred), _cptr2(target),
-                  lab, B, O, kind, from_logits, &lp)
+                  lab, _cptr1(weights), B, O, kind, from_logits, &lp)
     if s != FG_OK:
         _raise(s)
     return loss
@@ -965,3 +967,209 @@ def first_nonfinite_row(const floating[:, ::1] x not None):
     with nogil:
         r = _bad_row(_cptr2(x), x.shape[0], x.shape[1])
     return r
+
+
+# -- metric accumulation -----------------------------------------------------
+# Streaming metrics add each batch into a small float64 state: no
+# temporaries sized by the batch, one pass over the predictions.
+METRIC_CODES = {"categorical_accuracy": 0, "sparse_categorical_accuracy": 1,
+                "binary_accuracy": 2, "mean_squared_error": 3, "mean_absolute_error": 4,
+                "mean_absolute_percentage_error": 5, "top_k_categorical_accuracy": 6,
+                "sparse_top_k_categorical_accuracy": 7}
+cdef double _EPS = 1e-7   # Keras's backend.epsilon()
+
+
+cdef inline Py_ssize_t _argmax(const floating *p, Py_ssize_t O) noexcept nogil:
+    cdef Py_ssize_t j, best = 0
+    for j in range(1, O):
+        if p[j] > p[best]:
+            best = j
+    return best
+
+
+def metric_update(int kind, const floating[:, ::1] pred not None, const floating[:, ::1] target,
+                  const int64_t[::1] labels, const floating[::1] weights,
+                  double[::1] state not None, double param):
+    """Add a batch to a mean metric's state: state[0] += sum_i w_i v_i and
+    state[1] += sum_i w_i, with v_i row i's value (kinds: METRIC_CODES;
+    w_i = weights[i], 1 without weights). Row values: accuracies 1 or 0
+    (binary: the row's share of (p > param) == y); squared, absolute and
+    absolute percentage errors 100 |y - p| / max(|y|, 1e-7) averaged over
+    the row; top-k: 1 when fewer than k = param entries exceed the true
+    class's. Sparse kinds take labels, or target of one column."""
+    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], i, j, lab = -1, above
+    cdef Py_ssize_t k = <Py_ssize_t>param
+    cdef double total = 0.0, count = 0.0, v, w, e, y
+    cdef const floating *p
+    cdef const floating *t
+    cdef bint sparse = kind == 1 or kind == 7
+    if not 0 <= kind < 8:
+        raise ValueError(f"unknown metric code {kind}")
+    _check(state.shape[0] >= 2, "state: expected 2 entries")
+    _len1(weights, B, False, "weights")
+    if sparse and labels is not None:
+        _check(labels.shape[0] == B, f"y: expected {B} integer labels")
+    elif sparse:
+        _check(target is not None, "y: a target array is required")
+        _same2(target, B, 1, "y")
+    else:
+        _check(target is not None, "y: a target array is required")
+        _same2(target, B, O, "y")
+    if O == 0 or B == 0:
+        return
+    with nogil:
+        for i in range(B):
+            p = &pred[i, 0]
+            t = &target[i, 0] if target is not None else NULL
+            v = 0.0
+            if sparse:
+                if labels is not None:
+                    lab = labels[i]
+                elif t[0] >= 0 and t[0] < O:   # also refuses NaN before the cast
+                    lab = <Py_ssize_t>t[0]
+                else:
+                    lab = -1
+            if kind == 0:
+                v = _argmax(p, O) == _argmax(t, O)
+            elif kind == 1:
+                v = _argmax(p, O) == lab
+            elif kind == 2:
+                for j in range(O):   # as Keras: a target of 0.7 never matches
+                    v += (1.0 if p[j] > <floating>param else 0.0) == <double>t[j]
+                v /= O
+            elif kind == 3 or kind == 4:
+                for j in range(O):
+                    e = <double>t[j] - <double>p[j]
+                    v += e * e if kind == 3 else fabs(e)
+                v /= O
+            elif kind == 5:
+                for j in range(O):
+                    y = fabs(<double>t[j])
+                    v += fabs(<double>t[j] - <double>p[j]) / (y if y > _EPS else _EPS)
+                v = 100.0 * v / O
+            else:
+                if kind == 6:
+                    lab = _argmax(t, O)
+                if 0 <= lab < O:
+                    above = 0
+                    for j in range(O):
+                        above += p[j] > p[lab]
+                    v = above < k
+            w = <double>weights[i] if weights is not None else 1.0
+            total += w * v
+            count += w
+        state[0] += total
+        state[1] += count
+
+
+def confusion_update(const floating[:, ::1] pred not None, const floating[:, ::1] target not None,
+                     const floating[::1] weights, const double[::1] thresholds not None,
+                     double[:, ::1] state not None):
+    """Add a batch to confusion counts at each threshold t_k (compared in the
+    predictions' precision, as Keras does), over every entry (rows weighted
+    by w_i): state[0, k] true positives (p > t_k, y !=
+    0), state[1, k] false positives, state[2, k] true negatives, state[3, k]
+    false negatives."""
+    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], T = thresholds.shape[0], i, j, q
+    cdef double w
+    cdef floating p
+    cdef bint pos
+    _same2(target, B, O, "y")
+    _len1(weights, B, False, "weights")
+    _check(state.shape[0] == 4 and state.shape[1] == T, "state: expected shape (4, thresholds)")
+    with nogil:
+        for i in range(B):
+            w = <double>weights[i] if weights is not None else 1.0
+            for j in range(O):
+                p = pred[i, j]
+                pos = target[i, j] != 0.0
+                for q in range(T):
+                    if p > <floating>thresholds[q]:
+                        state[0 if pos else 1, q] += w
+                    else:
+                        state[3 if pos else 2, q] += w
+
+
+def bucket_update(const floating[:, ::1] pred not None, const floating[:, ::1] target not None,
+                  const floating[::1] weights, double[:, ::1] hist not None):
+    """Add a batch to the histograms of evenly spaced thresholds t_k =
+    k / (T - 1) (T = hist.shape[1]): an entry p, clipped to [0, 1], falls in
+    bucket max(ceil(p (T - 1)) - 1, 0), so that it exceeds exactly the
+    thresholds up to its bucket (the first one taken as -epsilon, the last
+    as 1 + epsilon). hist[0] sums the weights of positive entries (y != 0),
+    hist[1] of negative ones; reversed cumulative sums give the counts."""
+    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], T = hist.shape[1], i, j, b
+    cdef floating p, top
+    cdef double w
+    _same2(target, B, O, "y")
+    _len1(weights, B, False, "weights")
+    _check(hist.shape[0] == 2 and T >= 2, "hist: expected shape (2, thresholds >= 2)")
+    top = <floating>(T - 1)
+    with nogil:
+        for i in range(B):
+            w = <double>weights[i] if weights is not None else 1.0
+            for j in range(O):
+                p = pred[i, j]
+                p = p if p > 0 else 0   # NaN too, before the cast
+                p = 1 if p > 1 else p
+                b = <Py_ssize_t>ceil(p * top) - 1
+                b = 0 if b < 0 else b
+                hist[0 if target[i, j] != 0.0 else 1, b] += w
+
+
+cdef inline double _div0(double a, double b) noexcept nogil:
+    return a / b if b != 0.0 else 0.0   # Keras's divide_no_nan
+
+
+def auc_result(double[:, ::1] conf not None, const double[:, ::1] hist, bint pr,
+               int method):
+    """Area under the curve from confusion counts conf (4, T): rows TP, FP,
+    TN, FN at thresholds in increasing order. With hist (2, T) (bucket_update's
+    histograms) the counts are first made from it into conf: TP_k = sum of
+    positives in buckets >= k, FP_k likewise, TN_k = negatives - FP_k, FN_k =
+    positives - TP_k. pr: precision-recall curve, else ROC. method: 0
+    interpolation (for PR, Davis and Goadrich's: each interval adds
+    slope (dTP + intercept log(P_A / P_B)) / (TP_B + FN_B) with P = TP + FP
+    linear in between), 1 minoring, 2 majoring (Riemann sums of the lower or
+    upper ends). Keras 3's formulas, in float64."""
+    cdef Py_ssize_t T = conf.shape[1], i
+    cdef double pos = 0.0, neg = 0.0, tp, fp, total = 0.0, x0, x1, y0, y1, h
+    cdef double dtp, p0, p1, dp, slope, ratio
+    _check(conf.shape[0] == 4 and T >= 2, "conf: expected shape (4, thresholds >= 2)")
+    _check(0 <= method <= 2, "method: expected 0, 1 or 2")
+    if hist is not None:
+        _check(hist.shape[0] == 2 and hist.shape[1] == T, "hist: expected shape (2, T)")
+    with nogil:
+        if hist is not None:
+            tp = fp = 0.0
+            for i in range(T - 1, -1, -1):
+                tp += hist[0, i]
+                fp += hist[1, i]
+                conf[0, i], conf[1, i] = tp, fp
+            pos, neg = tp, fp
+            for i in range(T):
+                conf[2, i] = neg - conf[1, i]
+                conf[3, i] = pos - conf[0, i]
+        for i in range(T - 1):
+            if pr and method == 0:
+                dtp = conf[0, i] - conf[0, i + 1]
+                p0 = conf[0, i] + conf[1, i]
+                p1 = conf[0, i + 1] + conf[1, i + 1]
+                dp = p0 - p1
+                slope = _div0(dtp, dp if dp > 0 else 0.0)
+                ratio = _div0(p0, p1 if p1 > 0 else 0.0) if p0 > 0 and p1 > 0 else 1.0
+                total += _div0(slope * (dtp + (conf[0, i + 1] - slope * p1) * log(ratio)),
+                               max(conf[0, i + 1] + conf[3, i + 1], 0.0))
+                continue
+            y0 = _div0(conf[0, i], conf[0, i] + conf[3, i])          # recall
+            y1 = _div0(conf[0, i + 1], conf[0, i + 1] + conf[3, i + 1])
+            if pr:   # x = recall, y = precision
+                x0, x1 = y0, y1
+                y0 = _div0(conf[0, i], conf[0, i] + conf[1, i])
+                y1 = _div0(conf[0, i + 1], conf[0, i + 1] + conf[1, i + 1])
+            else:    # x = false positive rate, y = recall
+                x0 = _div0(conf[1, i], conf[1, i] + conf[2, i])
+                x1 = _div0(conf[1, i + 1], conf[1, i + 1] + conf[2, i + 1])
+            h = (y0 + y1) / 2 if method == 0 else (min(y0, y1) if method == 1 else max(y0, y1))
+            total += (x0 - x1) * h
+    return total

@@ -145,3 +145,43 @@ class Batches:
             yield stop, tuple(None if a is None else np.take(a, idx, axis=0, out=buf[:b],
                                                              mode="clip")
                               for a, buf in zip(self.arrays, self._bufs))
+
+
+def check_weights(model, sample_weight, class_weight, data, name="sample_weight"):
+    """Row weights of the model's dtype, shape (rows,), for the triple
+    ``data``, or None: ``sample_weight`` (one finite number per row) or
+    ``class_weight`` ({class index: weight}, other classes 1; the class of
+    a row is its label, the argmax of a one-hot target, or a single
+    column's value rounded), as Keras turns it into sample weights. Giving
+    both is refused, as in Keras."""
+    x, target, labels = data
+    rows = x.shape[0]
+    if sample_weight is not None and class_weight is not None:
+        raise ValueError("class_weight: cannot be given together with sample_weight; fold "
+                         "the class weights into sample_weight")
+    if sample_weight is not None:
+        w = np.asarray(sample_weight)
+        if w.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected numbers, got dtype {w.dtype}")
+        if w.shape not in ((rows,), (rows, 1)):
+            raise ValueError(f"{name}: expected {rows} numbers (one per row), got shape "
+                             f"{w.shape}")
+        return converted(w.reshape(1, rows), model.dtype, name)[0]
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, dict) or not all(
+            isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+            and isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(v)
+            for k, v in class_weight.items()):
+        raise TypeError("class_weight: expected a dict {class index (int): weight (a finite "
+                        "number)}, got " + repr(class_weight))
+    if labels is not None:
+        classes = labels
+    elif target.shape[1] > 1:
+        classes = np.argmax(target, axis=1)
+    else:
+        classes = np.round(target[:, 0]).astype(np.int64)
+    w = np.ones(rows, model.dtype)
+    for k, v in class_weight.items():   # a loop over classes, once per fit
+        w[classes == k] = v
+    return w

@@ -45,12 +45,12 @@ cdef extern from "fastgrad.h" nogil:
                             Py_ssize_t O, int act, double alpha)
     int fg_loss_forward_backward_f32(double *loss, float *rows, float *dpred, float *prob,
                                      const float *pred, const float *target,
-                                     const int64_t *labels, Py_ssize_t B,
+                                     const int64_t *labels, const float *weights, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
                                      const fg_loss_params *lp)
     int fg_loss_forward_backward_f64(double *loss, double *rows, double *dpred, double *prob,
                                      const double *pred, const double *target,
-                                     const int64_t *labels, Py_ssize_t B,
+                                     const int64_t *labels, const double *weights, Py_ssize_t B,
                                      Py_ssize_t O, int kind, int from_logits,
                                      const fg_loss_params *lp)
     Py_ssize_t fg_first_nonfinite_row_f32(const float *x, Py_ssize_t B, Py_ssize_t F)

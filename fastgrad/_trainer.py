@@ -87,34 +87,45 @@ class _StepGuard:
             self._deliver(*pending)
 
 
-class _EpochStats:
-    """Sums over an epoch's batches, weighted by their rows, and the
-    optimizer steps' gradient norms and clipping."""
+class _GradStats:
+    """An epoch's optimizer steps: mean global gradient norm of the applied
+    steps and the share of steps where clipping fired (fastgrad's own
+    statistics, kept in ``History.gradients``, not in the logs)."""
 
-    def __init__(self, n_metrics):
-        self.sums = np.zeros(1 + n_metrics)
-        self.rows = self.steps = self.finite_steps = self.clipped_steps = 0
+    def __init__(self):
+        self.steps = self.finite_steps = self.clipped_steps = 0
         self.norm_sum = 0.0
 
-    def add(self, rows, loss, mets, step):
-        self.sums[0] += loss * rows
-        if mets:
-            self.sums[1:] += np.asarray(mets) * rows
-        self.rows += rows
+    def add(self, step):
         self.steps += 1
         if not step.nonfinite:   # skipped steps have no meaningful norm
             self.norm_sum += step.global_norm
             self.finite_steps += 1
         self.clipped_steps += step.clipped
 
-    def logs(self, metric_names):
-        seen = max(self.rows, 1)
-        logs = {"loss": float(self.sums[0] / seen)}
-        for name, s in zip(metric_names, self.sums[1:]):
-            logs[name] = float(s / seen)
-        logs["grad_norm"] = self.norm_sum / self.finite_steps if self.finite_steps else math.nan
-        logs["clip_rate"] = self.clipped_steps / max(self.steps, 1)
-        return logs
+    def values(self):
+        return {"grad_norm": self.norm_sum / self.finite_steps if self.finite_steps else math.nan,
+                "clip_rate": self.clipped_steps / max(self.steps, 1)}
+
+
+def _check_verbose(verbose):
+    """verbose as 0, 1 or 2 ("auto" is 1)."""
+    if verbose == "auto":
+        verbose = 1
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
+    return verbose
+
+
+def _check_callbacks(callbacks):
+    """The callbacks as a list."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, callbacks_mod.Callback) or not all(
+            isinstance(cb, callbacks_mod.Callback) for cb in callbacks):
+        raise TypeError("callbacks: expected a list of fastgrad.callbacks.Callback "
+                        f"objects, got {callbacks!r}")
+    return list(callbacks)
 
 
 def _check_validation_freq(validation_freq):
@@ -140,18 +151,9 @@ def _check_fit_args(epochs, batch_size, initial_epoch, verbose, validation_split
     check_int("epochs", epochs, low=0)
     check_int("batch_size", batch_size, low=1)
     check_int("initial_epoch", initial_epoch, low=0)
-    if verbose == "auto":
-        verbose = 1
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose: expected 0, 1, 2 or 'auto', got {verbose!r}")
+    verbose = _check_verbose(verbose)
     check_real("validation_split", validation_split, low=0, high=1, high_open=True)
-    if callbacks is None:
-        return verbose, []
-    if isinstance(callbacks, callbacks_mod.Callback) or not all(
-            isinstance(cb, callbacks_mod.Callback) for cb in callbacks):
-        raise TypeError("callbacks: expected a list of fastgrad.callbacks.Callback "
-                        f"objects, got {callbacks!r}")
-    return verbose, list(callbacks)
+    return verbose, _check_callbacks(callbacks)
 
 
 class _Passes:
@@ -194,36 +196,36 @@ class Trainer:
     ``_forward``, ``_forward_backward``, ``_train_step`` and
     ``_batch_loss``."""
 
-    def _results(self, values, return_dict):
-        """Keras's return convention: a float without metrics, else [loss,
-        *metrics]; with return_dict, {"loss": ..., metric name: ...}."""
-        values = [float(v) for v in values]
-        if return_dict:
-            return dict(zip(["loss"] + self._metric_names, values))
-        return values[0] if not self.metrics else values
-
     @locked
-    def train_on_batch(self, x, y, return_dict=False):
+    def train_on_batch(self, x, y, sample_weight=None, class_weight=None, return_dict=False):
         """One forward, backward and optimizer step on one batch. Returns the
-        loss (a float) or [loss, *metrics] when metrics were compiled; with
-        return_dict, a dict by name."""
+        loss (a float) or [loss, *metrics] when metrics were compiled (with
+        return_dict, a dict by name), the metrics reset first so that they
+        describe this batch (as Keras 3 does). sample_weight (one number per
+        row) or class_weight ({class: weight}) weight the rows' losses:
+        sum_i w_i l_i / rows."""
         self._require_compiled("train_on_batch")
         data = _data.check_xy(self, x, y)
+        w = _data.check_weights(self, sample_weight, class_weight, data)
         _data.check_rows(data[0])
         self._require_built(data[0].shape[1])
         self._prepare(data[0].shape[0])
-        loss, mets = self._train_step(*data)
-        return self._results([loss, *(mets or ())], return_dict)
+        self.reset_metrics()
+        self._track_loss(self._train_step(*data, w), data[0].shape[0])
+        return self._results(return_dict=return_dict)
 
     @locked
-    def test_on_batch(self, x, y, return_dict=False):
+    def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
         """Loss (with regularization penalties) and metrics of one batch in
-        inference mode; returns as train_on_batch does. Nothing changes."""
+        inference mode; returns as train_on_batch does. Nothing changes but
+        the metrics, which describe this batch."""
         self._require_compiled("test_on_batch")
         data = _data.check_xy(self, x, y)
+        data = (*data, _data.check_weights(self, sample_weight, None, data))
         _data.check_rows(data[0])
         self._require_built(data[0].shape[1])
-        return self._results(self._evaluate(data, data[0].shape[0]), return_dict)
+        logs = self._evaluate(data, data[0].shape[0], callbacks_mod.CallbackList(model=self))
+        return self._results(logs, return_dict)
 
     @locked
     def predict_on_batch(self, x):
@@ -248,6 +250,34 @@ class Trainer:
         self._require_built(x.shape[1])
         self._prepare(max(x.shape[0], 1))
         return self._forward(x, training, False).copy()
+
+    def reset_metrics(self):
+        """Reset the loss's running mean and every compiled metric (Keras's
+        name); fit does it as each epoch begins, evaluate as it begins."""
+        self._loss_sum = self._loss_rows = 0.0
+        for m in self.metrics:
+            m.reset_state()
+
+    def _track_loss(self, loss, rows):
+        """The loss's running mean, weighted by the batches' rows (Keras's
+        loss tracker)."""
+        self._loss_sum += loss * rows
+        self._loss_rows += rows
+
+    def _logs(self, penalty=0.0):
+        """{"loss": running mean (+ penalty), metric name: result}."""
+        logs = {"loss": self._loss_sum / self._loss_rows + penalty if self._loss_rows else 0.0}
+        for name, m in zip(self._metric_names, self.metrics):
+            logs[name] = m.result()
+        return logs
+
+    def _results(self, logs=None, return_dict=False):
+        """Keras's return convention: the loss (a float) without metrics,
+        else [loss, *metrics]; with return_dict, {"loss": ..., name: ...}."""
+        logs = self._logs() if logs is None else logs
+        if return_dict:
+            return dict(logs)
+        return logs["loss"] if not self.metrics else list(logs.values())
 
     @locked
     def compute_gradients(self, x, y):
@@ -316,29 +346,37 @@ class Trainer:
     # -- fit --------------------------------------------------------------
     @locked
     def fit(self, x, y, epochs=1, batch_size=None, validation_data=None, validation_split=0.0,
-            shuffle=True, callbacks=None, verbose=1, initial_epoch=0, steps_per_epoch=None,
-            validation_freq=1, validation_batch_size=None):
+            shuffle=True, callbacks=None, verbose=1, initial_epoch=0, class_weight=None,
+            sample_weight=None, steps_per_epoch=None, validation_freq=1,
+            validation_batch_size=None):
         """Train for ``epochs`` passes over (x, y) in batches of ``batch_size``
         (default 32; the last one may be smaller), shuffled each epoch from
         the model's seed. ``validation_split`` holds out that fraction of the
-        rows, taken from the end before shuffling, as Keras does.
+        rows, taken from the end before shuffling, as Keras does;
+        ``validation_data`` is (x_val, y_val) or (x_val, y_val,
+        sample_weight_val). sample_weight (one number per row) or
+        class_weight ({class index: weight}) weight each row's loss: a
+        batch's loss is sum_i w_i l_i / rows (Keras's sum_over_batch_size);
+        metrics stay unweighted, as Keras's ``metrics``.
         ``steps_per_epoch``, as Keras 3 with arrays: an epoch is that many
         batches, and the next epoch continues the same pass over the data
         (one shuffle per pass); an epoch that reaches the end of the data
-        stops there with a warning, and the next one starts a new pass.
-        Validation runs after epochs e (from 1) with e % validation_freq == 0
-        (or e in validation_freq, a list), in batches of
-        ``validation_batch_size`` (default: batch_size). Returns a History whose
-        ``history`` maps "loss", the metrics, their "val_" forms, and
-        "grad_norm" (mean global gradient norm of the epoch's applied steps) and
-        "clip_rate" (fraction of its steps where clipping fired) to per-epoch
-        lists. verbose: 0 silent, 1 a progress bar, 2 one line per epoch (a
-        fastgrad.callbacks.ProgbarLogger, added unless callbacks holds one).
-        callbacks: a list of fastgrad.callbacks.Callback; each gets
-        set_params({"verbose", "epochs", "steps"}) and set_model(model), then
-        the Keras 3 hooks (on_train_batch_begin/end per batch, whose logs hold
-        the batch's loss, metrics and rows as "size"). Every argument is
-        checked before the model is built or anything changes."""
+        stops there with a warning. Validation runs after epochs e (from 1)
+        with e % validation_freq == 0 (or e in validation_freq, a list), in
+        batches of ``validation_batch_size`` (default: batch_size).
+
+        Returns a History whose ``history`` maps "loss", the metrics (by
+        their names), and their "val_" forms to per-epoch lists, exactly as
+        Keras 3's; ``history.gradients`` maps "grad_norm" (mean global
+        gradient norm of the epoch's applied steps) and "clip_rate" (share
+        of its steps where clipping fired) to lists aligned with
+        ``history.epoch``. verbose: 0 silent, 1 a progress bar, 2 one line
+        per epoch (a fastgrad.callbacks.ProgbarLogger, added unless callbacks
+        holds one). callbacks: fastgrad.callbacks.Callback objects, called
+        as Keras 3 calls them: batch logs hold the loss's running mean and
+        the metrics over the epoch so far; validation calls the on_test_*
+        hooks; on_train_end receives the last epoch's logs. Every argument
+        is checked before the model is built or anything changes."""
         self._require_compiled("fit")
         batch_size = 32 if batch_size is None else batch_size
         verbose, callbacks = _check_fit_args(epochs, batch_size, initial_epoch, verbose,
@@ -346,116 +384,146 @@ class Trainer:
         steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1, none=True)
         validation_freq = _check_validation_freq(validation_freq)
         val_batch = check_int("validation_batch_size", validation_batch_size, low=1, none=True)
-        train, val = self._fit_data(x, y, validation_data, validation_split)
+        train, val = self._fit_data(x, y, validation_data, validation_split, sample_weight,
+                                    class_weight)
         _data.check_rows(train[0])
         self._require_built(train[0].shape[1])
         batches = _data.Batches(train, batch_size, gather=shuffle)
         self._prepare(batches.size)
         passes = _Passes(batches, self._rng if shuffle else None, steps_per_epoch)
-        history = callbacks_mod.History()
-        if verbose and not any(isinstance(cb, callbacks_mod.ProgbarLogger) for cb in callbacks):
-            # first, so that its line shows the logs as fit made them
-            callbacks.insert(0, callbacks_mod.ProgbarLogger())
-        cbs = callbacks_mod.CallbackList(callbacks + [history], model=self, params={
-            "verbose": verbose, "epochs": epochs, "steps": steps_per_epoch or batches.steps})
+        cbs = callbacks_mod.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
+                                         model=self, verbose=verbose, epochs=epochs,
+                                         steps=steps_per_epoch or batches.steps)
         self.stop_training = False
+        self._initial_epoch = None   # BackupAndRestore sets it when it resumes
         cbs.on_train_begin()
+        if self._initial_epoch is not None:
+            initial_epoch = self._initial_epoch
+        logs = {}
         with _StepGuard() as guard:
             for epoch in range(initial_epoch, epochs):
+                self.reset_metrics()
                 cbs.on_epoch_begin(epoch)
-                logs = self._fit_epoch(passes, cbs, guard)
+                self._epoch_gradients = self._fit_epoch(passes, cbs, guard)
+                logs = self._logs()
                 if val is not None and _should_validate(epoch, validation_freq):
-                    vals = self._evaluate(val, val_batch or batches.size)
-                    for name, v in zip(["loss"] + self._metric_names, vals):
-                        logs["val_" + name] = v
+                    val_logs = self._evaluate(val, val_batch or batches.size, cbs)
+                    logs.update(("val_" + k, v) for k, v in val_logs.items())
                 cbs.on_epoch_end(epoch, logs)
                 if self.stop_training:
                     break
         # use_ema: the weights become their moving average, as Keras' fit ends
         self.optimizer.finalize_variable_values()
-        cbs.on_train_end()
-        self.history = history
-        return history
+        cbs.on_train_end(logs)
+        self.history = cbs.history
+        return self.history
 
-    def _fit_data(self, x, y, validation_data, validation_split):
-        """(training, validation) triples; validation is None without
-        validation data, and validation_data wins over validation_split."""
+    def _fit_data(self, x, y, validation_data, validation_split, sample_weight, class_weight):
+        """(training, validation) quadruples (x, target, labels, row weights
+        or None); validation is None without validation data, and
+        validation_data wins over validation_split. class_weight weights
+        the training rows only, as in Keras."""
         train = _data.check_xy(self, x, y)
+        train = (*train, _data.check_weights(self, sample_weight, class_weight, train))
         if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data: expected a tuple (x_val, y_val)")
-            return train, _data.check_xy(self, *validation_data, dim=train[0].shape[1],
-                                         names=("validation_data[0]", "validation_data[1]"))
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+                raise ValueError("validation_data: expected a tuple (x_val, y_val) or "
+                                 "(x_val, y_val, sample_weight_val)")
+            val = _data.check_xy(self, *validation_data[:2], dim=train[0].shape[1],
+                                 names=("validation_data[0]", "validation_data[1]"))
+            sw = validation_data[2] if len(validation_data) == 3 else None
+            return train, (*val, _data.check_weights(self, sw, None, val,
+                                                     "validation_data[2]"))
         if validation_split:
             return _data.split_validation(train, validation_split)
         return train, None
 
     def _fit_epoch(self, passes, cbs, guard):
         """One epoch of optimizer steps (fastgrad._trainer._Passes); returns
-        the epoch's logs (loss and metrics weighted by rows, grad_norm,
-        clip_rate)."""
-        stats = _EpochStats(len(self.metrics))
-        for step, (x, target, labels) in enumerate(passes.epoch()):
+        the epoch's gradient statistics (the loss and metrics accumulate in
+        their trackers)."""
+        grads = _GradStats()
+        batch_logs = cbs.has_batch_hooks("train", "end")
+        for step, (x, target, labels, w) in enumerate(passes.epoch()):
             cbs.on_train_batch_begin(step)
             guard.in_step = True
             try:
-                loss, mets = self._train_step(x, target, labels)
+                loss = self._train_step(x, target, labels, w)
             finally:
                 guard.step_done()
-            stats.add(x.shape[0], loss, mets, self.optimizer.last_step)
-            cbs.on_train_batch_end(step, {"loss": float(loss),
-                                          **dict(zip(self._metric_names, mets or ())),
-                                          "size": x.shape[0]})
+            self._track_loss(loss, x.shape[0])
+            grads.add(self.optimizer.last_step)
+            if batch_logs:
+                cbs.on_train_batch_end(step, self._logs())
             if self.stop_training:
                 break
-        return stats.logs(self._metric_names)
+        return grads.values()
 
     # -- inference --------------------------------------------------------
-    def _evaluate(self, data, batch_size):
-        """[loss with regularization penalties, *metrics] over the triple's
-        rows in inference mode."""
+    def _evaluate(self, data, batch_size, cbs):
+        """The logs ({"loss" with regularization penalties, metrics}) over
+        the quadruple's rows in inference mode, the metrics reset first;
+        calls the on_test_* hooks."""
         batches = _data.Batches(data, batch_size)
         self._prepare(batches.size)
-        sums = np.zeros(1 + len(self.metrics))
-        for _, (x, target, labels) in batches():
-            b = x.shape[0]
+        self.reset_metrics()
+        penalty = self._penalty()
+        batch_logs = cbs.has_batch_hooks("test", "end")
+        cbs.on_test_begin()
+        for step, (_, (x, target, labels, w)) in enumerate(batches()):
+            cbs.on_test_batch_begin(step)
             h = self._forward(x, False, self._fused)
-            loss, pred = self._batch_loss(h, target, labels, None)
-            sums[0] += loss * b
-            sums[1:] += [b * m for m in self._batch_metrics(pred, target, labels)]
-        out = sums / max(batches.rows, 1)
-        out[0] += self._penalty()
-        return [float(v) for v in out]
+            loss, pred = self._batch_loss(h, target, labels, None, w)
+            self._track_loss(loss, x.shape[0])
+            self._update_metrics(pred, target, labels)
+            if batch_logs:
+                cbs.on_test_batch_end(step, self._logs(penalty))
+        logs = self._logs(penalty)
+        cbs.on_test_end(logs)
+        return logs
 
     @locked
-    def evaluate(self, x, y, batch_size=None, verbose=1, return_dict=False):
-        """Loss (with regularization penalties) and metrics in inference mode,
-        averaged over all rows, in batches of batch_size (default 32).
-        Returns a float or [loss, *metrics]; with return_dict, a dict by
-        name."""
+    def evaluate(self, x, y, batch_size=None, verbose=1, sample_weight=None, callbacks=None,
+                 return_dict=False):
+        """Loss (with regularization penalties; rows weighted by
+        ``sample_weight`` as in fit) and metrics in inference mode over all
+        rows, in batches of batch_size (default 32). Returns a float or
+        [loss, *metrics]; with return_dict, a dict by name. callbacks get the
+        on_test_* hooks; verbose prints the results."""
         self._require_compiled("evaluate")
         batch_size = check_int("batch_size", 32 if batch_size is None else batch_size, low=1)
+        verbose = _check_verbose(verbose)
+        callbacks = _check_callbacks(callbacks)
         data = _data.check_xy(self, x, y)
+        data = (*data, _data.check_weights(self, sample_weight, None, data))
         self._require_built(data[0].shape[1])
-        vals = self._evaluate(data, batch_size)
-        if verbose:
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in
-                             zip(["loss"] + self._metric_names, vals)))
-        return self._results(vals, return_dict)
+        cbs = callbacks_mod.CallbackList(callbacks, add_progbar=verbose != 0, model=self,
+                                         verbose=verbose, epochs=1,
+                                         steps=-(-data[0].shape[0] // batch_size))
+        return self._results(self._evaluate(data, batch_size, cbs), return_dict)
 
     @locked
-    def predict(self, x, batch_size=None, verbose=0):
+    def predict(self, x, batch_size=None, verbose=0, callbacks=None):
         """Outputs for x in inference mode, in batches of ``batch_size``
         (default 32); an array of the model's dtype, shape (rows, outputs).
-        verbose is accepted for Keras compatibility and prints nothing."""
+        callbacks get on_predict_begin, on_predict_batch_begin/end (logs
+        {"outputs": the batch's outputs}) and on_predict_end. verbose is
+        accepted for Keras compatibility and prints nothing."""
         batch_size = check_int("batch_size", 32 if batch_size is None else batch_size, low=1)
+        callbacks = _check_callbacks(callbacks)
         x = _data.check_x(self, x)
         self._require_built(x.shape[1])
         out = np.empty((x.shape[0], self.output_dim), self.dtype)
         batches = _data.Batches((x,), batch_size)
         self._prepare(batches.size)
+        cbs = callbacks_mod.CallbackList(callbacks, model=self, verbose=verbose, epochs=1,
+                                         steps=batches.steps)
+        cbs.on_predict_begin()
         start = 0
-        for stop, (xb,) in batches():
+        for step, (stop, (xb,)) in enumerate(batches()):
+            cbs.on_predict_batch_begin(step)
             out[start:stop] = self._forward(xb, False, False)
+            cbs.on_predict_batch_end(step, {"outputs": out[start:stop]})
             start = stop
+        cbs.on_predict_end()
         return out

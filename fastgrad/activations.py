@@ -135,7 +135,7 @@ hard_swish = hard_silu
 _BY_NAME = {f.__name__: f for f in (linear, relu, leaky_relu, elu, selu, gelu, silu,
                                     sigmoid, tanh, softmax, softplus, softsign, relu6,
                                     hard_sigmoid, hard_silu, mish, exponential, log_softmax)}
-_REGISTRY = Registry("activation", types.FunctionType,
+REGISTRY = Registry("activation", types.FunctionType,
                      {**_BY_NAME, "swish": silu, "hard_swish": hard_silu})
 
 
@@ -162,7 +162,7 @@ def name_of(identifier):
     if identifier is None:
         return "linear"
     if isinstance(identifier, str):
-        return _REGISTRY.lookup(identifier).__name__
+        return REGISTRY.lookup(identifier).__name__
     for name, fn in _BY_NAME.items():
         if identifier is fn:
             return name

@@ -66,7 +66,7 @@ class ClipValue(Constraint):
 
 
 max_norm, non_neg = MaxNorm, NonNeg   # Keras' lower-case aliases
-_REGISTRY = Registry("constraint", Constraint, {
+REGISTRY = Registry("constraint", Constraint, {
     "max_norm": MaxNorm, "maxnorm": MaxNorm, "non_neg": NonNeg, "nonneg": NonNeg,
     "clip_value": ClipValue}, none=None)
 
@@ -75,17 +75,17 @@ def get(identifier):
     """A Constraint from None (returned), a name ("max_norm", "non_neg",
     "clip_value", any case, or a class name), a ``serialize`` dict, a class
     or an instance (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(constraint):
     """``{"class_name": "MaxNorm", "config": constraint.get_config()}``; None for None."""
-    return _REGISTRY.serialize(constraint)
+    return REGISTRY.serialize(constraint)
 
 
 def deserialize(config):
     """The constraint a ``serialize`` dict describes."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)
 
 
 def check(constraint, ndim, arg):

@@ -83,11 +83,11 @@ def run(seed=0, epochs=10, plot=None, out=print):
         t0 = time.perf_counter()
         hist = model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
         loss, acc = model.evaluate(xt, yt, verbose=0)
-        h = hist.history
+        h, clip = hist.history, hist.gradients["clip_rate"]
         out(f"after {epochs} epochs ({time.perf_counter() - t0:.1f}s): train loss "
             f"{h['loss'][-1]:.4g}, held-out accuracy {acc:.3f} (chance {1 / CLASSES:.2f}), "
-            f"steps clipped {h['clip_rate'][-1]:.0%}")
-        results.append((title, report, acc, h["loss"][-1], float(np.mean(h["clip_rate"]))))
+            f"steps clipped {clip[-1]:.0%}")
+        results.append((title, report, acc, h["loss"][-1], float(np.mean(clip))))
     out("\n=== summary ===  (diagnosis and gradient norms at the start; the rest after "
         "training)")
     out(f"{'case':<50} {'diagnosis':<10} {'first/last grad norm':>21} {'clipped':>8} "

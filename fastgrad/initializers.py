@@ -202,7 +202,7 @@ lecun_uniform, lecun_normal, orthogonal = LecunUniform, LecunNormal, Orthogonal
 random_normal, random_uniform, zeros, ones, constant = RandomNormal, RandomUniform, Zeros, Ones, \
     Constant
 variance_scaling = VarianceScaling
-_REGISTRY = Registry("initializer", Initializer, {
+REGISTRY = Registry("initializer", Initializer, {
     "glorot_uniform": GlorotUniform, "glorot_normal": GlorotNormal,
     "xavier_uniform": GlorotUniform, "xavier_normal": GlorotNormal,
     "he_uniform": HeUniform, "he_normal": HeNormal,
@@ -216,14 +216,14 @@ _REGISTRY = Registry("initializer", Initializer, {
 def get(identifier):
     """An initializer from a name (any case, or a class name), a
     ``serialize`` dict, a class, or an Initializer (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(initializer):
     """``{"class_name": "HeNormal", "config": initializer.get_config()}``."""
-    return _REGISTRY.serialize(initializer)
+    return REGISTRY.serialize(initializer)
 
 
 def deserialize(config):
     """The initializer a ``serialize`` dict describes."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

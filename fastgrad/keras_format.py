@@ -523,7 +523,7 @@ def _nested_in(value, where, names, module_get):
     return _build(names[cls], _kwargs(config, names[cls], where), where)
 
 
-_INITS = {c.__name__: c for c in initializers._REGISTRY.classes.values()}
+_INITS = {c.__name__: c for c in initializers.REGISTRY.classes.values()}
 _INITS["VarianceScaling"] = initializers.VarianceScaling
 _INITS["Constant"] = initializers.Constant
 _REGS = {"L1": regularizers.L1, "L2": regularizers.L2, "L1L2": regularizers.L1L2}
@@ -572,10 +572,10 @@ def _dtype_in(value, where):
 
 
 def _layer_in(entry, where):
-    cls_name, config = _obj(entry, where, set(layers_mod._REGISTRY.classes) | {"LayerNormalization"})
-    if cls_name not in layers_mod._REGISTRY.classes:
+    cls_name, config = _obj(entry, where, set(layers_mod.REGISTRY.classes))
+    if cls_name not in layers_mod.REGISTRY.classes:
         raise KerasFileError(f"{where}: {cls_name} does not exist in fastgrad yet")
-    cls = layers_mod._REGISTRY.classes[cls_name]
+    cls = layers_mod.REGISTRY.classes[cls_name]
     kwargs = _kwargs(config, cls, where)
     for key, value in list(kwargs.items()):
         for suffix, (names, get) in _NESTED.items():
@@ -635,12 +635,12 @@ def _input_dim(shape, where):
     return shape[1]
 
 
-_OPTS = {c.__name__: c for c in optimizers._REGISTRY.classes.values()}
-_LOSSES = {c.__name__: c for c in losses._REGISTRY.classes.values()}
+_OPTS = {c.__name__: c for c in optimizers.REGISTRY.classes.values()}
+_LOSSES = {c.__name__: c for c in losses.REGISTRY.classes.values()}
 _SCHEDULES = {c.__name__: c for c in (schedules.ExponentialDecay,
                                       schedules.PiecewiseConstantDecay,
                                       schedules.CosineDecay)}
-_METRICS = {c.__name__: c for c in metrics._REGISTRY.classes.values()}
+_METRICS = {c.__name__: c for c in metrics.REGISTRY.classes.values()}
 
 
 def _compile_args(cc):

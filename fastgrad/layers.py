@@ -1059,7 +1059,7 @@ class PReLU(Layer):
                 "shared_axes": None, "input_dim": self.input_dim}
 
 
-_REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
+REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
                                       "batch_normalization": BatchNormalization,
                                       "dropout": Dropout, "gaussian_noise": GaussianNoise,
                                       "gaussian_dropout": GaussianDropout,
@@ -1074,14 +1074,14 @@ _REGISTRY = Registry("layer", Layer, {"dense": Dense, "activation": Activation,
 
 def get(identifier):
     """A layer from a ``serialize`` dict or a Layer (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(layer):
     """``{"class_name": "Dense", "config": layer.get_config()}``."""
-    return _REGISTRY.serialize(layer)
+    return REGISTRY.serialize(layer)
 
 
 def deserialize(config):
     """The (unbuilt) layer a ``serialize`` dict describes."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

@@ -262,7 +262,7 @@ kld = kl_divergence
 mape = mean_absolute_percentage_error
 msle = mean_squared_logarithmic_error
 
-_REGISTRY = Registry("loss", Loss, {
+REGISTRY = Registry("loss", Loss, {
     "mse": MeanSquaredError, "mean_squared_error": MeanSquaredError,
     "mae": MeanAbsoluteError, "mean_absolute_error": MeanAbsoluteError,
     "huber": Huber, "binary_crossentropy": BinaryCrossentropy,
@@ -301,14 +301,14 @@ def get(identifier):
     if callable(identifier) and not isinstance(identifier, (Loss, type)) \
             and identifier in _FUNCTIONS:
         return _FUNCTIONS[identifier]()
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(loss):
     """``{"class_name": "Huber", "config": loss.get_config()}``."""
-    return _REGISTRY.serialize(loss)
+    return REGISTRY.serialize(loss)
 
 
 def deserialize(config):
     """The Loss a ``serialize`` dict describes."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

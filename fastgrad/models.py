@@ -4,10 +4,9 @@ All trainable parameters live in one contiguous array (``model.params``),
 their gradients in another (``model.grads``) and non-trainable state (such
 as BatchNormalization's moving statistics) in a third; layers and the
 optimizer hold views. A training step is one compiled call per layer and
-direction, one for the loss and two for the optimizer, writing into buffers
-allocated for the largest batch seen: after the first step it allocates no
-arrays beyond the compiled metrics' NumPy temporaries, sized by the batch's
-predictions (fastgrad.metrics).
+direction, one for the loss, two for the optimizer and one per metric,
+writing into buffers allocated for the largest batch seen: after the first
+step it allocates no arrays.
 
 When the last layer's activation is softmax (with categorical or sparse
 categorical cross-entropy) or sigmoid (with binary cross-entropy), training
@@ -90,6 +89,7 @@ class Sequential(Trainer, HasVariables):
         self._trainable = True
         self.optimizer = self.loss = None
         self.metrics = []
+        self._loss_sum = self._loss_rows = 0.0
         self.stop_training = False
         self.history = None
         self._rng = utils.model_generator(self.seed)
@@ -343,16 +343,23 @@ class Sequential(Trainer, HasVariables):
             raise TypeError(f"metrics: expected a list of metric names or "
                             f"fastgrad.metrics.Metric objects, got {metrics!r}")
         metrics = list(metrics)
-        mets = [metrics_mod.get(m, loss_obj.name) for m in metrics]
-        names = [m if isinstance(m, str) else m.name for m in metrics]
-        names = ["accuracy" if n in ("acc", "accuracy") else n for n in names]
+        mets = [metrics_mod.get(m) for m in metrics]
+        names = [m.name for m in mets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metrics: two metrics share a name in {names}; give each "
+                             "metric object its own name=")
         loss_code = ops.LOSSES[loss_obj.name]
         # every argument is resolved and checked (layers checked their
         # constraints when created): only now does anything change
         if self.built:
             self._require_built()
             opt.build(self.params, self.grads, self._tensors, self._frozen)
+            # "accuracy" is known from the outputs now (else on the first batch)
+            sparse = loss_obj.name == "sparse_categorical_crossentropy"
+            mets = [m.resolved(self.output_dim, sparse) if isinstance(m, metrics_mod._Accuracy)
+                    else m for m in mets]
         self.optimizer, self.loss, self.metrics = opt, loss_obj, mets
+        self.reset_metrics()
         self._metric_names, self._metric_specs = names, metrics
         self._fuse()
         self._loss_code = loss_code
@@ -403,7 +410,6 @@ class Sequential(Trainer, HasVariables):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
-        self._rows = np.empty(batch, self.dtype)
         # last: an interrupt in between leaves the buffers to be grown again
         self._cap = batch
 
@@ -417,24 +423,21 @@ class Sequential(Trainer, HasVariables):
     def _batch_loss(self, h, target, labels, d, weights=None):
         """(loss, predictions) of a batch's outputs h (logits when fused);
         with d, the loss's gradient with respect to h lands in it. With row
-        weights w, the loss is sum_i w_i l_i / rows and row i's gradient is
-        scaled by w_i."""
-        b = h.shape[0]
-        prob = self._prob[:b] if self._fused else None
-        rows = None if weights is None else self._rows[:b]
+        weights w (the model's dtype, one per row), the compiled loss gives
+        sum_i w_i l_i / rows and scales row i's gradient by w_i (Keras's
+        sum_over_batch_size)."""
+        prob = self._prob[:h.shape[0]] if self._fused else None
         lo = self.loss
-        loss = _core.loss_forward_backward(h, target, labels, rows, d, prob, self._loss_code,
+        loss = _core.loss_forward_backward(h, target, labels, None, d, prob, self._loss_code,
                                            self._from_logits, lo.delta, lo.alpha, lo.gamma,
-                                           lo.apply_class_balancing)
-        if weights is not None:
-            loss = float(rows @ weights) / b
-            if d is not None:
-                np.multiply(d, weights[:, None], out=d)
+                                           lo.apply_class_balancing, weights)
         return loss, (prob if self._fused else h)
 
-    def _batch_metrics(self, pred, target, labels):
-        y_true = labels if labels is not None else target
-        return [m(y_true, pred, self._from_logits and not self._fused) for m in self.metrics]
+    def _update_metrics(self, pred, target, labels):
+        """Add a batch's predictions to every compiled metric (unweighted, as
+        Keras's ``metrics``)."""
+        for m in self.metrics:
+            m._update(pred, target, labels, None)
 
     def _forward_backward(self, x, target, labels, weights=None):
         """(loss, predictions) of a batch in training mode; the gradients
@@ -448,15 +451,16 @@ class Sequential(Trainer, HasVariables):
             d = self.layers[i].backward(d, i > 0)
         return loss, pred
 
-    def _train_step(self, x, target, labels):
-        """One optimizer step; (loss with penalties, metrics or None)."""
+    def _train_step(self, x, target, labels, weights=None):
+        """One optimizer step (rows weighted as in _batch_loss); returns the
+        loss with penalties and adds the batch to the metrics."""
         opt, stateful = self.optimizer, self.state.size > 0
         if stateful:
             np.copyto(self._state_before, self.state)
         counters = [(layer, layer.counter) for layer in self._dropouts]
         steps, finished = opt.iterations, False
         try:
-            loss, pred = self._forward_backward(x, target, labels)
+            loss, pred = self._forward_backward(x, target, labels, weights)
             rec = opt.apply()
             finished = True
         finally:
@@ -468,10 +472,9 @@ class Sequential(Trainer, HasVariables):
             if not finished and opt.iterations == steps:
                 for layer, counter in counters:
                     layer.counter = counter
-        loss += rec.penalty
-        if not self.metrics:
-            return loss, None
-        return loss, self._batch_metrics(pred, target, labels)
+        if self.metrics:
+            self._update_metrics(pred, target, labels)
+        return loss + rec.penalty
 
     def _penalty(self):
         """The regularization penalties at the current weights (trainable

@@ -285,8 +285,11 @@ def _labels(y, batch, classes=None):
 
 def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
                           grad=True, per_sample=False, alpha=0.25, gamma=2.0,
-                          apply_class_balancing=False):
+                          apply_class_balancing=False, sample_weight=None):
     """Loss averaged over the batch and its gradient with respect to y_pred.
+    With ``sample_weight`` (one number per row) the loss is
+    ``sum_i w_i l_i / rows`` (Keras's sum_over_batch_size) and row i's
+    gradient is scaled by w_i; the per-sample losses stay unweighted.
 
     loss is one of :data:`LOSSES` (formulas in :mod:`fastgrad.losses`).
     With ``from_logits`` (cross-entropies only) y_pred holds logits and the
@@ -316,11 +319,17 @@ def loss_forward_backward(y_true, y_pred, loss, from_logits=False, delta=1.0,
         if y_true.dtype.kind not in "iubf":
             raise TypeError(f"y_true: expected numbers, got dtype {y_true.dtype}")
         target = _input("y_true", y_true.astype(dt, copy=False), dt, 2, y_pred.shape)
+    if sample_weight is not None:
+        w = np.asarray(sample_weight)
+        if w.dtype.kind not in "iubf" or w.shape != (y_pred.shape[0],):
+            raise ValueError(f"sample_weight: expected {y_pred.shape[0]} numbers (one per "
+                             f"row), got shape {w.shape} of dtype {w.dtype}")
+        sample_weight = np.ascontiguousarray(w, dt)
     d = np.empty_like(y_pred) if grad else None
     rows = np.empty(y_pred.shape[0], dt) if per_sample else None
     value = _core.loss_forward_backward(y_pred, target, labels, rows, d, None, kind,
-                                        bool(from_logits), delta, alpha, gamma,
-                                        bool(apply_class_balancing))
+                                        bool(from_logits), float(delta), alpha, gamma,
+                                        bool(apply_class_balancing), sample_weight)
     return (value, d, rows) if per_sample else (value, d)
 
 

@@ -662,7 +662,7 @@ class Lion(Optimizer):
         return {**super().get_config(), **self._hyper()}
 
 
-_REGISTRY = Registry("optimizer", Optimizer, {   # lower-case names, as in Keras
+REGISTRY = Registry("optimizer", Optimizer, {   # lower-case names, as in Keras
     "sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW, "adagrad": Adagrad,
     "nadam": Nadam, "adamax": Adamax, "adadelta": Adadelta, "lion": Lion})
 
@@ -672,15 +672,15 @@ def get(identifier):
     "adagrad", "nadam", "adamax", "adadelta", "lion", any case, or a class
     name), a ``serialize`` dict, or an
     Optimizer instance (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(optimizer):
     """``{"class_name": "Adam", "config": optimizer.get_config()}``; a
     schedule given as learning rate is serialized inside the config."""
-    return _REGISTRY.serialize(optimizer)
+    return REGISTRY.serialize(optimizer)
 
 
 def deserialize(config):
     """The optimizer a ``serialize`` dict describes (with a fresh state)."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

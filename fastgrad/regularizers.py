@@ -48,7 +48,7 @@ class L2(Regularizer):
 
 
 l1, l2, l1_l2 = L1, L2, L1L2   # Keras' lower-case aliases
-_REGISTRY = Registry("regularizer", Regularizer,
+REGISTRY = Registry("regularizer", Regularizer,
                      {"l1": L1, "l2": L2, "l1l2": L1L2, "l1_l2": L1L2}, none=None)
 
 
@@ -56,14 +56,14 @@ def get(identifier):
     """A Regularizer from None (returned), a name ("l1", "l2", "l1l2" or
     "l1_l2", any case, or a class name), a ``serialize`` dict, a class or an
     instance (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(regularizer):
     """``{"class_name": "L2", "config": regularizer.get_config()}``; None for None."""
-    return _REGISTRY.serialize(regularizer)
+    return REGISTRY.serialize(regularizer)
 
 
 def deserialize(config):
     """The regularizer a ``serialize`` dict describes."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

@@ -341,3 +341,29 @@ def _restore_random(model, header):
             if not all(isinstance(r[k], int) and 0 <= r[k] < 2**64 for k in keys):
                 raise ModelFileError(f"invalid random state for layer {layer.name}")
             layer._seed, layer.counter = r["seed"], r["counter"]
+
+
+def restore_model(model, path):
+    """Put the state a ``save_model`` file holds into ``model``, built and
+    compiled with the same architecture and optimizer: weights, optimizer
+    state and step counts, and the random generators' state, so that fit
+    continues as the saved model would (BackupAndRestore's resume). Raises
+    ModelFileError when the file does not match the model, before anything
+    changes."""
+    saved = load_model(path)
+    shapes = [(n, s) for n, s, _ in model.weight_shapes()]
+    if [(n, s) for n, s, _ in saved.weight_shapes()] != shapes or saved.dtype != model.dtype:
+        raise ModelFileError(f"{path}: the saved model's weights do not match this model's")
+    opt, src = model.optimizer, saved.optimizer
+    if src is None or type(src) is not type(opt) or \
+            {k: v.shape for k, v in src.variables().items()} != \
+            {k: v.shape for k, v in opt.variables().items()}:
+        raise ModelFileError(f"{path}: the saved optimizer does not match this model's")
+    model.set_weights(saved.get_weights())
+    for k, buf in opt.variables().items():
+        buf[...] = src.variables()[k]
+    opt.iterations, opt.skipped_steps = src.iterations, src.skipped_steps
+    model._rng.bit_generator.state = saved._rng.bit_generator.state
+    for layer, old in zip(model.layers, saved.layers):
+        if hasattr(layer, "counter"):
+            layer._seed, layer.counter = old._seed, old.counter

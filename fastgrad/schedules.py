@@ -258,22 +258,22 @@ class CosineDecayRestarts(LearningRateSchedule):
                 "m_mul": self._m_mul, "alpha": self.alpha, "name": self.name}
 
 
-_REGISTRY = Registry("schedule", LearningRateSchedule, {}, classes=(
+REGISTRY = Registry("schedule", LearningRateSchedule, {}, classes=(
     ExponentialDecay, PiecewiseConstantDecay, CosineDecay, InverseTimeDecay, PolynomialDecay,
     CosineDecayRestarts))
 
 
 def get(identifier):
     """A schedule from a ``serialize`` dict or a schedule (returned as it is)."""
-    return _REGISTRY.get(identifier)
+    return REGISTRY.get(identifier)
 
 
 def serialize(schedule):
     """``{"class_name": "CosineDecay", "config": schedule.get_config()}``."""
-    return _REGISTRY.serialize(schedule)
+    return REGISTRY.serialize(schedule)
 
 
 def deserialize(config):
     """The schedule a ``serialize`` dict describes; configs written before
     schedules had a ``name`` get the default name."""
-    return _REGISTRY.deserialize(config)
+    return REGISTRY.deserialize(config)

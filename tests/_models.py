@@ -105,6 +105,13 @@ def np_loss(kind, p, y):
     return ref_loss_value(_LOSS_NAMES.get(kind, kind), y, p, from_logits=kind == "bce_logits")
 
 
+def running_mean(values, sizes):
+    """Keras's batch logs: the mean of the batches' values so far, weighted by
+    their rows."""
+    v, n = np.asarray(values, F64), np.asarray(sizes, F64)
+    return np.cumsum(v * n) / np.cumsum(n)
+
+
 def np_accuracy(kind, p, y, threshold=0.5):
     p = np.asarray(p, F64)
     if kind == "sparse":
@@ -114,8 +121,8 @@ def np_accuracy(kind, p, y, threshold=0.5):
     t = np.asarray(y, F64).reshape(p.shape) > 0.5
     if kind == "binary":
         return float(np.mean((p > threshold) == t))
-    if kind == "bce_logits":
-        return float(np.mean((p > 0) == t))
+    if kind == "bce_logits":   # as Keras: the outputs (logits) against 0.5
+        return float(np.mean((p > threshold) == t))
     raise AssertionError(kind)
 
 

@@ -122,25 +122,28 @@ static void dropout_##S(void)                                                   
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* Every loss with and without logits, targets in [0, 1]. */                       \
+/* Every loss with and without logits, unweighted and with row weights,            \
+ * targets in [0, 1]. */                                                           \
 static void losses_##S(void)                                                       \
 {                                                                                  \
     enum { B = 6, O = 40 };                                                        \
-    T p[B * O], t[B * O], d[B * O], q[B * O], rows[B];                             \
+    T p[B * O], t[B * O], d[B * O], q[B * O], rows[B], w[B];                       \
     int64_t labels[B];                                                             \
     for (int kind = 0; kind < FG_N_LOSSES; kind++)                                 \
-        for (int logits = 0; logits < 2; logits++) {                               \
+        for (int logits = 0; logits < 4; logits++) {                               \
             fill_##S(p, B * O, 0);                                                 \
             for (int k = 0; k < B * O; k++) {                                      \
                 t[k] = (T)uniform(0.0, 1.0);                                       \
-                if (!logits) p[k] = (T)uniform(0.0, 1.0);                          \
+                if (!(logits & 1)) p[k] = (T)uniform(0.0, 1.0);                    \
             }                                                                      \
             for (int i = 0; i < B; i++) labels[i] = (i * 7) % O;                   \
+            for (int i = 0; i < B; i++) w[i] = (T)uniform(0.0, 2.0);               \
             double loss = 0.0;                                                     \
             memset(d, 0, sizeof d);                                                \
             memset(q, 0, sizeof q);                                                \
-            fg_loss_forward_backward##S(&loss, rows, d, q, p, t, labels, B, O,    \
-                                        kind, logits, 0.7);                        \
+            fg_loss_forward_backward##S(&loss, rows, d, q, p, t, labels,           \
+                                        logits & 2 ? w : NULL, B, O, kind,         \
+                                        logits & 1, 0.7);                          \
             put_double_##S("loss" #S, &loss, 1);                                   \
             put_##S("rows", rows, B);                                              \
             put_##S("dpred", d, B * O);                                            \

@@ -16,7 +16,7 @@ Layout of this file:
   3. report .......... rows, norms, statuses, dead/saturated fractions,
                        to_dict, str, suggestions
   4. GradientMonitor . norms, every=k, clipping, update ratios, non-finite steps
-  5. History ......... grad_norm and clip_rate
+  5. History ......... grad_norm and clip_rate (history.gradients)
   6. plot ............ PNG with matplotlib, ImportError without
   7. zero cost ....... statistics and update tracking off unless asked
   8. demo ............ python -m fastgrad demo --epochs 1
@@ -829,8 +829,8 @@ def test_monitor_nonfinite_step_is_recorded_and_skipped():
     np.testing.assert_allclose(mon.grad_norms[~expected], norms, rtol=1e-6)
     # History: grad_norm is the mean over the applied steps only
     applied = np.sqrt((norms ** 2).sum(axis=1))
-    assert hist.history["grad_norm"][0] == pytest.approx(applied.mean(), rel=1e-6)
-    assert hist.history["clip_rate"] == [0.0]
+    assert hist.gradients["grad_norm"][0] == pytest.approx(applied.mean(), rel=1e-6)
+    assert hist.gradients["clip_rate"] == [0.0]
 
 
 def test_monitor_all_steps_nonfinite_weights_untouched():
@@ -845,7 +845,7 @@ def test_monitor_all_steps_nonfinite_weights_untouched():
     hist = model.fit(x[:48], y[:48], epochs=1, batch_size=16, shuffle=False, verbose=0,
                      callbacks=[mon])
     np.testing.assert_array_equal(mon.nonfinite, [True, True, True])
-    assert math.isnan(hist.history["grad_norm"][0])      # no applied step
+    assert math.isnan(hist.gradients["grad_norm"][0])      # no applied step
     assert np.all(np.isnan(mon.update_ratios))
     after = _snapshot(model)
     assert after["weights"] == before["weights"] and after["moments"] == before["moments"]
@@ -865,7 +865,9 @@ def test_history_grad_norm_and_clip_rate():
     hist = model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=[mon])
     norms, _ = _replay(twin, x, y, 16, 3)
     total = np.sqrt((norms ** 2).sum(axis=1)).reshape(3, 6)
-    h = hist.history
+    # beside the Keras logs, not in them
+    assert "grad_norm" not in hist.history and "clip_rate" not in hist.history
+    h = hist.gradients
     assert len(h["grad_norm"]) == len(h["clip_rate"]) == 3
     np.testing.assert_allclose(h["grad_norm"], total.mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(h["grad_norm"], mon.global_norms.reshape(3, 6).mean(axis=1),
@@ -875,7 +877,7 @@ def test_history_grad_norm_and_clip_rate():
     assert 0 < h["clip_rate"][0] < 1
     # without clipping nothing is clipped
     free = _small()
-    h2 = free.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0).history
+    h2 = free.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0).gradients
     assert h2["clip_rate"] == [0.0, 0.0]
     assert all(g > 0 for g in h2["grad_norm"])
 

@@ -279,7 +279,7 @@ def _behaviour(obj):
     lambda: losses.Huber(0.5),
     lambda: losses.BinaryCrossentropy(from_logits=True),
     lambda: losses.MeanSquaredError(),
-    lambda: metrics.BinaryAccuracy(0.7),
+    lambda: metrics.BinaryAccuracy(threshold=0.7),
     lambda: metrics.MeanAbsoluteError(),
     lambda: initializers.RandomNormal(0.1, 0.2, seed=3),
     lambda: initializers.RandomUniform(-0.1, 0.3, seed=3),

@@ -534,7 +534,7 @@ def _layers(config):
     (lambda c: c["compile_config"]["optimizer"].update(class_name="Lion"), "Lion"),
     (lambda c: c["compile_config"]["optimizer"]["config"].update(use_ema=True), "use_ema"),
     (lambda c: c["compile_config"].update(metrics=[{"module": "keras.metrics",
-                                                    "class_name": "AUC"}]), "AUC"),
+                                                    "class_name": "F1Score"}]), "F1Score"),
     (lambda c: c["config"]["layers"].clear(), "no layers"),
     (lambda c: c.update(class_name="Functional"), "Functional"),
 ])
