@@ -110,7 +110,14 @@ def ref_act(name, z, alpha=None):
         if name == "log_softmax":
             if z.shape[-1] == 0:
                 return z.copy()
-            return z - special.logsumexp(z, axis=-1, keepdims=True)
+            # (z - m) - log1p(sum of the others' e^(z - m)), m the row's maximum
+            # (whose own term is 1): z - logsumexp(z) would cancel where
+            # the result is small
+            m = np.max(z, axis=-1, keepdims=True)
+            e = np.exp(z - m)
+            first = np.argmax(z, axis=-1)[..., None]
+            np.put_along_axis(e, first, 0.0, axis=-1)
+            return (z - m) - np.log1p(np.sum(e, axis=-1, keepdims=True))
         if name == "swish":
             return z * special.expit(z)
     raise KeyError(f"no reference for activation {name!r}")
@@ -552,7 +559,7 @@ def ref_optimizer_run(cfg, w0, grads, tensors, lr=None, skip=(), state=None, t0=
         g = np.array(g_raw, F64)
         penalty = 0.0
         norms = []
-        for sl, shape, reg, con, name in tensor_slices(tensors):
+        for sl, _shape, reg, _con, _name in tensor_slices(tensors):
             if reg is not None:
                 g[sl] += reg.l1 * np.sign(w[sl]) + 2 * reg.l2 * w[sl]
                 penalty += reg.l1 * np.abs(w[sl]).sum() + reg.l2 * (w[sl] ** 2).sum()
@@ -573,7 +580,7 @@ def ref_optimizer_run(cfg, w0, grads, tensors, lr=None, skip=(), state=None, t0=
         if cfg.get("wd"):
             w = w - rate * cfg["wd"] * w
         w = _update(kind, cfg, w, g, st, rate, t)
-        for sl, shape, reg, con, name in tensor_slices(tensors):
+        for sl, shape, _reg, con, _name in tensor_slices(tensors):
             if con is not None:
                 w[sl] = _apply_constraint(con, w[sl].reshape(shape)).reshape(-1)
     return w, st, records

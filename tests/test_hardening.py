@@ -67,7 +67,11 @@ from fastgrad import _core, ops
 from fastgrad.layers import Dense
 
 ACTS = list(ops.ACTIVATIONS)
-LOSSES = list(ops.LOSSES)
+# the losses referenced here; the later ones (log_cosh to the focal losses)
+# have their sizes, layouts and edge values in test_new_losses.py
+LOSSES = [k for k in ops.LOSSES if k in ("mse", "mae", "huber", "binary_crossentropy",
+                                         "categorical_crossentropy",
+                                         "sparse_categorical_crossentropy")]
 DT_IDS = DTYPE_IDS
 # elu and selu compute alpha * (exp(z) - 1): near z = 0 its error is absolute,
 # on the scale of alpha (see test_elu_and_selu_are_accurate_near_zero)
@@ -931,7 +935,8 @@ def test_activations_of_zeros_subnormals_and_1e20(dt):
         x = _special_values(dt)
         for act in ACTS:
             y = ops.activation_forward(x, act)
-            assert np.isfinite(y).all(), act
+            finite = act != "exponential"   # e^(1e20) is inf, as it should be
+            assert np.isfinite(y).all() or not finite, act
             check(y, ref_act(act, x), dt, 0.0, act)
             dx = ops.activation_backward(np.ones_like(x), y, act, x=x)
             assert np.isfinite(dx).all() or not finite, act
@@ -1097,7 +1102,8 @@ def _ulp_grid(dt):
     return np.concatenate([lin, small, -small]).astype(dt).reshape(1, -1)
 
 
-@pytest.mark.parametrize("act", [a for a in ACTS if a != "softmax"])
+# the activations added with softplus have their ulp tests in test_new_activations.py
+@pytest.mark.parametrize("act", [a for a in ACTS if a in ACT_ULPS[F32]])
 def test_activations_within_ulps_of_the_reference(act, dtype):
     """Element-wise activations over [-100, 100] and tiny magnitudes, in
     units in the last place: a relative bound that holds for small outputs

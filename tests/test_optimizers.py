@@ -170,7 +170,7 @@ def test_apply_before_build_raises():
 def _scaled_grads(rng, scales):
     """One gradient whose tensors have the given L2 norms."""
     parts = []
-    for (name, shape), s in zip(LAYOUT, scales):
+    for (_name, shape), s in zip(LAYOUT, scales):
         p = rng.normal(size=int(np.prod(shape)))
         parts.append(p * s / np.linalg.norm(p))
     return np.concatenate(parts)
@@ -197,7 +197,7 @@ def test_clipping_matches_numpy(mode, kind):
     # the reference without clipping is clearly different: clipping happened
     noclip, _, _ = ref_run({k: v for k, v in cfg.items() if k != mode}, w0, grads, TENSORS)
     assert np.max(np.abs(noclip - ref)) > 1e-3
-    for k, (r, e, g) in enumerate(zip(recs, refrecs, grads)):
+    for _k, (r, e, g) in enumerate(zip(recs, refrecs, grads)):
         raw = np.array([np.linalg.norm(g[sl]) for sl, *_ in tensor_slices(TENSORS)])
         np.testing.assert_allclose(r["norms"], raw, rtol=1e-13)  # before clipping
         assert r["total"] == pytest.approx(np.linalg.norm(g), rel=1e-13)

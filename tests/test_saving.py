@@ -664,7 +664,7 @@ def test_pickle_files_are_never_unpickled(tmp_path):
     assert control.exists()
     marker = tmp_path / "marker"
     payload = pickle.dumps(_Touch(str(marker)))
-    for i, (name, blob) in enumerate([
+    for _i, (name, blob) in enumerate([
         ("p.pkl", payload),
         ("p.fgm", payload),
         ("p2.fgm", pickle.dumps(_Touch(str(marker)), protocol=2)),
