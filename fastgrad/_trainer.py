@@ -394,6 +394,11 @@ class Trainer:
         cbs = callbacks_mod.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
                                          model=self, verbose=verbose, epochs=epochs,
                                          steps=steps_per_epoch or batches.steps)
+        return self._fit_loop(passes, cbs, initial_epoch, epochs, val,
+                              val_batch or batches.size, validation_freq)
+
+    def _fit_loop(self, passes, cbs, initial_epoch, epochs, val, val_batch, validation_freq):
+        """fit's epochs, once every argument is checked; returns the History."""
         self.stop_training = False
         self._initial_epoch = None   # BackupAndRestore sets it when it resumes
         cbs.on_train_begin()
@@ -407,7 +412,7 @@ class Trainer:
                 self._epoch_gradients = self._fit_epoch(passes, cbs, guard)
                 logs = self._logs()
                 if val is not None and _should_validate(epoch, validation_freq):
-                    val_logs = self._evaluate(val, val_batch or batches.size, cbs)
+                    val_logs = self._evaluate(val, val_batch, cbs)
                     logs.update(("val_" + k, v) for k, v in val_logs.items())
                 cbs.on_epoch_end(epoch, logs)
                 if self.stop_training:

@@ -357,6 +357,23 @@ def _setting(name, v):
         raise ValueError(f"{name}: expected a finite number, got {v!r}") from None
 
 
+def _moment_buffers(config, moments, params, grads):
+    """{"m", "v", "vmax": the caller's buffer} for those the settings use,
+    each checked (a float buffer like params, overlapping no other)."""
+    bufs = {}
+    for key, needed in (("m", config.needs_m), ("v", config.needs_v),
+                        ("vmax", config.needs_vmax)):
+        name, buf = moments.get(key, (key, None))
+        if not needed:
+            continue
+        if buf is None:
+            raise ValueError(f"{name}: required by these settings (a float buffer like params)")
+        buf = _flat(name, buf, params.dtype, params.shape[0], writable=True)
+        _no_overlap(name, buf, params, grads, *bufs.values())
+        bufs[key] = buf
+    return bufs
+
+
 def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
                     clipvalue, clipnorm, global_clipnorm, weight_decay, **hyper):
     """Shared body of the *_step functions: the same two compiled passes as
@@ -389,17 +406,7 @@ def _optimizer_step(kind, params, grads, step, learning_rate, moments, offsets,
         if v is not None and not settings[k] > 0 and k != "weight_decay":
             raise ValueError(f"{k}: expected a positive number, got {v!r}")
     config = _core.StepConfig(_core.OPTIMIZER_CODES[kind], **settings)
-    bufs = {}
-    for key, needed in (("m", config.needs_m), ("v", config.needs_v),
-                        ("vmax", config.needs_vmax)):
-        name, buf = moments.get(key, (key, None))
-        if not needed:
-            continue
-        if buf is None:
-            raise ValueError(f"{name}: required by these settings (a float buffer like params)")
-        buf = _flat(name, buf, dt, n, writable=True)
-        _no_overlap(name, buf, params, grads, *bufs.values())
-        bufs[key] = buf
+    bufs = _moment_buffers(config, moments, params, grads)
     T = offsets.size - 1
     offset = offsets.astype(np.int64)
     scale, sumsq, norms = np.ones(T), np.empty(T), np.empty(T)

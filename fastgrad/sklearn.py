@@ -354,6 +354,10 @@ class _BaseMLP(BaseEstimator):
         return total
 
     def _fit_stochastic(self, X, y, sample_weight, incremental):
+        # One function, longer than the rest, on purpose: it follows
+        # scikit-learn's own _fit_stochastic step by step (validation split,
+        # epoch loop, learning-rate adaptation, stopping rules, best-weight
+        # bookkeeping), so that the two can be compared line by line.
         model = self.model_
         if not incremental or not hasattr(self, "_optimizer"):
             model.compile(self._new_optimizer(), model.loss)

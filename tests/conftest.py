@@ -29,7 +29,7 @@ def rng(request):
 def keras64():
     """Keras on JAX computing in float64 for the test (floatx and JAX's x64
     put back after); skips when Keras is not installed."""
-    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
+    keras = pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'")
     import jax
 
     x64, floatx = jax.config.jax_enable_x64, keras.config.floatx()

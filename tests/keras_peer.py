@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")   # read when keras is first impor
 # float32); float32 models are unaffected by it
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
-REASON = "needs the keras extra: pip install '.[keras]'"
+REASON = "needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'"
 
 
 def keras_or_skip():

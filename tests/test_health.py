@@ -895,7 +895,7 @@ def _trained_monitor():
 
 
 def test_plot_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs the plot extra: pip install '.[plot]'")
     mon = _trained_monitor()
     path = tmp_path / "norms.png"
     assert mon.plot(str(path)) == str(path)

@@ -362,7 +362,7 @@ def _module(where):
 @pytest.fixture(scope="module")
 def keras_side():
     if importlib.util.find_spec("keras") is None:
-        pytest.skip("needs the keras extra: pip install '.[keras]'")
+        pytest.skip("needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'")
     ours = [_module(w).serialize(getattr(_module(w), cls)(*args))
             for w, cls, args in KERAS_OBJECTS]
     done = subprocess.run([sys.executable, "-c", _KERAS_SIDE], capture_output=True, text=True,

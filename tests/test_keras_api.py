@@ -29,7 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
 def _keras():
-    return pytest.importorskip("keras", reason="needs the keras extra: pip install '.[keras]'")
+    return pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'")
 
 
 def _data(n=65, d=4, k=3, seed=0):

@@ -363,7 +363,7 @@ STREAMS = [{"name": f"stream_{kind}{'_weighted' * w}", "metrics": metrics,
 @pytest.fixture(scope="module")
 def keras_results():
     if importlib.util.find_spec("keras") is None:
-        pytest.skip("needs the keras extra: pip install '.[keras]'")
+        pytest.skip("needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'")
     done = subprocess.run([sys.executable, "-c", f"RUNNER = {_RUNNER!r}\n" + _KERAS_SIDE],
                           capture_output=True, text=True,
                           input=json.dumps(SCENARIOS + STREAMS), timeout=900)
