@@ -141,9 +141,11 @@ static void losses_##S(void)                                                    
             double loss = 0.0;                                                     \
             memset(d, 0, sizeof d);                                                \
             memset(q, 0, sizeof q);                                                \
+            fg_loss_params lp = {.delta = 0.7, .alpha = 0.25, .gamma = 2.0,        \
+                                 .class_balancing = kind & 1};                     \
             fg_loss_forward_backward##S(&loss, rows, d, q, p, t, labels,           \
                                         logits & 2 ? w : NULL, B, O, kind,         \
-                                        logits & 1, 0.7);                          \
+                                        logits & 1, &lp);                          \
             put_double_##S("loss" #S, &loss, 1);                                   \
             put_##S("rows", rows, B);                                              \
             put_##S("dpred", d, B * O);                                            \
