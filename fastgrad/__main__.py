@@ -34,7 +34,7 @@ def example(seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastgrad")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a 20-layer network trained five ways, diagnosed")
+    demo = sub.add_parser("demo", help="a 20-layer network trained six ways, diagnosed")
     demo.add_argument("--plot", metavar="PATH", help="save a figure comparing the cases")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=10)
