@@ -972,6 +972,7 @@ def test_demo_runs_and_diagnoses(tmp_path):
         "sigmoid + BatchNormalization": "healthy",
         "relu + random_normal(0.25), no clipping": "exploding",
         "relu + random_normal(0.25), global_clipnorm=1.0": "exploding",
+        "sigmoid, then LayerNormalization": "healthy",
     }
     for title, status in expected.items():
         line = next((l for l in summary if l.startswith(title + " ")), None)
