@@ -532,3 +532,31 @@ def test_evaluate_verbose_prints_the_values(capsys):
     vals = _epoch_line_values(capsys.readouterr().out)
     assert vals["loss"] == pytest.approx(loss, abs=5.1e-5)
     assert vals["accuracy"] == pytest.approx(acc, abs=5.1e-5)
+
+
+def test_the_progress_bar_is_tqdm_when_installed(monkeypatch, capsys):
+    tqdm_mod = pytest.importorskip("tqdm", reason="needs the progress extra: "
+                                                  "pip install '.[progress]'")
+    made = []
+
+    class Recording(tqdm_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            self.steps_seen = getattr(self, "steps_seen", 0) + n
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm_mod, "tqdm", Recording)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 64)
+    model = fg.Sequential([fg.layers.Dense(2, activation="softmax", input_dim=3)], seed=0)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=2, batch_size=16, verbose=1)
+    # one bar per epoch, counting the epoch's four steps, labelled by epoch
+    assert [bar.desc for bar in made] == ["Epoch 1/2", "Epoch 2/2"]
+    assert [bar.steps_seen for bar in made] == [4, 4]
+    assert all(bar.total == 4 for bar in made)
+    assert "Epoch 2/2" in capsys.readouterr().out
