@@ -516,7 +516,7 @@ def _layers(config):
     (lambda c: _layers(c)[1].update(module="my_package.layers"), "my_package"),
     (lambda c: _layers(c)[1].update(registered_name="Custom>Dense"), "Custom>Dense"),
     (lambda c: _layers(c)[1].update(class_name="Conv2D"), "Conv2D"),
-    (lambda c: _layers(c)[1].update(class_name="LayerNormalization"), "LayerNormalization"),
+    (lambda c: _layers(c)[1].update(class_name="UnitNormalization"), "UnitNormalization"),
     (lambda c: _layers(c)[1]["config"].update(activation={
         "module": "builtins", "class_name": "function", "config": "eval"}), "'eval'"),
     (lambda c: _layers(c)[1]["config"].update(activation={
@@ -531,8 +531,9 @@ def _layers(config):
     (lambda c: _layers(c)[1]["config"].update(units=10**9), r"dense/kernel \(5, 1000000000\)"),
     (lambda c: c["compile_config"].update(loss={"module": "losses_of_mine",
                                                 "class_name": "MyLoss"}), "losses_of_mine"),
-    (lambda c: c["compile_config"]["optimizer"].update(class_name="Lion"), "Lion"),
-    (lambda c: c["compile_config"]["optimizer"]["config"].update(use_ema=True), "use_ema"),
+    (lambda c: c["compile_config"]["optimizer"].update(class_name="Adafactor"), "Adafactor"),
+    (lambda c: c["compile_config"]["optimizer"]["config"].update(loss_scale_factor=2.0),
+     "loss_scale_factor"),
     (lambda c: c["compile_config"].update(metrics=[{"module": "keras.metrics",
                                                     "class_name": "F1Score"}]), "F1Score"),
     (lambda c: c["config"]["layers"].clear(), "no layers"),
