@@ -881,6 +881,8 @@ class LayerNormalization(Layer):
                  input_dim=None, input_shape=None, name=None,
                  trainable=True):
         super().__init__(name, input_dim, input_shape, trainable)
+        if isinstance(axis, (list, tuple)) and len(axis) == 1:
+            axis = axis[0]   # Keras writes [-1]
         if axis not in (-1, 1) or isinstance(axis, bool):
             raise ValueError(f"axis: expected -1 (the features of a 2-D input), got {axis!r}")
         if rms_scaling:

@@ -83,11 +83,13 @@ def keras_optimizer(keras, name):
             "adagrad": lambda: keras.optimizers.Adagrad(0.05)}[name]()
 
 
-def keras_model(keras, name, dropout=True):
+def keras_model(keras, name, dropout=True, layer_norm=False):
     layers = [keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
               keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-2)]
     if dropout:
         layers.append(keras.layers.Dropout(0.2))
+    if layer_norm:
+        layers.append(keras.layers.LayerNormalization(epsilon=1e-2))
     layers.append(keras.layers.Dense(3, activation="softmax"))
     m = keras.Sequential(layers)
     m.compile(keras_optimizer(keras, name), "sparse_categorical_crossentropy",
@@ -222,11 +224,12 @@ def test_a_constraint_keras_lacks_is_refused_before_writing(tmp_path):
 def test_keras_to_fastgrad_predicts_the_same_and_steps_like_keras(tmp_path, name):
     keras = _keras()
     x, y = data(seed=3)
-    k = keras_model(keras, name)
+    k = keras_model(keras, name, layer_norm=True)
     k.fit(x, y, epochs=2, batch_size=16, verbose=0)
     k.save(tmp_path / "k.keras")
     m = fg.load_model(tmp_path / "k.keras")
-    assert [l.kind for l in m.layers] == ["Dense", "BatchNormalization", "Dropout", "Dense"]
+    assert [l.kind for l in m.layers] == ["Dense", "BatchNormalization", "Dropout",
+                                          "LayerNormalization", "Dense"]
     assert type(m.optimizer).__name__ == type(k.optimizer).__name__
     assert m.optimizer.iterations == int(k.optimizer.iterations) == 8
     np.testing.assert_allclose(m.predict(x), k.predict(x, verbose=0), **F32_TOL)
