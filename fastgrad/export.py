@@ -224,10 +224,16 @@ def to_torch(model):
     nn = torch.nn
     _built(model)
     dtype = torch.float32 if model.dtype == np.float32 else torch.float64
-    acts = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2),
-            "elu": lambda: nn.ELU(1.0), "selu": nn.SELU, "gelu": nn.GELU,
-            "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
-            "softmax": lambda: nn.Softmax(dim=-1)}
+    # a layer's own slope or alpha where it has one (LeakyReLU, ELU layers)
+    acts = {"relu": lambda a: nn.ReLU(),
+            "leaky_relu": lambda a: nn.LeakyReLU(0.2 if a is None else a),
+            "elu": lambda a: nn.ELU(1.0 if a is None else a), "selu": lambda a: nn.SELU(),
+            "gelu": lambda a: nn.GELU(), "silu": lambda a: nn.SiLU(),
+            "sigmoid": lambda a: nn.Sigmoid(), "tanh": lambda a: nn.Tanh(),
+            "softmax": lambda a: nn.Softmax(dim=-1), "softplus": lambda a: nn.Softplus(),
+            "softsign": lambda a: nn.Softsign(), "relu6": lambda a: nn.ReLU6(),
+            "hard_sigmoid": lambda a: nn.Hardsigmoid(), "hard_silu": lambda a: nn.Hardswish(),
+            "mish": lambda a: nn.Mish(), "log_softmax": lambda a: nn.LogSoftmax(dim=-1)}
 
     def tensor(a):
         return torch.from_numpy(np.array(a, dtype=model.dtype))
@@ -254,8 +260,25 @@ def to_torch(model):
             bn.weight.requires_grad_(layer.scale)
             bn.bias.requires_grad_(layer.center)
             modules.append(bn)
+        elif layer.kind == "LayerNormalization":
+            ln = nn.LayerNorm(layer.input_dim, eps=layer.epsilon, dtype=dtype)
+            with torch.no_grad():
+                ln.weight.copy_(tensor(w["gamma"] if "gamma" in w else np.ones(layer.input_dim)))
+                ln.bias.copy_(tensor(w["beta"] if "beta" in w else np.zeros(layer.input_dim)))
+            modules.append(ln)
         elif layer.kind == "Dropout":
             modules.append(nn.Dropout(layer.rate))
-        if getattr(layer, "activation", "linear") != "linear":
-            modules.append(acts[layer.activation]())
+        elif layer.kind in ("GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity",
+                            "Flatten"):
+            modules.append(nn.Identity())   # what predict computes: inference mode
+        elif layer.kind not in ("Activation", "LeakyReLU", "ELU", "Softmax"):
+            raise ValueError(f"model: layer {layer.name} ({layer.kind}) has no PyTorch form "
+                             "in fastgrad.export yet")
+        act = getattr(layer, "activation", "linear")
+        if act != "linear":
+            if act not in acts:
+                raise ValueError(f"activation: {act!r} has no PyTorch form in "
+                                 "fastgrad.export yet")
+            modules.append(acts[act](getattr(layer, "negative_slope",
+                                             getattr(layer, "alpha", None))))
     return nn.Sequential(*modules).eval()

@@ -155,3 +155,42 @@ def test_the_torch_module_holds_copies_and_can_train():
     for a, b in zip(before, m.get_weights()):   # the fastgrad model is untouched
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(module[0].weight.detach().numpy(), before[0].T)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_torch_module_of_the_newer_layers_and_activations_equals_predict(dtype):
+    torch = pytest.importorskip("torch", reason="needs the torch extra: "
+                                "pip install '.[torch]'")
+    L = fg.layers
+    rng = np.random.default_rng(5)
+    for act in ("softplus", "softsign", "relu6", "hard_sigmoid", "hard_silu", "mish",
+                "log_softmax"):
+        m = fg.Sequential([L.Dense(9, activation=act, input_dim=6),
+                           L.LayerNormalization(epsilon=0.05), L.GaussianNoise(0.1),
+                           L.Dense(7), L.LeakyReLU(0.1), L.Identity(), L.Dense(5), L.ELU(0.5),
+                           L.LayerNormalization(center=False), L.Dense(4, activation=act)],
+                          dtype=dtype, seed=5)
+        m.compile(fg.optimizers.Adam(1e-2), "mse")
+        m.fit(rng.standard_normal((64, 6)), rng.standard_normal((64, 4)), epochs=1,
+              batch_size=16, verbose=0)
+        x = (rng.standard_normal((33, 6)) * 3).astype(dtype)
+        with torch.no_grad():
+            got = export.to_torch(m)(torch.from_numpy(x)).numpy()
+        want = m.predict(x)
+        if dtype == "float64":
+            close(got, want, dtype)
+        else:   # two normalizations in ten float32 layers: 1e-4 of the outputs' scale
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_layers_without_a_torch_form_are_refused_by_name():
+    pytest.importorskip("torch", reason="needs the torch extra: pip install '.[torch]'")
+    for layer in (fg.layers.PReLU(), fg.layers.ReLU(max_value=6.0), fg.layers.Rescaling(0.5)):
+        m = fg.Sequential([fg.layers.Dense(3, input_dim=4), layer])
+        m.build()
+        with pytest.raises(ValueError, match=layer.kind):
+            export.to_torch(m)
+    m = fg.Sequential([fg.layers.Dense(3, activation="exponential", input_dim=4)])
+    m.build()
+    with pytest.raises(ValueError, match="exponential"):
+        export.to_torch(m)
