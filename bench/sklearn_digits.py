@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PARAMS = {"hidden_layer_sizes": (256, 128), "solver": "adam", "batch_size": 32,
           "max_iter": 30, "tol": 0.0, "n_iter_no_change": 30, "random_state": 0}
@@ -96,7 +95,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as found)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
-    import fastgrad as fg
+    try:   # an installed fastgrad, else this checkout's (built in place)
+        import fastgrad as fg
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import fastgrad as fg
 
     if args.threads is not None:
         fg.set_num_threads(args.threads)
