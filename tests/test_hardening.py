@@ -1727,7 +1727,10 @@ def _fuzz_module():
 def test_fuzz_harness_briefly(target, tmp_path):
     fuzz = _fuzz_module()
     stats = fuzz.run_random(target, seconds=3.0, seed=12345, workdir=str(tmp_path))
-    assert stats.iterations > 50, stats.iterations
+    # a Keras archive goes through zip and HDF5 each time: a few dozen a
+    # minute under the sanitizers, so there a handful is enough here (the
+    # fuzz run of CI gives it a minute)
+    assert stats.iterations >= (2 if target == "load_keras" else 50), stats.iterations
     if stats.failures:
         pytest.fail(f"{len(stats.failures)} failures in {stats.iterations} iterations; the "
                     "distinct ones:\n\n"
