@@ -18,6 +18,10 @@ tar -C "$root" --exclude=./build --exclude=./dist --exclude='*.so' --exclude=./.
     | tar -C "$work/src" -xf -
 # the keras extra (h5py) lets the fuzzers cover the Keras archive loader
 FASTGRAD_SANITIZE=1 pip install --quiet "$work/src[test,keras]"
+# atheris makes the fuzzers coverage-guided; where it does not install they
+# draw their inputs at random
+engine=atheris
+pip install --quiet atheris || { engine=random; echo "warning: atheris did not install; random fuzzing"; }
 
 libasan=$(gcc -print-file-name=libasan.so)
 libubsan=$(gcc -print-file-name=libubsan.so)
@@ -34,7 +38,7 @@ LD_PRELOAD="$libasan:$libubsan" python -m pytest -q -p no:cacheprovider "$root/t
     --ignore="$root/tests/test_vectorization.py" "$@" || status=$?
 if [ "$status" -eq 0 ] && [ -n "${FUZZ_SECONDS:-}" ]; then
     # the fuzzers, for a bounded time each, under the same sanitizers
-    LD_PRELOAD="$libasan:$libubsan" python "$root/tests/fuzz/fuzz.py" --target all --engine random \
+    LD_PRELOAD="$libasan:$libubsan" python "$root/tests/fuzz/fuzz.py" --target all --engine "$engine" \
         --seconds "$FUZZ_SECONDS" || status=$?
 fi
 if compgen -G "$log*" > /dev/null; then
