@@ -154,10 +154,8 @@ cdef inline Py_ssize_t _bad_row(const floating *x, Py_ssize_t B, Py_ssize_t F) n
 cdef inline void _norms(double *sumsq, double *penalty, int64_t *bad, floating *grad,
                         const floating *param, const floating *acc, double acc_steps,
                         const fg_tensors *tt) noexcept nogil:
-    if floating is float:
-        fg_grad_norms_f32(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
-    else:
-        fg_grad_norms_f64(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
+    if floating is float: fg_grad_norms_f32(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
+    else: fg_grad_norms_f64(sumsq, penalty, bad, grad, param, acc, acc_steps, tt)
 
 
 cdef inline int _step(int64_t *overflow, floating *param, floating *m, floating *v,
@@ -195,37 +193,29 @@ cdef inline void _bn_backward(floating *dinp, floating *dgamma, floating *dbeta,
 
 cdef inline void _gauss(floating *out, const floating *inp, Py_ssize_t N, double stddev,
                         int multiply, uint64_t seed, uint64_t offset) noexcept nogil:
-    if floating is float:
-        fg_gaussian_noise_f32(out, inp, N, stddev, multiply, seed, offset)
-    else:
-        fg_gaussian_noise_f64(out, inp, N, stddev, multiply, seed, offset)
+    if floating is float: fg_gaussian_noise_f32(out, inp, N, stddev, multiply, seed, offset)
+    else: fg_gaussian_noise_f64(out, inp, N, stddev, multiply, seed, offset)
 
 
 cdef inline void _alpha_drop(floating *out, const floating *inp, Py_ssize_t N, double rate,
                              double a, double bk, double bd, uint64_t seed,
                              uint64_t offset) noexcept nogil:
-    if floating is float:
-        fg_alpha_dropout_f32(out, inp, N, rate, a, bk, bd, seed, offset)
-    else:
-        fg_alpha_dropout_f64(out, inp, N, rate, a, bk, bd, seed, offset)
+    if floating is float: fg_alpha_dropout_f32(out, inp, N, rate, a, bk, bd, seed, offset)
+    else: fg_alpha_dropout_f64(out, inp, N, rate, a, bk, bd, seed, offset)
 
 
 cdef inline void _affine(floating *out, const floating *inp, const floating *shift,
                          const floating *scale, Py_ssize_t B, Py_ssize_t F,
                          int divide) noexcept nogil:
-    if floating is float:
-        fg_affine_f32(out, inp, shift, scale, B, F, divide)
-    else:
-        fg_affine_f64(out, inp, shift, scale, B, F, divide)
+    if floating is float: fg_affine_f32(out, inp, shift, scale, B, F, divide)
+    else: fg_affine_f64(out, inp, shift, scale, B, F, divide)
 
 
 cdef inline void _ln_forward(floating *out, double *mean, double *rstd, const floating *inp,
                              const floating *gamma, const floating *beta, Py_ssize_t B,
                              Py_ssize_t F, double epsilon) noexcept nogil:
-    if floating is float:
-        fg_layernorm_forward_f32(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
-    else:
-        fg_layernorm_forward_f64(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
+    if floating is float: fg_layernorm_forward_f32(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
+    else: fg_layernorm_forward_f64(out, mean, rstd, inp, gamma, beta, B, F, epsilon)
 
 
 cdef inline void _ln_backward(floating *dinp, floating *dgamma, floating *dbeta, double *work,
@@ -240,44 +230,34 @@ cdef inline void _ln_backward(floating *dinp, floating *dgamma, floating *dbeta,
 
 cdef inline void _relu_fwd(floating *out, const floating *inp, Py_ssize_t N, double slope,
                            double threshold, double max_value) noexcept nogil:
-    if floating is float:
-        fg_relu_forward_f32(out, inp, N, slope, threshold, max_value)
-    else:
-        fg_relu_forward_f64(out, inp, N, slope, threshold, max_value)
+    if floating is float: fg_relu_forward_f32(out, inp, N, slope, threshold, max_value)
+    else: fg_relu_forward_f64(out, inp, N, slope, threshold, max_value)
 
 
 cdef inline void _relu_back(floating *dinp, const floating *dout, const floating *inp,
                             Py_ssize_t N, double slope, double threshold,
                             double max_value) noexcept nogil:
-    if floating is float:
-        fg_relu_backward_f32(dinp, dout, inp, N, slope, threshold, max_value)
-    else:
-        fg_relu_backward_f64(dinp, dout, inp, N, slope, threshold, max_value)
+    if floating is float: fg_relu_backward_f32(dinp, dout, inp, N, slope, threshold, max_value)
+    else: fg_relu_backward_f64(dinp, dout, inp, N, slope, threshold, max_value)
 
 
 cdef inline void _prelu_fwd(floating *out, const floating *inp, const floating *alpha,
                             Py_ssize_t B, Py_ssize_t F) noexcept nogil:
-    if floating is float:
-        fg_prelu_forward_f32(out, inp, alpha, B, F)
-    else:
-        fg_prelu_forward_f64(out, inp, alpha, B, F)
+    if floating is float: fg_prelu_forward_f32(out, inp, alpha, B, F)
+    else: fg_prelu_forward_f64(out, inp, alpha, B, F)
 
 
 cdef inline void _prelu_back(floating *dinp, floating *dalpha, const floating *dout,
                              const floating *inp, const floating *alpha, Py_ssize_t B,
                              Py_ssize_t F) noexcept nogil:
-    if floating is float:
-        fg_prelu_backward_f32(dinp, dalpha, dout, inp, alpha, B, F)
-    else:
-        fg_prelu_backward_f64(dinp, dalpha, dout, inp, alpha, B, F)
+    if floating is float: fg_prelu_backward_f32(dinp, dalpha, dout, inp, alpha, B, F)
+    else: fg_prelu_backward_f64(dinp, dalpha, dout, inp, alpha, B, F)
 
 
 cdef inline void _dropout(floating *out, const floating *inp, Py_ssize_t N, double rate,
                           uint64_t seed, uint64_t offset) noexcept nogil:
-    if floating is float:
-        fg_dropout_forward_f32(out, inp, N, rate, seed, offset)
-    else:
-        fg_dropout_forward_f64(out, inp, N, rate, seed, offset)
+    if floating is float: fg_dropout_forward_f32(out, inp, N, rate, seed, offset)
+    else: fg_dropout_forward_f64(out, inp, N, rate, seed, offset)
 
 
 def matmul(const floating[:, ::1] a not None, const floating[:, ::1] b not None, floating[:, ::1] out not None,
@@ -337,6 +317,15 @@ cdef int _len1(const floating[::1] v, Py_ssize_t n, bint required, str name) exc
     return 0
 
 
+cdef int _len2(const floating[::1] a, const floating[::1] b, Py_ssize_t n, bint required,
+               str name_a, str name_b) except -1:
+    """_len1 for a pair of vectors that go together (scale and shift, the
+    statistics of a normalization, their gradients)."""
+    _len1(a, n, required, name_a)
+    _len1(b, n, required, name_b)
+    return 0
+
+
 cdef fg_act_stats *_stats(fg_act_stats *st, unsigned char[::1] alive, bint want,
                          Py_ssize_t O) except? NULL:
     if not want:
@@ -389,6 +378,17 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
     return dpre
 
 
+cdef int _dense_sizes(Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, Py_ssize_t kernel_rows,
+                      int act) except -1:
+    """What dense_forward and dense_backward check alike: the activation
+    code, the kernel's rows, and sizes BLAS can take."""
+    _check_act(act)
+    if kernel_rows != I:
+        raise ValueError(f"kernel: expected {I} rows, got {kernel_rows}")
+    _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
+    return 0
+
+
 def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kernel not None,
                   const floating[::1] bias, floating[:, ::1] out not None,
                   floating[:, ::1] pre, int act, double alpha,
@@ -400,13 +400,10 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     cdef int s
     cdef fg_act_stats st
     cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
-    _check_act(act)
-    if kernel.shape[0] != I:
-        raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    _dense_sizes(B, I, O, kernel.shape[0], act)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _len1(bias, O, False, "bias")
-    _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
     with nogil:
         _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
               <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(out), <int>O)
@@ -428,9 +425,7 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     dx = dpre @ kernel^T      (B,I) or None when the input needs no gradient."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
     cdef int s
-    _check_act(act)
-    if kernel.shape[0] != I:
-        raise ValueError(f"kernel: expected {I} rows, got {kernel.shape[0]}")
+    _dense_sizes(B, I, O, kernel.shape[0], act)
     _same2(dout, B, O, "dout")
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
@@ -441,7 +436,6 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     _len1(dbias, O, False, "dbias")
     _check(pre is not None or not fg_activation_needs_pre(act),
            "pre: this activation's derivative needs the pre-activation")
-    _blas_size(B, "x"); _blas_size(I, "x"); _blas_size(O, "kernel")
     with nogil:
         s = _act_back(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
         if s == FG_OK:
@@ -760,12 +754,9 @@ def batchnorm_forward(const floating[:, ::1] inp not None, const floating[::1] g
     mean and rstd (float64) receive mu and 1 / sqrt(var + epsilon)."""
     cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
     _same2(out, B, F, "out")
-    _len1(gamma, F, False, "gamma")
-    _len1(beta, F, False, "beta")
-    _len1(moving_mean, F, True, "moving_mean")
-    _len1(moving_var, F, True, "moving_variance")
-    _len1(mean, F, True, "mean")
-    _len1(rstd, F, True, "rstd")
+    _len2(gamma, beta, F, False, "gamma", "beta")
+    _len2(moving_mean, moving_var, F, True, "moving_mean", "moving_variance")
+    _len2(mean, rstd, F, True, "mean", "rstd")
     _check(not training or B > 0, "x: training needs at least one row")
     _check(epsilon > 0, "epsilon: expected a positive number")
     with nogil:
@@ -784,10 +775,8 @@ def batchnorm_backward(const floating[:, ::1] dout not None, const floating[:, :
     _same2(dinp, B, F, "dinp")
     _check(dinp is not None, "dinp is required")
     _len1(gamma, F, False, "gamma")
-    _len1(dgamma, F, False, "dgamma")
-    _len1(dbeta, F, False, "dbeta")
-    _len1(mean, F, True, "mean")
-    _len1(rstd, F, True, "rstd")
+    _len2(dgamma, dbeta, F, False, "dgamma", "dbeta")
+    _len2(mean, rstd, F, True, "mean", "rstd")
     with nogil:
         _bn_backward(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta), _cptr2(dout), _cptr2(inp),
                      _cptr1(mean), _cptr1(rstd), _cptr1(gamma), B, F)
@@ -854,10 +843,8 @@ def layernorm_forward(const floating[:, ::1] inp not None, const floating[::1] g
     cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
     _check(F > 0, "x: expected at least one feature")
     _same2(out, B, F, "out")
-    _len1(gamma, F, False, "gamma")
-    _len1(beta, F, False, "beta")
-    _len1(mean, B, True, "mean")
-    _len1(rstd, B, True, "rstd")
+    _len2(gamma, beta, F, False, "gamma", "beta")
+    _len2(mean, rstd, B, True, "mean", "rstd")
     _check(epsilon > 0, "epsilon: expected a positive number")
     with nogil:
         _ln_forward(_ptr2(out), _ptr1(mean), _ptr1(rstd), _cptr2(inp), _cptr1(gamma),
@@ -875,10 +862,8 @@ def layernorm_backward(const floating[:, ::1] dout not None, const floating[:, :
     _same2(dout, B, F, "dout")
     _same2(dinp, B, F, "dinp")
     _len1(gamma, F, False, "gamma")
-    _len1(dgamma, F, False, "dgamma")
-    _len1(dbeta, F, False, "dbeta")
-    _len1(mean, B, True, "mean")
-    _len1(rstd, B, True, "rstd")
+    _len2(dgamma, dbeta, F, False, "dgamma", "dbeta")
+    _len2(mean, rstd, B, True, "mean", "rstd")
     _len1(work, 2 * F, dgamma is not None or dbeta is not None, "work")
     with nogil:
         _ln_backward(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta),

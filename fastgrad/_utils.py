@@ -76,6 +76,14 @@ def check_choice(name, value, choices):
                      f"got {value!r}")
 
 
+def named(fn, name, doc):
+    """fn, given the public name and docstring of the function it stands for
+    (the functions a module builds from one template)."""
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
+
+
 class Hyper:
     """A class attribute checked on every assignment:
     ``stddev = Hyper(check_real, low=0)`` runs ``check_real("stddev",

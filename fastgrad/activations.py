@@ -34,7 +34,7 @@ import types
 import numpy as np
 
 from fastgrad import ops
-from fastgrad._utils import Registry
+from fastgrad._utils import Registry, named
 
 
 def _float(x):
@@ -48,8 +48,26 @@ def _apply(x, name, alpha=None):
     return ops.activation_forward(flat, name, alpha=alpha).reshape(x.shape)
 
 
-def linear(x):
-    return _apply(x, "linear")
+def _plain(name):
+    """The activation without settings called ``name``, a function of x."""
+    return named(lambda x: _apply(x, name), name,
+                 f"{name}(x) elementwise; the formula is in the module docstring.")
+
+
+def _rowwise(name):
+    """The activation called ``name`` over each row (the last axis)."""
+    def fn(x, axis=-1):
+        if axis not in (-1, np.ndim(x) - 1):
+            raise ValueError(f"axis: only the last axis is supported, got {axis}")
+        return _apply(x, name)
+    return named(fn, name, f"{name}(x) over the last axis; the formula is in the module "
+                           "docstring.")
+
+
+linear, selu, silu, sigmoid, tanh = map(_plain, ("linear", "selu", "silu", "sigmoid", "tanh"))
+softplus, softsign, relu6, hard_sigmoid, hard_silu, mish, exponential = map(
+    _plain, ("softplus", "softsign", "relu6", "hard_sigmoid", "hard_silu", "mish", "exponential"))
+softmax, log_softmax = map(_rowwise, ("softmax", "log_softmax"))
 
 
 def relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
@@ -68,66 +86,10 @@ def elu(x, alpha=1.0):
     return _apply(x, "elu", alpha)
 
 
-def selu(x):
-    return _apply(x, "selu")
-
-
 def gelu(x, approximate=False):
     if approximate:
         raise ValueError("approximate: only the exact (erf) gelu is implemented")
     return _apply(x, "gelu")
-
-
-def silu(x):
-    return _apply(x, "silu")
-
-
-def sigmoid(x):
-    return _apply(x, "sigmoid")
-
-
-def tanh(x):
-    return _apply(x, "tanh")
-
-
-def softmax(x, axis=-1):
-    if axis not in (-1, np.ndim(x) - 1):
-        raise ValueError(f"axis: only the last axis is supported, got {axis}")
-    return _apply(x, "softmax")
-
-
-def softplus(x):
-    return _apply(x, "softplus")
-
-
-def softsign(x):
-    return _apply(x, "softsign")
-
-
-def relu6(x):
-    return _apply(x, "relu6")
-
-
-def hard_sigmoid(x):
-    return _apply(x, "hard_sigmoid")
-
-
-def hard_silu(x):
-    return _apply(x, "hard_silu")
-
-
-def mish(x):
-    return _apply(x, "mish")
-
-
-def exponential(x):
-    return _apply(x, "exponential")
-
-
-def log_softmax(x, axis=-1):
-    if axis not in (-1, np.ndim(x) - 1):
-        raise ValueError(f"axis: only the last axis is supported, got {axis}")
-    return _apply(x, "log_softmax")
 
 
 swish = silu

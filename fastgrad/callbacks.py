@@ -166,12 +166,9 @@ class CallbackList:
         hook.__name__ = f"on_{mode}_batch_{when}"
         return hook
 
-    on_train_batch_begin = _batch_hook("train", "begin")
-    on_train_batch_end = _batch_hook("train", "end")
-    on_test_batch_begin = _batch_hook("test", "begin")
-    on_test_batch_end = _batch_hook("test", "end")
-    on_predict_batch_begin = _batch_hook("predict", "begin")
-    on_predict_batch_end = _batch_hook("predict", "end")
+    (on_train_batch_begin, on_train_batch_end, on_test_batch_begin, on_test_batch_end,
+     on_predict_batch_begin, on_predict_batch_end) = map(
+        _batch_hook, ("train", "train", "test", "test", "predict", "predict"), ("begin", "end") * 3)
     del _batch_hook
 
 

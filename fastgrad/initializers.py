@@ -96,34 +96,43 @@ class VarianceScaling(Initializer):
         return _truncated_normal(rng, shape, np.sqrt(var) / _TRUNC_STD)
 
 
-class GlorotUniform(VarianceScaling):
+class _Preset(VarianceScaling):
+    """VarianceScaling with the fixed (scale, mode, distribution) of
+    ``_SETTINGS``; only the seed is free, as in Keras."""
+
+    _SETTINGS = (1.0, "fan_avg", "uniform")
+
     def __init__(self, seed=None):
-        super().__init__(1.0, "fan_avg", "uniform", seed)
+        super().__init__(*self._SETTINGS, seed)
 
 
-class GlorotNormal(VarianceScaling):
-    def __init__(self, seed=None):
-        super().__init__(1.0, "fan_avg", "truncated_normal", seed)
+class GlorotUniform(_Preset):
+    """U(-l, l), l = sqrt(6 / (fan_in + fan_out)) (Glorot and Bengio 2010)."""
 
 
-class HeUniform(VarianceScaling):
-    def __init__(self, seed=None):
-        super().__init__(2.0, "fan_in", "uniform", seed)
+class GlorotNormal(_Preset):
+    """Truncated N(0, 2 / (fan_in + fan_out))."""
+    _SETTINGS = (1.0, "fan_avg", "truncated_normal")
 
 
-class HeNormal(VarianceScaling):
-    def __init__(self, seed=None):
-        super().__init__(2.0, "fan_in", "truncated_normal", seed)
+class HeUniform(_Preset):
+    """U(-l, l), l = sqrt(6 / fan_in) (He et al. 2015), for ReLU networks."""
+    _SETTINGS = (2.0, "fan_in", "uniform")
 
 
-class LecunUniform(VarianceScaling):
-    def __init__(self, seed=None):
-        super().__init__(1.0, "fan_in", "uniform", seed)
+class HeNormal(_Preset):
+    """Truncated N(0, 2 / fan_in)."""
+    _SETTINGS = (2.0, "fan_in", "truncated_normal")
 
 
-class LecunNormal(VarianceScaling):
-    def __init__(self, seed=None):
-        super().__init__(1.0, "fan_in", "truncated_normal", seed)
+class LecunUniform(_Preset):
+    """U(-l, l), l = sqrt(3 / fan_in) (LeCun et al. 1998), for SELU networks."""
+    _SETTINGS = (1.0, "fan_in", "uniform")
+
+
+class LecunNormal(_Preset):
+    """Truncated N(0, 1 / fan_in)."""
+    _SETTINGS = (1.0, "fan_in", "truncated_normal")
 
 
 class Orthogonal(Initializer):
@@ -178,21 +187,22 @@ class Constant(Initializer):
     def sample(self, shape, rng):
         return np.full(shape, self.value)
 
+    def get_config(self):
+        return super().get_config() if type(self) is Constant else {}
+
 
 class Zeros(Constant):
+    """All 0."""
+
     def __init__(self):
         super().__init__(0.0)
 
-    def get_config(self):
-        return {}
-
 
 class Ones(Constant):
+    """All 1."""
+
     def __init__(self):
         super().__init__(1.0)
-
-    def get_config(self):
-        return {}
 
 
 # Keras' lower-case aliases

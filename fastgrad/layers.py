@@ -207,12 +207,9 @@ class Dense(Layer):
         self.units = units
         self.activation = activations.name_of(activation)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.check(kernel_constraint, 2, "kernel_constraint")
-        self.bias_constraint = constraints.check(bias_constraint, 1, "bias_constraint")
+        _set_weight_options(self, "kernel", 2, kernel_initializer, kernel_regularizer,
+                            kernel_constraint)
+        _set_weight_options(self, "bias", 1, bias_initializer, bias_regularizer, bias_constraint)
         self._code, self._alpha = ops.ACTIVATIONS[self.activation]
         self._needs_pre = self.activation in ops.NEEDS_PRE
         self.collect_stats = False   # set by fastgrad.diagnose
@@ -329,16 +326,22 @@ class Activation(Layer):
                 "input_dim": self.input_dim}
 
 
+def _set_weight_options(layer, name, ndim, initializer, regularizer, constraint):
+    """The attributes ``<name>_initializer``, ``<name>_regularizer`` and
+    ``<name>_constraint`` of one weight of ``ndim`` dimensions, as Keras
+    names them."""
+    setattr(layer, f"{name}_initializer", initializers.get(initializer))
+    setattr(layer, f"{name}_regularizer", regularizers.get(regularizer))
+    setattr(layer, f"{name}_constraint", constraints.check(constraint, ndim, f"{name}_constraint"))
+
+
 def _set_affine(layer, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
                 gamma_regularizer, beta_constraint, gamma_constraint):
     """A normalization layer's settings of its scale gamma and shift beta."""
     layer.center, layer.scale = bool(center), bool(scale)
-    layer.beta_initializer = initializers.get(beta_initializer)
-    layer.gamma_initializer = initializers.get(gamma_initializer)
-    layer.beta_regularizer = regularizers.get(beta_regularizer)
-    layer.gamma_regularizer = regularizers.get(gamma_regularizer)
-    layer.beta_constraint = constraints.check(beta_constraint, 1, "beta_constraint")
-    layer.gamma_constraint = constraints.check(gamma_constraint, 1, "gamma_constraint")
+    _set_weight_options(layer, "beta", 1, beta_initializer, beta_regularizer, beta_constraint)
+    _set_weight_options(layer, "gamma", 1, gamma_initializer, gamma_regularizer,
+                        gamma_constraint)
 
 
 def _affine_specs(layer, features):
@@ -463,10 +466,12 @@ class _Random(Layer):
     drawn from the model's seed) and a counter that advances with every
     training batch, so that masks and noise are recomputed in backward
     rather than stored, and a seed reproduces them. The model saves the
-    counter and puts it back when a step is skipped. Subclasses give
-    ``_amount`` (0: the layer is the identity) and ``_apply``; backward
-    applies the same numbers to the gradient unless ``_apply_backward`` or
-    ``backward`` says otherwise."""
+    counter and puts it back when a step is skipped. Subclasses name the
+    hyperparameter that sets how much noise (``_AMOUNT``; 0: the layer is
+    the identity) and give ``_apply``; backward applies the same numbers to
+    the gradient unless ``_apply_backward`` or ``backward`` says otherwise."""
+
+    _AMOUNT = "rate"
 
     seed = Hyper(check_int, low=0, none=True)
 
@@ -503,9 +508,12 @@ class _Random(Layer):
         """The same numbers again: the backward of a multiplicative noise."""
         self._apply(dout, dx)
 
+    def _amount(self):
+        return getattr(self, self._AMOUNT)
+
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, "seed": self.seed,
-                "input_dim": self.input_dim}
+        return {"name": self.name, "trainable": self.trainable, self._AMOUNT: self._amount(),
+                "seed": self.seed, "input_dim": self.input_dim}
 
 
 class _Rated(_Random):
@@ -517,12 +525,6 @@ class _Rated(_Random):
                  trainable=True):
         super().__init__(seed, input_dim, input_shape, name, trainable)
         self.rate = rate
-
-    def _amount(self):
-        return self.rate
-
-    def get_config(self):
-        return {**super().get_config(), "rate": self.rate}
 
 
 class Dropout(_Rated):
@@ -540,6 +542,7 @@ class GaussianNoise(_Random):
     z standard normal (Box-Muller on the counter-based generator); identity
     in inference. Its gradient passes unchanged. stddev in [0, 1] as Keras."""
 
+    _AMOUNT = "stddev"
     stddev = Hyper(check_real, low=0.0, high=1.0)
 
     def __init__(self, stddev, seed=None, input_dim=None, input_shape=None, name=None,
@@ -547,17 +550,11 @@ class GaussianNoise(_Random):
         super().__init__(seed, input_dim, input_shape, name, trainable)
         self.stddev = stddev
 
-    def _amount(self):
-        return self.stddev
-
     def _apply(self, x, out):
         _core.gaussian_noise(x, out, self.stddev, False, self._seed, self._at)
 
     def backward(self, dout, need_dx=True):
         return dout if need_dx else None
-
-    def get_config(self):
-        return {**super().get_config(), "stddev": self.stddev}
 
 
 class GaussianDropout(_Rated):
@@ -1032,9 +1029,8 @@ class PReLU(Layer):
         if shared_axes is not None:
             raise ValueError(f"shared_axes: expected None (one slope per feature of a 2-D "
                              f"input), got {shared_axes!r}")
-        self.alpha_initializer = initializers.get(alpha_initializer)
-        self.alpha_regularizer = regularizers.get(alpha_regularizer)
-        self.alpha_constraint = constraints.check(alpha_constraint, 1, "alpha_constraint")
+        _set_weight_options(self, "alpha", 1, alpha_initializer, alpha_regularizer,
+                            alpha_constraint)
 
     def build(self, input_dim):
         self.input_dim = self.output_dim = input_dim

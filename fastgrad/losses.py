@@ -50,7 +50,7 @@ per-sample losses ``l_i`` as an array, as in Keras.
 import numpy as np
 
 from fastgrad import ops
-from fastgrad._utils import Hyper, Registry, check_real
+from fastgrad._utils import Hyper, Registry, check_real, named
 
 
 class Loss:
@@ -220,11 +220,8 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False):
 
 def _plain_function(public, kernel):
     """The per-sample function of a loss without settings."""
-    def fn(y_true, y_pred):
-        return _per_sample(kernel, y_true, y_pred)
-    fn.__name__ = fn.__qualname__ = public
-    fn.__doc__ = f"Per-sample {public} loss (formula in the module docstring)."
-    return fn
+    return named(lambda y_true, y_pred: _per_sample(kernel, y_true, y_pred), public,
+                 f"Per-sample {public} loss (formula in the module docstring).")
 
 
 log_cosh = _plain_function("log_cosh", "log_cosh")

@@ -404,9 +404,13 @@ class Optimizer:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return rec
 
+    # the subclass's own settings, in Keras's config order: its get_config
+    # keys beyond the common ones, and (see _hyper) StepConfig's keywords
+    _SETTINGS = ()
+
     def _hyper(self):
         """The update formula's settings, as keywords of _core.StepConfig."""
-        return {}
+        return {k: getattr(self, k) for k in self._SETTINGS}
 
     def get_config(self):
         lr = self._learning_rate
@@ -419,6 +423,7 @@ class Optimizer:
             "ema_momentum": self.ema_momentum,
             "ema_overwrite_frequency": self.ema_overwrite_frequency,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            **{k: getattr(self, k) for k in self._SETTINGS},
         }
 
     @classmethod
@@ -448,6 +453,7 @@ class SGD(Optimizer):
     """
 
     _kind = "sgd"
+    _SETTINGS = ("momentum", "nesterov")
     momentum = _decay()
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
@@ -457,12 +463,6 @@ class SGD(Optimizer):
 
     def _slots_used(self):
         return ("v",) if self.momentum else ()
-
-    def _hyper(self):
-        return {"momentum": self.momentum, "nesterov": self.nesterov}
-
-    def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
 
 
 class RMSprop(Optimizer):
@@ -476,6 +476,7 @@ class RMSprop(Optimizer):
     """
 
     _kind = "rmsprop"
+    _SETTINGS = ("rho", "momentum", "epsilon", "centered")
     rho, momentum, epsilon = _decay(), _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
@@ -487,16 +488,20 @@ class RMSprop(Optimizer):
     def _slots_used(self):
         return ("v",) + (("m",) if self.centered else ()) + (("vmax",) if self.momentum else ())
 
-    def _hyper(self):
-        return {"momentum": self.momentum, "rho": self.rho, "epsilon": self.epsilon,
-                "centered": self.centered}
 
-    def get_config(self):
-        return {**super().get_config(), "rho": self.rho, "momentum": self.momentum,
-                "epsilon": self.epsilon, "centered": self.centered}
+class _Betas(Optimizer):
+    """The arguments Adam, Nadam and Adamax share."""
+
+    _slots = ("m", "v")
+    _SETTINGS = ("beta_1", "beta_2", "epsilon")
+    beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
 
 
-class Adam(Optimizer):
+class Adam(_Betas):
     """Adam (Kingma & Ba 2015), and AMSGrad (Reddi et al. 2018)::
 
         m = m + (1 - beta_1) * (g - m)
@@ -507,24 +512,15 @@ class Adam(Optimizer):
     """
 
     _kind = "adam"
-    beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
+    _SETTINGS = _Betas._SETTINGS + ("amsgrad",)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  amsgrad=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, **kwargs)
         self.amsgrad = bool(amsgrad)
 
     def _slots_used(self):
         return ("m", "v") + (("vmax",) if self.amsgrad else ())
-
-    def _hyper(self):
-        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
-                "amsgrad": self.amsgrad}
-
-    def get_config(self):
-        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
-                "epsilon": self.epsilon, "amsgrad": self.amsgrad}
 
 
 class AdamW(Adam):
@@ -549,6 +545,7 @@ class Adagrad(Optimizer):
     """
 
     _kind = "adagrad"
+    _SETTINGS = ("initial_accumulator_value", "epsilon")
     _slots = ("v",)
     initial_accumulator_value, epsilon = Hyper(check_real, low=0.0), _epsilon()
 
@@ -561,30 +558,8 @@ class Adagrad(Optimizer):
     def _init_moments(self):
         self._moments["v"].fill(self.initial_accumulator_value)
 
-    def _hyper(self):
+    def _hyper(self):   # the accumulator's start is not part of the step
         return {"epsilon": self.epsilon}
-
-    def get_config(self):
-        return {**super().get_config(),
-                "initial_accumulator_value": self.initial_accumulator_value,
-                "epsilon": self.epsilon}
-
-
-class _Betas(Optimizer):
-    """The arguments Nadam and Adamax share with Adam."""
-
-    _slots = ("m", "v")
-    beta_1, beta_2, epsilon = _decay(), _decay(), _epsilon()
-
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
-
-    def _hyper(self):
-        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
-
-    def get_config(self):
-        return {**super().get_config(), **self._hyper()}
 
 
 class Nadam(_Betas):
@@ -622,18 +597,13 @@ class Adadelta(Optimizer):
     """
 
     _kind = "adadelta"
+    _SETTINGS = ("rho", "epsilon")
     _slots = ("m", "v")
     rho, epsilon = _decay(), _epsilon()
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.rho, self.epsilon = rho, epsilon
-
-    def _hyper(self):
-        return {"rho": self.rho, "epsilon": self.epsilon}
-
-    def get_config(self):
-        return {**super().get_config(), **self._hyper()}
 
 
 class Lion(Optimizer):
@@ -647,6 +617,7 @@ class Lion(Optimizer):
     """
 
     _kind = "lion"
+    _SETTINGS = ("beta_1", "beta_2")
     _slots = ("m",)
     beta_1 = Hyper(check_real, low=0.0, low_open=True, high=1.0)
     beta_2 = _decay()
@@ -654,12 +625,6 @@ class Lion(Optimizer):
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.beta_1, self.beta_2 = beta_1, beta_2
-
-    def _hyper(self):
-        return {"beta_1": self.beta_1, "beta_2": self.beta_2}
-
-    def get_config(self):
-        return {**super().get_config(), **self._hyper()}
 
 
 REGISTRY = Registry("optimizer", Optimizer, {   # lower-case names, as in Keras

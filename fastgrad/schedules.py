@@ -82,11 +82,8 @@ class _TimeDecay(LearningRateSchedule):
     name = Hyper(_check_name)
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase, name):
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = bool(staircase)
-        self.name = name
+        self.initial_learning_rate, self.decay_steps = initial_learning_rate, decay_steps
+        self.decay_rate, self.staircase, self.name = decay_rate, bool(staircase), name
 
     def _progress(self, step):
         p = step / self.decay_steps
@@ -194,10 +191,8 @@ class PolynomialDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0,
                  cycle=False, name="PolynomialDecay"):
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.end_learning_rate = end_learning_rate
-        self.power = power
+        self.initial_learning_rate, self.decay_steps = initial_learning_rate, decay_steps
+        self.end_learning_rate, self.power = end_learning_rate, power
         self.cycle = bool(cycle)
         self.name = name
 

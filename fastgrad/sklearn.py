@@ -406,10 +406,11 @@ class _BaseMLP(BaseEstimator):
                 stop = min(start + bs, n)
                 b = stop - start
                 if self.shuffle:
-                    sel = idx[start:stop]
-                    xb = np.take(X, sel, axis=0, out=xbuf[:b])
-                    tb = np.take(target, sel, axis=0, out=tbuf[:b])
-                    swb = None if swbuf is None else np.take(sample_weight, sel, out=swbuf[:b])
+                    sel = idx[start:stop]   # a permutation: mode="clip" makes no temporary
+                    xb = np.take(X, sel, axis=0, out=xbuf[:b], mode="clip")
+                    tb = np.take(target, sel, axis=0, out=tbuf[:b], mode="clip")
+                    swb = (None if swbuf is None
+                           else np.take(sample_weight, sel, out=swbuf[:b], mode="clip"))
                 else:
                     xb, tb = X[start:stop], target[start:stop]
                     swb = None if sample_weight is None else sample_weight[start:stop]
