@@ -85,10 +85,9 @@ def _need(module, extra):
 
 
 def _built(model):
-    if not model.built:
-        raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
-                         "the first layer input_dim) before exporting")
-    model._require_built()   # a known input width: the weights are made on first use
+    from fastgrad import keras_format
+
+    keras_format.require_built(model, "exporting")
 
 
 def _alpha(layer, act):
@@ -172,6 +171,17 @@ class _Graph:
         pos = x if scale_pos == 1 else self.mul(x, scale_pos, base)
         return self.select(self.node("Greater", [x, self.const(f"{base}_zero", 0.0)],
                                      f"{base}_pos"), pos, self.mul(em1, scale_neg, base), base)
+
+    def sigmoid(self, x, base):
+        """e = exp(-|z|): 1 / (1 + e) for z >= 0, e / (1 + e) below, which
+        keeps the left tail's digits (ONNX Runtime's Sigmoid loses them)."""
+        e = self.node("Exp", [self.node("Neg", [self.node("Abs", [x], f"{base}_abs")],
+                                        f"{base}_nabs")], f"{base}_e")
+        one = self.const(f"{base}_one", 1.0)
+        r = self.node("Div", [one, self.node("Add", [one, e], f"{base}_1pe")], f"{base}_r")
+        return self.select(self.node("GreaterOrEqual", [x, self.const(f"{base}_zero", 0.0)],
+                                     f"{base}_pos"),
+                           r, self.node("Mul", [e, r], f"{base}_er"), base)
 
     def softplus(self, x, base):
         """max(z, 0) + log1p(w), w = exp(-|z|) in (0, 1]; log1p(w) =
@@ -262,7 +272,7 @@ class _Graph:
 _ONNX_ACTIVATIONS = {
     "linear": lambda g, x, b, a: x,
     "relu": lambda g, x, b, a: g.node("Relu", [x], b),
-    "sigmoid": lambda g, x, b, a: g.node("Sigmoid", [x], b),
+    "sigmoid": lambda g, x, b, a: g.sigmoid(x, b),
     "tanh": lambda g, x, b, a: g.node("Tanh", [x], b),
     "exponential": lambda g, x, b, a: g.node("Exp", [x], b),
     "softmax": lambda g, x, b, a: g.node("Softmax", [x], b, axis=-1),
@@ -271,7 +281,7 @@ _ONNX_ACTIVATIONS = {
     "elu": lambda g, x, b, a: g.expm1_scaled(x, 1.0, a, b),
     "selu": lambda g, x, b, a: g.expm1_scaled(x, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA, b),
     "gelu": lambda g, x, b, a: g.gelu(x, b),
-    "silu": lambda g, x, b, a: g.times(x, g.node("Sigmoid", [x], b), b),
+    "silu": lambda g, x, b, a: g.times(x, g.sigmoid(x, b), b),
     "softplus": lambda g, x, b, a: g.softplus(x, b),
     "softsign": lambda g, x, b, a: g.node("Div", [x, g.add(g.node("Abs", [x], b), 1.0, b)],
                                           b),
@@ -422,20 +432,27 @@ def _torch_modules():
             high = x if self.max_value is None else x.clamp(max=self.max_value)
             return high.where(x > self.threshold, self.negative_slope * (x - self.threshold))
 
+    class GELU(nn.GELU):
+        """The exact GELU as x erfc(-x / sqrt 2) / 2, which keeps the left
+        tail's digits (nn.GELU's 1 + erf loses them)."""
+
+        def forward(self, x):
+            return 0.5 * x * (x * -math.sqrt(0.5)).erfc()
+
     class Exp(nn.Module):
         """exp(x), the exponential activation."""
 
         def forward(self, x):
             return x.exp()
 
-    return {"Affine": Affine, "ReLUOptions": ReLUOptions, "Exp": Exp}
+    return {"Affine": Affine, "ReLUOptions": ReLUOptions, "GELU": GELU, "Exp": Exp}
 
 
 # activation name -> (torch.nn, fastgrad's modules, alpha) -> module
 _TORCH_ACTIVATIONS = {
     "relu": lambda nn, own, a: nn.ReLU(), "leaky_relu": lambda nn, own, a: nn.LeakyReLU(a),
     "elu": lambda nn, own, a: nn.ELU(a), "selu": lambda nn, own, a: nn.SELU(),
-    "gelu": lambda nn, own, a: nn.GELU(), "silu": lambda nn, own, a: nn.SiLU(),
+    "gelu": lambda nn, own, a: own["GELU"](), "silu": lambda nn, own, a: nn.SiLU(),
     "sigmoid": lambda nn, own, a: nn.Sigmoid(), "tanh": lambda nn, own, a: nn.Tanh(),
     "softmax": lambda nn, own, a: nn.Softmax(dim=-1),
     "log_softmax": lambda nn, own, a: nn.LogSoftmax(dim=-1),

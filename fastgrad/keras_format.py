@@ -279,10 +279,12 @@ def _write_h5(model, target):
         f.create_group("vars").attrs["name"] = model.name
 
 
-def _require_built(model):
+def require_built(model, doing="saving"):
+    """Make model's weights, or raise ValueError when it cannot have them
+    yet (its input width unknown); ``doing`` ends the message."""
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
-                         "the first layer input_dim) before saving")
+                         f"the first layer input_dim) before {doing}")
     model._require_built()   # a known input width: the weights are made on first use
 
 
@@ -291,7 +293,7 @@ def save_model(model, path):
     from fastgrad import __version__
 
     h5py_module()
-    _require_built(model)
+    require_built(model)
     config = json.dumps(_config_out(model), allow_nan=False).encode()
     meta = json.dumps({"keras_version": KERAS_VERSION, "fastgrad_version": __version__,
                        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")
@@ -311,7 +313,7 @@ def save_weights(model, path):
     ``.weights.h5`` layout, atomically."""
     _weights_name(path, "filepath")
     h5py_module()
-    _require_built(model)
+    require_built(model)
     buf = io.BytesIO()
     _write_h5(model, buf)
     saving.write_atomic(path, [buf.getvalue()])
