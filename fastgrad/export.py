@@ -28,28 +28,31 @@ has a form, from operators ONNX Runtime runs in both dtypes:
     Dropout, GaussianNoise, GaussianDropout, AlphaDropout, Identity
                         nothing (the identity in inference)
 
-Activations (z the input): relu Relu, sigmoid Sigmoid, tanh Tanh, softmax
-Softmax and log_softmax LogSoftmax over the last axis, exponential Exp,
-linear nothing, silu z Sigmoid(z); leaky_relu and elu from Where and Exp
-with their constants in the model's dtype (ONNX's LeakyRelu and Elu take
-float32 attributes, and ONNX Runtime has no double Elu), selu likewise;
-softplus max(z, 0) + log1p(exp(-|z|)), log1p(w) written log(u) w / (u - 1)
-with u = 1 + w (w where u rounds to 1), which keeps its digits for small w;
-softsign z / (1 + |z|); relu6 Clip(z, 0, 6); hard_sigmoid Clip(z + 3, 0, 6)
-/ 6; hard_silu z hard_sigmoid(z); mish z Tanh(softplus(z)). gelu is the
-exact form z Phi(z): in float32 z (1 + Erf(z / sqrt 2)) / 2 (where 1 + erf
-loses its digits, z below about -5, the result is off by up to 1e-7 in
-absolute terms); in float64, where ONNX Runtime has no Erf, a series and a
-continued fraction within 1e-12 relative of fastgrad everywhere (see
-``_Graph.gelu``).
+Activations (z the input): relu Relu, tanh Tanh, softmax Softmax and
+log_softmax LogSoftmax over the last axis, exponential Exp, linear
+nothing; sigmoid from e = Exp(-|z|) as 1 / (1 + e) for z >= 0 and
+e / (1 + e) below (ONNX Runtime's Sigmoid loses the left tail's digits),
+silu z sigmoid(z); leaky_relu and elu from Where and Exp with their
+constants in the model's dtype (ONNX's LeakyRelu and Elu take float32
+attributes, and ONNX Runtime has no double Elu), selu likewise; softplus
+max(z, 0) + log1p(exp(-|z|)), log1p(w) written log(u) w / (u - 1) with
+u = 1 + w (w where u rounds to 1), which keeps its digits for small w;
+softsign z / (1 + |z|); relu6 Clip(z, 0, 6); hard_sigmoid Clip(z + 3, 0,
+6) / 6; hard_silu z hard_sigmoid(z); mish z Tanh(softplus(z)). gelu is
+the exact form z Phi(z): in float32 z (1 + Erf(z / sqrt 2)) / 2 (where
+1 + erf loses its digits, z below about -5, the result is off by up to
+1e-7 in absolute terms); in float64, where ONNX Runtime has no Erf, a
+series and a continued fraction within 1e-12 relative of fastgrad
+everywhere (see ``_Graph.gelu``).
 
 ``to_torch(model)`` builds the equivalent ``torch.nn.Sequential`` holding
 copies of the weights, in the model's dtype and in eval mode: Linear,
 BatchNorm1d, LayerNorm, PReLU (one slope per feature), Dropout, Flatten,
 Identity (the noise layers), ReLU (``ReLUOptions`` with options), an
 ``Affine`` module holding Normalization's and Rescaling's constants, and
-the activation modules (exponential ``Exp``; Softplus with threshold 40,
-past which log1p(exp(z)) - z is below the dtypes' rounding). BatchNorm1d's
+the activation modules (exponential ``Exp``; gelu a ``GELU`` computing
+z erfc(-z / sqrt 2) / 2, exact in the left tail; Softplus with threshold
+40, past which log1p(exp(z)) - z is below the dtypes' rounding). BatchNorm1d's
 momentum is ``1 - momentum`` (PyTorch's convention); in training, PyTorch
 updates its running variance with the unbiased batch variance where
 fastgrad and Keras use the biased one.

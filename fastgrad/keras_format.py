@@ -18,14 +18,17 @@ tensor, and the other slots (AMSGrad's v_hat, RMSprop's momentum and mean
 gradient) follow in lists of their own. A ``.weights.h5`` file is the same
 HDF5 layout on its own.
 
-What fastgrad writes and reads: Sequential models of Dense,
-BatchNormalization, Dropout and Activation layers, every activation,
-initializer, regularizer and MaxNorm/NonNeg constraint fastgrad has, the
-five optimizers (with a float learning rate or one of the three schedules),
-the six losses and the compiled metrics. The archive keeps the weights, the
-optimizer's configuration and state and the step count; it does not keep
-fastgrad's random-generator state, dropout counters or ``nonfinite`` policy
-(fastgrad's own format does: exact resume).
+What fastgrad writes and reads: Sequential models of every fastgrad layer
+(a first Flatten's sample shape goes on the InputLayer; a Normalization
+given its mean and variance keeps them in its config and has no
+variables, an adapted one has Keras' mean, variance and an unused count
+variable), every activation, initializer, regularizer and MaxNorm/NonNeg
+constraint fastgrad has, the five optimizers (with a float learning rate
+or one of the three schedules), the six losses and the compiled metrics.
+The archive keeps the weights, the optimizer's configuration and state and
+the step count; it does not keep fastgrad's random-generator state, dropout
+counters or ``nonfinite`` policy (fastgrad's own format does: exact
+resume).
 
 Reading never runs code and never trusts the file:
 
