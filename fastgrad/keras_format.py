@@ -18,14 +18,17 @@ tensor, and the other slots (AMSGrad's v_hat, RMSprop's momentum and mean
 gradient) follow in lists of their own. A ``.weights.h5`` file is the same
 HDF5 layout on its own.
 
-What fastgrad writes and reads: Sequential models of Dense,
-BatchNormalization, Dropout and Activation layers, every activation,
-initializer, regularizer and MaxNorm/NonNeg constraint fastgrad has, the
-five optimizers (with a float learning rate or one of the three schedules),
-the six losses and the compiled metrics. The archive keeps the weights, the
-optimizer's configuration and state and the step count; it does not keep
-fastgrad's random-generator state, dropout counters or ``nonfinite`` policy
-(fastgrad's own format does: exact resume).
+What fastgrad writes and reads: Sequential models of every fastgrad layer
+(a first Flatten's sample shape goes on the InputLayer; a Normalization
+given its mean and variance keeps them in its config and has no
+variables, an adapted one has Keras' mean, variance and an unused count
+variable), every activation, initializer, regularizer and MaxNorm/NonNeg
+constraint fastgrad has, the five optimizers (with a float learning rate
+or one of the three schedules), the six losses and the compiled metrics.
+The archive keeps the weights, the optimizer's configuration and state and
+the step count; it does not keep fastgrad's random-generator state, dropout
+counters or ``nonfinite`` policy (fastgrad's own format does: exact
+resume).
 
 Reading never runs code and never trusts the file:
 
@@ -165,7 +168,7 @@ def _layer_out(layer, dtype):
     cfg = layer.get_config()
     out = {"name": layer.name, "trainable": True, "dtype": _policy(dtype)}
     for key, value in cfg.items():
-        if key in ("name", "input_dim"):
+        if key in ("name", "input_dim", "input_shape"):   # shapes: on the InputLayer
             continue
         if key.endswith("_initializer"):
             value = _nested("keras.initializers", value)
@@ -179,6 +182,8 @@ def _layer_out(layer, dtype):
         out[key] = value
     if layer.kind == "BatchNormalization":
         out["axis"] = -1
+    if _given(layer):   # the values it holds now, in case adapt replaced the given ones
+        out["mean"], out["variance"] = (layer.weights[k].tolist() for k in ("mean", "variance"))
     entry = _kobj("keras.layers", layer.kind, out)
     if layer.weight_specs:
         entry["build_config"] = {"input_shape": [None, layer.input_dim]}
@@ -195,15 +200,15 @@ def _optimizer_out(opt):
 
 def _config_out(model):
     dtype = model.dtype.name
-    n = model.input_dim
+    shape = _input_shape(model)
     layers = [_kobj("keras.layers", "InputLayer",
-                    {"batch_shape": [None, n], "dtype": dtype, "sparse": False,
+                    {"batch_shape": shape, "dtype": dtype, "sparse": False,
                      "name": "input_layer"})]
     layers += [_layer_out(layer, dtype) for layer in model.layers]
     config = _kobj("keras", "Sequential", {"name": model.name, "trainable": True,
                                            "dtype": _policy(dtype), "layers": layers,
-                                           "build_input_shape": [None, n]})
-    config["build_config"] = {"input_shape": [None, n]}
+                                           "build_input_shape": shape})
+    config["build_config"] = {"input_shape": shape}
     if model.optimizer is not None:
         loss = model.loss
         mets = [spec if isinstance(spec, str) else _nested("keras.metrics",
@@ -229,8 +234,57 @@ def _layer_paths(model):
 
 
 def _snake(name):
-    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
-    return out
+    """Keras' group name of a class: an underscore before each capital that
+    starts a lower-case run and after each lower-case letter followed by a
+    capital, then lower case (PReLU: p_re_lu, LayerNormalization:
+    layer_normalization)."""
+    out = []
+    for i, c in enumerate(name):
+        before, after = name[i - 1] if i else "", name[i + 1:i + 2]
+        if i and c.isupper() and (after.islower() or before.islower()):
+            out.append("_")
+        out.append(c.lower())
+    return "".join(out)
+
+
+def _given(layer):
+    """True for a Normalization given its mean and variance: Keras keeps
+    them in its config and has no variables for them."""
+    return layer.kind == "Normalization" and layer.get_config()["mean"] is not None
+
+
+def _keras_vars(layer):
+    """(shape, dtype kinds) of each variable Keras keeps for layer, in its
+    order: the layer's weights, but for an adapted Normalization mean,
+    variance and Keras' count (unused), for a given one none."""
+    if layer.kind != "Normalization":
+        return [(s.shape, "f") for s in layer.weight_specs]
+    if _given(layer):
+        return []
+    return [((layer.input_dim,), "f")] * 2 + [((), "iu")]
+
+
+def _keras_values(layer):
+    """The arrays of _keras_vars(layer), from the layer's weights."""
+    values = [layer.weights[s.name] for s in layer.weight_specs]
+    if layer.kind != "Normalization":
+        return values
+    return [] if _given(layer) else values + [np.array(0, np.int64)]
+
+
+def _from_keras(layer, arrays):
+    """The layer's weights (get_weights() order) from its Keras variables."""
+    if layer.kind != "Normalization":
+        return arrays
+    return layer.get_weights() if _given(layer) else arrays[:2]
+
+
+def _input_shape(model):
+    """Keras' input shape: (None, features), or (None, d1, d2, ...) before
+    a first Flatten given a sample shape."""
+    first = model.layers[0]
+    sample = first.sample_shape if first.kind == "Flatten" else None
+    return [None, *(sample or (model.input_dim,))]
 
 
 def _slots(opt):
@@ -269,8 +323,8 @@ def _write_h5(model, target):
         for layer, path in zip(model.layers, _layer_paths(model)):
             g = layer_groups.create_group(path.split("/", 1)[1]).create_group("vars")
             g.attrs["name"] = layer.name
-            for i, s in enumerate(layer.weight_specs):
-                g.create_dataset(str(i), data=layer.weights[s.name])
+            for i, a in enumerate(_keras_values(layer)):
+                g.create_dataset(str(i), data=a)
         if model.optimizer is not None and model.built:
             g = f.create_group("optimizer").create_group("vars")
             g.attrs["name"] = model.optimizer.name
@@ -279,10 +333,12 @@ def _write_h5(model, target):
         f.create_group("vars").attrs["name"] = model.name
 
 
-def _require_built(model):
+def require_built(model, doing="saving"):
+    """Make model's weights, or raise ValueError when it cannot have them
+    yet (its input width unknown); ``doing`` ends the message."""
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
-                         "the first layer input_dim) before saving")
+                         f"the first layer input_dim) before {doing}")
     model._require_built()   # a known input width: the weights are made on first use
 
 
@@ -291,7 +347,7 @@ def save_model(model, path):
     from fastgrad import __version__
 
     h5py_module()
-    _require_built(model)
+    require_built(model)
     config = json.dumps(_config_out(model), allow_nan=False).encode()
     meta = json.dumps({"keras_version": KERAS_VERSION, "fastgrad_version": __version__,
                        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")
@@ -311,7 +367,7 @@ def save_weights(model, path):
     ``.weights.h5`` layout, atomically."""
     _weights_name(path, "filepath")
     h5py_module()
-    _require_built(model)
+    require_built(model)
     buf = io.BytesIO()
     _write_h5(model, buf)
     saving.write_atomic(path, [buf.getvalue()])
@@ -598,23 +654,31 @@ def _architecture(config):
         raise KerasFileError("config.json: the model has no layers")
     if len(entries) > 10000:
         raise KerasFileError(f"config.json: {len(entries)} layers is more than fastgrad reads")
-    input_dim, built = None, []
+    sample, built = None, []
     for i, entry in enumerate(entries):
         where = f"config.json: layer {i}"
         if isinstance(entry, dict) and entry.get("class_name") == "InputLayer" and i == 0:
             _, icfg = _obj(entry, where, {"InputLayer"})
             shape = icfg.get("batch_shape", icfg.get("batch_input_shape"))
-            input_dim = _input_dim(shape, where)
+            sample = _input_sample(shape, where)
             _kwargs({k: v for k, v in icfg.items()
                      if k not in ("batch_shape", "batch_input_shape")}, lambda: None, where)
             continue
         built.append(_layer_in(entry, where))
     if not built:
         raise KerasFileError("config.json: the model has no layers after its input")
-    if input_dim is None:
+    if sample is None:
         shape = cfg.get("build_input_shape") or (config.get("build_config") or {}).get(
             "input_shape")
-        input_dim = _input_dim(shape, "config.json: build_input_shape")
+        sample = _input_sample(shape, "config.json: build_input_shape")
+    if len(sample) > 1:   # (batch, d1, d2, ...): a first Flatten reads each sample as a row
+        first = built[0][0]
+        if first.kind != "Flatten":
+            raise KerasFileError(f"config.json: input shape {_short([None, *sample])} has "
+                                 "more than one feature axis and no Flatten layer first")
+        built[0] = (layers_mod.Flatten(input_shape=sample, name=first.name,
+                                       trainable=first.trainable), built[0][1])
+    input_dim = int(np.prod(sample))
     dtypes = {d for _, d in built}
     if len(dtypes) != 1:
         raise KerasFileError("config.json: the layers mix dtypes "
@@ -627,12 +691,14 @@ def _architecture(config):
     return name, dtypes.pop(), input_dim, [layer for layer, _ in built]
 
 
-def _input_dim(shape, where):
-    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] is None
-            and isinstance(shape[1], int) and not isinstance(shape[1], bool)
-            and 1 <= shape[1] <= 2**31):
-        raise KerasFileError(f"{where}: input shape {_short(shape)} is not (None, features)")
-    return shape[1]
+def _input_sample(shape, where):
+    """The sample shape (d1, ...) of a Keras input shape [None, d1, ...]."""
+    if not (isinstance(shape, list) and 2 <= len(shape) <= 33 and shape[0] is None
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**31
+                    for d in shape[1:]) and np.prod(shape[1:], dtype=float) <= 2**31):
+        raise KerasFileError(f"{where}: input shape {_short(shape)} is not (None, features) "
+                             "or (None, d1, d2, ...)")
+    return tuple(shape[1:])
 
 
 _OPTS = {c.__name__: c for c in optimizers.REGISTRY.classes.values()}
@@ -744,8 +810,8 @@ def _h5_array(h5py, group, name, shape, kinds, where):
 
 
 def _expected_layers(model):
-    """{group path: [(spec, shape)]} in Keras' layer order."""
-    return {path: [s.shape for s in layer.weight_specs]
+    """{group path: (layer, [(shape, dtype kinds)])} in Keras' layer order."""
+    return {path: (layer, _keras_vars(layer))
             for layer, path in zip(model.layers, _layer_paths(model))}
 
 
@@ -777,14 +843,16 @@ def _read_weights(h5py, f, model, where, want_optimizer):
     layer_group = f["layers"]
     _h5_children(h5py, layer_group, f"{where}/layers", names)
     weights = []
-    for path, shapes in expected.items():
+    for path, (layer, shapes) in expected.items():
         key = path.split("/", 1)[1]
         if key not in layer_group:
             if shapes:
                 raise KerasFileError(f"{where}: the weights of layer group {key!r} are "
                                      "missing")
-            continue
-        weights += _read_vars(h5py, layer_group[key], shapes, "f", f"{where}/{path}")
+            arrays = []
+        else:
+            arrays = _read_vars(h5py, layer_group[key], shapes, f"{where}/{path}")
+        weights += _from_keras(layer, arrays)
     if "vars" in top:
         _h5_children(h5py, f["vars"], f"{where}/vars", {})
     opt_vars = None
@@ -801,7 +869,8 @@ def _read_weights(h5py, f, model, where, want_optimizer):
     return weights, opt_vars
 
 
-def _read_vars(h5py, group, shapes, kinds, where):
+def _read_vars(h5py, group, shapes, where):
+    """The arrays of a layer's vars group; shapes: [(shape, dtype kinds)]."""
     _h5_children(h5py, group, where, {"vars": "group"})
     if "vars" not in group:
         if shapes:
@@ -813,7 +882,7 @@ def _read_vars(h5py, group, shapes, kinds, where):
         raise KerasFileError(f"{where}/vars: {len(v)} arrays, the architecture needs "
                              f"{len(shapes)}")
     return [_h5_array(h5py, v, str(i), shape, kinds, f"{where}/vars/{i}")
-            for i, shape in enumerate(shapes)]
+            for i, (shape, kinds) in enumerate(shapes)]
 
 
 def _read_optimizer(h5py, group, model, where):

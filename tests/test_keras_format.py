@@ -29,6 +29,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import fastgrad as fg
+from _layer_cases import LAYER_KINDS, layer_model
 from fastgrad import keras_format
 
 h5py = pytest.importorskip("h5py", reason="needs h5py, the keras extra: "
@@ -216,6 +217,34 @@ def test_a_constraint_keras_lacks_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "c.keras").exists()
 
 
+def _f32(config):
+    """config with a Normalization's given statistics as float32 values:
+    the file holds the ones the model computes with."""
+    return {k: np.float32(v).tolist() if k in ("mean", "variance") and v is not None else v
+            for k, v in config.items()}
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_every_layer_reaches_keras_and_keras_file_of_it_comes_back(tmp_path, kind):
+    keras = _keras()
+    m, x = layer_model(kind, "float32")
+    x = x.astype(np.float32)
+    want = m.predict(x, verbose=0)
+    m.save(tmp_path / "m.keras")
+    k = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(k.predict(x, verbose=0), want, **F32_TOL)
+    # Keras' own file of the same model, read by fastgrad: the same weights,
+    # so the same outputs to the bit
+    k.save(tmp_path / "k.keras")
+    back = fg.load_model(tmp_path / "k.keras")
+    assert [l.kind for l in back.layers] == [l.kind for l in m.layers]
+    assert [_f32(l.get_config()) for l in back.layers] == \
+        [_f32(l.get_config()) for l in m.layers]
+    for a, b in zip(back.get_weights(), m.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(back.predict(x, verbose=0), want)
+
+
 # ---------------------------------------------------------------------------
 # 2. Keras -> .keras -> fastgrad
 # ---------------------------------------------------------------------------
@@ -250,6 +279,32 @@ def test_keras_state_read_by_fastgrad_takes_the_same_next_step(tmp_path, name):
     k.save(tmp_path / "k.keras")
     m = fg.load_model(tmp_path / "k.keras")
     assert_same_state_after_one_step(m, k, x[:16], y[:16])
+
+
+def test_keras_models_of_the_newer_layers_load(tmp_path):
+    keras = _keras()
+    K = keras.layers
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((64, 2, 3)) * 2 + 1).astype(np.float32)
+    adapted = K.Normalization()
+    adapted.adapt(x.reshape(64, 6))   # Keras' own statistics, and its count variable
+    k = keras.Sequential([
+        keras.Input((2, 3)), K.Flatten(), adapted, K.Dense(8),
+        K.PReLU(alpha_initializer=keras.initializers.RandomUniform(-0.5, 1.5)),
+        K.LayerNormalization(epsilon=0.01),
+        K.ReLU(max_value=1.5, negative_slope=0.3, threshold=0.5),
+        K.Rescaling(0.5, offset=-0.2), K.Dense(6), K.LeakyReLU(0.1), K.ELU(0.7),
+        K.GaussianNoise(0.1), K.GaussianDropout(0.2), K.AlphaDropout(0.1), K.Identity(),
+        K.Normalization(mean=0.5, variance=2.0, invert=True), K.Dense(3), K.Softmax()])
+    k.compile(keras.optimizers.Adam(1e-2), "mse")
+    k.fit(x, rng.standard_normal((64, 3)).astype(np.float32), epochs=2, verbose=0)
+    k.save(tmp_path / "k.keras")
+    m = fg.load_model(tmp_path / "k.keras")
+    assert [l.kind for l in m.layers] == [type(l).__name__ for l in k.layers]
+    assert m.layers[0].sample_shape == (2, 3)
+    np.testing.assert_allclose(m.layers[1].get_weights()[0], np.asarray(adapted.mean).ravel())
+    np.testing.assert_allclose(m.predict(x, verbose=0), k.predict(x, verbose=0), **F32_TOL)
+    m.fit(x, rng.standard_normal((64, 3)), epochs=1, verbose=0)   # and it trains on
 
 
 def test_keras_uncompiled_and_float64_models_load(tmp_path, jax_x64):
