@@ -155,6 +155,51 @@ results["checkpoints"] = sorted(name for name in os.listdir(".") if name.endswit
 restored = keras.models.load_model("mymodel_2.keras")
 results["checkpoint_evaluate"] = restored.evaluate(x_test, y_test, verbose=0)
 
+# -- Checkpointing for fault tolerance: restore the latest checkpoint ----------
+# Prepare a directory to store all the checkpoints.
+checkpoint_dir = "./ckpt"
+if not os.path.exists(checkpoint_dir):
+    os.makedirs(checkpoint_dir)
+
+
+def make_or_restore_model():
+    # Either restore the latest model, or create a fresh one
+    # if there is no checkpoint available.
+    checkpoints = [checkpoint_dir + "/" + name for name in os.listdir(checkpoint_dir)]
+    if checkpoints:
+        latest_checkpoint = max(checkpoints, key=os.path.getctime)
+        print("Restoring from", latest_checkpoint)
+        return keras.models.load_model(latest_checkpoint)
+    print("Creating a new model")
+    return get_compiled_model()
+
+
+for run in range(2):
+    model = make_or_restore_model()
+    callbacks = [
+        # This callback saves the model every 5 batches.
+        # We include the training loss in the saved model name.
+        keras.callbacks.ModelCheckpoint(
+            filepath=checkpoint_dir + "/model-loss={loss:.2f}.keras", save_freq=5
+        )
+    ]
+    history = model.fit(x_train, y_train, epochs=1, callbacks=callbacks, shuffle=False,
+                        verbose=0)
+    results[f"fault_tolerance_{run}"] = history.history
+results["fault_tolerance_files"] = sorted(os.listdir(checkpoint_dir))
+
+# -- One-hot targets: categorical cross-entropy -----------------------------------
+model = get_uncompiled_model()
+model.compile(
+    optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+    loss=keras.losses.CategoricalCrossentropy(),
+    metrics=[keras.metrics.CategoricalAccuracy(), keras.metrics.TopKCategoricalAccuracy(k=3)],
+)
+y_train_one_hot = keras.utils.to_categorical(y_train, num_classes=10)
+history = model.fit(x_train, y_train_one_hot, batch_size=64, epochs=1, shuffle=False,
+                    verbose=0)
+results["one_hot"] = history.history
+
 # -- Using learning rate schedules -------------------------------------------------
 initial_learning_rate = 0.1
 lr_schedule = keras.optimizers.schedules.ExponentialDecay(
@@ -167,6 +212,17 @@ model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
 history = model.fit(x_train, y_train, epochs=2, batch_size=64, shuffle=False, verbose=0)
 results["schedule"] = history.history
 results["schedule_rate"] = float(np.asarray(model.optimizer.learning_rate))
+
+# another of the built-in schedules: constant pieces
+lr_schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+    boundaries=[5, 20], values=[0.1, 0.05, 0.01]
+)
+model = get_uncompiled_model()
+model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr_schedule, momentum=0.9),
+              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+history = model.fit(x_train, y_train, epochs=2, batch_size=64, shuffle=False, verbose=0)
+results["piecewise"] = history.history
+results["piecewise_rate"] = float(np.asarray(model.optimizer.learning_rate))
 
 # -- Dynamic learning rate schedules: ReduceLROnPlateau ------------------------
 model = get_uncompiled_model()
