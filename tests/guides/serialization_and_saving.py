@@ -51,6 +51,13 @@ history = reconstructed_model.fit(test_input, test_target, shuffle=False, verbos
 results["resumed_history"] = history.history
 results["resumed_iterations"] = int(np.asarray(reconstructed_model.optimizer.iterations))
 
+# keras.models.save_model() is the same as model.save(), and
+# keras.saving.load_model() the same as keras.models.load_model()
+keras.models.save_model(model, "my_model_2.keras", overwrite=True)
+results["second_file_predict"] = keras.saving.load_model("my_model_2.keras").predict(
+    test_input[:4], verbose=0
+)
+
 # -- Layer configuration ---------------------------------------------------------
 layer = keras.layers.Dense(3, activation="relu")
 layer_config = layer.get_config()
