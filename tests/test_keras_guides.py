@@ -265,12 +265,29 @@ def _ours(name, weights, folder, no_dropout=True):
 RTOL, ATOL = 5e-5, 1e-6
 
 
+def _floats(values):
+    """Whether values is a (nested) list of floats, at least one."""
+    flat = np.asarray(values, dtype=object).ravel() if values else ()
+    return (len(flat) > 0 and all(isinstance(v, (float, int)) and not isinstance(v, bool)
+                                  for v in flat)
+            and any(isinstance(v, float) for v in flat))
+
+
 def _same(ours, theirs, where="results"):
     if isinstance(theirs, dict):
         assert isinstance(ours, dict), where
         assert sorted(ours) == sorted(theirs), (where, sorted(ours), sorted(theirs))
         for key in theirs:
             _same(ours[key], theirs[key], f"{where}[{key!r}]")
+    elif isinstance(theirs, list) and _floats(theirs):
+        # an array (predictions, a history): a value's rounding error comes
+        # from the weights and inputs it is computed with, so it is relative
+        # to the array's scale, not to the value itself (which may be ~0)
+        b = np.asarray(theirs, np.float64)
+        a = np.asarray(ours, np.float64)
+        assert a.shape == b.shape, (where, a.shape, b.shape)
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=max(ATOL, RTOL * np.abs(b).max()),
+                                   err_msg=where)
     elif isinstance(theirs, list):
         assert isinstance(ours, list) and len(ours) == len(theirs), (where, ours, theirs)
         for i, (a, b) in enumerate(zip(ours, theirs)):

@@ -82,6 +82,11 @@ results["built_with_input"] = model.built
 model.summary()
 results["params_with_input"] = model.count_params()
 
+# the older way, an input_shape argument to the first layer, works too
+model = keras.Sequential()
+model.add(layers.Dense(2, activation="relu", input_shape=(4,)))
+results["weights_with_input_shape"] = [list(w.shape) for w in model.weights]
+
 # -- A common debugging workflow: add() + summary() ---------------------------
 model = keras.Sequential()
 model.add(keras.Input(shape=(64,)))
@@ -100,7 +105,7 @@ results["shapes_four_layers"] = weight_shapes(model)
 # -- What to do once you have a model: train, evaluate, predict ---------------
 rng = np.random.default_rng(0)
 x_train = rng.standard_normal((96, 64)).astype("float32")
-y_train = rng.standard_normal((96, 8)).astype("float32")
+y_train = np.tanh(x_train @ rng.standard_normal((64, 8)) / 8).astype("float32")
 model.compile(optimizer="adam", loss="mse")
 history = model.fit(x_train, y_train, batch_size=32, epochs=3, shuffle=False, verbose=0)
 results["history"] = history.history

@@ -8,6 +8,7 @@ one), custom losses, metrics and layers written with ``keras.ops``
 and PyDataset inputs, multi-input and multi-output models, and
 TensorBoard.
 """
+import csv
 import os
 
 import numpy as np
@@ -127,12 +128,18 @@ callbacks = [
         # "no longer improving" being further defined as "for at least 1 epoch"
         patience=1,
         verbose=1,
-    )
+    ),
+    # and the logs of each epoch in a CSV file
+    keras.callbacks.CSVLogger("training.log"),
 ]
 history = model.fit(x_train, y_train, epochs=20, batch_size=64, callbacks=callbacks,
                     validation_split=0.2, shuffle=False, verbose=0)
 results["early_stopping"] = history.history
 results["early_stopping_epochs"] = len(history.epoch)
+with open("training.log") as f:
+    rows = list(csv.reader(f))
+results["csv_header"] = rows[0]
+results["csv_values"] = [[float(value) for value in row] for row in rows[1:]]
 
 # -- Checkpointing models ---------------------------------------------------------
 model = get_compiled_model()
