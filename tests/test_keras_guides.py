@@ -26,8 +26,12 @@ program, makes both runs start from the same weights: the Keras run
 records each model's ``get_weights()`` when the model is first used (built
 from that call's input if it was not), and the fastgrad run gives its
 models those weights, in the same order, at their first use. Models read
-from files keep the weights they were read with. Data are identical, and
-the programs call ``fit`` with ``shuffle=False``. Each program fills a dict
+from files keep the weights they were read with. Data are identical, the
+programs call ``fit`` with ``shuffle=False``, and Dropout runs at rate 0
+in the compared runs (the libraries draw different masks; the
+structured-data program also runs with its own rate, unchecked against
+Keras). Keras's steps are compiled by JAX with its compilation cache on, so
+that models of one architecture compile once. Each program fills a dict
 ``results``; the test compares the two: the same keys, strings and
 integers (history keys, hook sequences, layer names, shapes, epoch counts)
 equal, floats (losses, metrics, predictions, learning rates) to float32
@@ -43,19 +47,20 @@ import sys
 
 import numpy as np
 import pytest
+from keras_peer import REASON
 
 import fastgrad as fg
 
-REASON = "needs Keras 3 with JAX, the cross-check peers: pip install '.[peers]'"
 H5_REASON = "needs h5py, the keras extra: pip install '.[keras]'"
+SKLEARN_REASON = "needs scikit-learn's bundled data sets, the sklearn extra: pip install '.[sklearn]'"
 GUIDES = pathlib.Path(__file__).parent / "guides"
 PROGRAMS = ["sequential_model", "training_with_built_in_methods", "writing_your_own_callbacks",
             "serialization_and_saving", "structured_data_classification"]
 # the programs that write .keras or .weights.h5 files
 NEEDS_H5 = {"training_with_built_in_methods", "serialization_and_saving"}
 
-# Run on both sides with ``lib`` the library's top module and ``record``
-# None (Keras: fills it) or the Keras run's list (fastgrad: consumes it).
+# Run on both sides, ``lib`` the library's top module; the Keras run fills
+# ``record`` with each model's initial weights, the fastgrad run consumes it.
 _HARNESS = r'''
 import contextlib
 import os
@@ -91,21 +96,23 @@ def same_weights(lib, record, keras_side, no_dropout):
     rate 0."""
     cls = lib.Sequential
     originals = {name: getattr(cls, name) for name in _FIRST_USE}
+    own = {name for name in _FIRST_USE if name in vars(cls)}   # the rest are inherited
     busy = []
 
-    def sync(model, args):
+    def sync(model, args, kwargs):
         if getattr(model, "_guide_synced", False) or busy:
             return
         busy.append(True)   # the calls below must not synchronise again
         try:
             if not model.built:
-                if not args or not hasattr(args[0], "shape"):
+                x = args[0] if args else kwargs.get("x")
+                if not hasattr(x, "shape"):
                     return   # nothing to build from: not synchronised yet
-                d = np.shape(args[0])[-1]
-                model.build((None, d) if keras_side else d)
+                model.build((None, x.shape[-1]) if keras_side else x.shape[-1])
             if keras_side:
                 record.append([np.asarray(w) for w in originals["get_weights"](model)])
             else:
+                assert record, "fastgrad used more models than the Keras run"
                 weights = record.pop(0)
                 if len(weights) != len(originals["get_weights"](model)):
                     # Keras's Normalization has a third weight, a count kept
@@ -121,7 +128,7 @@ def same_weights(lib, record, keras_side, no_dropout):
         method = originals[name]
 
         def patched(self, *args, **kwargs):
-            sync(self, args)
+            sync(self, args, kwargs)
             return method(self, *args, **kwargs)
         return patched
 
@@ -155,14 +162,20 @@ def same_weights(lib, record, keras_side, no_dropout):
         yield
     finally:
         for name, method in originals.items():
-            setattr(cls, name, method)
+            if name in own:
+                setattr(cls, name, method)
+            else:
+                delattr(cls, name)
         for (mod, name), load in zip(loaders, old_loaders):
             setattr(mod, name, load)
         lib.layers.Dropout.__init__ = dropout_init
 
 
 def run(lib, text, name, folder, record, keras_side, no_dropout=True):
-    """Run one program's text in folder; returns its results dict."""
+    """Run one program's text in folder; returns its results dict.
+    Dropout masks come from each library's own generator, so the runs
+    compared have every Dropout at rate 0 (no_dropout); the program's own
+    rate runs in test_the_guide_with_its_dropout_runs."""
     here = os.getcwd()
     os.chdir(folder)
     try:
@@ -234,6 +247,8 @@ def keras_runs(tmp_path_factory):
     programs = {name: _source(name) for name in PROGRAMS}
     if importlib.util.find_spec("h5py") is None:
         programs = {k: v for k, v in programs.items() if k not in NEEDS_H5}
+    if importlib.util.find_spec("sklearn") is None:
+        programs = {k: v for k, v in programs.items() if "sklearn" not in v}
     folder = tmp_path_factory.mktemp("keras")
     out = folder / "runs.json"
     env = {**os.environ, "KERAS_BACKEND": "jax"}
@@ -315,7 +330,8 @@ def test_only_the_import_lines_change(name):
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_the_guide_gives_the_same_results(keras_runs, name, tmp_path):
     if name not in keras_runs:
-        pytest.skip(H5_REASON)
+        pytest.skip(H5_REASON if name in NEEDS_H5 and importlib.util.find_spec("h5py") is None
+                    else SKLEARN_REASON)
     theirs = keras_runs[name]
     _same(_ours(name, theirs["weights"], tmp_path), theirs["results"])
 
@@ -324,6 +340,7 @@ def test_the_guide_with_its_dropout_runs(tmp_path):
     """The classifier of the structured-data guide with its Dropout(0.5):
     masks differ between the libraries, so only the run itself is checked
     (its losses finite and falling, its history keys Keras's)."""
+    pytest.importorskip("sklearn", reason=SKLEARN_REASON)
     namespace = {"__name__": "__guide__"}
     here = os.getcwd()
     os.chdir(tmp_path)
