@@ -325,6 +325,8 @@ def test_only_the_import_lines_change(name):
         assert a.startswith(("import keras", "from keras")), a
         assert b.startswith(("import fastgrad", "from fastgrad")), b
     assert not re.search(r"^(import|from) fastgrad", _source(name), re.M)
+    # no Keras import left behind, indented ones included
+    assert not re.search(r"^\s*(import|from)\s+keras\b", to_fastgrad(_source(name)), re.M)
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

@@ -102,10 +102,16 @@ results["validation_split"] = history.history
 class_weight = {i: 1.0 for i in range(10)}
 # Set weight "2" for class "5", making this class 2x more important
 class_weight[5] = 2.0
-model = get_compiled_model()
+model = get_uncompiled_model()
+model.compile(
+    optimizer=keras.optimizers.RMSprop(learning_rate=1e-3),
+    loss=keras.losses.SparseCategoricalCrossentropy(),
+    metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
+)
 history = model.fit(x_train, y_train, class_weight=class_weight, batch_size=64, epochs=1,
-                    shuffle=False, verbose=0)
+                    shuffle=False, verbose=0, validation_data=(x_val, y_val))
 results["class_weight"] = history.history
+results["class_weight_evaluate"] = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
 
 sample_weight = np.ones(shape=(len(y_train),))
 sample_weight[y_train == 5] = 2.0
