@@ -160,14 +160,16 @@ class KerasModelAPI:
                           **kwargs)
 
     @locked
-    def save(self, path):
+    def save(self, filepath, overwrite=True):
         """Write the model to one file, atomically. A name ending in
         ``.keras`` gets a Keras 3 archive (fastgrad.keras_format: needs h5py);
         ``.h5``/``.hdf5`` are refused (weights only: use save_weights); any
         other name (``.fgm`` by convention) gets fastgrad's own format:
         architecture, weights, optimizer configuration and state, and
-        random-generator state, for an exact resume (fastgrad.saving)."""
-        save_model(self, path)
+        random-generator state, for an exact resume (fastgrad.saving).
+        ``overwrite`` is accepted for Keras compatibility; the file is always
+        replaced, atomically."""
+        save_model(self, filepath)
 
     @locked
     def save_weights(self, filepath, overwrite=True):

@@ -433,33 +433,67 @@ class LearningRateScheduler(Callback):
 class ModelCheckpoint(Callback):
     """Save the model (``model.save``) after each epoch to ``filepath``,
     which may hold ``{epoch}`` and logged names (``{val_loss:.3f}``). With
-    ``save_best_only`` only when ``monitor`` improved; an epoch whose logs
-    lack ``monitor`` gives a warning and saves nothing, as in Keras 3."""
+    ``save_best_only`` only when ``monitor`` improved (on
+    ``initial_value_threshold`` too, when given); an epoch whose logs
+    lack ``monitor`` gives a warning and saves nothing, as in Keras 3.
+    ``save_weights_only``: ``model.save_weights`` instead (``filepath``
+    must end in ``.weights.h5``). ``save_freq``: ``"epoch"``, or an integer
+    n: save after every n training batches (counted across epochs, as
+    Keras counts them; the name may also hold ``{batch}``, the batch's
+    number within its epoch from 1), judged on the batch logs."""
 
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
-                 mode="auto"):
+                 save_weights_only=False, mode="auto", save_freq="epoch",
+                 initial_value_threshold=None):
         super().__init__()
         self.filepath, self.monitor, self.verbose = str(filepath), monitor, verbose
         self.save_best_only = save_best_only
+        self.save_weights_only = bool(save_weights_only)
+        if self.save_weights_only and not self.filepath.endswith(".weights.h5"):
+            raise ValueError(f"filepath: with save_weights_only=True expected a name ending "
+                             f"in .weights.h5, got {self.filepath!r}")
+        if save_freq != "epoch":
+            save_freq = check_int("save_freq", save_freq, low=1)   # or 'epoch'
+        self.save_freq = save_freq
         self.mode = _mode_op(mode, monitor)
-        self.best = None
+        self.best = check_real("initial_value_threshold", initial_value_threshold, none=True)
+        self._epoch, self._batches = 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_freq == "epoch":
+            return
+        self._batches += 1
+        if self._batches >= self.save_freq:
+            self._batches = 0
+            self._save(self._epoch, batch, logs or {})
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        path = self.filepath.format(epoch=epoch + 1, **logs)
+        if self.save_freq == "epoch":
+            self._save(epoch, None, logs or {})
+
+    def _save(self, epoch, batch, logs):
+        numbers = {"epoch": epoch + 1} if batch is None or "batch" in logs else {
+            "epoch": epoch + 1, "batch": batch + 1}
+        path = self.filepath.format(**numbers, **logs)
         if self.save_best_only:
             current = logs.get(self.monitor)
             if current is None:   # as Keras 3: warn, and save nothing this epoch
                 warnings.warn(f"ModelCheckpoint: can save the best model only with "
                               f"{self.monitor!r} available, skipping; the logged metrics are "
-                              f"{', '.join(logs)}", stacklevel=2)
+                              f"{', '.join(logs)}", stacklevel=3)
                 return
             improved = self.best is None or (current < self.best if self.mode == "min"
                                              else current > self.best)
             if not improved:
                 return
             self.best = current
-        self.model.save(path)
+        if self.save_weights_only:
+            self.model.save_weights(path)
+        else:
+            self.model.save(path)
         if self.verbose:
             print(f"Epoch {epoch + 1}: saved model to {path}")
 

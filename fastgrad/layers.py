@@ -799,6 +799,26 @@ class Normalization(Layer):
                 "variance": None if given is None else given[1].tolist(),
                 "input_dim": self.input_dim}
 
+    # Keras's read-only views of the statistics: shape (1, features), None
+    # until the layer is built or adapted; copies, so the kernels' weights
+    # cannot be changed through them
+    @property
+    def mean(self):
+        """The mean in use, shape (1, features) (None before build or adapt)."""
+        return self._statistic("mean", 0)
+
+    @property
+    def variance(self):
+        """The variance in use, shape (1, features) (None before build or adapt)."""
+        return self._statistic("variance", 1)
+
+    def _statistic(self, key, which):
+        if key in self.weights:
+            return self.weights[key].reshape(1, -1).copy()
+        if self._values is None or self._values is self._given:
+            return None   # Keras sets given values when it builds the layer
+        return self._values[which].reshape(1, -1).astype(np.float32)
+
 
 
 

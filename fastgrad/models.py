@@ -24,10 +24,10 @@ from fastgrad._model_api import KerasModelAPI, check_compile_extras, clone_model
 from fastgrad._trainer import Trainer, locked
 from fastgrad._utils import check_int
 from fastgrad.layers import InputLayer, Layer, _features
-from fastgrad.saving import load_model
+from fastgrad.saving import load_model, save_model
 from fastgrad.variables import HasVariables
 
-__all__ = ["Sequential", "load_model", "model_from_json", "clone_model"]
+__all__ = ["Sequential", "load_model", "save_model", "model_from_json", "clone_model"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 _FUSED = {"categorical_crossentropy": "softmax", "sparse_categorical_crossentropy": "softmax",

@@ -191,21 +191,23 @@ def _entry(path, i, e, arrays):
 
 
 # -- models ---------------------------------------------------------------
-def save_model(model, path):
-    """Write ``model`` to ``path``. A name ending in ``.keras`` gets a Keras 3
-    archive (fastgrad.keras_format); ``.h5``/``.hdf5`` are refused (weights
-    only: ``model.save_weights``); any other name gets this module's format:
-    architecture, weights, optimizer configuration and state, and the random
-    generators' state (shuffling, dropout). ``model.save(path)`` calls this."""
+def save_model(model, filepath, overwrite=True):
+    """Write ``model`` to ``filepath``. A name ending in ``.keras`` gets a
+    Keras 3 archive (fastgrad.keras_format); ``.h5``/``.hdf5`` are refused
+    (weights only: ``model.save_weights``); any other name gets this
+    module's format: architecture, weights, optimizer configuration and
+    state, and the random generators' state (shuffling, dropout).
+    ``model.save(filepath)`` calls this; ``overwrite`` is accepted for Keras
+    compatibility (the file is always replaced, atomically)."""
     from fastgrad import keras_format
 
-    if keras_format.save_kind(path) == "keras":
-        keras_format.save_model(model, path)
+    if keras_format.save_kind(filepath) == "keras":
+        keras_format.save_model(model, filepath)
         return
     if not model.built:
         raise ValueError("model: it has no weights yet; build it (fit, predict, or give "
                          "the first layer input_dim) before saving")
-    write_file(path, *describe(model))
+    write_file(filepath, *describe(model))
 
 
 def describe(model):

@@ -452,6 +452,63 @@ def test_model_checkpoint_best_only_without_its_metric_warns_and_saves_nothing(t
     assert os.listdir(tmp_path) == []
 
 
+def test_model_checkpoint_save_freq_and_weights_only_agree_with_keras(tmp_path):
+    """save_freq=n (batches counted across epochs, {batch} in the name),
+    save_weights_only and initial_value_threshold: the same files as Keras
+    writes, holding the same weights, from the same initial weights."""
+    keras = pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check "
+                                "peers: pip install '.[peers]'")
+    pytest.importorskip("h5py", reason="needs h5py, the keras extra: pip install '.[keras]'")
+    x, y = blobs(48)
+    written = {}
+    for lib in (keras, fg):
+        folder = tmp_path / lib.__name__
+        folder.mkdir()
+        if lib is keras:
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                                      keras.layers.Dense(3, activation="softmax")])
+            model.set_weights(mlp().get_weights())
+        else:
+            model = mlp()
+        model.compile(lib.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        checkpoints = [
+            lib.callbacks.ModelCheckpoint(str(folder / "b-{epoch}-{batch}.keras"), save_freq=2),
+            lib.callbacks.ModelCheckpoint(str(folder / "w-{epoch}.weights.h5"), monitor="loss",
+                                          save_best_only=True, save_weights_only=True,
+                                          initial_value_threshold=1e9),
+            lib.callbacks.ModelCheckpoint(str(folder / "never.weights.h5"), monitor="loss",
+                                          save_best_only=True, save_weights_only=True,
+                                          initial_value_threshold=0.0)]
+        model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=checkpoints)
+        names = sorted(os.listdir(folder))
+        fresh = mlp(seed=9)
+        weights = {}
+        for name in names:   # each file read into a fresh fastgrad model
+            if name.endswith(".weights.h5"):
+                fresh.load_weights(str(folder / name))
+                weights[name] = fresh.get_weights()
+            else:
+                weights[name] = fg.load_model(str(folder / name)).get_weights()
+        written[lib.__name__] = weights
+    assert sorted(written["fastgrad"]) == sorted(written["keras"]) == [
+        "b-1-2.keras", "b-2-1.keras", "b-2-3.keras", "b-3-2.keras",
+        "w-1.weights.h5", "w-2.weights.h5", "w-3.weights.h5"]
+    for name, theirs in written["keras"].items():
+        for a, b in zip(written["fastgrad"][name], theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_model_checkpoint_refuses_bad_arguments_by_name(tmp_path):
+    with pytest.raises(ValueError, match="save_freq"):
+        fg.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), save_freq="batch")
+    with pytest.raises(ValueError, match="save_freq"):
+        fg.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), save_freq=0)
+    with pytest.raises(ValueError, match="filepath"):
+        fg.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), save_weights_only=True)
+    with pytest.raises(ValueError, match="initial_value_threshold"):
+        fg.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), initial_value_threshold="x")
+
+
 # ---------------------------------------------------------------------------
 # 4. verbose
 # ---------------------------------------------------------------------------

@@ -511,3 +511,23 @@ def test_save_and_load_keep_frozen_layers_frozen(tmp_path):
     after = loaded.get_weights()
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert not np.array_equal(before[2], after[2])
+
+
+def test_save_model_functions_write_files_the_other_library_reads(tmp_path):
+    """keras.models.save_model / keras.saving.save_model (Keras's names,
+    with filepath= and overwrite=) and model.save(filepath, overwrite=True):
+    each library reads the other's file and predicts the same."""
+    keras = _keras()
+    pytest.importorskip("h5py", reason="needs h5py, the keras extra: pip install '.[keras]'")
+    x, y = _data()
+    fm, km = _pair()
+    _compile_both(fm, km)
+    for m in (fm, km):   # the optimizer's state exists in both files
+        m.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    ours, theirs = str(tmp_path / "ours.keras"), str(tmp_path / "theirs.keras")
+    assert fg.models.save_model is fg.saving.save_model
+    fg.models.save_model(fm, filepath=ours, overwrite=True)
+    fm.save(ours, overwrite=True)   # replaced
+    keras.saving.save_model(km, theirs, overwrite=True)
+    _close([keras.models.load_model(ours).predict(x, verbose=0)], [fm.predict(x)])
+    _close([fg.models.load_model(theirs).predict(x)], [km.predict(x, verbose=0)])

@@ -324,6 +324,32 @@ def test_normalization_adapt_and_values_agree_with_keras(keras64, invert):
     np.testing.assert_allclose(mine.predict(data), np.asarray(given(data)), rtol=1e-14)
 
 
+def test_normalization_mean_and_variance_attributes_agree_with_keras():
+    """layer.mean and layer.variance as Keras gives them: None before the
+    layer is built or adapted, then (1, features) in float32."""
+    keras = pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check "
+                                "peers: pip install '.[peers]'")
+    data = fresh(14).standard_normal((50, 4)) * [1, 2, 3, 4] + 3
+    kl, ours = keras.layers.Normalization(), L.Normalization()
+    assert kl.mean is None and ours.mean is None and ours.variance is None
+    kl.adapt(data)
+    ours.adapt(data)
+    for theirs, mine in ((kl.mean, ours.mean), (kl.variance, ours.variance)):
+        theirs = np.asarray(theirs)
+        assert mine.shape == theirs.shape == (1, 4) and mine.dtype == theirs.dtype
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6)
+    fg.Sequential([fg.Input((4,)), ours]).build()   # the model's weights now
+    np.testing.assert_allclose(ours.mean, np.asarray(kl.mean), rtol=1e-6)
+    ours.mean[0, 0] = 1e9                   # a copy: the layer is unchanged
+    assert ours.mean[0, 0] != 1e9
+    given_k = keras.layers.Normalization(mean=2.0, variance=9.0)
+    given = L.Normalization(mean=2.0, variance=9.0)
+    assert given_k.mean is None and given.mean is None   # set when built
+    given_k.build((None, 3))
+    fg.Sequential([fg.Input((3,)), given]).build()
+    np.testing.assert_array_equal(given.variance, np.asarray(given_k.variance))
+
+
 @pytest.mark.parametrize("first", ["flatten", "rescaling", "normalization", "identity"])
 def test_training_through_the_layer_agrees_with_keras(keras64, keras_mse, first):
     keras = keras64
