@@ -891,9 +891,12 @@ def _read_optimizer(h5py, group, model, where):
     shapes = [()]
     if not isinstance(opt._learning_rate, schedules.LearningRateSchedule):
         shapes.append(())
+    header = len(shapes)   # the step count, and the learning rate unless scheduled
     for group_slots in _slots(opt):
         for _, _, shape, _, _ in model._tensors:
             shapes += [shape] * len(group_slots)
+    if len(group) == header:   # Keras saves an optimizer it never built (compiled,
+        shapes = shapes[:header]   # not trained) as its counters alone
     _h5_children(h5py, group, where, {str(i): "dataset" for i in range(len(shapes))})
     if len(group) != len(shapes):
         raise KerasFileError(f"{where}: {len(group)} optimizer variables, "
@@ -917,7 +920,7 @@ def _set_optimizer(model, values):
         rest = rest[1:]
     moments = opt.variables()
     k = 0
-    for group in _slots(opt):
+    for group in _slots(opt) if rest else ():   # no slots: a fresh state
         for _, off, shape, _, _ in model._tensors:
             size = int(np.prod(shape))
             for slot in group:

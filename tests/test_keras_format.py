@@ -307,6 +307,21 @@ def test_keras_models_of_the_newer_layers_load(tmp_path):
     m.fit(x, rng.standard_normal((64, 3)), epochs=1, verbose=0)   # and it trains on
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_keras_model_compiled_but_never_trained_loads_with_a_fresh_optimizer(tmp_path, name):
+    # Keras saves an optimizer it never built as its step count (and
+    # learning rate) alone
+    keras = _keras()
+    x, y = data(seed=8)
+    k = keras_model(keras, name, dropout=False)
+    k.save(tmp_path / "k.keras")
+    m = fg.load_model(tmp_path / "k.keras")
+    assert type(m.optimizer).__name__ == type(k.optimizer).__name__
+    assert m.optimizer.iterations == 0
+    np.testing.assert_allclose(m.predict(x), k.predict(x, verbose=0), **F32_TOL)
+    assert_same_state_after_one_step(m, k, x[:16], y[:16])
+
+
 def test_keras_uncompiled_and_float64_models_load(tmp_path, jax_x64):
     keras = _keras()
     x, _ = data()
