@@ -434,8 +434,9 @@ class ModelCheckpoint(Callback):
     """Save the model (``model.save``) after each epoch to ``filepath``,
     which may hold ``{epoch}`` and logged names (``{val_loss:.3f}``). With
     ``save_best_only`` only when ``monitor`` improved (on
-    ``initial_value_threshold`` too, when given); an epoch whose logs
-    lack ``monitor`` gives a warning and saves nothing, as in Keras 3.
+    ``initial_value_threshold`` too, when given); logs that lack
+    ``monitor`` give a warning and the model is saved anyway, as Keras 3
+    does.
     ``save_weights_only``: ``model.save_weights`` instead (``filepath``
     must end in ``.weights.h5``). ``save_freq``: ``"epoch"``, or an integer
     n: save after every n training batches (counted across epochs, as
@@ -480,16 +481,15 @@ class ModelCheckpoint(Callback):
         path = self.filepath.format(**numbers, **logs)
         if self.save_best_only:
             current = logs.get(self.monitor)
-            if current is None:   # as Keras 3: warn, and save nothing this epoch
+            if current is None:   # as Keras 3: warn, then save as without save_best_only
                 warnings.warn(f"ModelCheckpoint: can save the best model only with "
-                              f"{self.monitor!r} available, skipping; the logged metrics are "
-                              f"{', '.join(logs)}", stacklevel=3)
+                              f"{self.monitor!r} available, saving it anyway; the logged "
+                              f"metrics are {', '.join(logs)}", stacklevel=3)
+            elif self.best is None or (current < self.best if self.mode == "min"
+                                       else current > self.best):
+                self.best = current
+            else:
                 return
-            improved = self.best is None or (current < self.best if self.mode == "min"
-                                             else current > self.best)
-            if not improved:
-                return
-            self.best = current
         if self.save_weights_only:
             self.model.save_weights(path)
         else:

@@ -439,17 +439,31 @@ def test_model_checkpoint_save_best_only(tmp_path):
     assert_same_bits(fg.load_model(str(path)).get_weights(), inj2.weights[1])
 
 
-def test_model_checkpoint_best_only_without_its_metric_warns_and_saves_nothing(tmp_path):
+def test_model_checkpoint_best_only_without_its_metric_warns_and_saves(tmp_path):
     """Keras 3: save_best_only with val_loss but no validation data warns each
-    epoch and saves nothing; training goes on."""
+    epoch and saves as without save_best_only; training goes on."""
     x, y = blobs(48)
     model = mlp()
     model.compile("adam", "sparse_categorical_crossentropy")
-    ck = fg.callbacks.ModelCheckpoint(str(tmp_path / "best.fgm"), save_best_only=True)
+    ck = fg.callbacks.ModelCheckpoint(str(tmp_path / "e{epoch}.fgm"), save_best_only=True)
     with pytest.warns(UserWarning, match="'val_loss' available") as record:
         h = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ck])
     assert len(record) == 2 and len(h.history["loss"]) == 2
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == ["e1.fgm", "e2.fgm"]
+    np.testing.assert_array_equal(fg.load_model(tmp_path / "e2.fgm").predict(x),
+                                  model.predict(x))
+
+
+def test_model_checkpoint_best_only_without_its_metric_saves_as_keras_does(tmp_path):
+    keras = pytest.importorskip("keras", reason="needs Keras 3 with JAX, the cross-check "
+                                "peers: pip install '.[peers]'")
+    x, y = blobs(48)
+    k = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(3)])
+    k.compile("adam", "sparse_categorical_crossentropy")
+    ck = keras.callbacks.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), save_best_only=True)
+    with pytest.warns(UserWarning, match="val_loss available"):
+        k.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ck])
+    assert sorted(os.listdir(tmp_path)) == ["e1.keras", "e2.keras"]
 
 
 def test_model_checkpoint_save_freq_and_weights_only_agree_with_keras(tmp_path):
