@@ -241,22 +241,42 @@ def describe(model):
     return header, arrays
 
 
-def load_model(path):
+def load_model(path, custom_objects=None, compile=True, safe_mode=True):
     """Read a model written by ``model.save(path)``: architecture, weights,
     optimizer and its state, and the random generators' state, so that
     ``fit`` continues exactly where the saved model stopped. A Keras 3
     ``.keras`` archive (recognized by its content, not its name) is read by
     fastgrad.keras_format. Raises ``ModelFileError`` (a ValueError) for any
-    file that is not a valid model file."""
-    from fastgrad import keras_format
+    file that is not a valid model file.
 
+    Keras's arguments: ``compile=False`` gives the model uncompiled (its
+    architecture and weights); ``custom_objects`` must be empty, since only
+    fastgrad's own classes load; ``safe_mode`` is accepted and changes
+    nothing: loading never runs code from the file."""
+    from fastgrad import keras_format
+    from fastgrad._model_api import clone_model
+
+    if custom_objects:
+        raise ValueError(f"custom_objects: fastgrad loads only its own layers, losses and "
+                         f"optimizers; expected None or an empty dict, got "
+                         f"{sorted(custom_objects)!r}")
+    for name, value in (("compile", compile), ("safe_mode", safe_mode)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
     kind = keras_format.sniff(path)
     if kind == "keras":
-        return keras_format.load_model(path)
-    if kind == "hdf5":
+        model = keras_format.load_model(path)
+    elif kind == "hdf5":
         raise ModelFileError(f"{path}: an HDF5 file holds weights only; build the model "
                              "and call model.load_weights(path)")
-    return from_description(*read_file(path), path)
+    else:
+        model = from_description(*read_file(path), path)
+    if compile or model.optimizer is None:
+        return model
+    bare = clone_model(model)
+    if model.weights:
+        bare.set_weights(model.get_weights())
+    return bare
 
 
 def from_description(header, arrays, path, unbuilt=False):

@@ -1000,3 +1000,23 @@ def test_saving_over_a_folder_or_into_a_missing_folder(two_states):
     target_listing = _listing(path.parent)
     assert target_listing == sorted([path.name, "a_folder"]), target_listing
     assert path.read_bytes() == old_bytes
+
+
+def test_load_model_takes_keras_arguments(tmp_path):
+    """compile=False gives the architecture and weights uncompiled;
+    custom_objects must be empty; the flags must be booleans."""
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    m = fg.Sequential([fg.layers.Dense(5, "relu", input_dim=4),
+                       fg.layers.BatchNormalization(), fg.layers.Dense(2)], seed=1)
+    m.compile("adam", "mse")
+    m.fit(x, np.ones((6, 2), np.float32), epochs=2, verbose=0)
+    m.save(tmp_path / "m.fgm")
+    bare = fg.load_model(tmp_path / "m.fgm", compile=False, safe_mode=True, custom_objects={})
+    assert bare.optimizer is None and m.optimizer is not None
+    np.testing.assert_array_equal(bare.predict(x, verbose=0), m.predict(x, verbose=0))
+    for a, b in zip(bare.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="custom_objects: .*'Mine'"):
+        fg.load_model(tmp_path / "m.fgm", custom_objects={"Mine": object})
+    with pytest.raises(TypeError, match="compile: expected True or False"):
+        fg.load_model(tmp_path / "m.fgm", compile="no")
