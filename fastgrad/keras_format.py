@@ -23,8 +23,8 @@ What fastgrad writes and reads: Sequential models of every fastgrad layer
 given its mean and variance keeps them in its config and has no
 variables, an adapted one has Keras' mean, variance and an unused count
 variable), every activation, initializer, regularizer and MaxNorm/NonNeg
-constraint fastgrad has, the five optimizers (with a float learning rate
-or one of the three schedules), the six losses and the compiled metrics.
+constraint fastgrad has, the nine optimizers (with a float learning rate
+or any of the schedules), every loss and the compiled metrics.
 The archive keeps the weights, the optimizer's configuration and state and
 the step count; it does not keep fastgrad's random-generator state, dropout
 counters or ``nonfinite`` policy (fastgrad's own format does: exact
@@ -297,7 +297,21 @@ def _slots(opt):
             ([("m",)] if opt.centered else [])
     if isinstance(opt, optimizers.SGD):
         return [("v",)] if opt.momentum else []
+    if isinstance(opt, (optimizers.Nadam, optimizers.Adamax)):
+        return [("m", "v")]   # Adamax's v is Keras's "norm"
+    if isinstance(opt, optimizers.Adadelta):   # accumulated g^2, then delta^2
+        return [("v", "m")]
+    if isinstance(opt, optimizers.Lion):
+        return [("m",)]
     return [("v",)]   # Adagrad's accumulators
+
+
+def _trailer(opt):
+    """Keras's variables after the slots: Nadam's running product of its
+    momentum factors, which fastgrad recomputes from the step count."""
+    if isinstance(opt, optimizers.Nadam):
+        return [np.array(opt._nadam_product(opt.iterations), np.float32)]
+    return []
 
 
 def _optimizer_vars(model):
@@ -313,7 +327,7 @@ def _optimizer_vars(model):
             size = int(np.prod(shape))
             for slot in group:
                 out.append(moments[slot][off:off + size].reshape(shape))
-    return out
+    return out + _trailer(opt)
 
 
 def _write_h5(model, target):
@@ -703,9 +717,7 @@ def _input_sample(shape, where):
 
 _OPTS = {c.__name__: c for c in optimizers.REGISTRY.classes.values()}
 _LOSSES = {c.__name__: c for c in losses.REGISTRY.classes.values()}
-_SCHEDULES = {c.__name__: c for c in (schedules.ExponentialDecay,
-                                      schedules.PiecewiseConstantDecay,
-                                      schedules.CosineDecay)}
+_SCHEDULES = {c.__name__: c for c in schedules.REGISTRY.classes.values()}
 _METRICS = {c.__name__: c for c in metrics.REGISTRY.classes.values()}
 
 
@@ -895,6 +907,7 @@ def _read_optimizer(h5py, group, model, where):
     for group_slots in _slots(opt):
         for _, _, shape, _, _ in model._tensors:
             shapes += [shape] * len(group_slots)
+    shapes += [()] * len(_trailer(opt))
     if len(group) == header:   # Keras saves an optimizer it never built (compiled,
         shapes = shapes[:header]   # not trained) as its counters alone
     _h5_children(h5py, group, where, {str(i): "dataset" for i in range(len(shapes))})
