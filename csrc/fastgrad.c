@@ -108,93 +108,44 @@ FG_INLINE uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
     return z ^ (z >> 31);
 }
 
-/* e^x in arithmetic only, so that the loops calling it vectorize (a libm
- * call would not) and every instruction set rounds alike. x = n ln2 + r
- * with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact), e^r by its Taylor
- * series (degree 7 in float, 13 in double: truncation below half an ulp),
- * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
- * bits: p 2^n1 is exact, and the second factor rounds once, to the right
- * subnormal where the result is one, or to inf past the range. The callers
- * clamp x (a mask, not a branch): below -104 (float) or -746 (double) the
- * result is 0, above 89 or 710 inf; NaN stays NaN. Error: a few ulp. */
-static inline float fg_exp_core_f32(float x)
-{
-    const float magic = 12582912.0f;               /* 1.5 * 2^23 */
-    float t = x * 1.44269504088896341f + magic;    /* round(x / ln2) in its low bits */
-    float n = t - magic;
-    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
-              + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    float t1 = n * 0.5f + magic, n1 = t1 - magic;  /* n1, n - n1 in [-75, 64] */
-    union { float f; uint32_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
-    u1.i = (u1.i + 127u) << 23;                     /* 2^n1 */
-    u2.i = (u2.i + 127u) << 23;                     /* 2^(n - n1) */
-    return p * u1.f * u2.f;
-}
+/* fastgrad_exp.h: e^x (any x, and x <= 0) and e^x - 1 (x <= 0) */
+#define ET float
+#define E(name) name##_f32
+#define EU uint32_t
+#define E_MANT 23
+#define E_BIAS 127u
+#define E_MAGIC 12582912.0f
+#define E_LOG2E 1.44269504088896341f
+#define E_LN2_HI 0.693145751953125f
+#define E_LN2_LO 1.42860682030941723212e-6f
+#define E_LO (-104.0f)
+#define E_HI 89.0f
+#define E_EXP_COEF {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
+#define E_EXPM1_COEF {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, \
+                      1.0f / 6, 0.5f, 1.0f}
+#define E_SELECT fg_select_f32
+#include "fastgrad_exp.h"
 
-/* e^x for x <= 0 (or NaN) */
-static inline float fg_exp_nonpos_f32(float x)
-{
-    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f, x));
-}
-
-/* e^x for any x */
-static inline float fg_exp_f32(float x)
-{
-    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f,
-                                         fg_select_f32(x > 89.0f, 89.0f, x)));
-}
-
-static inline double fg_exp_core_f64(double x)
-{
-    const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
-    double t = x * 1.4426950408889634074 + magic;
-    double n = t - magic;
-    double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;                  /* 1/13! */
-    static const double inv_fact[13] = {
-        1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-        1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
-    for (int i = 0; i < 13; i++) p = inv_fact[i] + r * p;
-    double t1 = n * 0.5 + magic, n1 = t1 - magic;   /* n1, n - n1 in [-539, 512] */
-    union { double f; uint64_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
-    u1.i = (u1.i + 1023u) << 52;
-    u2.i = (u2.i + 1023u) << 52;
-    return p * u1.f * u2.f;
-}
-
-static inline double fg_exp_nonpos_f64(double x)
-{
-    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0, x));
-}
-
-static inline double fg_exp_f64(double x)
-{
-    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0,
-                                         fg_select_f64(x > 710.0, 710.0, x)));
-}
-
-/* e^x - 1 for x <= 0 (or NaN): the Taylor series where e^x - 1 would
- * cancel (x > -0.35, truncation below half an ulp), e^x - 1 below, where
- * the subtraction amplifies the error of e^x at most 2.4-fold. */
-static inline float fg_expm1_nonpos_f32(float x)
-{
-    float p = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120
-              + x * (1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
-    return fg_select_f32(x > -0.35f, p, fg_exp_nonpos_f32(x) - 1.0f);
-}
-
-static inline double fg_expm1_nonpos_f64(double x)
-{
-    static const double inv_fact[15] = {
-        1.0 / 1307674368000.0, 1.0 / 87178291200.0, 1.0 / 6227020800.0,
-        1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
-        1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
-        1.0 / 6.0, 0.5, 1.0};
-    double p = 1.0 / 20922789888000.0;              /* 1/16! */
-    for (int i = 0; i < 15; i++) p = inv_fact[i] + x * p;
-    return fg_select_f64(x > -0.35, x * p, fg_exp_nonpos_f64(x) - 1.0);
-}
+#define ET double
+#define E(name) name##_f64
+#define EU uint64_t
+#define E_MANT 52
+#define E_BIAS 1023u
+#define E_MAGIC 6755399441055744.0
+#define E_LOG2E 1.4426950408889634074
+#define E_LN2_HI 6.93147180369123816490e-01
+#define E_LN2_LO 1.90821492927058770002e-10
+#define E_LO (-746.0)
+#define E_HI 710.0
+#define E_EXP_COEF {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
+                    1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
+                    1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}
+#define E_EXPM1_COEF {1.0 / 20922789888000.0, 1.0 / 1307674368000.0, 1.0 / 87178291200.0, \
+                      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
+                      1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
+                      1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0}
+#define E_SELECT fg_select_f64
+#include "fastgrad_exp.h"
 
 /* tanh x = -E / (2 + E) with E = e^(-2|x|) - 1, signed like x (-0 stays -0) */
 static inline float fg_tanh_f32(float x)
