@@ -47,34 +47,12 @@ FG_INLINE void S(mish_parts)(double z, double *r, double *omr, double *sig)
     double w = fg_exp_nonpos_f64(-fabs(z)), n = w * (w + 2.0), a = 1.0 + 2.0 * w;
     double w2 = 2.0 * w * w, dp = a + w2, dn = n + 2.0;
     int pos = z > 0;
-    *r = pos ? a / dp : n / dn;
-    *omr = pos ? w2 / dp : 2.0 / dn;
+    *r = fg_select_f64(pos, a / dp, n / dn);
+    *omr = fg_select_f64(pos, w2 / dp, 2.0 / dn);
     if (sig) {
         double inv = 1.0 / (1.0 + w);
-        *sig = pos ? inv : w * inv;
+        *sig = fg_select_f64(pos, inv, w * inv);
     }
-}
-
-/* Log-softmax of one row of length O, in place on y (which holds z on
- * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
- * m the first maximum, whose own term (exactly 1) is left out of the sum so
- * that log1p keeps its digits when it dominates. */
-static void S(log_softmax_row)(T *y, ptrdiff_t O)
-{
-    T m = y[0];
-    ptrdiff_t im = 0;
-    for (ptrdiff_t j = 1; j < O; j++) {
-        int up = y[j] > m;
-        im = up ? j : im;
-        m = up ? y[j] : m;
-    }
-    double rest = 0.0;
-    for (ptrdiff_t j = 0; j < O; j++) {
-        T e = EXP_NONPOS(y[j] - m);
-        rest += j == im ? 0.0 : (double)e;
-    }
-    const double ls = log1p(rest), md = (double)m;
-    for (ptrdiff_t j = 0; j < O; j++) y[j] = (T)(((double)y[j] - md) - ls);
 }
 
 /* sum_k x_k y_k (y NULL: sum_k x_k) in double: in order for short rows; for
@@ -121,6 +99,43 @@ FG_INLINE T S(row_max)(const T *y, ptrdiff_t n)
     for (int j = 0; k < n; k++, j++) l[j] = SELECT(y[k] > l[j], y[k], l[j]);
     for (int j = 1; j < 16; j++) m = SELECT(l[j] > m, l[j], m);
     return m;
+}
+
+/* Adds x[0..n) into 16 lanes, lane j taking k = j mod 16 (n a multiple
+ * of 16 but in a row's last chunk, so the lanes run on across chunks). */
+FG_INLINE void S(lanes_add)(double *acc, const T *x, ptrdiff_t n)
+{
+    ptrdiff_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += (double)x[k + j];
+    for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k];
+}
+
+/* Log-softmax of one row of length O > 0, in place on y (which holds z on
+ * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
+ * m the first maximum, whose own term (exactly 1) is left out of the sum so
+ * that log1p keeps its digits when it dominates. The exponentials go
+ * through a stack block (z is still needed), summed in 16 double lanes. */
+static void S(log_softmax_row)(T *y, ptrdiff_t O)
+{
+    enum { CH = 512 };
+    T e[CH];
+    const T m = S(row_max)(y, O);
+    /* its first place: a search that stops there (NaN m, only when y[0]
+     * is NaN: place 0) */
+    ptrdiff_t im = 0;
+    while (im < O && !(y[im] == m)) im++;
+    if (im == O) im = 0;
+    double acc[16] = {0};
+    for (ptrdiff_t j0 = 0; j0 < O; j0 += CH) {
+        const ptrdiff_t w = O - j0 < CH ? O - j0 : CH;
+        const T *z = y + j0;
+        for (ptrdiff_t j = 0; j < w; j++) e[j] = EXP_NONPOS(z[j] - m); /* vec */
+        if (im >= j0 && im < j0 + w) e[im - j0] = 0;
+        S(lanes_add)(acc, e, w);
+    }
+    const double ls = log1p(S(lanes_total)(acc, 16)), md = (double)m;
+    for (ptrdiff_t j = 0; j < O; j++) y[j] = (T)(((double)y[j] - md) - ls); /* vec */
 }
 
 /* Softmax of nr rows of length O > 0, in place on y (which holds z on
@@ -178,7 +193,7 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
         break;
     case FG_SOFTPLUS:  /* max(z, 0) + log(1 + e^-|z|): no overflow, no
                         * cancellation; in double, so a float rounds once */
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double z = y[k];
             y[k] = (T)(fg_select_f64(z > 0, z, 0.0)
                        + fg_log1p_unit_f64(fg_exp_nonpos_f64(-fabs(z))));
@@ -208,7 +223,7 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
         }
         break;
     case FG_MISH:
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double z = y[k], r, omr;
             S(mish_parts)(z, &r, &omr, NULL);
             y[k] = (T)(z * r);
@@ -325,7 +340,7 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
         }
         break;
     case FG_MISH:          /* r + z (1 - r)(1 + r) sigmoid(z) */
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double zk = z[k], r, omr, sg;
             S(mish_parts)(zk, &r, &omr, &sg);
             d[k] = (T)((double)g[k] * (r + zk * (omr * (1.0 + r) * sg)));
@@ -361,7 +376,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
             T *d = dpre + i * O;
             if (lsm) {
                 const double sum = S(row_dot)(g, NULL, O);
-                for (ptrdiff_t j = 0; j < O; j++)
+                for (ptrdiff_t j = 0; j < O; j++) /* vec */
                     d[j] = (T)((double)g[j] - (double)EXP_NONPOS(y[j]) * sum);
                 continue;
             }
