@@ -180,6 +180,47 @@ static inline double fg_log1p_unit_f64(double e)
     return 2.0 * s * p;
 }
 
+/* log x in double arithmetic that vectorizes on every target (the loss
+ * loops call it; a libm call would keep them scalar). x = 2^k m with m in
+ * [sqrt(1/2), sqrt 2), both read from the bits: the biased exponent is
+ * turned into a double by or-ing it under 2^52 (SSE2 has no vector
+ * conversion from 64-bit integers), subnormal x is first scaled by 2^54.
+ * log m = 2 atanh s, s = (m - 1) / (m + 1) in [-0.172, 0.172]: the odd
+ * series to s^23 (truncation below 2^-60); then k ln2 with ln2 split so
+ * that k ln2_hi is exact. Within 2 ulp; log 0 = -inf, log of a negative
+ * number NaN, log inf = inf, NaN stays NaN. */
+static inline double fg_log_f64(double x)
+{
+    static const double inv_odd[11] = {     /* 1/23, 1/21, ..., 1/3 */
+        1.0 / 23, 1.0 / 21, 1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9,
+        1.0 / 7, 1.0 / 5, 1.0 / 3};
+    const int sub = x < 0x1p-1022;
+    double xs = fg_select_f64(sub, x * 0x1p54, x);
+    union { double f; uint64_t i; } u = {.f = xs}, ke, mb;
+    ke.i = (u.i >> 52) | 0x4330000000000000ULL;           /* 2^52 + biased exponent */
+    mb.i = (u.i & 0x000FFFFFFFFFFFFFULL) | 0x3FF0000000000000ULL;   /* m in [1, 2) */
+    double k = (ke.f - 0x1p52) - fg_select_f64(sub, 1023.0 + 54.0, 1023.0), m = mb.f;
+    const int big = m > 1.4142135623730951;
+    m = fg_select_f64(big, 0.5 * m, m);
+    k = fg_select_f64(big, k + 1.0, k);
+    double f = m - 1.0, s = f / (2.0 + f), z = s * s, p = inv_odd[0];
+    /* unrolled whole (no control flow left in the loops calling this) */
+    for (int i = 1; i < 11; i++) p = inv_odd[i] + z * p;
+    double r = k * 6.93147180369123816490e-01 + (k * 1.90821492927058770002e-10
+                                                  + (2.0 * s + 2.0 * s * (z * p)));
+    double other = fg_select_f64(x == 0, -HUGE_VAL, fg_select_f64(x < 0, NAN, x));
+    return fg_select_f64(x > 0, fg_select_f64(x <= DBL_MAX, r, x), other);
+}
+
+/* log(1 + x) for x > -1: log u, u = 1 + x, corrected by the rounding of
+ * u, (x - (u - 1)) / u (Goldberg), which restores the digits of small x;
+ * no correction where u is not finite and positive. */
+static inline double fg_log1p_f64(double x)
+{
+    double u = 1.0 + x, c = (x - (u - 1.0)) / u;
+    return fg_log_f64(u) + fg_select_f64(u > 0, fg_select_f64(u <= DBL_MAX, c, 0.0), 0.0);
+}
+
 /* GELU from the normal distribution function Phi, for float z in double
  * arithmetic that vectorizes (erff is a library call, and 1 + erf loses
  * every digit of Phi in the left tail). With w = |z|,
