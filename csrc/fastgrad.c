@@ -221,6 +221,14 @@ static inline double fg_log1p_f64(double x)
     return fg_log_f64(u) + fg_select_f64(u > 0, fg_select_f64(u <= DBL_MAX, c, 0.0), 0.0);
 }
 
+/* x^g for x >= 0 (or NaN) as e^(g log x), which vectorizes (pow would
+ * not): relative error about |g log x| 2^-53 besides the exponential's
+ * few ulp; x^0 = 1 for every x, as pow, and 0^g = 0 (g > 0) or inf (g < 0). */
+static inline double fg_pow_f64(double x, double g)
+{
+    return fg_select_f64(g == 0, 1.0, fg_exp_f64(g * fg_log_f64(x)));
+}
+
 /* GELU from the normal distribution function Phi, for float z in double
  * arithmetic that vectorizes (erff is a library call, and 1 + erf loses
  * every digit of Phi in the left tail). With w = |z|,

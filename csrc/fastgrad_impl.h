@@ -497,6 +497,8 @@ FG_INLINE void S(lanes_add_d)(double *acc, const double *x, ptrdiff_t n)
         S(lanes_add_d)(lanes, lt, w);                                        \
     }                                                                        \
     row = S(lanes_total)(lanes, 16);
+/* the same, for the losses that average over the row */
+#define FG_CHUNKS_MEAN FG_CHUNKS_END row /= (double)O;
 /* the sign of a double as a double (NaN: 0), without an int from a
  * double comparison (which SSE2 cannot narrow in a vector) */
 #define FG_SIGN(e) fg_select_f64((e) > 0, 1.0, fg_select_f64((e) < 0, -1.0, 0.0))
@@ -551,25 +553,17 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
 
         switch (kind) {
         case FG_MSE:
+        case FG_MAE: {
+            const int sq = kind == FG_MSE;
             FG_CHUNKS_BEGIN
             for (ptrdiff_t j = 0; j < w; j++) { /* vec */
                 double e = (double)pj[j] - (double)tj[j];
-                lt[j] = e * e;
-                dj[j] = (T)(2.0 * e * invBO);
+                lt[j] = fg_select_f64(sq, e * e, fabs(e));
+                dj[j] = SELECT(sq, (T)(2.0 * e * invBO), (T)FG_SIGN(e) * (T)invBO);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
-        case FG_MAE:
-            FG_CHUNKS_BEGIN
-            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
-                double e = (double)pj[j] - (double)tj[j];
-                lt[j] = fabs(e);
-                dj[j] = (T)FG_SIGN(e) * (T)invBO;
-            }
-            FG_CHUNKS_END
-            row /= (double)O;
-            break;
+        }
         case FG_HUBER:
             FG_CHUNKS_BEGIN
             for (ptrdiff_t j = 0; j < w; j++) { /* vec */
@@ -577,8 +571,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 lt[j] = fg_select_f64(ae <= delta, 0.5 * e * e, delta * ae - 0.5 * delta * delta);
                 dj[j] = (T)fg_select_f64(ae <= delta, e * invBO, FG_SIGN(e) * delta * invBO);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_BINARY_CROSSENTROPY:
             FG_CHUNKS_BEGIN
@@ -600,8 +593,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                     dj[j] = (T)fg_select_f64(z < eps, 0.0, fg_select_f64(z > 1.0 - eps, 0.0,
                                              (-y / pc + (1.0 - y) / (1.0 - pc)) * invBO));
                 }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_CATEGORICAL_CROSSENTROPY:
         case FG_SPARSE_CATEGORICAL_CROSSENTROPY: {
@@ -692,8 +684,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                                       a - FG_LN2 + fg_log1p_unit_f64(fg_exp_nonpos_f64(-2.0 * a)));
                 dj[j] = (T)(fg_tanh_f64(e) * invBO);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_KL_DIVERGENCE:   /* sum_j t log(t / p), both clipped to [eps, 1] */
             FG_CHUNKS_BEGIN
@@ -711,8 +702,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 lt[j] = (double)pj[j] - y * fg_log_f64(z);
                 dj[j] = (T)((1.0 - y / z) * invBO);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_HINGE:
         case FG_SQUARED_HINGE: {
@@ -724,8 +714,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 lt[j] = fg_select_f64(sq, h * h, h);
                 dj[j] = (T)(fg_select_f64(sq, -2.0 * y * h, fg_select_f64(m > 0, -y, 0.0)) * invBO);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         }
         case FG_CATEGORICAL_HINGE: {
@@ -768,42 +757,46 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 lt[j] = a * a;
                 dj[j] = (T)fg_select_f64(z > eps, 2.0 * a / (1.0 + pc) * invBO, 0.0);
             }
-            FG_CHUNKS_END
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
-        case FG_BINARY_FOCAL_CROSSENTROPY:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = t[j], z = p[j];
-                double wgt = lp->class_balancing ? y * fa + (1.0 - y) * (1.0 - fa) : 1.0;
-                double bce, om, dbce, dom;
-                if (from_logits) {
-                    /* log p = -softplus(-z), log(1 - p) = -softplus(z); 1 - p_t
-                     * from sigmoid(-z), no cancellation */
-                    double e = exp(-fabs(z)), l1 = log1p(e);
-                    double sp_pos = (z > 0 ? z : 0.0) + l1, sp_neg = (z < 0 ? -z : 0.0) + l1;
-                    double s = z >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-                    double sm = z >= 0 ? e / (1.0 + e) : 1.0 / (1.0 + e);
-                    if (q) q[j] = (T)s;
-                    bce = y * sp_neg + (1.0 - y) * sp_pos;
-                    om = y * sm + (1.0 - y) * s;
-                    dbce = s - y;                         /* per logit */
-                    dom = (1.0 - 2.0 * y) * s * sm;
-                } else {
-                    double pc = FG_CLAMP(z, eps, 1.0 - eps);
-                    bce = -(y * log(pc) + (1.0 - y) * log(1.0 - pc));
-                    om = 1.0 - (y * z + (1.0 - y) * (1.0 - z));
-                    dbce = (z < eps || z > 1.0 - eps) ? 0.0 : -y / pc + (1.0 - y) / (1.0 - pc);
-                    dom = 1.0 - 2.0 * y;
+        case FG_BINARY_FOCAL_CROSSENTROPY: {
+            /* bce and 1 - p_t, with their derivatives, then the focal factor */
+            const int cb = lp->class_balancing;
+            double bce[FG_COLS], om[FG_COLS], dbce[FG_COLS], dom[FG_COLS];
+            FG_CHUNKS_BEGIN
+            if (from_logits)
+                /* log p = -softplus(-z), log(1 - p) = -softplus(z); 1 - p_t
+                 * from sigmoid(-z), no cancellation */
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double y = tj[j], z = pj[j], e = fg_exp_nonpos_f64(-fabs(z));
+                    double l1 = fg_log1p_unit_f64(e), ie = 1.0 / (1.0 + e), ee = e / (1.0 + e);
+                    double s = fg_select_f64(z >= 0, ie, ee), sm = fg_select_f64(z >= 0, ee, ie);
+                    qj[j] = (T)s;
+                    bce[j] = y * (fg_select_f64(z < 0, -z, 0.0) + l1)
+                             + (1.0 - y) * (fg_select_f64(z > 0, z, 0.0) + l1);
+                    om[j] = y * sm + (1.0 - y) * s;
+                    dbce[j] = s - y;                        /* per logit */
+                    dom[j] = (1.0 - 2.0 * y) * s * sm;
                 }
-                double ff = pow(om, fgam);
-                row += wgt * ff * bce;
-                if (d) {
-                    double dff = fgam == 0 ? 0.0 : fgam * pow(om, fgam - 1.0) * dom;
-                    d[j] = (T)(wgt * (ff * dbce + dff * bce) * invBO);
+            else
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double y = tj[j], z = pj[j], pc = FG_CLIP(z, eps, 1.0 - eps);
+                    bce[j] = -(y * fg_log_f64(pc) + (1.0 - y) * fg_log_f64(1.0 - pc));
+                    om[j] = 1.0 - (y * z + (1.0 - y) * (1.0 - z));
+                    dbce[j] = fg_select_f64(z < eps, 0.0, fg_select_f64(z > 1.0 - eps, 0.0,
+                                            -y / pc + (1.0 - y) / (1.0 - pc)));
+                    dom[j] = 1.0 - 2.0 * y;
                 }
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = tj[j], wgt = fg_select_f64(cb, y * fa + (1.0 - y) * (1.0 - fa), 1.0);
+                double ff = fg_pow_f64(om[j], fgam);
+                double dff = fg_select_f64(fgam == 0, 0.0, fgam * fg_pow_f64(om[j], fgam - 1.0) * dom[j]);
+                lt[j] = wgt * ff * bce[j];
+                dj[j] = (T)(wgt * (ff * dbce[j] + dff * bce[j]) * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
+        }
         case FG_CATEGORICAL_FOCAL_CROSSENTROPY:
             row = S(categorical_focal_row)(d, q, p, t, O, from_logits, fa, fgam, invB);
             break;
@@ -830,6 +823,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
 }
 #undef FG_CHUNKS_BEGIN
 #undef FG_CHUNKS_END
+#undef FG_CHUNKS_MEAN
 #undef FG_CLIP
 #undef FG_SIGN
 
