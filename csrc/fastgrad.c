@@ -38,8 +38,10 @@
 /* Helpers inlined into each clone, so they get its instruction set. */
 #if defined(__GNUC__)
 #define FG_INLINE static inline __attribute__((always_inline))
+#define FG_NOINLINE __attribute__((noinline))
 #else
 #define FG_INLINE static inline
+#define FG_NOINLINE
 #endif
 
 /* Subnormal numbers flushed to zero (FTZ) and read as zero (DAZ) for the
@@ -221,12 +223,13 @@ static inline double fg_log1p_f64(double x)
     return fg_log_f64(u) + fg_select_f64(u > 0, fg_select_f64(u <= DBL_MAX, c, 0.0), 0.0);
 }
 
-/* x^g for x >= 0 (or NaN) as e^(g log x), which vectorizes (pow would
- * not): relative error about |g log x| 2^-53 besides the exponential's
- * few ulp; x^0 = 1 for every x, as pow, and 0^g = 0 (g > 0) or inf (g < 0). */
-static inline double fg_pow_f64(double x, double g)
+/* x^g for x >= 0 (or NaN) from lx = log x, as e^(g lx), which vectorizes
+ * (pow would not): relative error about |g lx| 2^-53 besides the
+ * exponential's few ulp; x^0 = 1 for every x, as pow, and 0^g = 0 (g > 0)
+ * or inf (g < 0). */
+static inline double fg_pow_log_f64(double lx, double g)
 {
-    return fg_select_f64(g == 0, 1.0, fg_exp_f64(g * fg_log_f64(x)));
+    return fg_select_f64(g == 0, 1.0, fg_exp_f64(g * lx));
 }
 
 /* GELU from the normal distribution function Phi, for float z in double

@@ -482,8 +482,21 @@ static double S(categorical_focal_row)(T *d, T *q, const T *p, const T *t, ptrdi
     return row;
 }
 
+/* The loss kernel calls the helpers below rather than inlining them in
+ * each of its cases: the same work, in a body the compiler (and its
+ * optimization record) goes over once. */
+static FG_NOINLINE double S(loss_dot)(const T *x, const T *y, ptrdiff_t n)
+{
+    return S(row_dot)(x, y, n);
+}
+
+static FG_NOINLINE double S(loss_total)(double *acc)
+{
+    return S(lanes_total)(acc, 16);
+}
+
 /* Adds x[0..n) into 16 lanes as S(lanes_add) does, for double terms. */
-FG_INLINE void S(lanes_add_d)(double *acc, const double *x, ptrdiff_t n)
+static FG_NOINLINE void S(lanes_add_d)(double *acc, const double *x, ptrdiff_t n)
 {
     ptrdiff_t k = 0;
     for (; k + 16 <= n; k += 16)
@@ -504,7 +517,7 @@ FG_INLINE void S(lanes_add_d)(double *acc, const double *x, ptrdiff_t n)
 #define FG_CHUNKS_END                                                        \
         S(lanes_add_d)(lanes, lt, w);                                        \
     }                                                                        \
-    row = S(lanes_total)(lanes, 16);
+    row = S(loss_total)(lanes);
 /* the same, for the losses that average over the row */
 #define FG_CHUNKS_MEAN FG_CHUNKS_END row /= (double)O;
 /* the sign of a double as a double (NaN: 0), without an int from a
@@ -624,8 +637,8 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 }
                 double lse = m + log((s4[0] + s4[1]) + (s4[2] + s4[3]));
                 /* sparse: the label's entry; one-hot: sums in row_dot's order */
-                const double tsum = sparse ? 1.0 : S(row_dot)(t, NULL, O);
-                const double tz = sparse ? (double)p[lab] : S(row_dot)(t, p, O);
+                const double tsum = sparse ? 1.0 : S(loss_dot)(t, NULL, O);
+                const double tz = sparse ? (double)p[lab] : S(loss_dot)(t, p, O);
                 row = tsum * lse - tz;
                 double sm_lab = 0.0;
                 /* dl/dz_j = softmax_j tsum - t_j, block by block through the
@@ -650,7 +663,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                  * Tu the sum of t_j over unclipped j. The sparse loss reads
                  * its one-hot row from a block on the stack, and its
                  * gradient at the label is mended after. */
-                const double s = S(row_dot)(p, NULL, O);
+                const double s = S(loss_dot)(p, NULL, O);
                 double tl[16] = {0}, tub[FG_COLS];
                 T yb[FG_COLS];
                 FG_CHUNKS_BEGIN
@@ -667,7 +680,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 }
                 S(lanes_add_d)(tl, tub, w);
                 FG_CHUNKS_END
-                const double tu = S(lanes_total)(tl, 16);
+                const double tu = S(loss_total)(tl);
                 const T *tv = sparse ? p : t;   /* read either way: no branch */
 #define FG_CE_GRAD(y, qj) ((tu - fg_select_f64((qj) < eps, 0.0, fg_select_f64((qj) > 1.0 - eps, \
                            0.0, fg_select_f64((y) == 0.0, 0.0, (y) / (qj))))) / s * invB)
@@ -681,16 +694,17 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
             break;
         }
         case FG_LOG_COSH:
-            /* log cosh e = log1p((cosh a - 1)), a = |e|, with
-             * cosh a - 1 = (e^-a - 1)^2 / (2 e^-a): no cancellation near 0;
-             * a - ln2 + log1p(e^-2a) from 40 on, where e^-a would underflow */
+            /* with a = |e|, X = e^-a, E = X - 1 (expm1, exact digits):
+             * log cosh e = log1p(E^2 / (2 X)), no cancellation near 0, and
+             * a - ln2 + X^2 (below 1e-34, all log1p(X^2) keeps) from 40 on,
+             * where X^2 would underflow; tanh a = -E (2 + E) / (1 + X^2) */
             FG_CHUNKS_BEGIN
             for (ptrdiff_t j = 0; j < w; j++) { /* vec */
                 double e = (double)pj[j] - (double)tj[j], a = fabs(e);
-                double em = fg_expm1_nonpos_f64(-a), c = em * em / (2.0 * fg_exp_nonpos_f64(-a));
-                lt[j] = fg_select_f64(a < 40.0, fg_log1p_f64(c),
-                                      a - FG_LN2 + fg_log1p_unit_f64(fg_exp_nonpos_f64(-2.0 * a)));
-                dj[j] = (T)(fg_tanh_f64(e) * invBO);
+                double em = fg_expm1_nonpos_f64(-a), x = fg_exp_nonpos_f64(-a);
+                lt[j] = fg_select_f64(a < 40.0, fg_log1p_f64(em * em / (2.0 * x)),
+                                      a - FG_LN2 + x * x);
+                dj[j] = (T)(copysign(-em * (2.0 + em) / (1.0 + x * x), e) * invBO);
             }
             FG_CHUNKS_MEAN
             break;
@@ -737,7 +751,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 kn = v > neg ? j : kn;
                 neg = v > neg ? v : neg;
             }
-            const double pos = S(row_dot)(t, p, O), m = neg - pos + 1.0;
+            const double pos = S(loss_dot)(t, p, O), m = neg - pos + 1.0;
             row = m < 0 ? 0.0 : m;
             if (d) {
                 for (ptrdiff_t j = 0; j < O; j++) /* vec */
@@ -797,8 +811,8 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                 }
             for (ptrdiff_t j = 0; j < w; j++) { /* vec */
                 double y = tj[j], wgt = fg_select_f64(cb, y * fa + (1.0 - y) * (1.0 - fa), 1.0);
-                double ff = fg_pow_f64(om[j], fgam);
-                double dff = fg_select_f64(fgam == 0, 0.0, fgam * fg_pow_f64(om[j], fgam - 1.0) * dom[j]);
+                double lo = fg_log_f64(om[j]), ff = fg_pow_log_f64(lo, fgam);
+                double dff = fg_select_f64(fgam == 0, 0.0, fgam * fg_pow_log_f64(lo, fgam - 1.0) * dom[j]);
                 lt[j] = wgt * ff * bce[j];
                 dj[j] = (T)(wgt * (ff * dbce[j] + dff * bce[j]) * invBO);
             }
@@ -810,8 +824,8 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
             break;
         case FG_COSINE_SIMILARITY: {
             /* -t.p / (|t| |p|), each 1/|.| capped at 1/eps as Keras' l2 normalization */
-            const double st = S(row_dot)(t, t, O), sp = S(row_dot)(p, p, O);
-            const double dot = S(row_dot)(t, p, O);
+            const double st = S(loss_dot)(t, t, O), sp = S(loss_dot)(p, p, O);
+            const double dot = S(loss_dot)(t, p, O);
             double it = fmin(1.0 / sqrt(st), 1.0 / eps), rp = 1.0 / sqrt(sp);
             int capped = !(rp < 1.0 / eps);
             double ip = capped ? 1.0 / eps : rp;

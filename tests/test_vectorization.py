@@ -93,7 +93,8 @@ def test_markers_are_found():
                  "em = EXPM1_NONPOS", "(T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em",
                  "GELU(y[k])", "GELU_GRAD(z[k])", "S(sigmoid)(z[k])", "a * g[k]",
                  "g[k] * (y[k] + a)", "(T)1 - y[k] * y[k]", "acc[j] += d[i * O + j]",
-                 "fg_splitmix64"]:
+                 "fg_splitmix64", "EXP_NONPOS(z[j] - m)", "fg_select_f64(z > 0, z, 0.0)",
+                 "S(mish_parts)(zk", "fg_log_f64(qc)", "fg_log_f64(om[j])", "fg_expm1_nonpos_f64(-a)"]:
         assert any(loop in text for text in marked), f"no marked loop holds {loop}"
 
 
