@@ -139,24 +139,16 @@ static void S(log_softmax_row)(T *y, ptrdiff_t O)
 }
 
 /* Softmax of nr rows of length O > 0, in place on y (which holds z on
- * entry). Short rows: each row less its maximum, then one exponential loop
- * over the whole block (long even when rows are short); long rows: the
- * subtraction inside each row's exponential loop, one pass fewer (the
- * same operations, so the same bits). Then each row times 1 / its sum. */
+ * entry): each row less its maximum, then one exponential loop over the
+ * whole block (long even when rows are short), then each row times
+ * 1 / its sum. */
 FG_INLINE void S(softmax_rows)(T *y, ptrdiff_t nr, ptrdiff_t O)
 {
-    if (O >= 64) {
-        for (ptrdiff_t i = 0; i < nr; i++) {
-            T *r = y + i * O, m = S(row_max)(r, O);
-            for (ptrdiff_t j = 0; j < O; j++) r[j] = EXP_NONPOS(r[j] - m); /* vec */
-        }
-    } else {
-        for (ptrdiff_t i = 0; i < nr; i++) {
-            T *r = y + i * O, m = S(row_max)(r, O);
-            for (ptrdiff_t j = 0; j < O; j++) r[j] = r[j] - m; /* vec */
-        }
-        for (ptrdiff_t k = 0; k < nr * O; k++) y[k] = EXP_NONPOS(y[k]); /* vec */
+    for (ptrdiff_t i = 0; i < nr; i++) {
+        T *r = y + i * O, m = S(row_max)(r, O);
+        for (ptrdiff_t j = 0; j < O; j++) r[j] = r[j] - m; /* vec */
     }
+    for (ptrdiff_t k = 0; k < nr * O; k++) y[k] = EXP_NONPOS(y[k]); /* vec */
     for (ptrdiff_t i = 0; i < nr; i++) {
         T *r = y + i * O, inv = (T)(1.0 / S(row_dot)(r, NULL, O));
         for (ptrdiff_t j = 0; j < O; j++) r[j] *= inv; /* vec */
