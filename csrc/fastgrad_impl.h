@@ -116,7 +116,7 @@ FG_INLINE void S(lanes_add)(double *acc, const T *x, ptrdiff_t n)
  * m the first maximum, whose own term (exactly 1) is left out of the sum so
  * that log1p keeps its digits when it dominates. The exponentials go
  * through a stack block (z is still needed), summed in 16 double lanes. */
-static void S(log_softmax_row)(T *y, ptrdiff_t O)
+FG_INLINE void S(log_softmax_row)(T *y, ptrdiff_t O)
 {
     enum { CH = 512 };
     T e[CH];
