@@ -66,7 +66,8 @@ def extensions():
         "fastgrad._core",
         sources=["fastgrad/_core.pyx", "csrc/fastgrad.c"],
         include_dirs=["csrc"],
-        depends=["csrc/fastgrad.h", "csrc/fastgrad_impl.h", "fastgrad/_kernels.pxd"],
+        depends=["csrc/fastgrad.h", "csrc/fastgrad_impl.h", "csrc/fastgrad_exp.h",
+                 "fastgrad/_kernels.pxd"],
     )
     return cythonize([core], compiler_directives=directives)
 

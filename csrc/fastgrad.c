@@ -38,8 +38,10 @@
 /* Helpers inlined into each clone, so they get its instruction set. */
 #if defined(__GNUC__)
 #define FG_INLINE static inline __attribute__((always_inline))
+#define FG_NOINLINE __attribute__((noinline))
 #else
 #define FG_INLINE static inline
+#define FG_NOINLINE
 #endif
 
 /* Subnormal numbers flushed to zero (FTZ) and read as zero (DAZ) for the
@@ -108,93 +110,44 @@ FG_INLINE uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
     return z ^ (z >> 31);
 }
 
-/* e^x in arithmetic only, so that the loops calling it vectorize (a libm
- * call would not) and every instruction set rounds alike. x = n ln2 + r
- * with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact), e^r by its Taylor
- * series (degree 7 in float, 13 in double: truncation below half an ulp),
- * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
- * bits: p 2^n1 is exact, and the second factor rounds once, to the right
- * subnormal where the result is one, or to inf past the range. The callers
- * clamp x (a mask, not a branch): below -104 (float) or -746 (double) the
- * result is 0, above 89 or 710 inf; NaN stays NaN. Error: a few ulp. */
-static inline float fg_exp_core_f32(float x)
-{
-    const float magic = 12582912.0f;               /* 1.5 * 2^23 */
-    float t = x * 1.44269504088896341f + magic;    /* round(x / ln2) in its low bits */
-    float n = t - magic;
-    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
-              + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    float t1 = n * 0.5f + magic, n1 = t1 - magic;  /* n1, n - n1 in [-75, 64] */
-    union { float f; uint32_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
-    u1.i = (u1.i + 127u) << 23;                     /* 2^n1 */
-    u2.i = (u2.i + 127u) << 23;                     /* 2^(n - n1) */
-    return p * u1.f * u2.f;
-}
+/* fastgrad_exp.h: e^x (any x, and x <= 0) and e^x - 1 (x <= 0) */
+#define ET float
+#define E(name) name##_f32
+#define EU uint32_t
+#define E_MANT 23
+#define E_BIAS 127u
+#define E_MAGIC 12582912.0f
+#define E_LOG2E 1.44269504088896341f
+#define E_LN2_HI 0.693145751953125f
+#define E_LN2_LO 1.42860682030941723212e-6f
+#define E_LO (-104.0f)
+#define E_HI 89.0f
+#define E_EXP_COEF {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
+#define E_EXPM1_COEF {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, \
+                      1.0f / 6, 0.5f, 1.0f}
+#define E_SELECT fg_select_f32
+#include "fastgrad_exp.h"
 
-/* e^x for x <= 0 (or NaN) */
-static inline float fg_exp_nonpos_f32(float x)
-{
-    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f, x));
-}
-
-/* e^x for any x */
-static inline float fg_exp_f32(float x)
-{
-    return fg_exp_core_f32(fg_select_f32(x < -104.0f, -104.0f,
-                                         fg_select_f32(x > 89.0f, 89.0f, x)));
-}
-
-static inline double fg_exp_core_f64(double x)
-{
-    const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
-    double t = x * 1.4426950408889634074 + magic;
-    double n = t - magic;
-    double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;                  /* 1/13! */
-    static const double inv_fact[13] = {
-        1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-        1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
-    for (int i = 0; i < 13; i++) p = inv_fact[i] + r * p;
-    double t1 = n * 0.5 + magic, n1 = t1 - magic;   /* n1, n - n1 in [-539, 512] */
-    union { double f; uint64_t i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + magic};
-    u1.i = (u1.i + 1023u) << 52;
-    u2.i = (u2.i + 1023u) << 52;
-    return p * u1.f * u2.f;
-}
-
-static inline double fg_exp_nonpos_f64(double x)
-{
-    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0, x));
-}
-
-static inline double fg_exp_f64(double x)
-{
-    return fg_exp_core_f64(fg_select_f64(x < -746.0, -746.0,
-                                         fg_select_f64(x > 710.0, 710.0, x)));
-}
-
-/* e^x - 1 for x <= 0 (or NaN): the Taylor series where e^x - 1 would
- * cancel (x > -0.35, truncation below half an ulp), e^x - 1 below, where
- * the subtraction amplifies the error of e^x at most 2.4-fold. */
-static inline float fg_expm1_nonpos_f32(float x)
-{
-    float p = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120
-              + x * (1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
-    return fg_select_f32(x > -0.35f, p, fg_exp_nonpos_f32(x) - 1.0f);
-}
-
-static inline double fg_expm1_nonpos_f64(double x)
-{
-    static const double inv_fact[15] = {
-        1.0 / 1307674368000.0, 1.0 / 87178291200.0, 1.0 / 6227020800.0,
-        1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
-        1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
-        1.0 / 6.0, 0.5, 1.0};
-    double p = 1.0 / 20922789888000.0;              /* 1/16! */
-    for (int i = 0; i < 15; i++) p = inv_fact[i] + x * p;
-    return fg_select_f64(x > -0.35, x * p, fg_exp_nonpos_f64(x) - 1.0);
-}
+#define ET double
+#define E(name) name##_f64
+#define EU uint64_t
+#define E_MANT 52
+#define E_BIAS 1023u
+#define E_MAGIC 6755399441055744.0
+#define E_LOG2E 1.4426950408889634074
+#define E_LN2_HI 6.93147180369123816490e-01
+#define E_LN2_LO 1.90821492927058770002e-10
+#define E_LO (-746.0)
+#define E_HI 710.0
+#define E_EXP_COEF {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
+                    1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
+                    1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}
+#define E_EXPM1_COEF {1.0 / 20922789888000.0, 1.0 / 1307674368000.0, 1.0 / 87178291200.0, \
+                      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
+                      1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
+                      1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0}
+#define E_SELECT fg_select_f64
+#include "fastgrad_exp.h"
 
 /* tanh x = -E / (2 + E) with E = e^(-2|x|) - 1, signed like x (-0 stays -0) */
 static inline float fg_tanh_f32(float x)
@@ -227,6 +180,56 @@ static inline double fg_log1p_unit_f64(double e)
     for (int i = 0; i < 9; i++) p = inv_odd[i] + q * p;
     for (int i = 9; i < 18; i++) p = inv_odd[i] + q * p;
     return 2.0 * s * p;
+}
+
+/* log x in double arithmetic that vectorizes on every target (the loss
+ * loops call it; a libm call would keep them scalar). x = 2^k m with m in
+ * [sqrt(1/2), sqrt 2), both read from the bits: the biased exponent is
+ * turned into a double by or-ing it under 2^52 (SSE2 has no vector
+ * conversion from 64-bit integers), subnormal x is first scaled by 2^54.
+ * log m = 2 atanh s, s = (m - 1) / (m + 1) in [-0.172, 0.172]: the odd
+ * series to s^23 (truncation below 2^-60); then k ln2 with ln2 split so
+ * that k ln2_hi is exact. Within 2 ulp; log 0 = -inf, log of a negative
+ * number NaN, log inf = inf, NaN stays NaN. */
+static inline double fg_log_f64(double x)
+{
+    static const double inv_odd[11] = {     /* 1/23, 1/21, ..., 1/3 */
+        1.0 / 23, 1.0 / 21, 1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9,
+        1.0 / 7, 1.0 / 5, 1.0 / 3};
+    const int sub = x < 0x1p-1022;
+    double xs = fg_select_f64(sub, x * 0x1p54, x);
+    union { double f; uint64_t i; } u = {.f = xs}, ke, mb;
+    ke.i = (u.i >> 52) | 0x4330000000000000ULL;           /* 2^52 + biased exponent */
+    mb.i = (u.i & 0x000FFFFFFFFFFFFFULL) | 0x3FF0000000000000ULL;   /* m in [1, 2) */
+    double k = (ke.f - 0x1p52) - fg_select_f64(sub, 1023.0 + 54.0, 1023.0), m = mb.f;
+    const int big = m > 1.4142135623730951;
+    m = fg_select_f64(big, 0.5 * m, m);
+    k = fg_select_f64(big, k + 1.0, k);
+    double f = m - 1.0, s = f / (2.0 + f), z = s * s, p = inv_odd[0];
+    /* unrolled whole (no control flow left in the loops calling this) */
+    for (int i = 1; i < 11; i++) p = inv_odd[i] + z * p;
+    double r = k * 6.93147180369123816490e-01 + (k * 1.90821492927058770002e-10
+                                                  + (2.0 * s + 2.0 * s * (z * p)));
+    double other = fg_select_f64(x == 0, -HUGE_VAL, fg_select_f64(x < 0, NAN, x));
+    return fg_select_f64(x > 0, fg_select_f64(x <= DBL_MAX, r, x), other);
+}
+
+/* log(1 + x) for x > -1: log u, u = 1 + x, corrected by the rounding of
+ * u, (x - (u - 1)) / u (Goldberg), which restores the digits of small x;
+ * no correction where u is not finite and positive. */
+static inline double fg_log1p_f64(double x)
+{
+    double u = 1.0 + x, c = (x - (u - 1.0)) / u;
+    return fg_log_f64(u) + fg_select_f64(u > 0, fg_select_f64(u <= DBL_MAX, c, 0.0), 0.0);
+}
+
+/* x^g for x >= 0 (or NaN) from lx = log x, as e^(g lx), which vectorizes
+ * (pow would not): relative error about |g lx| 2^-53 besides the
+ * exponential's few ulp; x^0 = 1 for every x, as pow, and 0^g = 0 (g > 0)
+ * or inf (g < 0). */
+static inline double fg_pow_log_f64(double lx, double g)
+{
+    return fg_select_f64(g == 0, 1.0, fg_exp_f64(g * lx));
 }
 
 /* GELU from the normal distribution function Phi, for float z in double
@@ -302,6 +305,10 @@ static inline double fg_gelu_grad_f64(double z)
     return fg_ncdf_f64(z) + z * FG_INV_SQRT_2PI * fg_gauss_f64(z);
 }
 
+/* FG_ONLY_F32, FG_ONLY_F64: one instantiation alone, for the vectorization
+ * test (GCC's optimization record of both, with the clones, would pass
+ * its 2 GB limit). */
+#ifndef FG_ONLY_F64
 #define T float
 #define S(name) name##_f32
 #define EXP_NONPOS fg_exp_nonpos_f32
@@ -328,6 +335,9 @@ static inline double fg_gelu_grad_f64(double z)
 #undef EXPM1_NONPOS
 #undef EXP_ANY
 
+#endif
+
+#ifndef FG_ONLY_F32
 #define T double
 #define S(name) name##_f64
 #define EXP_NONPOS fg_exp_nonpos_f64
@@ -341,3 +351,4 @@ static inline double fg_gelu_grad_f64(double z)
 #define EXPM1_NONPOS fg_expm1_nonpos_f64
 #define EXP_ANY fg_exp_f64
 #include "fastgrad_impl.h"
+#endif

@@ -47,34 +47,12 @@ FG_INLINE void S(mish_parts)(double z, double *r, double *omr, double *sig)
     double w = fg_exp_nonpos_f64(-fabs(z)), n = w * (w + 2.0), a = 1.0 + 2.0 * w;
     double w2 = 2.0 * w * w, dp = a + w2, dn = n + 2.0;
     int pos = z > 0;
-    *r = pos ? a / dp : n / dn;
-    *omr = pos ? w2 / dp : 2.0 / dn;
+    *r = fg_select_f64(pos, a / dp, n / dn);
+    *omr = fg_select_f64(pos, w2 / dp, 2.0 / dn);
     if (sig) {
         double inv = 1.0 / (1.0 + w);
-        *sig = pos ? inv : w * inv;
+        *sig = fg_select_f64(pos, inv, w * inv);
     }
-}
-
-/* Log-softmax of one row of length O, in place on y (which holds z on
- * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
- * m the first maximum, whose own term (exactly 1) is left out of the sum so
- * that log1p keeps its digits when it dominates. */
-static void S(log_softmax_row)(T *y, ptrdiff_t O)
-{
-    T m = y[0];
-    ptrdiff_t im = 0;
-    for (ptrdiff_t j = 1; j < O; j++) {
-        int up = y[j] > m;
-        im = up ? j : im;
-        m = up ? y[j] : m;
-    }
-    double rest = 0.0;
-    for (ptrdiff_t j = 0; j < O; j++) {
-        T e = EXP_NONPOS(y[j] - m);
-        rest += j == im ? 0.0 : (double)e;
-    }
-    const double ls = log1p(rest), md = (double)m;
-    for (ptrdiff_t j = 0; j < O; j++) y[j] = (T)(((double)y[j] - md) - ls);
 }
 
 /* sum_k x_k y_k (y NULL: sum_k x_k) in double: in order for short rows; for
@@ -121,6 +99,43 @@ FG_INLINE T S(row_max)(const T *y, ptrdiff_t n)
     for (int j = 0; k < n; k++, j++) l[j] = SELECT(y[k] > l[j], y[k], l[j]);
     for (int j = 1; j < 16; j++) m = SELECT(l[j] > m, l[j], m);
     return m;
+}
+
+/* Adds x[0..n) into 16 lanes, lane j taking k = j mod 16 (n a multiple
+ * of 16 but in a row's last chunk, so the lanes run on across chunks). */
+FG_INLINE void S(lanes_add)(double *acc, const T *x, ptrdiff_t n)
+{
+    ptrdiff_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += (double)x[k + j];
+    for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k];
+}
+
+/* Log-softmax of one row of length O > 0, in place on y (which holds z on
+ * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
+ * m the first maximum, whose own term (exactly 1) is left out of the sum so
+ * that log1p keeps its digits when it dominates. The exponentials go
+ * through a stack block (z is still needed), summed in 16 double lanes. */
+FG_INLINE void S(log_softmax_row)(T *y, ptrdiff_t O)
+{
+    enum { CH = 512 };
+    T e[CH];
+    const T m = S(row_max)(y, O);
+    /* its first place: a search that stops there (NaN m, only when y[0]
+     * is NaN: place 0) */
+    ptrdiff_t im = 0;
+    while (im < O && !(y[im] == m)) im++;
+    if (im == O) im = 0;
+    double acc[16] = {0};
+    for (ptrdiff_t j0 = 0; j0 < O; j0 += CH) {
+        const ptrdiff_t w = O - j0 < CH ? O - j0 : CH;
+        const T *z = y + j0;
+        for (ptrdiff_t j = 0; j < w; j++) e[j] = EXP_NONPOS(z[j] - m); /* vec */
+        if (im >= j0 && im < j0 + w) e[im - j0] = 0;
+        S(lanes_add)(acc, e, w);
+    }
+    const double ls = log1p(S(lanes_total)(acc, 16)), md = (double)m;
+    for (ptrdiff_t j = 0; j < O; j++) y[j] = (T)(((double)y[j] - md) - ls); /* vec */
 }
 
 /* Softmax of nr rows of length O > 0, in place on y (which holds z on
@@ -178,7 +193,7 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
         break;
     case FG_SOFTPLUS:  /* max(z, 0) + log(1 + e^-|z|): no overflow, no
                         * cancellation; in double, so a float rounds once */
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double z = y[k];
             y[k] = (T)(fg_select_f64(z > 0, z, 0.0)
                        + fg_log1p_unit_f64(fg_exp_nonpos_f64(-fabs(z))));
@@ -208,7 +223,7 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
         }
         break;
     case FG_MISH:
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double z = y[k], r, omr;
             S(mish_parts)(z, &r, &omr, NULL);
             y[k] = (T)(z * r);
@@ -325,7 +340,7 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
         }
         break;
     case FG_MISH:          /* r + z (1 - r)(1 + r) sigmoid(z) */
-        for (ptrdiff_t k = 0; k < n; k++) {
+        for (ptrdiff_t k = 0; k < n; k++) { /* vec */
             double zk = z[k], r, omr, sg;
             S(mish_parts)(zk, &r, &omr, &sg);
             d[k] = (T)((double)g[k] * (r + zk * (omr * (1.0 + r) * sg)));
@@ -361,7 +376,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
             T *d = dpre + i * O;
             if (lsm) {
                 const double sum = S(row_dot)(g, NULL, O);
-                for (ptrdiff_t j = 0; j < O; j++)
+                for (ptrdiff_t j = 0; j < O; j++) /* vec */
                     d[j] = (T)((double)g[j] - (double)EXP_NONPOS(y[j]) * sum);
                 continue;
             }
@@ -459,6 +474,50 @@ static double S(categorical_focal_row)(T *d, T *q, const T *p, const T *t, ptrdi
     return row;
 }
 
+/* The loss kernel calls the helpers below rather than inlining them in
+ * each of its cases: the same work, in a body the compiler (and its
+ * optimization record) goes over once. */
+static FG_NOINLINE double S(loss_dot)(const T *x, const T *y, ptrdiff_t n)
+{
+    return S(row_dot)(x, y, n);
+}
+
+static FG_NOINLINE double S(loss_total)(double *acc)
+{
+    return S(lanes_total)(acc, 16);
+}
+
+/* Adds x[0..n) into 16 lanes as S(lanes_add) does, for double terms. */
+static FG_NOINLINE void S(lanes_add_d)(double *acc, const double *x, ptrdiff_t n)
+{
+    ptrdiff_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += x[k + j];
+    for (int j = 0; k < n; k++, j++) acc[j] += x[k];
+}
+
+/* The element losses go over a row in chunks of FG_COLS: one loop per
+ * loss, without branches, writes each term to lt and each gradient to dj
+ * (a scratch block when dpred is NULL; likewise qj for prob), and the
+ * terms are added in 16 lanes in double, in an order set by O alone. */
+#define FG_CHUNKS_BEGIN                                                      \
+    for (ptrdiff_t j0 = 0; j0 < O; j0 += FG_COLS) {                          \
+        const ptrdiff_t w = O - j0 < FG_COLS ? O - j0 : FG_COLS;             \
+        const T *pj = p + j0, *tj = t ? t + j0 : NULL;                       \
+        T *dj = d ? d + j0 : dscr, *qj = q ? q + j0 : qscr;                  \
+        (void)tj; (void)dj; (void)qj;
+#define FG_CHUNKS_END                                                        \
+        S(lanes_add_d)(lanes, lt, w);                                        \
+    }                                                                        \
+    row = S(loss_total)(lanes);
+/* the same, for the losses that average over the row */
+#define FG_CHUNKS_MEAN FG_CHUNKS_END row /= (double)O;
+/* the sign of a double as a double (NaN: 0), without an int from a
+ * double comparison (which SSE2 cannot narrow in a vector) */
+#define FG_SIGN(e) fg_select_f64((e) > 0, 1.0, fg_select_f64((e) < 0, -1.0, 0.0))
+/* a clamp whose NaN passes, as select masks */
+#define FG_CLIP(x, lo, hi) fg_select_f64((x) < (lo), (lo), fg_select_f64((x) > (hi), (hi), (x)))
+
 /* Loss value and gradient in one pass.
  * pred, target, dpred, prob are (B,O); labels is (B) for the sparse loss
  * (target is then unused). rows (B) receives each l_i. Any of rows, dpred,
@@ -489,7 +548,7 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
     int to_pm1 = 0;
     if (kind == FG_HINGE || kind == FG_SQUARED_HINGE) {
         to_pm1 = 1;
-        for (ptrdiff_t k = 0; k < B * O; k++) to_pm1 &= target[k] == 0 || target[k] == 1;
+        for (ptrdiff_t k = 0; k < B * O; k++) to_pm1 &= (target[k] == 0) | (target[k] == 1);
     }
     double total = 0.0;
 
@@ -502,69 +561,63 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
         const T *t = target ? target + i * O : NULL;
         T *d = dpred ? dpred + i * O : NULL;
         T *q = prob ? prob + i * O : NULL;
-        double row = 0.0;
+        double row = 0.0, lanes[16] = {0}, lt[FG_COLS];
+        T dscr[FG_COLS], qscr[FG_COLS];   /* where no dpred or prob is wanted */
 
         switch (kind) {
         case FG_MSE:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double e = (double)p[j] - (double)t[j];
-                row += e * e;
-                if (d) d[j] = (T)(2.0 * e * invBO);
+        case FG_MAE: {
+            const int sq = kind == FG_MSE;
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double e = (double)pj[j] - (double)tj[j];
+                lt[j] = fg_select_f64(sq, e * e, fabs(e));
+                dj[j] = SELECT(sq, (T)(2.0 * e * invBO), (T)FG_SIGN(e) * (T)invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
-        case FG_MAE:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double e = (double)p[j] - (double)t[j];
-                row += fabs(e);
-                if (d) d[j] = (T)((e > 0) - (e < 0)) * (T)invBO;
-            }
-            row /= (double)O;
-            break;
+        }
         case FG_HUBER:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double e = (double)p[j] - (double)t[j], ae = fabs(e);
-                if (ae <= delta) {
-                    row += 0.5 * e * e;
-                    if (d) d[j] = (T)(e * invBO);
-                } else {
-                    row += delta * ae - 0.5 * delta * delta;
-                    if (d) d[j] = (T)(((e > 0) - (e < 0)) * delta * invBO);
-                }
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double e = (double)pj[j] - (double)tj[j], ae = fabs(e);
+                lt[j] = fg_select_f64(ae <= delta, 0.5 * e * e, delta * ae - 0.5 * delta * delta);
+                dj[j] = (T)fg_select_f64(ae <= delta, e * invBO, FG_SIGN(e) * delta * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_BINARY_CROSSENTROPY:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double z = p[j], y = t[j];
-                if (from_logits) {
-                    /* max(z,0) - z y + log(1 + exp(-|z|)): finite for any z */
-                    row += (z > 0 ? z : 0.0) - z * y + log1p(exp(-fabs(z)));
-                    T s = S(sigmoid)(p[j]);
-                    if (q) q[j] = s;
-                    if (d) d[j] = (T)(((double)s - y) * invBO);
-                } else {
-                    double pc = z < eps ? eps : (z > 1.0 - eps ? 1.0 - eps : z);
-                    row -= y * log(pc) + (1.0 - y) * log(1.0 - pc);
-                    /* the clip passes no gradient outside [eps, 1 - eps] */
-                    if (d) d[j] = (z < eps || z > 1.0 - eps) ? (T)0
-                                  : (T)((-y / pc + (1.0 - y) / (1.0 - pc)) * invBO);
+            FG_CHUNKS_BEGIN
+            if (from_logits)
+                /* max(z,0) - z y + log(1 + exp(-|z|)): finite for any z */
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double z = pj[j], y = tj[j];
+                    T s = S(sigmoid)(pj[j]);
+                    lt[j] = fg_select_f64(z > 0, z, 0.0) - z * y
+                            + fg_log1p_unit_f64(fg_exp_nonpos_f64(-fabs(z)));
+                    qj[j] = s;
+                    dj[j] = (T)(((double)s - y) * invBO);
                 }
-            }
-            row /= (double)O;
+            else
+                /* the clip passes no gradient outside [eps, 1 - eps] */
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double z = pj[j], y = tj[j], pc = FG_CLIP(z, eps, 1.0 - eps);
+                    lt[j] = -(y * fg_log_f64(pc) + (1.0 - y) * fg_log_f64(1.0 - pc));
+                    dj[j] = (T)fg_select_f64(z < eps, 0.0, fg_select_f64(z > 1.0 - eps, 0.0,
+                                             (-y / pc + (1.0 - y) / (1.0 - pc)) * invBO));
+                }
+            FG_CHUNKS_MEAN
             break;
         case FG_CATEGORICAL_CROSSENTROPY:
         case FG_SPARSE_CATEGORICAL_CROSSENTROPY: {
             const int sparse = kind == FG_SPARSE_CATEGORICAL_CROSSENTROPY;
             const ptrdiff_t lab = sparse ? (ptrdiff_t)labels[i] : -1;
-#define FG_TARGET(j) (sparse ? ((j) == lab ? 1.0 : 0.0) : (double)t[j])
             if (O == 0) break;
             if (from_logits) {
                 /* l = sum_j t_j (lse - z_j), lse = m + log sum exp(z - m):
                  * a block of exponentials on the stack, added in four fixed
                  * chains */
-                double m = p[0];
-                for (ptrdiff_t j = 1; j < O; j++) if (p[j] > m) m = p[j];
+                double m = S(row_max)(p, O);
                 double eb[FG_COLS], s4[4] = {0.0, 0.0, 0.0, 0.0};
                 for (ptrdiff_t j0 = 0; j0 < O; j0 += FG_COLS) {
                     ptrdiff_t w = O - j0 < FG_COLS ? O - j0 : FG_COLS, k = 0;
@@ -575,13 +628,9 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                     for (; k < w; k++) s4[k & 3] += eb[k];
                 }
                 double lse = m + log((s4[0] + s4[1]) + (s4[2] + s4[3]));
-                double tsum = 0.0, tz = 0.0;
-                if (sparse) {
-                    tsum = 1.0; tz = (double)p[lab];
-                } else for (ptrdiff_t j = 0; j < O; j++) {
-                    double y = t[j];
-                    tsum += y; tz += y * (double)p[j];
-                }
+                /* sparse: the label's entry; one-hot: sums in row_dot's order */
+                const double tsum = sparse ? 1.0 : S(loss_dot)(t, NULL, O);
+                const double tz = sparse ? (double)p[lab] : S(loss_dot)(t, p, O);
                 row = tsum * lse - tz;
                 double sm_lab = 0.0;
                 /* dl/dz_j = softmax_j tsum - t_j, block by block through the
@@ -591,160 +640,190 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
                     ptrdiff_t w = O - j0 < FG_COLS ? O - j0 : FG_COLS;
                     S(exp_shifted)(eb, p + j0, lse, w);
                     if (sparse && lab >= j0 && lab < j0 + w) sm_lab = eb[lab - j0];
-                    if (q) for (ptrdiff_t j = 0; j < w; j++) q[j0 + j] = (T)eb[j];
+                    /* (in double, a copy the compiler makes a memcpy) */
+                    if (q) for (ptrdiff_t j = 0; j < w; j++) q[j0 + j] = (T)eb[j]; /* vec f32 */
                     if (d && sparse)
-                        for (ptrdiff_t j = 0; j < w; j++) d[j0 + j] = (T)(eb[j] * tsum * invB);
+                        for (ptrdiff_t j = 0; j < w; j++) d[j0 + j] = (T)(eb[j] * tsum * invB); /* vec */
                     else if (d)
-                        for (ptrdiff_t j = 0; j < w; j++)
+                        for (ptrdiff_t j = 0; j < w; j++) /* vec */
                             d[j0 + j] = (T)((eb[j] * tsum - (double)t[j0 + j]) * invB);
                 }
                 if (d && sparse) d[lab] = (T)((sm_lab * tsum - 1.0) * invB);
             } else {
                 /* Keras: q = p / sum(p), clipped to [eps, 1 - eps];
                  * l = -sum_j t_j log q_j.  dl/dp_k = (Tu - [k unclipped] t_k / q_k) / sum(p),
-                 * Tu the sum of t_j over unclipped j. */
-                double s = 0.0, tu = 0.0;
-                for (ptrdiff_t j = 0; j < O; j++) s += p[j];
-                for (ptrdiff_t j = 0; j < O; j++) {
-                    double y = FG_TARGET(j), qj = (double)p[j] / s;
-                    int clipped = qj < eps || qj > 1.0 - eps;
-                    double qc = qj < eps ? eps : (qj > 1.0 - eps ? 1.0 - eps : qj);
-                    if (y != 0.0) row -= y * log(qc);
-                    if (!clipped) tu += y;
+                 * Tu the sum of t_j over unclipped j. The sparse loss reads
+                 * its one-hot row from a block on the stack, and its
+                 * gradient at the label is mended after. */
+                const double s = S(loss_dot)(p, NULL, O);
+                double tl[16] = {0}, tub[FG_COLS];
+                T yb[FG_COLS];
+                FG_CHUNKS_BEGIN
+                const T *tv = tj;
+                if (sparse) {
+                    for (ptrdiff_t j = 0; j < w; j++) yb[j] = 0;
+                    if (lab >= j0 && lab < j0 + w) yb[lab - j0] = 1;
+                    tv = yb;
                 }
-                if (d) for (ptrdiff_t j = 0; j < O; j++) {
-                    double y = FG_TARGET(j), qj = (double)p[j] / s;
-                    int clipped = qj < eps || qj > 1.0 - eps;
-                    double g = tu - (clipped || y == 0.0 ? 0.0 : y / qj);
-                    d[j] = (T)(g / s * invB);
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double y = tv[j], qj = (double)pj[j] / s, qc = FG_CLIP(qj, eps, 1.0 - eps);
+                    lt[j] = fg_select_f64(y != 0.0, -(y * fg_log_f64(qc)), 0.0);
+                    tub[j] = fg_select_f64(qj < eps, 0.0, fg_select_f64(qj > 1.0 - eps, 0.0, y));
                 }
+                S(lanes_add_d)(tl, tub, w);
+                FG_CHUNKS_END
+                const double tu = S(loss_total)(tl);
+                const T *tv = sparse ? p : t;   /* read either way: no branch */
+#define FG_CE_GRAD(y, qj) ((tu - fg_select_f64((qj) < eps, 0.0, fg_select_f64((qj) > 1.0 - eps, \
+                           0.0, fg_select_f64((y) == 0.0, 0.0, (y) / (qj))))) / s * invB)
+                if (d) for (ptrdiff_t j = 0; j < O; j++) { /* vec */
+                    double y = fg_select_f64(sparse, 0.0, (double)tv[j]), qj = (double)p[j] / s;
+                    d[j] = (T)FG_CE_GRAD(y, qj);
+                }
+                if (d && sparse) d[lab] = (T)FG_CE_GRAD(1.0, (double)p[lab] / s);
+#undef FG_CE_GRAD
             }
-#undef FG_TARGET
             break;
         }
         case FG_LOG_COSH:
-            /* log cosh e = log1p(2 sinh^2(e/2)): no cancellation near 0 */
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double e = (double)p[j] - (double)t[j], ae = fabs(e);
-                double sh = sinh(0.5 * ae);
-                row += ae < 40.0 ? log1p(2.0 * sh * sh) : ae - FG_LN2 + log1p(exp(-2.0 * ae));
-                if (d) d[j] = (T)(tanh(e) * invBO);
+            /* with a = |e|, X = e^-a, E = X - 1 (expm1, exact digits):
+             * log cosh e = log1p(E^2 / (2 X)), no cancellation near 0, and
+             * a - ln2 + X^2 (below 1e-34, all log1p(X^2) keeps) from 40 on,
+             * where X^2 would underflow; tanh a = -E (2 + E) / (1 + X^2) */
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double e = (double)pj[j] - (double)tj[j], a = fabs(e);
+                double em = fg_expm1_nonpos_f64(-a), x = fg_exp_nonpos_f64(-a);
+                lt[j] = fg_select_f64(a < 40.0, fg_log1p_f64(em * em / (2.0 * x)),
+                                      a - FG_LN2 + x * x);
+                dj[j] = (T)(copysign(-em * (2.0 + em) / (1.0 + x * x), e) * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_KL_DIVERGENCE:   /* sum_j t log(t / p), both clipped to [eps, 1] */
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = FG_CLAMP((double)t[j], eps, 1.0), z = p[j];
-                double pc = FG_CLAMP(z, eps, 1.0);
-                row += y * log(y / pc);
-                if (d) d[j] = (z > eps && z < 1.0) ? (T)(-y / pc * invB) : (T)0;
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = FG_CLIP((double)tj[j], eps, 1.0), z = pj[j], pc = FG_CLIP(z, eps, 1.0);
+                lt[j] = y * fg_log_f64(y / pc);
+                dj[j] = (T)fg_select_f64(z > eps, fg_select_f64(z < 1.0, -y / pc * invB, 0.0), 0.0);
             }
+            FG_CHUNKS_END
             break;
         case FG_POISSON:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = t[j], z = (double)p[j] + eps;
-                row += (double)p[j] - y * log(z);
-                if (d) d[j] = (T)((1.0 - y / z) * invBO);
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = tj[j], z = (double)pj[j] + eps;
+                lt[j] = (double)pj[j] - y * fg_log_f64(z);
+                dj[j] = (T)((1.0 - y / z) * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         case FG_HINGE:
         case FG_SQUARED_HINGE: {
             const int sq = kind == FG_SQUARED_HINGE;
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = to_pm1 ? 2.0 * (double)t[j] - 1.0 : (double)t[j];
-                double m = 1.0 - y * (double)p[j], h = m < 0 ? 0.0 : m;   /* NaN passes */
-                row += sq ? h * h : h;
-                if (d) d[j] = (T)((sq ? -2.0 * y * h : (m > 0 ? -y : 0.0)) * invBO);
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = to_pm1 ? 2.0 * (double)tj[j] - 1.0 : (double)tj[j];
+                double m = 1.0 - y * (double)pj[j], h = fg_select_f64(m < 0, 0.0, m);   /* NaN passes */
+                lt[j] = fg_select_f64(sq, h * h, h);
+                dj[j] = (T)(fg_select_f64(sq, -2.0 * y * h, fg_select_f64(m > 0, -y, 0.0)) * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
         }
         case FG_CATEGORICAL_HINGE: {
             /* max(neg - pos + 1, 0), pos = sum t p, neg = max (1 - t) p; the
-             * gradient of the max goes to its first place */
+             * gradient of the max goes to its first place: that search for
+             * an index stays scalar */
             if (O == 0) break;
-            double pos = 0.0, neg = (1.0 - (double)t[0]) * (double)p[0];
+            double neg = (1.0 - (double)t[0]) * (double)p[0];
             ptrdiff_t kn = 0;
             for (ptrdiff_t j = 0; j < O; j++) {
                 double v = (1.0 - (double)t[j]) * (double)p[j];
-                pos += (double)t[j] * (double)p[j];
-                if (v > neg) { neg = v; kn = j; }
+                kn = v > neg ? j : kn;
+                neg = v > neg ? v : neg;
             }
-            double m = neg - pos + 1.0;
+            const double pos = S(loss_dot)(t, p, O), m = neg - pos + 1.0;
             row = m < 0 ? 0.0 : m;
             if (d) {
-                for (ptrdiff_t j = 0; j < O; j++) d[j] = (T)(m > 0 ? -(double)t[j] * invB : 0.0);
+                for (ptrdiff_t j = 0; j < O; j++) /* vec */
+                    d[j] = (T)fg_select_f64(m > 0, -(double)t[j] * invB, 0.0);
                 if (m > 0) d[kn] = (T)((1.0 - (double)t[kn] - (double)t[kn]) * invB);
             }
             break;
         }
         case FG_MAPE:   /* 100 mean_j |t - p| / max(|t|, eps) */
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = t[j], e = (double)p[j] - y, den = fabs(y) > eps ? fabs(y) : eps;
-                row += fabs(e) / den;
-                if (d) d[j] = (T)(100.0 * ((e > 0) - (e < 0)) / den * invBO);
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = tj[j], e = (double)pj[j] - y;
+                double den = fg_select_f64(fabs(y) > eps, fabs(y), eps);
+                lt[j] = fabs(e) / den;
+                dj[j] = (T)(100.0 * FG_SIGN(e) / den * invBO);
             }
+            FG_CHUNKS_END
             row *= 100.0 / (double)O;
             break;
         case FG_MSLE:   /* mean_j (log(max(p, eps) + 1) - log(max(t, eps) + 1))^2 */
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double z = p[j], y = t[j];
-                double pc = z < eps ? eps : z, a = log1p(pc) - log1p(y < eps ? eps : y);
-                row += a * a;
-                if (d) d[j] = (T)(z > eps ? 2.0 * a / (1.0 + pc) * invBO : 0.0);
+            FG_CHUNKS_BEGIN
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double z = pj[j], y = tj[j], pc = fg_select_f64(z < eps, eps, z);
+                double a = fg_log1p_f64(pc) - fg_log1p_f64(fg_select_f64(y < eps, eps, y));
+                lt[j] = a * a;
+                dj[j] = (T)fg_select_f64(z > eps, 2.0 * a / (1.0 + pc) * invBO, 0.0);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
-        case FG_BINARY_FOCAL_CROSSENTROPY:
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = t[j], z = p[j];
-                double wgt = lp->class_balancing ? y * fa + (1.0 - y) * (1.0 - fa) : 1.0;
-                double bce, om, dbce, dom;
-                if (from_logits) {
-                    /* log p = -softplus(-z), log(1 - p) = -softplus(z); 1 - p_t
-                     * from sigmoid(-z), no cancellation */
-                    double e = exp(-fabs(z)), l1 = log1p(e);
-                    double sp_pos = (z > 0 ? z : 0.0) + l1, sp_neg = (z < 0 ? -z : 0.0) + l1;
-                    double s = z >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-                    double sm = z >= 0 ? e / (1.0 + e) : 1.0 / (1.0 + e);
-                    if (q) q[j] = (T)s;
-                    bce = y * sp_neg + (1.0 - y) * sp_pos;
-                    om = y * sm + (1.0 - y) * s;
-                    dbce = s - y;                         /* per logit */
-                    dom = (1.0 - 2.0 * y) * s * sm;
-                } else {
-                    double pc = FG_CLAMP(z, eps, 1.0 - eps);
-                    bce = -(y * log(pc) + (1.0 - y) * log(1.0 - pc));
-                    om = 1.0 - (y * z + (1.0 - y) * (1.0 - z));
-                    dbce = (z < eps || z > 1.0 - eps) ? 0.0 : -y / pc + (1.0 - y) / (1.0 - pc);
-                    dom = 1.0 - 2.0 * y;
+        case FG_BINARY_FOCAL_CROSSENTROPY: {
+            /* bce and 1 - p_t, with their derivatives, then the focal factor */
+            const int cb = lp->class_balancing;
+            double bce[FG_COLS], om[FG_COLS], dbce[FG_COLS], dom[FG_COLS];
+            FG_CHUNKS_BEGIN
+            if (from_logits)
+                /* log p = -softplus(-z), log(1 - p) = -softplus(z); 1 - p_t
+                 * from sigmoid(-z), no cancellation */
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double y = tj[j], z = pj[j], e = fg_exp_nonpos_f64(-fabs(z));
+                    double l1 = fg_log1p_unit_f64(e), ie = 1.0 / (1.0 + e), ee = e / (1.0 + e);
+                    double s = fg_select_f64(z >= 0, ie, ee), sm = fg_select_f64(z >= 0, ee, ie);
+                    qj[j] = (T)s;
+                    bce[j] = y * (fg_select_f64(z < 0, -z, 0.0) + l1)
+                             + (1.0 - y) * (fg_select_f64(z > 0, z, 0.0) + l1);
+                    om[j] = y * sm + (1.0 - y) * s;
+                    dbce[j] = s - y;                        /* per logit */
+                    dom[j] = (1.0 - 2.0 * y) * s * sm;
                 }
-                double ff = pow(om, fgam);
-                row += wgt * ff * bce;
-                if (d) {
-                    double dff = fgam == 0 ? 0.0 : fgam * pow(om, fgam - 1.0) * dom;
-                    d[j] = (T)(wgt * (ff * dbce + dff * bce) * invBO);
+            else
+                for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                    double y = tj[j], z = pj[j], pc = FG_CLIP(z, eps, 1.0 - eps);
+                    bce[j] = -(y * fg_log_f64(pc) + (1.0 - y) * fg_log_f64(1.0 - pc));
+                    om[j] = 1.0 - (y * z + (1.0 - y) * (1.0 - z));
+                    dbce[j] = fg_select_f64(z < eps, 0.0, fg_select_f64(z > 1.0 - eps, 0.0,
+                                            -y / pc + (1.0 - y) / (1.0 - pc)));
+                    dom[j] = 1.0 - 2.0 * y;
                 }
+            for (ptrdiff_t j = 0; j < w; j++) { /* vec */
+                double y = tj[j], wgt = fg_select_f64(cb, y * fa + (1.0 - y) * (1.0 - fa), 1.0);
+                double lo = fg_log_f64(om[j]), ff = fg_pow_log_f64(lo, fgam);
+                double dff = fg_select_f64(fgam == 0, 0.0, fgam * fg_pow_log_f64(lo, fgam - 1.0) * dom[j]);
+                lt[j] = wgt * ff * bce[j];
+                dj[j] = (T)(wgt * (ff * dbce[j] + dff * bce[j]) * invBO);
             }
-            row /= (double)O;
+            FG_CHUNKS_MEAN
             break;
+        }
         case FG_CATEGORICAL_FOCAL_CROSSENTROPY:
             row = S(categorical_focal_row)(d, q, p, t, O, from_logits, fa, fgam, invB);
             break;
         case FG_COSINE_SIMILARITY: {
             /* -t.p / (|t| |p|), each 1/|.| capped at 1/eps as Keras' l2 normalization */
-            double st = 0.0, sp = 0.0, dot = 0.0;
-            for (ptrdiff_t j = 0; j < O; j++) {
-                double y = t[j], z = p[j];
-                st += y * y; sp += z * z; dot += y * z;
-            }
+            const double st = S(loss_dot)(t, t, O), sp = S(loss_dot)(p, p, O);
+            const double dot = S(loss_dot)(t, p, O);
             double it = fmin(1.0 / sqrt(st), 1.0 / eps), rp = 1.0 / sqrt(sp);
             int capped = !(rp < 1.0 / eps);
             double ip = capped ? 1.0 / eps : rp;
             row = -dot * it * ip;
-            if (d) for (ptrdiff_t j = 0; j < O; j++) {
-                double g = (double)t[j] - (capped ? 0.0 : dot * ip * ip * (double)p[j]);
+            if (d) for (ptrdiff_t j = 0; j < O; j++) { /* vec */
+                double g = (double)t[j] - fg_select_f64(capped, 0.0, dot * ip * ip * (double)p[j]);
                 d[j] = (T)(-it * ip * g * invB);
             }
             break;
@@ -756,6 +835,11 @@ FG_TARGETS int S(fg_loss_forward_backward)(double *loss, T *rows, T *dpred, T *p
     *loss = total * invB_all;
     return FG_OK;
 }
+#undef FG_CHUNKS_BEGIN
+#undef FG_CHUNKS_END
+#undef FG_CHUNKS_MEAN
+#undef FG_CLIP
+#undef FG_SIGN
 
 /* Sums of squares accumulate in double over 32 lanes (lane j takes the
  * elements k = j mod 32): enough independent chains to hide the add latency

@@ -1,0 +1,75 @@
+/* Exponential template, included by fastgrad.c once per floating type.
+ * Before inclusion: ET is the type, E(name) appends the suffix, EU the
+ * unsigned integer of ET's width, E_MANT its mantissa bits, E_BIAS its
+ * exponent bias, E_MAGIC 1.5 * 2^E_MANT, E_LOG2E 1 / ln 2 and
+ * E_LN2_HI + E_LN2_LO ln 2 (the high part with trailing zero bits),
+ * E_LO, E_HI the clamp bounds, E_EXP_COEF and E_EXPM1_COEF the reciprocal
+ * factorials of the two series, highest degree first, and E_SELECT the
+ * type's branch-free select (all undefined at the end). The includer
+ * writes the literals in ET: a float constant rounded through double
+ * could differ from the float literal in its last bit.
+ *
+ * e^x in arithmetic only, so that the loops calling it vectorize (a libm
+ * call would not) and every instruction set rounds alike. x = n ln2 + r
+ * with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact), e^r by its Taylor
+ * series (degree 7 in float, 13 in double: truncation below half an ulp),
+ * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
+ * bits: p 2^n1 is exact, and the second factor rounds once, to the right
+ * subnormal where the result is one, or to inf past the range. The callers
+ * clamp x (a mask, not a branch): below E_LO the result is 0, above E_HI
+ * inf; NaN stays NaN. Error: a few ulp. */
+static inline ET E(fg_exp_core)(ET x)
+{
+    static const ET coef[] = E_EXP_COEF;
+    const int deg = (int)(sizeof coef / sizeof coef[0]);
+    ET t = x * E_LOG2E + E_MAGIC;                  /* round(x / ln2) in its low bits */
+    ET n = t - E_MAGIC;
+    ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
+    ET p = coef[0];
+    for (int i = 1; i < deg; i++) p = coef[i] + r * p;
+    /* n1 = round(n / 2): n1 and n - n1 both lie within the exponent range */
+    ET t1 = n * (ET)0.5 + E_MAGIC, n1 = t1 - E_MAGIC;
+    union { ET f; EU i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + E_MAGIC};
+    u1.i = (u1.i + E_BIAS) << E_MANT;              /* 2^n1 */
+    u2.i = (u2.i + E_BIAS) << E_MANT;              /* 2^(n - n1) */
+    return p * u1.f * u2.f;
+}
+
+/* e^x for x <= 0 (or NaN) */
+static inline ET E(fg_exp_nonpos)(ET x)
+{
+    return E(fg_exp_core)(E_SELECT(x < E_LO, E_LO, x));
+}
+
+/* e^x for any x */
+static inline ET E(fg_exp)(ET x)
+{
+    return E(fg_exp_core)(E_SELECT(x < E_LO, E_LO, E_SELECT(x > E_HI, E_HI, x)));
+}
+
+/* e^x - 1 for x <= 0 (or NaN): the Taylor series where e^x - 1 would
+ * cancel (x > -0.35, truncation below half an ulp), e^x - 1 below, where
+ * the subtraction amplifies the error of e^x at most 2.4-fold. */
+static inline ET E(fg_expm1_nonpos)(ET x)
+{
+    static const ET coef[] = E_EXPM1_COEF;
+    const int deg = (int)(sizeof coef / sizeof coef[0]);
+    ET p = coef[0];
+    for (int i = 1; i < deg; i++) p = coef[i] + x * p;
+    return E_SELECT(x > (ET)-0.35, x * p, E(fg_exp_nonpos)(x) - (ET)1);
+}
+
+#undef ET
+#undef E
+#undef EU
+#undef E_MANT
+#undef E_BIAS
+#undef E_MAGIC
+#undef E_LOG2E
+#undef E_LN2_HI
+#undef E_LN2_LO
+#undef E_LO
+#undef E_HI
+#undef E_EXP_COEF
+#undef E_EXPM1_COEF
+#undef E_SELECT
