@@ -725,6 +725,31 @@ def numpy_activation(name, z, dy):
     elif name == "tanh":
         y = np.tanh(z)
         d = 1 - y * y
+    elif name in ("softplus", "mish"):
+        sp, s = np.logaddexp(z, F32(0)), special.expit(z)
+        if name == "softplus":
+            y, d = sp, s
+        else:
+            t = np.tanh(sp)
+            y, d = z * t, t + z * s * (1 - t * t)
+    elif name == "softsign":
+        a = 1 + np.abs(z)
+        y, d = z / a, 1 / (a * a)
+    elif name == "relu6":
+        y, d = np.clip(z, 0, 6), (z > 0) & (z < 6)
+    elif name in ("hard_sigmoid", "hard_silu"):
+        h, inside = np.clip(z + 3, 0, 6) / 6, (z > -3) & (z < 3)
+        if name == "hard_sigmoid":
+            y, d = h, inside / F32(6)
+        else:
+            y, d = z * h, h + z * inside / F32(6)
+    elif name == "exponential":
+        y = np.exp(z)
+        d = y
+    elif name == "log_softmax":
+        c = z - z.max(axis=1, keepdims=True)
+        y = c - np.log(np.exp(c).sum(axis=1, keepdims=True))
+        return y, None if dy is None else dy - np.exp(y) * dy.sum(axis=1, keepdims=True)
     else:  # softmax over the last axis
         e = np.exp(z - z.max(axis=1, keepdims=True))
         y = e / e.sum(axis=1, keepdims=True)
@@ -845,7 +870,8 @@ class Case(NamedTuple):
 
 
 ACTIVATIONS = ("linear", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "sigmoid",
-               "tanh", "softmax")
+               "tanh", "softmax", "softplus", "softsign", "relu6", "hard_sigmoid", "hard_silu",
+               "mish", "exponential", "log_softmax")
 CASES = ([Case(f"dense/{act}/{b}x{i}x{o}", dense_case, (b, i, o, act),
                ("fastgrad", "numpy", "gemm", "torch"), kind="gemm")
           for act in ("relu", "sigmoid")
