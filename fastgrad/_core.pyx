@@ -957,10 +957,16 @@ def first_nonfinite_row(const floating[:, ::1] x not None):
 # -- metric accumulation -----------------------------------------------------
 # Streaming metrics add each batch into a small float64 state: no
 # temporaries sized by the batch, one pass over the predictions.
-METRIC_CODES = {"categorical_accuracy": 0, "sparse_categorical_accuracy": 1,
-                "binary_accuracy": 2, "mean_squared_error": 3, "mean_absolute_error": 4,
-                "mean_absolute_percentage_error": 5, "top_k_categorical_accuracy": 6,
-                "sparse_top_k_categorical_accuracy": 7}
+cdef enum:   # the streaming mean metrics' kinds (METRIC_CODES)
+    M_CATEGORICAL_ACCURACY, M_SPARSE_CATEGORICAL_ACCURACY, M_BINARY_ACCURACY
+    M_MSE, M_MAE, M_MAPE, M_TOP_K, M_SPARSE_TOP_K, M_N_KINDS
+
+METRIC_CODES = {"categorical_accuracy": M_CATEGORICAL_ACCURACY,
+                "sparse_categorical_accuracy": M_SPARSE_CATEGORICAL_ACCURACY,
+                "binary_accuracy": M_BINARY_ACCURACY, "mean_squared_error": M_MSE,
+                "mean_absolute_error": M_MAE, "mean_absolute_percentage_error": M_MAPE,
+                "top_k_categorical_accuracy": M_TOP_K,
+                "sparse_top_k_categorical_accuracy": M_SPARSE_TOP_K}
 cdef double _EPS = 1e-7   # Keras's backend.epsilon()
 
 
@@ -970,6 +976,39 @@ cdef inline Py_ssize_t _argmax(const floating *p, Py_ssize_t O) noexcept nogil:
         if p[j] > p[best]:
             best = j
     return best
+
+
+cdef inline double _metric_row(int kind, const floating *p, const floating *t, Py_ssize_t lab,
+                               Py_ssize_t O, double param) noexcept nogil:
+    """One row's value for metric_update (lab: the sparse kinds' class, -1
+    when invalid)."""
+    cdef Py_ssize_t j, above = 0
+    cdef double v = 0.0, e, y
+    if kind == M_CATEGORICAL_ACCURACY:
+        return _argmax(p, O) == _argmax(t, O)
+    if kind == M_SPARSE_CATEGORICAL_ACCURACY:
+        return _argmax(p, O) == lab
+    if kind == M_BINARY_ACCURACY:
+        for j in range(O):   # as Keras: a target of 0.7 never matches
+            v += (1.0 if p[j] > <floating>param else 0.0) == <double>t[j]
+        return v / O
+    if kind == M_MSE or kind == M_MAE:
+        for j in range(O):
+            e = <double>t[j] - <double>p[j]
+            v += e * e if kind == M_MSE else fabs(e)
+        return v / O
+    if kind == M_MAPE:
+        for j in range(O):
+            y = fabs(<double>t[j])
+            v += fabs(<double>t[j] - <double>p[j]) / (y if y > _EPS else _EPS)
+        return 100.0 * v / O
+    if kind == M_TOP_K:
+        lab = _argmax(t, O)
+    if not 0 <= lab < O:
+        return 0.0
+    for j in range(O):
+        above += p[j] > p[lab]
+    return above < <Py_ssize_t>param
 
 
 def metric_update(int kind, const floating[:, ::1] pred not None, const floating[:, ::1] target,
@@ -982,31 +1021,24 @@ def metric_update(int kind, const floating[:, ::1] pred not None, const floating
     absolute percentage errors 100 |y - p| / max(|y|, 1e-7) averaged over
     the row; top-k: 1 when fewer than k = param entries exceed the true
     class's. Sparse kinds take labels, or target of one column."""
-    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], i, j, lab = -1, above
-    cdef Py_ssize_t k = <Py_ssize_t>param
-    cdef double total = 0.0, count = 0.0, v, w, e, y
-    cdef const floating *p
+    cdef Py_ssize_t B = pred.shape[0], O = pred.shape[1], i, lab = -1
+    cdef double total = 0.0, count = 0.0, w
     cdef const floating *t
-    cdef bint sparse = kind == 1 or kind == 7
-    if not 0 <= kind < 8:
+    cdef bint sparse = kind == M_SPARSE_CATEGORICAL_ACCURACY or kind == M_SPARSE_TOP_K
+    if not 0 <= kind < M_N_KINDS:
         raise ValueError(f"unknown metric code {kind}")
     _check(state.shape[0] >= 2, "state: expected 2 entries")
     _len1(weights, B, False, "weights")
     if sparse and labels is not None:
         _check(labels.shape[0] == B, f"y: expected {B} integer labels")
-    elif sparse:
-        _check(target is not None, "y: a target array is required")
-        _same2(target, B, 1, "y")
     else:
         _check(target is not None, "y: a target array is required")
-        _same2(target, B, O, "y")
+        _same2(target, B, 1 if sparse else O, "y")
     if O == 0 or B == 0:
         return
     with nogil:
         for i in range(B):
-            p = &pred[i, 0]
             t = &target[i, 0] if target is not None else NULL
-            v = 0.0
             if sparse:
                 if labels is not None:
                     lab = labels[i]
@@ -1014,34 +1046,8 @@ def metric_update(int kind, const floating[:, ::1] pred not None, const floating
                     lab = <Py_ssize_t>t[0]
                 else:
                     lab = -1
-            if kind == 0:
-                v = _argmax(p, O) == _argmax(t, O)
-            elif kind == 1:
-                v = _argmax(p, O) == lab
-            elif kind == 2:
-                for j in range(O):   # as Keras: a target of 0.7 never matches
-                    v += (1.0 if p[j] > <floating>param else 0.0) == <double>t[j]
-                v /= O
-            elif kind == 3 or kind == 4:
-                for j in range(O):
-                    e = <double>t[j] - <double>p[j]
-                    v += e * e if kind == 3 else fabs(e)
-                v /= O
-            elif kind == 5:
-                for j in range(O):
-                    y = fabs(<double>t[j])
-                    v += fabs(<double>t[j] - <double>p[j]) / (y if y > _EPS else _EPS)
-                v = 100.0 * v / O
-            else:
-                if kind == 6:
-                    lab = _argmax(t, O)
-                if 0 <= lab < O:
-                    above = 0
-                    for j in range(O):
-                        above += p[j] > p[lab]
-                    v = above < k
             w = <double>weights[i] if weights is not None else 1.0
-            total += w * v
+            total += w * _metric_row(kind, &pred[i, 0], t, lab, O, param)
             count += w
         state[0] += total
         state[1] += count
