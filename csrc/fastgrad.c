@@ -29,6 +29,7 @@
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones) && !defined(FG_NO_CLONES)
 #define FG_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FG_CLONED 1
 #endif
 #endif
 #ifndef FG_TARGETS
@@ -101,13 +102,33 @@ FG_INLINE uint64_t fg_mul64(uint64_t a, uint64_t b)
  * state seed + (position + 1) * gamma, then its finalizer. Element k of a call
  * with (seed, offset) draws position offset + k, so a mask is recomputed
  * rather than stored, and a seed reproduces every mask. Inlined so the
- * dropout loop has no call in it. */
-FG_INLINE uint64_t fg_splitmix64(uint64_t seed, uint64_t position)
+ * dropout loop has no call in it. fg_splitmix64_wide is the same with
+ * plain 64-bit products: the same bits, twice as fast where AVX-512
+ * vectorizes them, and not vectorized elsewhere (see fg_wide_products). */
+#define FG_SPLITMIX64(name, mul)                                            \
+    FG_INLINE uint64_t name(uint64_t seed, uint64_t position)              \
+    {                                                                       \
+        uint64_t z = seed + mul(position + 1, 0x9E3779B97F4A7C15ULL);       \
+        z = mul(z ^ (z >> 30), 0xBF58476D1CE4E5B9ULL);                      \
+        z = mul(z ^ (z >> 27), 0x94D049BB133111EBULL);                      \
+        return z ^ (z >> 31);                                               \
+    }
+#define FG_MUL64_PLAIN(a, b) ((a) * (b))
+FG_SPLITMIX64(fg_splitmix64, fg_mul64)
+FG_SPLITMIX64(fg_splitmix64_wide, FG_MUL64_PLAIN)
+
+/* Whether the generator's loops take plain 64-bit products: in code built
+ * for AVX-512 only, that is in the AVX-512 clone (which the loader picks
+ * exactly when the CPU has AVX-512F) or in a build for an AVX-512 -march. */
+static int fg_wide_products(void)
 {
-    uint64_t z = seed + fg_mul64(position + 1, 0x9E3779B97F4A7C15ULL);
-    z = fg_mul64(z ^ (z >> 30), 0xBF58476D1CE4E5B9ULL);
-    z = fg_mul64(z ^ (z >> 27), 0x94D049BB133111EBULL);
-    return z ^ (z >> 31);
+#if defined(FG_CLONED)
+    return __builtin_cpu_supports("avx512f");
+#elif defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* fastgrad_exp.h: e^x (any x, and x <= 0) and e^x - 1 (x <= 0) */

@@ -1446,10 +1446,16 @@ FG_TARGETS void S(fg_dropout_forward)(T *out, const T *inp, ptrdiff_t N, double 
     const int all = threshold > 0xFFFFFFFFu;
     const uint32_t lim = all ? 0xFFFFFFFFu : (uint32_t)threshold;
     const T scale = (T)(1.0 / (1.0 - rate));
-    for (ptrdiff_t k = 0; k < N; k++) { /* vec */
-        uint32_t r = (uint32_t)(fg_splitmix64(seed, offset + (uint64_t)k) >> 32);
-        out[k] = inp[k] * SELECT((r < lim) | all, scale, (T)0);
-    }
+    if (fg_wide_products())
+        for (ptrdiff_t k = 0; k < N; k++) {
+            uint32_t r = (uint32_t)(fg_splitmix64_wide(seed, offset + (uint64_t)k) >> 32);
+            out[k] = inp[k] * SELECT((r < lim) | all, scale, (T)0);
+        }
+    else
+        for (ptrdiff_t k = 0; k < N; k++) { /* vec */
+            uint32_t r = (uint32_t)(fg_splitmix64(seed, offset + (uint64_t)k) >> 32);
+            out[k] = inp[k] * SELECT((r < lim) | all, scale, (T)0);
+        }
 }
 
 /* Gaussian noise from the dropout generator: element k takes one normal
