@@ -117,15 +117,14 @@ FG_INLINE uint64_t fg_mul64(uint64_t a, uint64_t b)
 FG_SPLITMIX64(fg_splitmix64, fg_mul64)
 FG_SPLITMIX64(fg_splitmix64_wide, FG_MUL64_PLAIN)
 
-/* Whether the generator's loops take plain 64-bit products: in code built
- * for AVX-512 only, that is in the AVX-512 clone (which the loader picks
- * exactly when the CPU has AVX-512F) or in a build for an AVX-512 -march. */
+/* Whether the generator's loops take plain 64-bit products: in the
+ * AVX-512 clone only, which the loader picks exactly when the CPU has
+ * AVX-512F (a build for one -march keeps the halves, whose loop is the one
+ * the vectorization test follows). */
 static int fg_wide_products(void)
 {
 #if defined(FG_CLONED)
     return __builtin_cpu_supports("avx512f");
-#elif defined(__AVX512F__)
-    return 1;
 #else
     return 0;
 #endif
