@@ -30,7 +30,9 @@ def _compile_flags(compiler_type):
     # -ffp-contract=off: no fused multiply-add, so the AVX-512, AVX2 and
     # baseline builds of each kernel round alike.
     cflags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno", "-ffp-contract=off"]
-    ldflags = []
+    # POSIX threads for the kernels that split their rows (csrc/fastgrad.c)
+    cflags.append("-pthread")
+    ldflags = ["-pthread"]
     if sanitize:
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                "-fno-omit-frame-pointer", "-g"]

@@ -65,6 +65,150 @@ static inline unsigned fg_flush_begin(void) { return 0; }
 static inline void fg_flush_end(unsigned old) { (void)old; }
 #endif
 
+/* Threads for kernels whose rows (or columns) are independent: fg_parallel
+ * runs fn(ctx, lo, hi) over [0, n) in chunks, on the calling thread and on
+ * up to fg_threads - 1 workers of a small pool. The caller takes chunks too
+ * and waits only for chunks a worker has begun, so a worker that a busy
+ * machine does not schedule costs at most one chunk: the call is never much
+ * slower than one thread. Workers sleep on a condition variable between
+ * calls (no spinning that would take a core from the BLAS). A chunk's result
+ * does not depend on which thread computed it, so results are the same for
+ * any number of threads. One parallel call at a time: a second caller runs
+ * its work alone. Without POSIX threads and C11 atomics, everything runs on
+ * the calling thread. */
+typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
+
+#if (defined(__unix__) || defined(__APPLE__)) && defined(__STDC_VERSION__) \
+    && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__) && !defined(FG_NO_THREADS)
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#define FG_MAX_THREADS 64
+
+static struct {
+    pthread_mutex_t busy;      /* held by the one parallel call running */
+    pthread_mutex_t m;         /* guards the fields below it */
+    pthread_cond_t wake;
+    unsigned long job;         /* bumped for each call */
+    int workers;               /* started */
+    fg_range_fn fn;
+    void *ctx;
+    ptrdiff_t n, chunk;
+    atomic_llong next;         /* job << 32 | next chunk: a claim names its job */
+    atomic_llong finished;     /* chunks done in the current job */
+} fg_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+             PTHREAD_COND_INITIALIZER, 0, 0, NULL, NULL, 0, 0, 0, 0};
+static atomic_int fg_threads = 0;   /* 0: one per online CPU */
+
+/* Claims and runs chunks of job `job` until none is left. */
+static void fg_run_chunks(long long job, fg_range_fn fn, void *ctx, ptrdiff_t n,
+                          ptrdiff_t chunk)
+{
+    for (;;) {
+        long long c = atomic_load(&fg_pool.next);
+        if ((c >> 32) != job || (c & 0xffffffffLL) * chunk >= n) return;
+        if (!atomic_compare_exchange_weak(&fg_pool.next, &c, c + 1)) continue;
+        ptrdiff_t lo = (ptrdiff_t)(c & 0xffffffffLL) * chunk;
+        fn(ctx, lo, lo + chunk < n ? lo + chunk : n);
+        atomic_fetch_add(&fg_pool.finished, 1);
+    }
+}
+
+static void *fg_worker(void *unused)
+{
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&fg_pool.m);
+    for (;;) {
+        while (fg_pool.job == seen) pthread_cond_wait(&fg_pool.wake, &fg_pool.m);
+        seen = fg_pool.job;
+        fg_range_fn fn = fg_pool.fn;
+        void *ctx = fg_pool.ctx;
+        ptrdiff_t n = fg_pool.n, chunk = fg_pool.chunk;
+        pthread_mutex_unlock(&fg_pool.m);
+        fg_run_chunks((long long)(seen & 0x7fffffffUL), fn, ctx, n, chunk);
+        pthread_mutex_lock(&fg_pool.m);
+    }
+    return NULL;
+}
+
+/* A child of fork() has no workers: it starts its own when it needs them. */
+static void fg_pool_after_fork(void)
+{
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+    fg_pool.busy = fresh;
+    fg_pool.m = fresh;
+    fg_pool.wake = cond;
+    fg_pool.workers = 0;
+}
+
+static void fg_register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, fg_pool_after_fork);
+}
+
+static int fg_online_cpus(void)
+{
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    return c < 1 ? 1 : c > FG_MAX_THREADS ? FG_MAX_THREADS : (int)c;
+}
+
+void fg_set_threads(int n)
+{
+    atomic_store(&fg_threads, n < 0 ? 0 : n > FG_MAX_THREADS ? FG_MAX_THREADS : n);
+}
+
+int fg_get_threads(void)
+{
+    int t = atomic_load(&fg_threads);
+    return t ? t : fg_online_cpus();
+}
+
+static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
+{
+    const int want = fg_get_threads();
+    if (chunk < 1) chunk = 1;
+    if (want < 2 || n <= chunk || (n - 1) / chunk >= 0x7fffffffLL
+        || pthread_mutex_trylock(&fg_pool.busy) != 0) {
+        if (n > 0) fn(ctx, 0, n);
+        return;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fg_register_fork_handler);
+    pthread_mutex_lock(&fg_pool.m);
+    while (fg_pool.workers < want - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, fg_worker, NULL) != 0) break;
+        pthread_detach(t);
+        fg_pool.workers++;
+    }
+    const long long job = (long long)(++fg_pool.job & 0x7fffffffUL);
+    fg_pool.fn = fn;
+    fg_pool.ctx = ctx;
+    fg_pool.n = n;
+    fg_pool.chunk = chunk;
+    atomic_store(&fg_pool.finished, 0);
+    atomic_store(&fg_pool.next, job << 32);
+    pthread_cond_broadcast(&fg_pool.wake);
+    pthread_mutex_unlock(&fg_pool.m);
+    fg_run_chunks(job, fn, ctx, n, chunk);
+    /* every chunk is claimed now; wait for those a worker is finishing */
+    const long long chunks = (n + chunk - 1) / chunk;
+    while (atomic_load(&fg_pool.finished) < chunks) sched_yield();
+    pthread_mutex_unlock(&fg_pool.busy);
+}
+#else
+void fg_set_threads(int n) { (void)n; }
+int fg_get_threads(void) { return 1; }
+static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
+{
+    (void)chunk;
+    if (n > 0) fn(ctx, 0, n);
+}
+#endif
+
 int fg_activation_needs_pre(int act)
 {
     return act == FG_GELU || act == FG_SILU || act == FG_SOFTPLUS || act == FG_SOFTSIGN

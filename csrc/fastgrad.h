@@ -103,6 +103,17 @@ typedef struct {
     int64_t saturated;
 } fg_act_stats;
 
+/* Threads for the kernels that split their rows (LayerNormalization): at
+ * most n, the calling thread included; 0 (the default) means one per
+ * online CPU, 1 keeps everything on the calling thread. Results do not
+ * depend on it. */
+void fg_set_threads(int n);
+int fg_get_threads(void);
+
+/* LayerNormalization's backward takes its column sums over this many fixed
+ * shares of the rows: its work buffer holds 2 F FG_LN_PARTS doubles. */
+#define FG_LN_PARTS 8
+
 /* 1 when the activation's derivative needs the pre-activation z, not just y. */
 int fg_activation_needs_pre(int act);
 

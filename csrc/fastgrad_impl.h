@@ -1533,18 +1533,45 @@ FG_TARGETS ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_
  * (scale=False, center=False); mean, rstd (B) receive what backward needs:
  *   mu = mean_j x_j,  var = mean_j (x_j - mu)^2     (two passes, in double)
  *   out = gamma (x - mu) / sqrt(var + epsilon) + beta
- * The row stays in L1 between its passes; sums run over 16 lanes in a fixed
- * order (they vectorize and give the same result on every instruction set).
- * Two passes: no cancellation when the mean is large against the spread.
- * out may alias inp. */
-FG_TARGETS void S(fg_layernorm_forward)(T *out, double *mean, double *rstd,
-                            const T *inp, const T *gamma, const T *beta,
-                            ptrdiff_t B, ptrdiff_t F, double epsilon)
+ * The row stays in L1 between its passes; sums run over FG_LN_LANES lanes
+ * in a fixed order (they vectorize and give the same result on every
+ * instruction set). Two passes: no cancellation when the mean is large
+ * against the spread. Rows are split over threads (fg_parallel) when there
+ * are at least FG_PARALLEL_MIN elements; each row's result is the same
+ * whichever thread computes it. out may alias inp. */
+#ifndef FG_LN_LANES
+#define FG_LN_LANES 32
+#endif
+#ifndef FG_PARALLEL_MIN
+#define FG_PARALLEL_MIN 131072
+#endif
+typedef struct {
+    T *out, *dinp, *dgamma, *dbeta;
+    double *mean, *rstd, *work;
+    const T *inp, *dout, *gamma, *beta;
+    const double *cmean, *crstd;
+    ptrdiff_t B, F;
+    double epsilon;
+} S(ln_args);
+
+/* Chunk size for n items of `each` elements: about 16K elements a chunk,
+ * and the whole range (one thread) below FG_PARALLEL_MIN elements. */
+FG_INLINE ptrdiff_t S(ln_chunk)(ptrdiff_t n, ptrdiff_t each, ptrdiff_t align)
 {
-    enum { L = 16 };
-    for (ptrdiff_t i = 0; i < B; i++) {
-        const T *x = inp + i * F;
-        T *y = out + i * F;
+    if (n * each < FG_PARALLEL_MIN) return n;
+    ptrdiff_t c = (16384 + each - 1) / each;
+    return (c + align - 1) / align * align;
+}
+
+FG_TARGETS static void S(ln_forward_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    enum { L = FG_LN_LANES };
+    const S(ln_args) *a = p;
+    const ptrdiff_t F = a->F;
+    const T *gamma = a->gamma, *beta = a->beta;
+    for (ptrdiff_t i = lo; i < hi; i++) {
+        const T *x = a->inp + i * F;
+        T *y = a->out + i * F;
         double acc[L] = {0};
         ptrdiff_t k = 0;
         for (; k + L <= F; k += L)
@@ -1561,9 +1588,9 @@ FG_TARGETS void S(fg_layernorm_forward)(T *out, double *mean, double *rstd,
             double c = (double)x[k] - mu;
             acc[l] += c * c;
         }
-        const double r = 1.0 / sqrt(S(lanes_total)(acc, L) / (double)F + epsilon);
-        mean[i] = mu;
-        rstd[i] = r;
+        const double r = 1.0 / sqrt(S(lanes_total)(acc, L) / (double)F + a->epsilon);
+        a->mean[i] = mu;
+        a->rstd[i] = r;
         /* in T so that it vectorizes; mu = mhi + mlo, and x - mhi is exact
          * for x near the mean (Sterbenz), so a large mean loses nothing */
         const T mhi = (T)mu, mlo = (T)(mu - (double)mhi), rt = (T)r;
@@ -1578,58 +1605,151 @@ FG_TARGETS void S(fg_layernorm_forward)(T *out, double *mean, double *rstd,
     }
 }
 
-/* LayerNormalization backward, with xhat = (x - mean) rstd recomputed per
- * row and g = dout * gamma:
+void S(fg_layernorm_forward)(T *out, double *mean, double *rstd, const T *inp,
+                             const T *gamma, const T *beta, ptrdiff_t B, ptrdiff_t F,
+                             double epsilon)
+{
+    S(ln_args) a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma,
+                    .beta = beta, .B = B, .F = F, .epsilon = epsilon};
+    fg_parallel(S(ln_forward_part), &a, B, S(ln_chunk)(B, F, 1));
+}
+
+/* xhat = (x - mean) rstd of row i, in T as the forward computes it. */
+#define FG_LN_XHAT(x, j, i) ((((x)[j] - mhi[i]) - mlo[i]) * rt[i])
+
+/* Column sums of LayerNormalization's backward over the n <= 4 rows of
+ * dout and inp (B,F): added to wg (dgamma) and wb (dbeta)
+ * row after row, the order of a plain loop; four rows per visit keep the
+ * sums in registers. */
+FG_INLINE void S(ln_columns)(double *wg, double *wb, const T *dout, const T *inp,
+                             const double *mean, const double *rstd,
+                             ptrdiff_t n, ptrdiff_t F)
+{
+    T mhi[4], mlo[4], rt[4];
+    for (ptrdiff_t i = 0; i < n; i++) {
+        mhi[i] = (T)mean[i];
+        mlo[i] = (T)(mean[i] - (double)mhi[i]);
+        rt[i] = (T)rstd[i];
+    }
+    if (n == 4) {
+        const T *x0 = inp, *x1 = inp + F, *x2 = inp + 2 * F, *x3 = inp + 3 * F;
+        const T *d0 = dout, *d1 = dout + F, *d2 = dout + 2 * F, *d3 = dout + 3 * F;
+        for (ptrdiff_t j = 0; j < F; j++) {
+            double g = wg[j], b = wb[j];
+            g += (double)(d0[j] * FG_LN_XHAT(x0, j, 0));
+            b += (double)d0[j];
+            g += (double)(d1[j] * FG_LN_XHAT(x1, j, 1));
+            b += (double)d1[j];
+            g += (double)(d2[j] * FG_LN_XHAT(x2, j, 2));
+            b += (double)d2[j];
+            g += (double)(d3[j] * FG_LN_XHAT(x3, j, 3));
+            b += (double)d3[j];
+            wg[j] = g;
+            wb[j] = b;
+        }
+        return;
+    }
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const T *x = inp + i * F, *dy = dout + i * F;
+        for (ptrdiff_t j = 0; j < F; j++) {
+            wg[j] += (double)(dy[j] * FG_LN_XHAT(x, j, i));
+            wb[j] += (double)dy[j];
+        }
+    }
+}
+
+/* dinp of row i: pass A takes the row's two sums, pass B writes it. */
+FG_INLINE void S(ln_backward_row)(const S(ln_args) *a, ptrdiff_t i)
+{
+    enum { L = FG_LN_LANES };
+    const ptrdiff_t F = a->F;
+    const T *gamma = a->gamma;
+    const T *x = a->inp + i * F, *dy = a->dout + i * F;
+    T *dx = a->dinp + i * F;
+    const T mhi[1] = {(T)a->cmean[i]}, mlo[1] = {(T)(a->cmean[i] - (double)mhi[0])};
+    const T rt[1] = {(T)a->crstd[i]};
+#define FG_G(j) (gamma ? dy[j] * gamma[j] : dy[j])
+    double a1[L] = {0}, a2[L] = {0};
+    ptrdiff_t k = 0;
+    for (; k + L <= F; k += L)
+        for (int l = 0; l < L; l++) {
+            T g = FG_G(k + l);
+            a1[l] += (double)g;
+            a2[l] += (double)(g * FG_LN_XHAT(x, k + l, 0));
+        }
+    for (int l = 0; k < F; k++, l++) {
+        T g = FG_G(k);
+        a1[l] += (double)g;
+        a2[l] += (double)(g * FG_LN_XHAT(x, k, 0));
+    }
+    /* in T so that it vectorizes at full width: g and xhat are rounded to T
+     * already, so double here would not make the difference
+     * g - mean(g) - xhat mean(g xhat) more accurate */
+    const T m1 = (T)(S(lanes_total)(a1, L) / (double)F);
+    const T m2 = (T)(S(lanes_total)(a2, L) / (double)F);
+    for (ptrdiff_t j = 0; j < F; j++)
+        dx[j] = rt[0] * ((FG_G(j) - m1) - FG_LN_XHAT(x, j, 0) * m2);
+#undef FG_G
+}
+
+/* dinp of rows [lo, hi), without the column sums. */
+FG_TARGETS static void S(ln_rows_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    for (ptrdiff_t i = lo; i < hi; i++) S(ln_backward_row)(p, i);
+}
+
+/* Part q of FG_LN_PARTS (a fixed share of the rows): its column sums into
+ * its own slice of work, four rows at a time, each group before its rows'
+ * dinp is written (dinp may alias dout). */
+FG_TARGETS static void S(ln_parts_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(ln_args) *a = p;
+    const ptrdiff_t F = a->F, B = a->B;
+    for (ptrdiff_t q = lo; q < hi; q++) {
+        double *wg = a->work + 2 * F * q, *wb = wg + F;
+        for (ptrdiff_t j = 0; j < 2 * F; j++) wg[j] = 0.0;
+        const ptrdiff_t r1 = B * (q + 1) / FG_LN_PARTS;
+        for (ptrdiff_t i0 = B * q / FG_LN_PARTS; i0 < r1; i0 += 4) {
+            const ptrdiff_t n = r1 - i0 < 4 ? r1 - i0 : 4;
+            S(ln_columns)(wg, wb, a->dout + i0 * F, a->inp + i0 * F, a->cmean + i0,
+                          a->crstd + i0, n, F);
+            for (ptrdiff_t i = i0; i < i0 + n; i++) S(ln_backward_row)(a, i);
+        }
+    }
+}
+#undef FG_LN_XHAT
+
+/* LayerNormalization backward, with xhat = (x - mean) rstd recomputed and
+ * g = dout * gamma:
  *   dinp   = rstd (g - mean_j g - xhat mean_j (g xhat))     (per row)
  *   dgamma = sum_i dout xhat,   dbeta = sum_i dout           (per column)
- * Row sums run over 16 lanes in double; the column sums accumulate in
- * work (2F doubles, required when dgamma or dbeta is given). dgamma, dbeta
- * may be NULL; dinp may alias dout. */
-FG_TARGETS void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work,
-                             const T *dout, const T *inp,
-                             const double *mean, const double *rstd,
-                             const T *gamma, ptrdiff_t B, ptrdiff_t F)
+ * Row sums run over FG_LN_LANES lanes in double. The column sums, in
+ * double too, are taken over FG_LN_PARTS fixed shares of the rows, each in
+ * its slice of work (2F FG_LN_PARTS doubles, required when dgamma or dbeta
+ * is given), and the shares are added in order: the same result for any
+ * number of threads. The shares, or without column sums the rows, are
+ * split over threads as in the forward. dgamma, dbeta may be NULL; dinp
+ * may alias dout. */
+void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work, const T *dout,
+                              const T *inp, const double *mean, const double *rstd,
+                              const T *gamma, ptrdiff_t B, ptrdiff_t F)
 {
-    enum { L = 16 };
-    const int cols = dgamma || dbeta;
-    double *wg = work, *wb = work ? work + F : NULL;
-    if (cols) for (ptrdiff_t j = 0; j < 2 * F; j++) work[j] = 0.0;
-#define FG_XHAT(j) (((x[j] - mhi) - mlo) * rt)
-#define FG_G(j) (gamma ? dy[j] * gamma[j] : dy[j])
-    for (ptrdiff_t i = 0; i < B; i++) {
-        const T *x = inp + i * F, *dy = dout + i * F;
-        T *dx = dinp + i * F;
-        const double r = rstd[i];
-        const T mhi = (T)mean[i], mlo = (T)(mean[i] - (double)mhi), rt = (T)r;
-        double a1[L] = {0}, a2[L] = {0};
-        ptrdiff_t k = 0;
-        for (; k + L <= F; k += L)
-            for (int l = 0; l < L; l++) {
-                double g = FG_G(k + l);
-                a1[l] += g;
-                a2[l] += g * (double)FG_XHAT(k + l);
-            }
-        for (int l = 0; k < F; k++, l++) {
-            double g = FG_G(k);
-            a1[l] += g;
-            a2[l] += g * (double)FG_XHAT(k);
-        }
-        if (cols)
-            for (ptrdiff_t j = 0; j < F; j++) {
-                wg[j] += (double)dy[j] * (double)FG_XHAT(j);
-                wb[j] += (double)dy[j];
-            }
-        /* g - mean(g) - xhat mean(g xhat) cancels to almost nothing when
-         * the row's gradient is nearly its projection: taken in double */
-        const double m1 = S(lanes_total)(a1, L) / (double)F;
-        const double m2 = S(lanes_total)(a2, L) / (double)F;
-        for (ptrdiff_t j = 0; j < F; j++)
-            dx[j] = (T)(r * ((double)FG_G(j) - m1 - (double)FG_XHAT(j) * m2));
+    S(ln_args) a = {.dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .work = work,
+                    .inp = inp, .dout = dout, .gamma = gamma, .cmean = mean,
+                    .crstd = rstd, .B = B, .F = F};
+    if (!dgamma && !dbeta) {
+        fg_parallel(S(ln_rows_part), &a, B, S(ln_chunk)(B, F, 1));
+        return;
     }
-#undef FG_XHAT
-#undef FG_G
-    if (dgamma) for (ptrdiff_t j = 0; j < F; j++) dgamma[j] = (T)wg[j];
-    if (dbeta) for (ptrdiff_t j = 0; j < F; j++) dbeta[j] = (T)wb[j];
+    fg_parallel(S(ln_parts_part), &a, FG_LN_PARTS,
+                B * F < FG_PARALLEL_MIN ? FG_LN_PARTS : 1);
+    for (ptrdiff_t j = 0; j < 2 * F; j++) {
+        double t = work[j];
+        for (ptrdiff_t q = 1; q < FG_LN_PARTS; q++) t += work[2 * F * q + j];
+        work[j] = t;
+    }
+    if (dgamma) for (ptrdiff_t j = 0; j < F; j++) dgamma[j] = (T)work[j];
+    if (dbeta) for (ptrdiff_t j = 0; j < F; j++) dbeta[j] = (T)work[F + j];
 }
 
 /* Keras 3's relu with its options, element-wise over N:

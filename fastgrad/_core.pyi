@@ -11,6 +11,7 @@ _Arr: TypeAlias = npt.NDArray[_F]
 
 ACTIVATION_CODES: dict[str, int]
 ACTIVATION_ALIASES: dict[str, str]
+LAYERNORM_WORK: int
 ACTIVATIONS_NEEDING_PRE: frozenset[str]
 LOSS_CODES: dict[str, int]
 OPTIMIZER_CODES: dict[str, int]
@@ -103,6 +104,8 @@ def alpha_dropout(inp: _Arr[_F], out: _Arr[_F], rate: float, a: float, b_keep: f
                   b_drop: float, seed: int, offset: int) -> _Arr[_F]: ...
 def affine(inp: _Arr[_F], shift: _Arr[_F] | None, scale: _Arr[_F], out: _Arr[_F],
            divide: bool) -> _Arr[_F]: ...
+def set_kernel_threads(n: int) -> None: ...
+def get_kernel_threads() -> int: ...
 def layernorm_forward(inp: _Arr[_F], gamma: _Arr[_F] | None, beta: _Arr[_F] | None,
                       out: _Arr[_F], mean: npt.NDArray[np.float64],
                       rstd: npt.NDArray[np.float64], epsilon: float) -> _Arr[_F]: ...

@@ -21,6 +21,8 @@ ACTIVATION_CODES = {
     "mish": FG_MISH, "exponential": FG_EXPONENTIAL, "log_softmax": FG_LOG_SOFTMAX,
 }
 # names Keras gives to the same functions
+# float64 elements of layernorm_backward's work buffer per feature
+LAYERNORM_WORK = 2 * FG_LN_PARTS
 ACTIVATION_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
 ACTIVATIONS_NEEDING_PRE = frozenset(
     name for name, code in ACTIVATION_CODES.items() if fg_activation_needs_pre(code))
@@ -834,6 +836,20 @@ def affine(const floating[:, ::1] inp not None, const floating[::1] shift,
     return out
 
 
+def set_kernel_threads(int n):
+    """Threads of the kernels that split their rows (LayerNormalization),
+    the calling thread included: n >= 1, or 0 for one per online CPU (the
+    default). Results do not depend on it."""
+    _check(0 <= n <= 64, "n: expected 0 (one per CPU) or a thread count from 1 to 64")
+    fg_set_threads(n)
+
+
+def get_kernel_threads():
+    """The kernel thread count in effect (set_kernel_threads' n, or the
+    online CPUs for 0)."""
+    return fg_get_threads()
+
+
 def layernorm_forward(const floating[:, ::1] inp not None, const floating[::1] gamma,
                       const floating[::1] beta, floating[:, ::1] out not None,
                       double[::1] mean not None, double[::1] rstd not None, double epsilon):
@@ -856,15 +872,15 @@ def layernorm_backward(const floating[:, ::1] dout not None, const floating[:, :
                        const double[::1] mean not None, const double[::1] rstd not None,
                        const floating[::1] gamma, floating[:, ::1] dinp not None,
                        floating[::1] dgamma, floating[::1] dbeta, double[::1] work):
-    """Backward of layernorm_forward; work (2F float64) holds the column
-    sums and is required when dgamma or dbeta is given."""
+    """Backward of layernorm_forward; work (LAYERNORM_WORK * F float64) holds
+    the column sums and is required when dgamma or dbeta is given."""
     cdef Py_ssize_t B = inp.shape[0], F = inp.shape[1]
     _same2(dout, B, F, "dout")
     _same2(dinp, B, F, "dinp")
     _len1(gamma, F, False, "gamma")
     _len2(dgamma, dbeta, F, False, "dgamma", "dbeta")
     _len2(mean, rstd, B, True, "mean", "rstd")
-    _len1(work, 2 * F, dgamma is not None or dbeta is not None, "work")
+    _len1(work, 2 * FG_LN_PARTS * F, dgamma is not None or dbeta is not None, "work")
     with nogil:
         _ln_backward(_ptr2(dinp), _ptr1(dgamma), _ptr1(dbeta),
                      &work[0] if work is not None and F > 0 else NULL, _cptr2(dout),

@@ -22,6 +22,9 @@ cdef extern from "fastgrad.h" nogil:
     enum fg_constraint:
         FG_NO_CONSTRAINT, FG_MAX_NORM, FG_NON_NEG, FG_CLIP_VALUE, FG_N_CONSTRAINTS
     int fg_activation_needs_pre(int act)
+    enum: FG_LN_PARTS
+    void fg_set_threads(int n) nogil
+    int fg_get_threads() nogil
 
     ctypedef struct fg_loss_params:
         double delta, alpha, gamma

@@ -1,14 +1,18 @@
-"""How many threads the BLAS that fastgrad calls may use.
+"""How many threads the BLAS that fastgrad calls, and fastgrad's own
+kernels that split their rows, may use.
 
 fastgrad's matrix products go through SciPy's BLAS (an OpenBLAS in SciPy's
-wheels), which starts one thread per core by default; the element-wise
-kernels run on the calling thread. These functions use threadpoolctl
+wheels), which starts one thread per core by default. The element-wise
+kernels run on the calling thread, except LayerNormalization's, which split their rows
+over a small pool of fastgrad's own (one thread per core by default, from
+B * F >= 131072 elements; results do not depend on the count). These
+functions set both; for the BLAS they use threadpoolctl
 (``pip install threadpoolctl``; scikit-learn depends on it) to read and
 change the thread count of every BLAS loaded in the process, SciPy's
 included, without touching environment variables. Importing fastgrad
 changes nothing.
 
-    fg.set_num_threads(1)          # from now on, one BLAS thread
+    fg.set_num_threads(1)          # from now on, one thread
     fg.get_num_threads()           # -> 1
     with fg.threads(2):            # two threads inside the block only
         model.fit(x, y)
@@ -34,8 +38,18 @@ def _count(n):
 
 
 def set_num_threads(n):
-    """Let the BLAS use at most ``n`` threads (n >= 1) from now on."""
-    _controller().limit(limits=_count(n))
+    """Let the BLAS and the row-splitting kernels use at most ``n`` threads
+    (n >= 1) from now on."""
+    n = _count(n)
+    _controller().limit(limits=n)
+    _kernel_threads(n)
+
+
+def _kernel_threads(n):
+    from fastgrad import _core
+    old = _core.get_kernel_threads()
+    _core.set_kernel_threads(min(n, 64))   # the pool's limit
+    return old
 
 
 def get_num_threads():
@@ -47,10 +61,13 @@ def get_num_threads():
 
 @contextlib.contextmanager
 def threads(n):
-    """Limit the BLAS to ``n`` threads inside a ``with`` block; the previous
-    counts come back on leaving it, also after an exception."""
+    """Limit the BLAS and the row-splitting kernels to ``n`` threads inside a
+    ``with`` block; the previous counts come back on leaving it, also after
+    an exception."""
     limiter = _controller().limit(limits=_count(n))
+    old = _kernel_threads(n)
     try:
         yield
     finally:
+        _kernel_threads(old)
         limiter.restore_original_limits()

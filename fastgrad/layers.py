@@ -916,7 +916,7 @@ class LayerNormalization(Layer):
     def _allocate(self, cap, dtype, need_dx):
         super()._allocate(cap, dtype, need_dx)
         self._mean, self._rstd = np.zeros(cap), np.ones(cap)
-        self._work = np.empty(2 * self.input_dim)   # the column sums of backward
+        self._work = np.empty(_core.LAYERNORM_WORK * self.input_dim)   # backward's column sums
 
     def forward(self, x, training=False, logits=False):
         b = x.shape[0]

@@ -622,7 +622,7 @@ def layernorm_backward(dout, x, mean, rstd, gamma=None, dx=None):
     dout, x, mean, rstd, gamma, dx, dgamma, dbeta = _norm_backward_args(
         dout, x, mean, rstd, gamma, dx, per_row=True)
     _core.layernorm_backward(dout, x, mean, rstd, gamma, dx, dgamma, dbeta,
-                             np.empty(2 * x.shape[1]))
+                             np.empty(_core.LAYERNORM_WORK * x.shape[1]))
     return dx, dgamma, dbeta
 
 

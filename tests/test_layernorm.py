@@ -2,6 +2,8 @@
 reference of the documented formula and against central finite
 differences, edge values and memory layouts, the layer in a model (batch
 size 1, training equal to inference, saving), and agreement with Keras 3."""
+import os
+
 import numpy as np
 import pytest
 
@@ -205,6 +207,100 @@ def test_in_place_is_allowed_and_partial_overlap_is_refused():
     with pytest.raises(ValueError, match="^dx: overlaps"):
         ops.layernorm_backward(dout, xs, mean, rstd, gamma, dx=xs)
     assert np.array_equal(xs, x)
+
+
+# ---------------------------------------------------------------------------
+# threads: from 131072 elements the kernels split their rows over a pool
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def kernel_threads():
+    """Sets the pool's thread count; restores the default afterwards."""
+    yield _core.set_kernel_threads
+    _core.set_kernel_threads(0)
+
+
+def _big_case(dtype, affine=True, shape=(301, 613)):
+    rng = np.random.default_rng(9)
+    x, gamma, beta = data(rng, shape, dtype, affine)
+    return x, gamma, beta, rng.normal(size=shape).astype(dtype)
+
+
+def _ln_bytes(x, gamma, beta, dout, grads=True):
+    out, mean, rstd = ops.layernorm_forward(x, gamma, beta)
+    got = [out, mean, rstd]
+    if grads:
+        got += [g for g in ops.layernorm_backward(dout, x, mean, rstd, gamma) if g is not None]
+        d = dout.copy()
+        _core.layernorm_backward(d, x, mean, rstd, gamma, d, None, None, None)   # in place
+        got.append(d)
+    return [a.tobytes() for a in got]
+
+
+@pytest.mark.parametrize("affine", [True, False, "gamma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_results_do_not_depend_on_the_thread_count(dtype, affine, kernel_threads):
+    x, gamma, beta, dout = _big_case(dtype, affine)
+    assert x.size >= 131072                     # past the threshold: the pool is used
+    kernel_threads(1)
+    one = _ln_bytes(x, gamma, beta, dout)
+    for n in (2, 3, 7):
+        kernel_threads(n)
+        assert _ln_bytes(x, gamma, beta, dout) == one, n
+    want, (rdx, rdg, rdb) = ref_forward(x, gamma, beta), ref_backward(dout, x, gamma)
+    out, mean, rstd = ops.layernorm_forward(x, gamma, beta)
+    close(out, want[0], dtype, np.abs(want[0]).max())
+    dx, dgamma, dbeta = ops.layernorm_backward(dout, x, mean, rstd, gamma)
+    close(dx, rdx, dtype, np.abs(rdx).max())
+    close(dgamma, rdg, dtype, np.abs(rdg).max())
+    close(dbeta, rdb, dtype, np.abs(rdb).max())
+
+
+def test_many_python_threads_calling_at_once_get_the_serial_results(kernel_threads):
+    """One parallel call at a time uses the pool; the others run alone."""
+    import threading
+    cases = [_big_case(F32, shape=(260 + 7 * i, 600)) for i in range(6)]
+    kernel_threads(1)
+    want = [_ln_bytes(*c) for c in cases]
+    kernel_threads(2)
+    got, errors = [None] * 6, []
+
+    def run(i):
+        try:
+            for _ in range(5):
+                got[i] = _ln_bytes(*cases[i])
+                assert got[i] == want[i]
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and got == want
+
+
+def test_a_forked_child_runs_the_threaded_kernels(kernel_threads):
+    """The pool's workers do not survive fork(): the child starts its own."""
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs fork()")
+    kernel_threads(2)
+    case = _big_case(F32)
+    want = _ln_bytes(*case)              # the parent's workers are running now
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_ln_bytes, case) == want
+
+
+def test_kernel_thread_count_is_checked(kernel_threads):
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="^n: expected"):
+            kernel_threads(bad)
+    kernel_threads(3)
+    assert _core.get_kernel_threads() == 3
+    kernel_threads(0)
+    assert _core.get_kernel_threads() == min(os.cpu_count() or 1, 64)   # one per CPU
 
 
 @pytest.mark.parametrize("call, exc, match", [

@@ -31,6 +31,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_info
 
 import fastgrad as fg
+from fastgrad import _core
 from fastgrad.sklearn import MLPClassifier, MLPRegressor
 
 X_DIGITS, Y_DIGITS = load_digits(return_X_y=True)
@@ -274,19 +275,21 @@ def test_thread_control():
         return [lib["num_threads"] for lib in threadpool_info()
                 if lib["user_api"] == "blas"]
 
-    before = fg.get_num_threads()
+    before, kernels = fg.get_num_threads(), _core.get_kernel_threads()
     with fg.threads(1):
         assert fg.get_num_threads() == 1
         assert set(scipy_blas_threads()) == {1}
-    assert fg.get_num_threads() == before
+        assert _core.get_kernel_threads() == 1     # LayerNormalization's pool too
+    assert fg.get_num_threads() == before and _core.get_kernel_threads() == kernels
     with pytest.raises(RuntimeError), fg.threads(1):
         raise RuntimeError
     assert fg.get_num_threads() == before
     try:
         fg.set_num_threads(1)
-        assert fg.get_num_threads() == 1
+        assert fg.get_num_threads() == 1 and _core.get_kernel_threads() == 1
     finally:
         fg.set_num_threads(before)
+        _core.set_kernel_threads(0)
     assert fg.get_num_threads() == before
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="n: expected a positive integer"):

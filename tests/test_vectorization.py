@@ -158,7 +158,7 @@ def sections(data):
 def build_and_run(cc, flags, tmp_path, name, runner=()):
     exe = tmp_path / name
     cmd = [cc, *CFLAGS, *flags, f"-I{CSRC}", str(HARNESS), str(CSRC / "fastgrad.c"),
-           "-lm", "-o", str(exe)]
+           "-lm", "-pthread", "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"{' '.join(cmd)} failed:\n{built.stderr}"
     run = subprocess.run([*runner, str(exe)], capture_output=True, timeout=600, check=False)
