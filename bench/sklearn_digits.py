@@ -39,6 +39,10 @@ def _digits():
 
 def _estimator(impl):
     if impl == "fastgrad":
+        try:
+            import fastgrad  # noqa: F401
+        except ImportError:   # not installed: the checkout this file belongs to
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from fastgrad.sklearn import MLPClassifier
     else:
         from sklearn.neural_network import MLPClassifier
