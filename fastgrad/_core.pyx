@@ -98,7 +98,7 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
     cdef int step = lda if trans_a else 1
     if M == 1:
         # one row of A: a matrix-vector product, which the BLAS does in
-        # about half the time of the same GEMM (the kernel is read once)
+        # less time than the same GEMM (784x256: 10.2 against 12.9 us)
         if floating is float:
             sgemv(&ta, &rows, &cols, &al, b, &ldb, a, &step, &be, c, &one)
         else:
