@@ -83,6 +83,7 @@ typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <unistd.h>
 #define FG_MAX_THREADS 64
 
@@ -90,7 +91,7 @@ static struct {
     pthread_mutex_t busy;      /* held by the one parallel call running */
     pthread_mutex_t m;         /* guards the fields below it */
     pthread_cond_t wake;
-    unsigned long job;         /* bumped for each call */
+    atomic_ulong job;          /* bumped for each call (under m) */
     int workers;               /* started */
     fg_range_fn fn;
     void *ctx;
@@ -115,20 +116,41 @@ static void fg_run_chunks(long long job, fg_range_fn fn, void *ctx, ptrdiff_t n,
     }
 }
 
+/* After a job a worker polls for the next one for FG_SPIN_NS, yielding the
+ * core between polls (as OpenBLAS's threads do), so calls in quick
+ * succession (a forward, then its backward) do not wait for a wake-up,
+ * which costs tens of microseconds on some machines; then it sleeps. */
+#ifndef FG_SPIN_NS
+#define FG_SPIN_NS 100000
+#endif
+static int fg_new_job_soon(unsigned long seen)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (atomic_load(&fg_pool.job) != seen) return 1;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > FG_SPIN_NS)
+            return 0;
+        sched_yield();
+    }
+}
+
 static void *fg_worker(void *unused)
 {
     (void)unused;
     unsigned long seen = 0;
-    pthread_mutex_lock(&fg_pool.m);
     for (;;) {
-        while (fg_pool.job == seen) pthread_cond_wait(&fg_pool.wake, &fg_pool.m);
-        seen = fg_pool.job;
+        fg_new_job_soon(seen);
+        pthread_mutex_lock(&fg_pool.m);
+        while (atomic_load(&fg_pool.job) == seen)
+            pthread_cond_wait(&fg_pool.wake, &fg_pool.m);
+        seen = atomic_load(&fg_pool.job);
         fg_range_fn fn = fg_pool.fn;
         void *ctx = fg_pool.ctx;
         ptrdiff_t n = fg_pool.n, chunk = fg_pool.chunk;
         pthread_mutex_unlock(&fg_pool.m);
         fg_run_chunks((long long)(seen & 0x7fffffffUL), fn, ctx, n, chunk);
-        pthread_mutex_lock(&fg_pool.m);
     }
     return NULL;
 }
@@ -184,7 +206,7 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
         pthread_detach(t);
         fg_pool.workers++;
     }
-    const long long job = (long long)(++fg_pool.job & 0x7fffffffUL);
+    const long long job = (long long)((atomic_fetch_add(&fg_pool.job, 1) + 1) & 0x7fffffffUL);
     fg_pool.fn = fn;
     fg_pool.ctx = ctx;
     fg_pool.n = n;

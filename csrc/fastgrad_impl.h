@@ -1554,13 +1554,11 @@ typedef struct {
     double epsilon;
 } S(ln_args);
 
-/* Chunk size for n items of `each` elements: about 16K elements a chunk,
- * and the whole range (one thread) below FG_PARALLEL_MIN elements. */
-FG_INLINE ptrdiff_t S(ln_chunk)(ptrdiff_t n, ptrdiff_t each, ptrdiff_t align)
+/* Rows per chunk for B rows of F elements: about 16K elements a chunk, and
+ * all B rows (one thread) below FG_PARALLEL_MIN elements. */
+FG_INLINE ptrdiff_t S(ln_chunk)(ptrdiff_t B, ptrdiff_t F)
 {
-    if (n * each < FG_PARALLEL_MIN) return n;
-    ptrdiff_t c = (16384 + each - 1) / each;
-    return (c + align - 1) / align * align;
+    return B * F < FG_PARALLEL_MIN ? B : (16384 + F - 1) / F;
 }
 
 FG_TARGETS static void S(ln_forward_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
@@ -1611,16 +1609,16 @@ void S(fg_layernorm_forward)(T *out, double *mean, double *rstd, const T *inp,
 {
     S(ln_args) a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma,
                     .beta = beta, .B = B, .F = F, .epsilon = epsilon};
-    fg_parallel(S(ln_forward_part), &a, B, S(ln_chunk)(B, F, 1));
+    fg_parallel(S(ln_forward_part), &a, B, S(ln_chunk)(B, F));
 }
 
 /* xhat = (x - mean) rstd of row i, in T as the forward computes it. */
 #define FG_LN_XHAT(x, j, i) ((((x)[j] - mhi[i]) - mlo[i]) * rt[i])
 
 /* Column sums of LayerNormalization's backward over the n <= 4 rows of
- * dout and inp (B,F): added to wg (dgamma) and wb (dbeta)
- * row after row, the order of a plain loop; four rows per visit keep the
- * sums in registers. */
+ * dout and inp (B,F), added to wg (dgamma) and wb (dbeta): a group of four
+ * rows is added in T (one conversion instead of four), the groups in
+ * double. */
 FG_INLINE void S(ln_columns)(double *wg, double *wb, const T *dout, const T *inp,
                              const double *mean, const double *rstd,
                              ptrdiff_t n, ptrdiff_t F)
@@ -1635,17 +1633,10 @@ FG_INLINE void S(ln_columns)(double *wg, double *wb, const T *dout, const T *inp
         const T *x0 = inp, *x1 = inp + F, *x2 = inp + 2 * F, *x3 = inp + 3 * F;
         const T *d0 = dout, *d1 = dout + F, *d2 = dout + 2 * F, *d3 = dout + 3 * F;
         for (ptrdiff_t j = 0; j < F; j++) {
-            double g = wg[j], b = wb[j];
-            g += (double)(d0[j] * FG_LN_XHAT(x0, j, 0));
-            b += (double)d0[j];
-            g += (double)(d1[j] * FG_LN_XHAT(x1, j, 1));
-            b += (double)d1[j];
-            g += (double)(d2[j] * FG_LN_XHAT(x2, j, 2));
-            b += (double)d2[j];
-            g += (double)(d3[j] * FG_LN_XHAT(x3, j, 3));
-            b += (double)d3[j];
-            wg[j] = g;
-            wb[j] = b;
+            T g0 = d0[j] * FG_LN_XHAT(x0, j, 0), g1 = d1[j] * FG_LN_XHAT(x1, j, 1);
+            T g2 = d2[j] * FG_LN_XHAT(x2, j, 2), g3 = d3[j] * FG_LN_XHAT(x3, j, 3);
+            wg[j] += (double)((g0 + g1) + (g2 + g3));
+            wb[j] += (double)((d0[j] + d1[j]) + (d2[j] + d3[j]));
         }
         return;
     }
@@ -1671,6 +1662,14 @@ FG_INLINE void S(ln_backward_row)(const S(ln_args) *a, ptrdiff_t i)
 #define FG_G(j) (gamma ? dy[j] * gamma[j] : dy[j])
     double a1[L] = {0}, a2[L] = {0};
     ptrdiff_t k = 0;
+    /* two terms added in T, then in double: half the conversions, and an
+     * error of the order of g's own rounding */
+    for (; k + 2 * L <= F; k += 2 * L)
+        for (int l = 0; l < L; l++) {
+            T g = FG_G(k + l), h = FG_G(k + L + l);
+            a1[l] += (double)(g + h);
+            a2[l] += (double)(g * FG_LN_XHAT(x, k + l, 0) + h * FG_LN_XHAT(x, k + L + l, 0));
+        }
     for (; k + L <= F; k += L)
         for (int l = 0; l < L; l++) {
             T g = FG_G(k + l);
@@ -1682,9 +1681,8 @@ FG_INLINE void S(ln_backward_row)(const S(ln_args) *a, ptrdiff_t i)
         a1[l] += (double)g;
         a2[l] += (double)(g * FG_LN_XHAT(x, k, 0));
     }
-    /* in T so that it vectorizes at full width: g and xhat are rounded to T
-     * already, so double here would not make the difference
-     * g - mean(g) - xhat mean(g xhat) more accurate */
+    /* in T, at full vector width; with the sums above, dx stays within a
+     * few ulps of its largest element (tests/test_layernorm.py) */
     const T m1 = (T)(S(lanes_total)(a1, L) / (double)F);
     const T m2 = (T)(S(lanes_total)(a2, L) / (double)F);
     for (ptrdiff_t j = 0; j < F; j++)
@@ -1723,11 +1721,11 @@ FG_TARGETS static void S(ln_parts_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
  * g = dout * gamma:
  *   dinp   = rstd (g - mean_j g - xhat mean_j (g xhat))     (per row)
  *   dgamma = sum_i dout xhat,   dbeta = sum_i dout           (per column)
- * Row sums run over FG_LN_LANES lanes in double. The column sums, in
- * double too, are taken over FG_LN_PARTS fixed shares of the rows, each in
- * its slice of work (2F FG_LN_PARTS doubles, required when dgamma or dbeta
- * is given), and the shares are added in order: the same result for any
- * number of threads. The shares, or without column sums the rows, are
+ * Row sums run over FG_LN_LANES lanes in double (pairs of terms added in T
+ * first). The column sums are taken over FG_LN_PARTS fixed shares of the
+ * rows, each in its slice of work (2F FG_LN_PARTS doubles, required when
+ * dgamma or dbeta is given), and the shares are added in order: the same
+ * result for any number of threads. The shares, or without column sums the rows, are
  * split over threads as in the forward. dgamma, dbeta may be NULL; dinp
  * may alias dout. */
 void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work, const T *dout,
@@ -1738,7 +1736,7 @@ void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work, const 
                     .inp = inp, .dout = dout, .gamma = gamma, .cmean = mean,
                     .crstd = rstd, .B = B, .F = F};
     if (!dgamma && !dbeta) {
-        fg_parallel(S(ln_rows_part), &a, B, S(ln_chunk)(B, F, 1));
+        fg_parallel(S(ln_rows_part), &a, B, S(ln_chunk)(B, F));
         return;
     }
     fg_parallel(S(ln_parts_part), &a, FG_LN_PARTS,

@@ -170,6 +170,22 @@ def _layouts(a):
             "strided": strided, "readonly": ro}
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_float32_gradients_are_within_a_few_ulps_of_the_largest(affine):
+    """The float32 backward forms its products and the last combination in
+    float32 and adds in double: each gradient stays within 3 float32 ulps
+    (relative to its largest element) of the float64 reference."""
+    rng = np.random.default_rng(12)
+    x, gamma, _ = data(rng, (64, 1024), F32, affine)
+    dout = rng.normal(size=x.shape).astype(F32)
+    out, mean, rstd = ops.layernorm_forward(x, gamma)
+    got = ops.layernorm_backward(dout, x, mean, rstd, gamma)
+    for name, g, want in zip(("dx", "dgamma", "dbeta"), got, ref_backward(dout, x, gamma)):
+        if g is not None:
+            err = np.abs(g - want).max() / np.abs(want).max()
+            assert err < 3 * np.finfo(F32).eps, (name, err)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_every_input_layout_gives_the_same_bits(dtype):
     rng = np.random.default_rng(3)
