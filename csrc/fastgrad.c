@@ -164,6 +164,7 @@ static void fg_pool_after_fork(void)
     fg_pool.m = fresh;
     fg_pool.wake = cond;
     fg_pool.workers = 0;
+    fg_pool.n = 0;   /* a job another thread had begun has no chunks left here */
 }
 
 static void fg_register_fork_handler(void)
