@@ -245,6 +245,10 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
     if (O <= 0) return FG_OK;
+    if (act == FG_LINEAR && !bias && !pre) {  /* a copy, at memcpy's speed */
+        if (out != inp) memcpy(out, inp, (size_t)B * (size_t)O * sizeof(T));
+        return FG_OK;
+    }
     const T a = (T)alpha;
     const ptrdiff_t rb = O < FG_BLOCK ? FG_BLOCK / O : 1;
     for (ptrdiff_t i0 = 0; i0 < B; i0 += rb) {
@@ -284,7 +288,7 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
 {
     switch (act) {
     case FG_LINEAR:
-        if (d != g) for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k];
+        if (d != g) memcpy(d, g, (size_t)n * sizeof(T));
         break;
     case FG_RELU:
         for (ptrdiff_t k = 0; k < n; k++) d[k] = SELECT(y[k] > 0, g[k], (T)0); /* vec */
@@ -386,6 +390,11 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
         if (!dbias) return FG_OK;
         act = FG_LINEAR;
         dout = dpre;
+    }
+
+    if (!dbias) {  /* element-wise alone: one loop over everything */
+        if (B > 0 && O > 0) S(slope)(dpre, dout, out, pre ? pre : out, B * O, act, a);
+        return FG_OK;
     }
 
     /* Column blocks, so that the double accumulators fit on the stack; when
