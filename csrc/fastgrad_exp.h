@@ -3,7 +3,8 @@
  * unsigned integer of ET's width, E_MANT its mantissa bits, E_BIAS its
  * exponent bias, E_MAGIC 1.5 * 2^E_MANT, E_LOG2E 1 / ln 2 and
  * E_LN2_HI + E_LN2_LO ln 2 (the high part with trailing zero bits),
- * E_LO, E_HI the clamp bounds, E_EXP_COEF and E_EXPM1_COEF the reciprocal
+ * E_LO, E_HI the clamp bounds, E_EXPM1_LO the argument below which e^x - 1
+ * rounds to -1, E_EXP_COEF and E_EXPM1_COEF the reciprocal
  * factorials of the two series, highest degree first, and E_SELECT the
  * type's branch-free select (all undefined at the end). The includer
  * writes the literals in ET: a float constant rounded through double
@@ -59,6 +60,29 @@ static inline ET E(fg_expm1_nonpos)(ET x)
     return E_SELECT(x > (ET)-0.35, x * p, E(fg_exp_nonpos)(x) - (ET)1);
 }
 
+/* e^x - 1 for x <= 0 (or NaN) in one range reduction, for tanh: with
+ * x = n ln2 + r as in fg_exp_core, e^x - 1 = 2^n (e^r - 1) + (2^n - 1),
+ * where e^r - 1 = r P(r) is the series of fg_expm1_nonpos (|r| <= ln2/2,
+ * the same range), 2^n - 1 is exact and 2^n (e^r - 1) too: the sum rounds
+ * once, without the cancellation of e^x - 1 (n = 0 leaves r P(r), exact
+ * digits down to the subnormals). x is first raised to E_EXPM1_LO, where
+ * the result is already -1 in the type, so that 2^n stays normal. NaN stays
+ * NaN. Error: about an ulp; one polynomial where fg_expm1_nonpos takes two. */
+static inline ET E(fg_expm1_reduced)(ET x)
+{
+    static const ET coef[] = E_EXPM1_COEF;
+    const int deg = (int)(sizeof coef / sizeof coef[0]);
+    x = E_SELECT(x < E_EXPM1_LO, E_EXPM1_LO, x);
+    ET t = x * E_LOG2E + E_MAGIC;                  /* round(x / ln2) in its low bits */
+    ET n = t - E_MAGIC;
+    ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
+    ET p = coef[0];
+    for (int i = 1; i < deg; i++) p = coef[i] + r * p;
+    union { ET f; EU i; } u = {.f = t};
+    u.i = (u.i + E_BIAS) << E_MANT;                /* 2^n */
+    return u.f * (r * p) + (u.f - (ET)1);
+}
+
 #undef ET
 #undef E
 #undef EU
@@ -72,4 +96,5 @@ static inline ET E(fg_expm1_nonpos)(ET x)
 #undef E_HI
 #undef E_EXP_COEF
 #undef E_EXPM1_COEF
+#undef E_EXPM1_LO
 #undef E_SELECT
