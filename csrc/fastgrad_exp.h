@@ -28,11 +28,16 @@ static inline ET E(fg_exp_core)(ET x)
     ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
     ET p = coef[0];
     for (int i = 1; i < deg; i++) p = coef[i] + r * p;
-    /* n1 = round(n / 2): n1 and n - n1 both lie within the exponent range */
-    ET t1 = n * (ET)0.5 + E_MAGIC, n1 = t1 - E_MAGIC;
-    union { ET f; EU i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + E_MAGIC};
-    u1.i = (u1.i + E_BIAS) << E_MANT;              /* 2^n1 */
-    u2.i = (u2.i + E_BIAS) << E_MANT;              /* 2^(n - n1) */
+    /* n1 = floor(n / 2) and n2 = n - n1, both within the exponent range,
+     * in integers from t's bits (those of magic + n): n + 2048 is positive,
+     * so a logical shift halves it (vectors have no 64-bit arithmetic shift
+     * before AVX-512). p 2^n1 is exact whichever way n is split. */
+    static const union { ET f; EU i; } magic = {.f = E_MAGIC};
+    union { ET f; EU i; } ut = {.f = t}, u1, u2;
+    EU k = ut.i - magic.i + (EU)2048;              /* n + 2048 > 0 */
+    EU k1 = k >> 1, k2 = k - k1;                   /* n1 + 1024, n2 + 1024 */
+    u1.i = (k1 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n1 */
+    u2.i = (k2 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n2 */
     return p * u1.f * u2.f;
 }
 
