@@ -45,7 +45,17 @@ Cases, all float32 (see README.md for the exact work on each side):
 --isa builds the extension from this checkout three times into temporary
 folders (default flags, whose clones pick AVX-512 here; CFLAGS="-march=x86-64-v3
 -DFG_NO_CLONES"; CFLAGS="-march=x86-64 -DFG_NO_CLONES") and times the act cases
-with each build on the import path.
+with each build on the import path. NumPy picks its SIMD loops at run time, so
+on an AVX-512 machine its np.exp and np.tanh run AVX-512 code whatever
+fastgrad was built for. The NumPy side is therefore timed twice more, in
+workers whose NumPy is held to each build's instruction set through
+NPY_DISABLE_CPU_FEATURES (the AVX2 build's: no dispatch target above
+X86_V3; the baseline's: none at all, NumPy's own baseline, X86_V2, being
+the closest it gets to x86-64); the names disabled are those of NumPy's
+__cpu_dispatch__ outside the build's set, and every worker reports the
+targets it had on, which must match. The table gives both ratios:
+np(all)/BUILD against the unrestricted NumPy, np(isa)/BUILD against the
+NumPy held to that build's instruction set (SciPy's loops do not dispatch).
 
 Cases from other files: a module in bench/ (or on the import path) that
 defines CASES, a list of dicts {"name", "make", "args", "impls", "reference",
@@ -927,6 +937,7 @@ def worker(case, impl, samples, target, warm, result_path):
     runs = made["run"] if isinstance(made["run"], dict) else {impl: made["run"]}
     report = {"series": measure(runs, samples, target, warm), "diff": made.get("diff"),
               "note": made.get("note")}
+    report["numpy_targets"] = numpy_targets()
     fg = sys.modules.get("fastgrad")
     if fg is not None:
         report["fastgrad"] = os.path.dirname(os.path.abspath(fg.__file__))
@@ -999,6 +1010,8 @@ def run_case(case, opts, tmp, sides=None):
         row["iqr_over_median"][key] = float((q[2] - q[0]) / q[1])
     row["notes"] = {k: r["note"] for k, r in reports.items() if r.get("note")}
     row["fastgrad_at"] = {k: r["fastgrad"] for k, r in reports.items() if "fastgrad" in r}
+    row["numpy_targets"] = {k: r["numpy_targets"] for k, r in reports.items()
+                            if "numpy_targets" in r}
     row["torch_threads"] = {k: r["threads"] for k, r in reports.items() if "threads" in r}
     row["max_rel_diff"] = check(case, reports, sides)
     ratios(case, row)
@@ -1142,6 +1155,78 @@ def environment():
 # -- --isa: the AVX2 and baseline x86-64 builds -----------------------------------------
 BUILDS = (("avx512", ""), ("avx2", "-march=x86-64-v3 -DFG_NO_CLONES"),
           ("x86-64", "-march=x86-64 -DFG_NO_CLONES"))
+# NumPy's CPU features (its names) that each build's instruction set has:
+# NumPy's dispatch targets outside the set are disabled in the workers that
+# time NumPy for that build (None: NumPy unrestricted). x86-64 has none of
+# NumPy's dispatch targets; NumPy's baseline (X86_V2 in NumPy 2) cannot be
+# disabled, so that NumPy is a step above the baseline build.
+ISA_FEATURES = {
+    "avx512": None,
+    "avx2": {"SSE", "SSE2", "SSE3", "SSSE3", "SSE41", "POPCNT", "SSE42", "X86_V2", "AVX",
+             "F16C", "FMA3", "AVX2", "X86_V3"},
+    "x86-64": {"SSE", "SSE2", "SSE3"},
+}
+
+
+def numpy_umath():
+    """NumPy's compiled core, which names its CPU features (None if not found)."""
+    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def numpy_targets():
+    """The names of NumPy's run-time dispatch targets that are on in this
+    process (after NPY_DISABLE_CPU_FEATURES), or None where NumPy does not
+    say."""
+    umath = numpy_umath()
+    dispatch = getattr(umath, "__cpu_dispatch__", None)
+    features = getattr(umath, "__cpu_features__", None)
+    if dispatch is None or features is None:
+        return None
+    return [name for name in dispatch if features.get(name)]
+
+
+def numpy_limits():
+    """build label -> the NumPy dispatch targets to disable for it (only the
+    builds whose instruction set leaves some out); exits where NumPy cannot
+    be told."""
+    dispatch = getattr(numpy_umath(), "__cpu_dispatch__", None)
+    if dispatch is None or numpy_targets() is None:
+        raise SystemExit("--isa: this NumPy does not report its dispatch targets, so "
+                         "it cannot be held to each build's instruction set")
+    limits = {}
+    for label, allowed in ISA_FEATURES.items():
+        if allowed is not None:
+            off = [name for name in dispatch if name not in allowed]
+            if off:
+                limits[label] = off
+    return limits
+
+
+def limited_numpy_env(off):
+    """The environment of a worker whose NumPy leaves out the dispatch
+    targets ``off``; checked first in a process of its own, where NumPy's
+    warnings about the variable (names it does not know) are errors and
+    the targets left on must be exactly those expected."""
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(off))
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import run; "
+            "print(json.dumps(run.numpy_targets()))")
+    proc = subprocess.run([sys.executable, "-W", "error::ImportWarning", "-c", code,
+                           os.path.dirname(os.path.abspath(__file__))],
+                          check=False, capture_output=True, text=True, env=env)
+    if proc.returncode:  # NumPy's message is its last lines
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:]) or "(no output)"
+        raise SystemExit(f"NPY_DISABLE_CPU_FEATURES={env['NPY_DISABLE_CPU_FEATURES']!r} "
+                         f"failed: {tail}")
+    on = json.loads(proc.stdout.strip().splitlines()[-1])
+    if set(on) & set(off):
+        raise SystemExit(f"NPY_DISABLE_CPU_FEATURES={env['NPY_DISABLE_CPU_FEATURES']!r} "
+                         f"took no effect: {' '.join(set(on) & set(off))} still on")
+    return env, on
 
 
 def build(label, cflags, tmp):
@@ -1160,16 +1245,28 @@ def build(label, cflags, tmp):
     return lib
 
 
+def numpy_for(label, t):
+    """The NumPy side timed for ``label``'s instruction set (the unrestricted
+    one where that build's set needs no limit)."""
+    own = f"numpy@{label}"
+    return own if own in t else "numpy"
+
+
 def isa_cells(row):
     t, out = row["seconds"], [("case", row["case"].ljust(26))]
     elements = math.prod(row["shape"])
-    for label, _ in (("numpy", None), *BUILDS):
-        if label in t:
-            out += [(label, fmt_time(row, label)),
-                    (f"{label} ns/el", f"{t[label] / elements * 1e9:.2f}")]
+    numpys = ["numpy"] + [f"numpy@{label}" for label, _ in BUILDS if f"numpy@{label}" in t]
+    for label in (*numpys, *(label for label, _ in BUILDS)):
+        if label in t:  # the limited NumPys: per element only, to keep the table narrow
+            if "@" not in label:
+                out.append((label, fmt_time(row, label)))
+            out.append((f"{label} ns/el", f"{t[label] / elements * 1e9:.2f}"))
     for label, _ in BUILDS:
         if label in t and "numpy" in t:
-            out.append((f"np/{label}", f"{t['numpy'] / t[label]:.2f}x"))
+            out.append((f"np(all)/{label}", f"{t['numpy'] / t[label]:.2f}x"))
+        same = numpy_for(label, t)
+        if label in t and same != "numpy":
+            out.append((f"np(isa)/{label}", f"{t[same] / t[label]:.2f}x"))
     for label, _ in BUILDS[1:]:
         if label in t and "avx512" in t:
             out.append((f"{label}/512", f"{t[label] / t['avx512']:.2f}"))
@@ -1186,6 +1283,14 @@ def run_isa(cases, opts, tmp):
     if " avx512f" not in flags:
         print("warning: this CPU lacks AVX-512; the 'avx512' column is the default build")
     sides = {"numpy": ("numpy", None)}
+    expected = {"numpy": numpy_targets()}
+    print(f"numpy: dispatch targets on: {' '.join(expected['numpy']) or '(none)'}")
+    for label, off in numpy_limits().items():
+        env, on = limited_numpy_env(off)
+        sides[f"numpy@{label}"] = ("numpy", env)
+        expected[f"numpy@{label}"] = on
+        print(f"numpy@{label}: NPY_DISABLE_CPU_FEATURES={env['NPY_DISABLE_CPU_FEATURES']!r}; "
+              f"dispatch targets on: {' '.join(on) or '(none: its baseline only)'}")
     for label, cflags in BUILDS:
         print(f"building the {label} extension (CFLAGS={cflags!r}) ...", flush=True)
         path = build(label, cflags, tmp)
@@ -1201,6 +1306,11 @@ def run_isa(cases, opts, tmp):
             at = row["fastgrad_at"].get(label, "")
             if at and not at.startswith(os.path.join(tmp, label) + os.sep):
                 raise SystemExit(f"the {label} worker imported fastgrad from {at}")
+        for label, want in expected.items():  # and each NumPy its own targets
+            got = row["numpy_targets"].get(label, want)
+            if got != want:
+                raise SystemExit(f"the {label} worker's NumPy had dispatch targets "
+                                 f"{got} on, not {want}")
         row["shape"] = case.args[1:3]
         rows.append(row)
         pairs = isa_cells(row)

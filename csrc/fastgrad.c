@@ -312,6 +312,7 @@ static int fg_wide_products(void)
 #define E_EXP_COEF {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
 #define E_EXPM1_COEF {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, \
                       1.0f / 6, 0.5f, 1.0f}
+#define E_EXPM1_LO (-30.0f)
 #define E_SELECT fg_select_f32
 #include "fastgrad_exp.h"
 
@@ -333,19 +334,20 @@ static int fg_wide_products(void)
                       1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
                       1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
                       1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0}
+#define E_EXPM1_LO (-40.0)
 #define E_SELECT fg_select_f64
 #include "fastgrad_exp.h"
 
 /* tanh x = -E / (2 + E) with E = e^(-2|x|) - 1, signed like x (-0 stays -0) */
 static inline float fg_tanh_f32(float x)
 {
-    float e = fg_expm1_nonpos_f32(-2.0f * fabsf(x));
+    float e = fg_expm1_reduced_f32(-2.0f * fabsf(x));
     return copysignf(-e / (2.0f + e), x);
 }
 
 static inline double fg_tanh_f64(double x)
 {
-    double e = fg_expm1_nonpos_f64(-2.0 * fabs(x));
+    double e = fg_expm1_reduced_f64(-2.0 * fabs(x));
     return copysign(-e / (2.0 + e), x);
 }
 

@@ -3,7 +3,8 @@
  * unsigned integer of ET's width, E_MANT its mantissa bits, E_BIAS its
  * exponent bias, E_MAGIC 1.5 * 2^E_MANT, E_LOG2E 1 / ln 2 and
  * E_LN2_HI + E_LN2_LO ln 2 (the high part with trailing zero bits),
- * E_LO, E_HI the clamp bounds, E_EXP_COEF and E_EXPM1_COEF the reciprocal
+ * E_LO, E_HI the clamp bounds, E_EXPM1_LO the argument below which e^x - 1
+ * rounds to -1, E_EXP_COEF and E_EXPM1_COEF the reciprocal
  * factorials of the two series, highest degree first, and E_SELECT the
  * type's branch-free select (all undefined at the end). The includer
  * writes the literals in ET: a float constant rounded through double
@@ -27,11 +28,16 @@ static inline ET E(fg_exp_core)(ET x)
     ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
     ET p = coef[0];
     for (int i = 1; i < deg; i++) p = coef[i] + r * p;
-    /* n1 = round(n / 2): n1 and n - n1 both lie within the exponent range */
-    ET t1 = n * (ET)0.5 + E_MAGIC, n1 = t1 - E_MAGIC;
-    union { ET f; EU i; } u1 = {.f = t1}, u2 = {.f = (n - n1) + E_MAGIC};
-    u1.i = (u1.i + E_BIAS) << E_MANT;              /* 2^n1 */
-    u2.i = (u2.i + E_BIAS) << E_MANT;              /* 2^(n - n1) */
+    /* n1 = floor(n / 2) and n2 = n - n1, both within the exponent range,
+     * in integers from t's bits (those of magic + n): n + 2048 is positive,
+     * so a logical shift halves it (vectors have no 64-bit arithmetic shift
+     * before AVX-512). p 2^n1 is exact whichever way n is split. */
+    static const union { ET f; EU i; } magic = {.f = E_MAGIC};
+    union { ET f; EU i; } ut = {.f = t}, u1, u2;
+    EU k = ut.i - magic.i + (EU)2048;              /* n + 2048 > 0 */
+    EU k1 = k >> 1, k2 = k - k1;                   /* n1 + 1024, n2 + 1024 */
+    u1.i = (k1 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n1 */
+    u2.i = (k2 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n2 */
     return p * u1.f * u2.f;
 }
 
@@ -59,6 +65,29 @@ static inline ET E(fg_expm1_nonpos)(ET x)
     return E_SELECT(x > (ET)-0.35, x * p, E(fg_exp_nonpos)(x) - (ET)1);
 }
 
+/* e^x - 1 for x <= 0 (or NaN) in one range reduction, for tanh: with
+ * x = n ln2 + r as in fg_exp_core, e^x - 1 = 2^n (e^r - 1) + (2^n - 1),
+ * where e^r - 1 = r P(r) is the series of fg_expm1_nonpos (|r| <= ln2/2,
+ * the same range), 2^n - 1 is exact and 2^n (e^r - 1) too: the sum rounds
+ * once, without the cancellation of e^x - 1 (n = 0 leaves r P(r), exact
+ * digits down to the subnormals). x is first raised to E_EXPM1_LO, where
+ * the result is already -1 in the type, so that 2^n stays normal. NaN stays
+ * NaN. Error: about an ulp; one polynomial where fg_expm1_nonpos takes two. */
+static inline ET E(fg_expm1_reduced)(ET x)
+{
+    static const ET coef[] = E_EXPM1_COEF;
+    const int deg = (int)(sizeof coef / sizeof coef[0]);
+    x = E_SELECT(x < E_EXPM1_LO, E_EXPM1_LO, x);
+    ET t = x * E_LOG2E + E_MAGIC;                  /* round(x / ln2) in its low bits */
+    ET n = t - E_MAGIC;
+    ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
+    ET p = coef[0];
+    for (int i = 1; i < deg; i++) p = coef[i] + r * p;
+    union { ET f; EU i; } u = {.f = t};
+    u.i = (u.i + E_BIAS) << E_MANT;                /* 2^n */
+    return u.f * (r * p) + (u.f - (ET)1);
+}
+
 #undef ET
 #undef E
 #undef EU
@@ -72,4 +101,5 @@ static inline ET E(fg_expm1_nonpos)(ET x)
 #undef E_HI
 #undef E_EXP_COEF
 #undef E_EXPM1_COEF
+#undef E_EXPM1_LO
 #undef E_SELECT

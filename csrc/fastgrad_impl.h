@@ -111,6 +111,24 @@ FG_INLINE void S(lanes_add)(double *acc, const T *x, ptrdiff_t n)
     for (int j = 0; k < n; k++, j++) acc[j] += (double)x[k];
 }
 
+/* The first k < n with y[k] == v, else n: 16 elements at a time, their
+ * comparisons folded into one flag in a loop that vectorizes (in double
+ * too, but for SSE2), then the place inside the first block with one. */
+FG_INLINE ptrdiff_t S(first_equal)(const T *y, ptrdiff_t n, T v)
+{
+    ptrdiff_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        int hit = 0;
+#if defined(__GNUC__)
+#pragma GCC unroll 1
+#endif
+        for (int j = 0; j < 16; j++) hit |= y[k + j] == v; /* vec f32 */
+        if (hit) break;
+    }
+    while (k < n && !(y[k] == v)) k++;
+    return k;
+}
+
 /* Log-softmax of one row of length O > 0, in place on y (which holds z on
  * entry): y = (z - m) - log(1 + sum over the other entries of e^(z - m)),
  * m the first maximum, whose own term (exactly 1) is left out of the sum so
@@ -123,8 +141,7 @@ FG_INLINE void S(log_softmax_row)(T *y, ptrdiff_t O)
     const T m = S(row_max)(y, O);
     /* its first place: a search that stops there (NaN m, only when y[0]
      * is NaN: place 0) */
-    ptrdiff_t im = 0;
-    while (im < O && !(y[im] == m)) im++;
+    ptrdiff_t im = S(first_equal)(y, O, m);
     if (im == O) im = 0;
     double acc[16] = {0};
     for (ptrdiff_t j0 = 0; j0 < O; j0 += CH) {
@@ -139,16 +156,24 @@ FG_INLINE void S(log_softmax_row)(T *y, ptrdiff_t O)
 }
 
 /* Softmax of nr rows of length O > 0, in place on y (which holds z on
- * entry): each row less its maximum, then one exponential loop over the
- * whole block (long even when rows are short), then each row times
- * 1 / its sum. */
+ * entry): each row less its maximum, then exponentials, then each row times
+ * 1 / its sum. Rows of 64 or more take their exponentials in the same loop
+ * as the subtraction; shorter ones, after, in one loop over the whole block
+ * (long even when rows are short). The same operations either way. */
 FG_INLINE void S(softmax_rows)(T *y, ptrdiff_t nr, ptrdiff_t O)
 {
-    for (ptrdiff_t i = 0; i < nr; i++) {
-        T *r = y + i * O, m = S(row_max)(r, O);
-        for (ptrdiff_t j = 0; j < O; j++) r[j] = r[j] - m; /* vec */
+    if (O >= 64) {
+        for (ptrdiff_t i = 0; i < nr; i++) {
+            T *r = y + i * O, m = S(row_max)(r, O);
+            for (ptrdiff_t j = 0; j < O; j++) r[j] = EXP_NONPOS(r[j] - m); /* vec */
+        }
+    } else {
+        for (ptrdiff_t i = 0; i < nr; i++) {
+            T *r = y + i * O, m = S(row_max)(r, O);
+            for (ptrdiff_t j = 0; j < O; j++) r[j] = r[j] - m; /* vec */
+        }
+        for (ptrdiff_t k = 0; k < nr * O; k++) y[k] = EXP_NONPOS(y[k]); /* vec */
     }
-    for (ptrdiff_t k = 0; k < nr * O; k++) y[k] = EXP_NONPOS(y[k]); /* vec */
     for (ptrdiff_t i = 0; i < nr; i++) {
         T *r = y + i * O, inv = (T)(1.0 / S(row_dot)(r, NULL, O));
         for (ptrdiff_t j = 0; j < O; j++) r[j] *= inv; /* vec */
@@ -245,6 +270,10 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
     if (O <= 0) return FG_OK;
+    if (act == FG_LINEAR && !bias && !pre) {  /* a copy, at memcpy's speed */
+        if (out != inp) memcpy(out, inp, (size_t)B * (size_t)O * sizeof(T));
+        return FG_OK;
+    }
     const T a = (T)alpha;
     const ptrdiff_t rb = O < FG_BLOCK ? FG_BLOCK / O : 1;
     for (ptrdiff_t i0 = 0; i0 < B; i0 += rb) {
@@ -284,7 +313,7 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
 {
     switch (act) {
     case FG_LINEAR:
-        if (d != g) for (ptrdiff_t k = 0; k < n; k++) d[k] = g[k];
+        if (d != g) memcpy(d, g, (size_t)n * sizeof(T));
         break;
     case FG_RELU:
         for (ptrdiff_t k = 0; k < n; k++) d[k] = SELECT(y[k] > 0, g[k], (T)0); /* vec */
@@ -386,6 +415,11 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
         if (!dbias) return FG_OK;
         act = FG_LINEAR;
         dout = dpre;
+    }
+
+    if (!dbias) {  /* element-wise alone: one loop over everything */
+        if (B > 0 && O > 0) S(slope)(dpre, dout, out, pre ? pre : out, B * O, act, a);
+        return FG_OK;
     }
 
     /* Column blocks, so that the double accumulators fit on the stack; when
