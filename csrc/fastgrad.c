@@ -82,6 +82,7 @@ typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
     && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__) && !defined(FG_NO_THREADS)
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
@@ -201,11 +202,20 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, fg_register_fork_handler);
     pthread_mutex_lock(&fg_pool.m);
-    while (fg_pool.workers < want - 1) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, fg_worker, NULL) != 0) break;
-        pthread_detach(t);
-        fg_pool.workers++;
+    if (fg_pool.workers < want - 1) {
+        /* workers start with every signal blocked, so that signals meant
+         * for the process (SIGINT, a timer's SIGALRM) reach the threads of
+         * the program, whose handlers expect them, never these */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        while (fg_pool.workers < want - 1) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, fg_worker, NULL) != 0) break;
+            pthread_detach(t);
+            fg_pool.workers++;
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
     const long long job = (long long)((atomic_fetch_add(&fg_pool.job, 1) + 1) & 0x7fffffffUL);
     fg_pool.fn = fn;
