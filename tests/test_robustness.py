@@ -81,6 +81,9 @@ def test_keyboard_interrupt_during_fit_leaves_a_completed_step():
     # a timer signal whose handler sends SIGINT, as Ctrl-C would: no thread
     # of the test's own is running when it lands
     previous = signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # Python's own Ctrl-C handler, also where the test process started with
+    # SIGINT ignored (a command run in the background by a shell)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for trial in range(40):
             model = _model()
@@ -101,6 +104,7 @@ def test_keyboard_interrupt_during_fit_leaves_a_completed_step():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert interrupted >= 20
 
 
