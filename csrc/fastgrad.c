@@ -70,8 +70,8 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
  * up to fg_threads - 1 workers of a small pool. The caller takes chunks too
  * and waits only for chunks a worker has begun, so a worker that a busy
  * machine does not schedule costs at most one chunk: the call is never much
- * slower than one thread. Workers sleep on a condition variable between
- * calls (no spinning that would take a core from the BLAS). A chunk's result
+ * slower than one thread. Between calls workers poll briefly, yielding,
+ * then sleep on a condition variable (fg_new_job_soon). A chunk's result
  * does not depend on which thread computed it, so results are the same for
  * any number of threads. One parallel call at a time: a second caller runs
  * its work alone. Without POSIX threads and C11 atomics, everything runs on
@@ -94,13 +94,14 @@ static struct {
     pthread_cond_t wake;
     atomic_ulong job;          /* bumped for each call (under m) */
     int workers;               /* started */
+    int active;                /* workers that take part in the current job */
     fg_range_fn fn;
     void *ctx;
     ptrdiff_t n, chunk;
     atomic_llong next;         /* job << 32 | next chunk: a claim names its job */
     atomic_llong finished;     /* chunks done in the current job */
 } fg_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
-             PTHREAD_COND_INITIALIZER, 0, 0, NULL, NULL, 0, 0, 0, 0};
+             PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0};
 static atomic_int fg_threads = 0;   /* 0: one per online CPU */
 
 /* Claims and runs chunks of job `job` until none is left. */
@@ -124,22 +125,22 @@ static void fg_run_chunks(long long job, fg_range_fn fn, void *ctx, ptrdiff_t n,
 #ifndef FG_SPIN_NS
 #define FG_SPIN_NS 100000
 #endif
-static int fg_new_job_soon(unsigned long seen)
+static void fg_new_job_soon(unsigned long seen)
 {
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        if (atomic_load(&fg_pool.job) != seen) return 1;
+    while (atomic_load(&fg_pool.job) == seen) {
         clock_gettime(CLOCK_MONOTONIC, &t);
         if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > FG_SPIN_NS)
-            return 0;
+            return;
         sched_yield();
     }
 }
 
-static void *fg_worker(void *unused)
+/* Worker number id (from 0); it skips jobs that want fewer workers. */
+static void *fg_worker(void *id)
 {
-    (void)unused;
+    const int me = (int)(intptr_t)id;
     unsigned long seen = 0;
     for (;;) {
         fg_new_job_soon(seen);
@@ -150,8 +151,9 @@ static void *fg_worker(void *unused)
         fg_range_fn fn = fg_pool.fn;
         void *ctx = fg_pool.ctx;
         ptrdiff_t n = fg_pool.n, chunk = fg_pool.chunk;
+        const int takes_part = me < fg_pool.active;
         pthread_mutex_unlock(&fg_pool.m);
-        fg_run_chunks((long long)(seen & 0x7fffffffUL), fn, ctx, n, chunk);
+        if (takes_part) fg_run_chunks((long long)(seen & 0x7fffffffUL), fn, ctx, n, chunk);
     }
     return NULL;
 }
@@ -211,13 +213,15 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
         pthread_sigmask(SIG_SETMASK, &all, &old);
         while (fg_pool.workers < want - 1) {
             pthread_t t;
-            if (pthread_create(&t, NULL, fg_worker, NULL) != 0) break;
+            if (pthread_create(&t, NULL, fg_worker, (void *)(intptr_t)fg_pool.workers) != 0)
+                break;
             pthread_detach(t);
             fg_pool.workers++;
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
     const long long job = (long long)((atomic_fetch_add(&fg_pool.job, 1) + 1) & 0x7fffffffUL);
+    fg_pool.active = want - 1;
     fg_pool.fn = fn;
     fg_pool.ctx = ctx;
     fg_pool.n = n;

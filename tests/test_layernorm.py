@@ -260,7 +260,7 @@ def test_results_do_not_depend_on_the_thread_count(dtype, affine, kernel_threads
     assert x.size >= 131072                     # past the threshold: the pool is used
     kernel_threads(1)
     one = _ln_bytes(x, gamma, beta, dout)
-    for n in (2, 3, 7):
+    for n in (2, 7, 3):        # 3 after 7: four of the six workers sit out
         kernel_threads(n)
         assert _ln_bytes(x, gamma, beta, dout) == one, n
     want, (rdx, rdg, rdb) = ref_forward(x, gamma, beta), ref_backward(dout, x, gamma)
