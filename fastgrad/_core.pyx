@@ -20,9 +20,9 @@ ACTIVATION_CODES = {
     "relu6": FG_RELU6, "hard_sigmoid": FG_HARD_SIGMOID, "hard_silu": FG_HARD_SILU,
     "mish": FG_MISH, "exponential": FG_EXPONENTIAL, "log_softmax": FG_LOG_SOFTMAX,
 }
-# names Keras gives to the same functions
 # float64 elements of layernorm_backward's work buffer per feature
 LAYERNORM_WORK = 2 * FG_LN_PARTS
+# names Keras gives to the same functions
 ACTIVATION_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
 ACTIVATIONS_NEEDING_PRE = frozenset(
     name for name, code in ACTIVATION_CODES.items() if fg_activation_needs_pre(code))
