@@ -76,8 +76,6 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
  * any number of threads. One parallel call at a time: a second caller runs
  * its work alone. Without POSIX threads and C11 atomics, everything runs on
  * the calling thread. */
-typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
-
 #if (defined(__unix__) || defined(__APPLE__)) && defined(__STDC_VERSION__) \
     && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__) && !defined(FG_NO_THREADS)
 #include <pthread.h>
@@ -245,6 +243,11 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
     if (n > 0) fn(ctx, 0, n);
 }
 #endif
+
+void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
+{
+    fg_parallel(fn, ctx, n, chunk);
+}
 
 int fg_activation_needs_pre(int act)
 {

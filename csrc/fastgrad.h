@@ -110,6 +110,12 @@ typedef struct {
 void fg_set_threads(int n);
 int fg_get_threads(void);
 
+/* Runs fn(ctx, lo, hi) over [0, n) in chunks of `chunk` on those threads,
+ * the caller's included (the bindings split one-row BLAS products with it).
+ * fn must give the same result whichever thread runs a chunk. */
+typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
+void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk);
+
 /* LayerNormalization's backward takes its column sums over this many fixed
  * shares of the rows: its work buffer holds 2 F FG_LN_PARTS doubles. */
 #define FG_LN_PARTS 8

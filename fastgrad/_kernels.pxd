@@ -1,5 +1,6 @@
 # Declarations of csrc/fastgrad.h, mirrored for Cython.
 from libc.stdint cimport int64_t, uint64_t
+from libc.stddef cimport ptrdiff_t
 
 cdef extern from "fastgrad.h" nogil:
     # every code, by name, as fastgrad.h declares it
@@ -25,6 +26,8 @@ cdef extern from "fastgrad.h" nogil:
     enum: FG_LN_PARTS
     void fg_set_threads(int n) nogil
     int fg_get_threads() nogil
+    ctypedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi) noexcept nogil
+    void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk) nogil
 
     ctypedef struct fg_loss_params:
         double delta, alpha, gamma

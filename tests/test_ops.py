@@ -628,7 +628,10 @@ def test_dense_backward_options(act, use_bias, need_dx, dtype):
         assert dx is None
 
 
-MATMUL_SIZES = [(1, 1, 1), (33, 17, 29), (2, 700, 3), (5, 0, 3), (0, 4, 2), (4, 3, 0)]
+# one row past 131072 matrix elements: the product is split over threads
+# (by terms of the sum, or by outputs; not by terms past 1024 outputs)
+MATMUL_SIZES = [(1, 1, 1), (33, 17, 29), (2, 700, 3), (5, 0, 3), (0, 4, 2), (4, 3, 0),
+                (1, 517, 263), (1, 130, 1100)]
 
 
 @pytest.mark.parametrize("mkn", MATMUL_SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -650,6 +653,23 @@ def test_matmul(trans_a, trans_b, dtype, mkn):
     got = ops.matmul(a, b, out=out, trans_a=trans_a, trans_b=trans_b)
     assert_close(got, want, dtype, bound, f)
     assert_close(out, want, dtype, bound, f)  # written in place
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+def test_one_row_products_do_not_depend_on_the_thread_count(trans_b, dtype):
+    rng = np.random.default_rng(4)
+    a = normal(rng, (1, 777), dtype, std=1.0)
+    b = normal(rng, (333, 777) if trans_b else (777, 333), dtype, std=1.0)
+    try:
+        _core.set_kernel_threads(1)
+        want = ops.matmul(a, b, trans_b=trans_b).tobytes()
+        for n in (2, 3, 4):
+            _core.set_kernel_threads(n)
+            for _ in range(3):
+                assert ops.matmul(a, b, trans_b=trans_b).tobytes() == want, n
+    finally:
+        _core.set_kernel_threads(0)
 
 
 # ---------------------------------------------------------------------------
