@@ -9,9 +9,12 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport ceil, fabs, log, sqrt
 from libc.stddef cimport ptrdiff_t
 from libc.string cimport memset
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 from fastgrad._kernels cimport *
+
+import numpy as np
 
 # The Python tables of the codes fastgrad.h declares, built from its enums.
 ACTIVATION_CODES = {
@@ -592,6 +595,218 @@ def any_abs_above(const floating[::1] x not None, double limit):
     with nogil:
         r = _any_above(_cptr1(x), x.shape[0], limit)
     return r != 0
+
+
+cdef struct _dense_link:
+    int n_in, n_out, act
+    double alpha
+    void *kernel
+    void *bias       # NULL without a bias
+    void *out        # (rows, O)
+    void *pre        # (rows, O), NULL unless the derivative needs z
+    void *dkernel
+    void *dbias
+    void *dx         # (rows, I), NULL for the first layer
+
+
+cdef int _chain_forward(_dense_link *links, int n, const floating *x, int B,
+                        int last_act) noexcept nogil:
+    cdef int i, s, act
+    cdef _dense_link *L
+    cdef floating *inp = <floating *>x
+    for i in range(n):
+        L = &links[i]
+        act = last_act if i == n - 1 else L.act
+        _gemm(False, False, B, L.n_out, L.n_in, 1.0, inp, L.n_in, <floating *>L.kernel, L.n_out, 0.0,
+              <floating *>L.out, L.n_out)
+        s = _bias_act(<floating *>L.out, <floating *>L.pre, <floating *>L.out,
+                      <floating *>L.bias, B, L.n_out, act, L.alpha, NULL)
+        if s != FG_OK:
+            return s
+        inp = <floating *>L.out
+    return FG_OK
+
+
+cdef int _chain_backward(_dense_link *links, int n, const floating *x, int B, int last_act,
+                         floating *dlast) noexcept nogil:
+    cdef int i, s, act
+    cdef _dense_link *L
+    cdef floating *d = dlast
+    cdef floating *inp
+    for i in range(n - 1, -1, -1):
+        L = &links[i]
+        act = last_act if i == n - 1 else L.act
+        # d (the gradient at the layer's output) becomes the pre-activation's
+        s = _act_back(d, <floating *>L.dbias, d, <floating *>L.out, <floating *>L.pre, B, L.n_out,
+                      act, L.alpha)
+        if s != FG_OK:
+            return s
+        inp = <floating *>x if i == 0 else <floating *>links[i - 1].out
+        _gemm(True, False, L.n_in, L.n_out, B, 1.0, inp, L.n_in, d, L.n_out, 0.0, <floating *>L.dkernel, L.n_out)
+        if i > 0:
+            _gemm(False, True, B, L.n_in, L.n_out, 1.0, d, L.n_out, <floating *>L.kernel, L.n_out, 0.0,
+                  <floating *>L.dx, L.n_in)
+            d = <floating *>L.dx
+    return FG_OK
+
+
+cdef class DenseChain:
+    """A stack of Dense layers run by one compiled call each way (the model's
+    fast path when every layer is Dense): forward is dense_forward layer
+    after layer, backward dense_backward from the last layer to the first,
+    with the same kernels in the same order, so the same bits.
+
+    layers: one tuple per layer, (kernel (I,O), bias (O) or None, out
+    (rows,O), pre (rows,O) or None, dkernel (I,O), dbias (O) or None, dx
+    (rows,I) or None, act, alpha), all C-contiguous float32 or all float64,
+    each layer's I the previous layer's O; dx None only for the first
+    layer, pre None only when the activation does not need it, dbias given
+    exactly with bias. rows is the most rows a call may take. Every array is
+    checked here, once, and held: the calls use their addresses."""
+    cdef _dense_link *links
+    cdef int n, rows, last_act, ready
+    cdef bint dbl
+    cdef object keep, outs
+    cdef const float[:, ::1] xf
+    cdef const double[:, ::1] xd
+
+    def __cinit__(self, list layers, Py_ssize_t rows):
+        self.n = len(layers)
+        _check(self.n > 0, "layers: expected at least one layer")
+        _check(0 < rows <= INT_MAX, "rows: expected 1 to INT_MAX")
+        self.rows, self.ready = <int>rows, 0
+        self.links = <_dense_link *>PyMem_Malloc(self.n * sizeof(_dense_link))
+        if self.links == NULL:
+            raise MemoryError()
+        memset(self.links, 0, self.n * sizeof(_dense_link))
+        self.dbl = getattr(layers[0][0], "dtype", None) == np.float64
+        self.keep = []
+        cdef Py_ssize_t i, I, O
+        cdef _dense_link *L
+        for i, spec in enumerate(layers):
+            if not isinstance(spec, tuple) or len(spec) != 9:
+                raise TypeError(f"layers[{i}]: expected a tuple of 9 entries")
+            kernel, bias, out, pre, dkernel, dbias, dx, act, alpha = spec
+            _check_act(act)
+            L = &self.links[i]
+            kernel_shape = getattr(kernel, "shape", ())
+            if len(kernel_shape) != 2:
+                raise ValueError(f"layers[{i}]: kernel: expected a 2-D array")
+            I, O = kernel_shape
+            _blas_size(I, "kernel"); _blas_size(O, "kernel")
+            if i > 0 and I != self.links[i - 1].n_out:
+                raise ValueError(f"layers[{i}]: kernel: expected {self.links[i - 1].n_out} rows "
+                                 f"(the previous layer's units), got {I}")
+            _check(I > 0 and O > 0, f"layers[{i}]: kernel: expected no empty side")
+            L.n_in, L.n_out, L.act, L.alpha = <int>I, <int>O, act, alpha
+            L.kernel = self._addr(kernel, I, O, False, i, "kernel")
+            L.out = self._addr(out, rows, O, True, i, "out")
+            L.dkernel = self._addr(dkernel, I, O, True, i, "dkernel")
+            if (bias is None) != (dbias is None):
+                raise ValueError(f"layers[{i}]: bias and dbias: expected both or neither")
+            if bias is not None:
+                L.bias = self._addr(bias, 1, O, False, i, "bias")
+                L.dbias = self._addr(dbias, 1, O, True, i, "dbias")
+            if pre is not None:
+                L.pre = self._addr(pre, rows, O, True, i, "pre")
+            elif fg_activation_needs_pre(act):
+                raise ValueError(f"layers[{i}]: pre: this activation's derivative needs "
+                                 "the pre-activation")
+            if (dx is None) != (i == 0):
+                raise ValueError(f"layers[{i}]: dx: expected None for the first layer only")
+            if dx is not None:
+                L.dx = self._addr(dx, rows, I, True, i, "dx")
+        self.outs = layers[self.n - 1][2]
+
+    def __dealloc__(self):
+        PyMem_Free(self.links)
+
+    cdef void *_addr(self, a, Py_ssize_t r, Py_ssize_t c, bint write, Py_ssize_t i,
+                     str name) except NULL:
+        """a's data, checked: dtype, C order, (r, c) elements (2-D; or (c,)
+        when r is 1 and a is 1-D), writable when write. a is held."""
+        cdef const float[:, ::1] f2
+        cdef const double[:, ::1] d2
+        cdef float[:, ::1] wf2
+        cdef double[:, ::1] wd2
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"layers[{i}]: {name}: expected a NumPy array, got {type(a).__name__}")
+        want = np.float64 if self.dbl else np.float32
+        if a.dtype != want:
+            raise TypeError(f"layers[{i}]: {name}: expected {np.dtype(want)}, got {a.dtype}")
+        if r == 1 and a.ndim == 1:
+            shape = (c,)
+        else:
+            shape = (r, c)
+        if a.shape != shape:
+            raise ValueError(f"layers[{i}]: {name}: expected shape {shape}, got {a.shape}")
+        a2 = a.reshape(r, c) if a.ndim == 1 else a
+        if write and not a.flags.writeable:
+            raise ValueError(f"layers[{i}]: {name}: expected a writable array")
+        self.keep.append(a2)
+        if self.dbl:
+            if write:
+                wd2 = a2
+                return &wd2[0, 0]
+            d2 = a2
+            return <void *>&d2[0, 0]
+        if write:
+            wf2 = a2
+            return &wf2[0, 0]
+        f2 = a2
+        return <void *>&f2[0, 0]
+
+    def forward(self, x, bint logits=False):
+        """The last layer's outputs for x (rows, I of the first layer), a view
+        of its out buffer; with logits the last activation is left out (the
+        loss applies it). The input is held for backward."""
+        cdef Py_ssize_t B, I0 = self.links[0].n_in
+        cdef int s
+        self.ready = 0
+        if self.dbl:
+            self.xd = x
+            B, c = self.xd.shape[0], self.xd.shape[1]
+        else:
+            self.xf = x
+            B, c = self.xf.shape[0], self.xf.shape[1]
+        if c != I0:
+            raise ValueError(f"x: expected {I0} features per row, got {c}")
+        if not 0 < B <= self.rows:
+            raise ValueError(f"x: expected 1 to {self.rows} rows, got {B}")
+        self.last_act = 0 if logits else self.links[self.n - 1].act
+        with nogil:
+            if self.dbl:
+                s = _chain_forward(self.links, self.n, &self.xd[0, 0], <int>B, self.last_act)
+            else:
+                s = _chain_forward(self.links, self.n, &self.xf[0, 0], <int>B, self.last_act)
+        if s != FG_OK:
+            _raise(s)
+        self.ready = <int>B
+        return self.outs[:B]
+
+    def backward(self, d):
+        """Gradients of every layer from d, the gradient at the last forward's
+        outputs (its rows, the last layer's units), which is overwritten (as
+        are the layers' dx buffers): dkernel, dbias as in dense_backward."""
+        cdef float[:, ::1] df
+        cdef double[:, ::1] dd
+        cdef int s, B = self.ready, O = self.links[self.n - 1].n_out
+        _check(B > 0, "backward: no forward to go back through")
+        if self.dbl:
+            dd = d
+            _same2(dd, B, O, "d")
+        else:
+            df = d
+            _same2(df, B, O, "d")
+        with nogil:
+            if self.dbl:
+                s = _chain_backward(self.links, self.n, &self.xd[0, 0], B, self.last_act,
+                                    &dd[0, 0])
+            else:
+                s = _chain_backward(self.links, self.n, &self.xf[0, 0], B, self.last_act,
+                                    &df[0, 0])
+        if s != FG_OK:
+            _raise(s)
 
 
 cdef class TensorTable:

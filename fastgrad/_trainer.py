@@ -314,7 +314,8 @@ class Trainer:
                 try:
                     for layer in stat_layers:
                         layer.collect_stats = activation_stats
-                    loss, _ = self._forward_backward(*data)
+                    # each layer's own call: the one that gathers statistics
+                    loss, _ = self._forward_backward(*data, compiled=False)
                 finally:
                     for layer in stat_layers:
                         layer.collect_stats = False

@@ -23,7 +23,7 @@ from fastgrad import _core, losses, metrics as metrics_mod, ops, \
 from fastgrad._model_api import KerasModelAPI, check_compile_extras, clone_model, model_from_json
 from fastgrad._trainer import Trainer, locked
 from fastgrad._utils import check_int
-from fastgrad.layers import InputLayer, Layer, _features
+from fastgrad.layers import Dense, InputLayer, Layer, _features
 from fastgrad.saving import load_model, save_model
 from fastgrad.variables import HasVariables
 
@@ -73,7 +73,7 @@ class Sequential(Trainer, KerasModelAPI, HasVariables):
         self.stop_training = False
         self.history = None
         self._rng = utils.model_generator(self.seed)
-        self._cap = 0
+        self._cap, self._chain = 0, None
         self._lock = threading.RLock()
         for layer in layers or []:
             self.add(layer)
@@ -143,7 +143,7 @@ class Sequential(Trainer, KerasModelAPI, HasVariables):
         """New buffers for the current layers, with the weights they had."""
         kept = {id(layer): {k: v.copy() for k, v in layer.weights.items()}
                 for layer in self.layers if layer.weights}
-        self._built, self._cap = False, 0
+        self._built, self._cap, self._chain = False, 0, None
         if self.optimizer is not None:
             self.optimizer._moments = {}   # moments of another layout start over
         if not self.layers:
@@ -298,10 +298,26 @@ class Sequential(Trainer, KerasModelAPI, HasVariables):
             layer.allocate(batch, self.dtype, need_dx=i > 0)
         self._dlogits = np.empty((batch, self.output_dim), self.dtype)
         self._prob = np.empty((batch, self.output_dim), self.dtype)
+        self._chain = self._dense_chain(batch)
         # last: an interrupt in between leaves the buffers to be grown again
         self._cap = batch
 
-    def _forward(self, x, training, logits):
+    def _dense_chain(self, batch):
+        """The compiled pass over every layer (_core.DenseChain) when all of
+        them are Dense, else None (each layer runs its own call)."""
+        if not all(type(layer) is Dense for layer in self.layers):
+            return None
+        return _core.DenseChain(
+            [(d.weights["kernel"], d.weights.get("bias"), d._out, d._pre,
+              d.grads["kernel"], d.grads.get("bias"), d._dx, d._code, d._alpha)
+             for d in self.layers], batch)
+
+    def _forward(self, x, training, logits, compiled=True):
+        """The outputs of a batch (logits: without the last activation,
+        which the loss applies); compiled=False runs each layer's own call
+        (the path that can gather activation statistics)."""
+        if compiled and self._chain is not None:
+            return self._chain.forward(x, logits)
         h = x
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -327,14 +343,18 @@ class Sequential(Trainer, KerasModelAPI, HasVariables):
         for m in self.metrics:
             m._update(pred, target, labels, None)
 
-    def _forward_backward(self, x, target, labels, weights=None):
+    def _forward_backward(self, x, target, labels, weights=None, compiled=True):
         """(loss, predictions) of a batch in training mode; the gradients
         land in self.grads (weights as in _batch_loss). Callers have checked
         that the batch has rows (fastgrad._data.check_rows), so no layer
         refuses it after others have run."""
-        h = self._forward(x, True, self._fused)
+        compiled = compiled and self._chain is not None
+        h = self._forward(x, True, self._fused, compiled)
         d = self._dlogits[:x.shape[0]]
         loss, pred = self._batch_loss(h, target, labels, d, weights)
+        if compiled:
+            self._chain.backward(d)
+            return loss, pred
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(d, i > 0)
         return loss, pred

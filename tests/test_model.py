@@ -363,6 +363,46 @@ def test_train_on_batch_makes_no_batch_sized_temporaries(optimizer, bn):
     assert peak - base < 16 * 1024, f"peak {peak - base} bytes above the steady state"
 
 
+@pytest.mark.parametrize("dense_only", [True, False], ids=["dense-chain", "layer-calls"])
+def test_fit_steady_state_makes_no_batch_sized_temporaries(dense_only):
+    """Inside fit, from the sixth step to the thirty-sixth: nothing retained,
+    and no temporary near a batch's size (a (32, 784) float32 gather is
+    100 KB, a (32, 256) activation 32 KiB); the batch logs a callback gets
+    are the small dicts Keras's are too."""
+    rng = np.random.default_rng(0)
+    model = fg.Sequential([Dense(256, "relu", input_dim=784)]
+                          + ([] if dense_only else [fg.layers.Dropout(0.2)])
+                          + [Dense(256, "relu"), Dense(10, "softmax")], seed=0)
+    model.compile(optimizer=fg.optimizers.Adam(global_clipnorm=1.0),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = rng.normal(size=(32 * 40, 784)).astype(F32)
+    y = rng.integers(0, 10, 32 * 40)
+
+    class Probe(fg.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 5:
+                gc.collect()
+                tracemalloc.reset_peak()
+                self.base = tracemalloc.get_traced_memory()[0]
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 35:
+                self.peak = tracemalloc.get_traced_memory()[1]
+                gc.collect()
+                self.growth = tracemalloc.get_traced_memory()[0] - self.base
+
+    probe = Probe()
+    model.fit(x, y, epochs=1, verbose=0)          # buffers and moments exist
+    tracemalloc.start()
+    try:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[probe])
+    finally:
+        tracemalloc.stop()
+    assert (model._chain is not None) == dense_only
+    assert probe.growth <= SLACK, f"{probe.growth} bytes retained over 30 steps"
+    assert probe.peak - probe.base < 16 * 1024, f"peak {probe.peak - probe.base} bytes"
+
+
 # ---------------------------------------------------------------------------
 # 4. seeds and building
 # ---------------------------------------------------------------------------
@@ -850,3 +890,133 @@ def test_initializer_object_with_seed_is_repeatable(cls):
     k2 = fg.Sequential([Dense(20, kernel_initializer=init, input_dim=30)],
                        dtype="float64", seed=2).get_weights()[0]
     assert np.array_equal(k1, a) and np.array_equal(k2, a)
+
+
+# ---------------------------------------------------------------------------
+# 10. the compiled Dense chain (the path of models made only of Dense layers)
+# ---------------------------------------------------------------------------
+
+CHAIN_SPECS = {
+    "relu-softmax": [("dense", 24, "relu"), ("dense", 16, "tanh"), ("dense", 5, "softmax")],
+    "needs-pre": [("dense", 24, "gelu"), ("dense", 16, "silu"), ("dense", 5, "sigmoid")],
+    "one-layer": [("dense", 5, "linear")],
+}
+
+
+def _chain_model(spec, dtype, loss, use_bias=True):
+    model = fg.Sequential(make_layers(CHAIN_SPECS[spec], 9, use_bias=use_bias), dtype=dtype,
+                          seed=3)
+    model.compile(optimizer="sgd", loss=loss)
+    return model
+
+
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("loss", ["categorical_crossentropy", "mse"])
+@pytest.mark.parametrize("spec", CHAIN_SPECS)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_dense_chain_gives_the_bits_of_the_layers_own_calls(dtype, spec, loss, use_bias):
+    """One compiled call per direction runs the same kernels in the same order
+    as each layer's own calls: outputs, loss and every gradient agree bit for
+    bit (the fused softmax + cross-entropy included)."""
+    model = _chain_model(spec, dtype, loss, use_bias)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(13, 9)).astype(dtype)
+    y = np.eye(5, dtype=dtype)[rng.integers(0, 5, 13)]
+    model._prepare(13)
+    assert model._chain is not None
+    results = []
+    for compiled in (True, False):
+        model.grads[...] = np.nan
+        loss_value, pred = model._forward_backward(x, y, None, None, compiled=compiled)
+        results.append((loss_value, pred.copy(), model.grads.copy(),
+                        model._forward(x, False, False, compiled).copy()))
+    (l1, p1, g1, o1), (l2, p2, g2, o2) = results
+    assert l1 == l2
+    assert p1.tobytes() == p2.tobytes() and o1.tobytes() == o2.tobytes()
+    assert g1.tobytes() == g2.tobytes() and np.isfinite(g1).all()
+
+
+def test_dense_chain_only_for_models_of_dense_layers_and_renewed_on_rebuild():
+    model = _chain_model("relu-softmax", F32, "mse")
+    x = np.random.default_rng(0).normal(size=(4, 9)).astype(F32)
+    model(x)
+    first = model._chain
+    assert first is not None
+    model.add(fg.layers.Dropout(0.1))             # not Dense: each layer's own calls
+    out = model(x)
+    assert model._chain is None
+    ref = x
+    for w, b, act in zip(model.get_weights()[::2], model.get_weights()[1::2],
+                         ["relu", "tanh", "softmax"]):
+        ref = ref_act(act, ref.astype(F64) @ w + b)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    model.pop()
+    model.add(Dense(3))                           # new weights: a new chain
+    out = model(x)
+    assert model._chain is not None and model._chain is not first
+    assert out.shape == (4, 3)
+    h = ref @ model.get_weights()[-2] + model.get_weights()[-1]
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
+
+
+def _read_only(shape):
+    a = np.ones(shape, F32)
+    a.setflags(write=False)
+    return a
+
+
+def _chain_args(dtype=F32, rows=4):
+    k0, k1 = np.ones((3, 5), dtype), np.ones((5, 2), dtype)
+    return [(k0, np.zeros(5, dtype), np.empty((rows, 5), dtype), None, np.empty_like(k0),
+             np.empty(5, dtype), None, 1, 0.0),
+            (k1, None, np.empty((rows, 2), dtype), None, np.empty_like(k1), None,
+             np.empty((rows, 5), dtype), 0, 0.0)]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a[1].__setitem__(0, np.ones((4, 2), F32)), ValueError, "expected 5 rows"),
+    (lambda a: a[0].__setitem__(2, np.empty((4, 5), F64)), TypeError, "expected float32"),
+    (lambda a: a[0].__setitem__(2, np.empty((4, 6), F32)), ValueError, r"out: expected shape"),
+    (lambda a: a[0].__setitem__(2, np.empty((5, 4), F32).T), ValueError, "contiguous"),
+    (lambda a: a[0].__setitem__(6, np.empty((4, 3), F32)), ValueError, "dx: expected None"),
+    (lambda a: a[1].__setitem__(6, None), ValueError, "dx: expected None"),
+    (lambda a: a[0].__setitem__(5, None), ValueError, "bias and dbias"),
+    (lambda a: a[0].__setitem__(7, 99), ValueError, "activation"),
+    (lambda a: a[1].__setitem__(7, 5), ValueError, "pre-activation"),   # gelu needs z
+    (lambda a: a[0].__setitem__(4, _read_only((3, 5))), ValueError, "dkernel: expected a "
+                                                                      "writable"),
+    (lambda a: a[0].__setitem__(0, _read_only((3, 5))), None, None),   # read, never written
+], ids=["rows", "dtype", "out-shape", "layout", "first-dx", "later-dx", "bias", "act",
+        "pre", "read-only-output", "read-only-kernel"])
+def test_dense_chain_checks_every_array(change, error, match):
+    from fastgrad import _core
+    args = [list(t) for t in _chain_args()]
+    change(args)
+    specs = [tuple(t) for t in args]
+    if error is None:
+        _core.DenseChain(specs, 4)
+        return
+    with pytest.raises(error, match=match):
+        _core.DenseChain(specs, 4)
+
+
+def test_dense_chain_checks_its_calls():
+    from fastgrad import _core
+    chain = _core.DenseChain([tuple(t) for t in _chain_args()], 4)
+    with pytest.raises(ValueError, match="no forward"):
+        chain.backward(np.ones((2, 2), F32))
+    with pytest.raises(ValueError, match="3 features"):
+        chain.forward(np.ones((2, 4), F32))
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        chain.forward(np.ones((5, 3), F32))
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        chain.forward(np.ones((0, 3), F32))
+    with pytest.raises(ValueError):
+        chain.forward(np.ones((2, 3), F64))
+    out = chain.forward(np.ones((2, 3), F32))
+    np.testing.assert_array_equal(out, np.full((2, 2), 15.0, F32))   # relu(3) x 5 ones
+    with pytest.raises(ValueError, match="d"):
+        chain.backward(np.ones((3, 2), F32))
+    chain.backward(np.ones((2, 2), F32))
+    with pytest.raises(ValueError, match="dpre|d"):
+        chain.backward(np.ones((2, 2), F64))
