@@ -173,10 +173,18 @@ static void fg_register_fork_handler(void)
     pthread_atfork(NULL, NULL, fg_pool_after_fork);
 }
 
+/* Read once: glibc reads a file in /sys for it, which would cost more than
+ * a small kernel's work on every call. */
 static int fg_online_cpus(void)
 {
-    long c = sysconf(_SC_NPROCESSORS_ONLN);
-    return c < 1 ? 1 : c > FG_MAX_THREADS ? FG_MAX_THREADS : (int)c;
+    static atomic_int cpus = 0;
+    int c = atomic_load(&cpus);
+    if (c == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        c = n < 1 ? 1 : n > FG_MAX_THREADS ? FG_MAX_THREADS : (int)n;
+        atomic_store(&cpus, c);
+    }
+    return c;
 }
 
 void fg_set_threads(int n)
