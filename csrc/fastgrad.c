@@ -78,6 +78,7 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
  * the calling thread. */
 #if (defined(__unix__) || defined(__APPLE__)) && defined(__STDC_VERSION__) \
     && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__) && !defined(FG_NO_THREADS)
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -187,6 +188,60 @@ static int fg_online_cpus(void)
     return c;
 }
 
+/* Small products on one BLAS thread. OpenBLAS's openblas_set_num_threads_local
+ * (0.3.27 and later) sets the count that calls use and returns the previous
+ * one; in SciPy's OpenBLAS it sets the count of every thread. So products
+ * take turns by class: small ones (count 1) run together, the first setting
+ * 1 and the last putting back the count before; other products wait for
+ * them, and small ones wait for other products, so that no product runs at
+ * a count it did not ask for (OpenBLAS rounds some products differently at
+ * different counts). Products are short, so are the waits. fg_blas_bind
+ * finds the function among the libraries that a loaded shared object
+ * (SciPy's BLAS bindings) uses. */
+static int (*fg_blas_set_local)(int) = NULL;
+static pthread_mutex_t fg_blas_m = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t fg_blas_turn = PTHREAD_COND_INITIALIZER;
+static int fg_blas_small = 0, fg_blas_large = 0, fg_blas_before = 0;
+
+int fg_blas_bind(const char *loaded)
+{
+    static const char *const names[] = {
+        "openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
+        "scipy_openblas_set_num_threads_local64_", NULL};
+    void *lib = dlopen(loaded, RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == NULL) return 0;
+    for (int i = 0; names[i] != NULL && fg_blas_set_local == NULL; i++) {
+        void *f = dlsym(lib, names[i]);
+        if (f != NULL) memcpy(&fg_blas_set_local, &f, sizeof f);
+    }
+    dlclose(lib);   /* only the reference RTLD_NOLOAD added: it stays loaded */
+    return fg_blas_set_local != NULL;
+}
+
+int fg_blas_begin(int small)
+{
+    if (fg_blas_set_local == NULL) return 0;
+    pthread_mutex_lock(&fg_blas_m);
+    if (small) {
+        while (fg_blas_large > 0) pthread_cond_wait(&fg_blas_turn, &fg_blas_m);
+        if (fg_blas_small++ == 0) fg_blas_before = fg_blas_set_local(1);
+    } else {
+        while (fg_blas_small > 0) pthread_cond_wait(&fg_blas_turn, &fg_blas_m);
+        fg_blas_large++;
+    }
+    pthread_mutex_unlock(&fg_blas_m);
+    return 1;
+}
+
+void fg_blas_end(int small)
+{
+    pthread_mutex_lock(&fg_blas_m);
+    int last = small ? --fg_blas_small == 0 : --fg_blas_large == 0;
+    if (last && small) fg_blas_set_local(fg_blas_before > 0 ? fg_blas_before : 0);
+    if (last) pthread_cond_broadcast(&fg_blas_turn);
+    pthread_mutex_unlock(&fg_blas_m);
+}
+
 void fg_set_threads(int n)
 {
     atomic_store(&fg_threads, n < 0 ? 0 : n > FG_MAX_THREADS ? FG_MAX_THREADS : n);
@@ -243,6 +298,9 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
     pthread_mutex_unlock(&fg_pool.busy);
 }
 #else
+int fg_blas_bind(const char *loaded) { (void)loaded; return 0; }
+int fg_blas_begin(int small) { (void)small; return 0; }
+void fg_blas_end(int small) { (void)small; }
 void fg_set_threads(int n) { (void)n; }
 int fg_get_threads(void) { return 1; }
 static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)

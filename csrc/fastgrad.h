@@ -116,6 +116,17 @@ int fg_get_threads(void);
 typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
 void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk);
 
+/* Small products run on one BLAS thread, where a second one does not pay
+ * and its spinning after the call slows what follows. fg_blas_bind(path)
+ * finds OpenBLAS's thread setting among the libraries used by the loaded
+ * shared object at path (1 when found). Each product goes between
+ * fg_blas_begin(small) (1 when it took effect: call fg_blas_end(small)
+ * after the product) and fg_blas_end: small ones run on one thread, the
+ * others at the count set before, and the two kinds take turns. */
+int fg_blas_bind(const char *loaded);
+int fg_blas_begin(int small);
+void fg_blas_end(int small);
+
 /* LayerNormalization's backward takes its column sums over this many fixed
  * shares of the rows: its work buffer holds 2 F FG_LN_PARTS doubles. */
 #define FG_LN_PARTS 8

@@ -150,13 +150,37 @@ cdef void _gemv(char trans, int rows, int cols, double alpha, floating *mat, int
         return
     # shares of whole 64-byte lines of columns
     job.share = (cols + _GEMV_PARTS * 16 - 1) // (_GEMV_PARTS * 16) * 16
+    # the shares run in parallel already: one BLAS thread each
+    cdef int turn = fg_blas_begin(1)
     fg_parallel_for(_gemv_parts, &job, _GEMV_PARTS, 1)
+    if turn:
+        fg_blas_end(1)
     if trans == b'N':
         part = <floating *>scratch
         for p in range(1, _GEMV_PARTS):
             if p * job.share < cols:
                 for i in range(n):
                     out[i] += part[(p - 1) * n + i]
+
+
+# Products of fewer multiply-adds run on one BLAS thread (fastgrad.h): a
+# second thread gains nothing there, and on a busy two-core machine the
+# BLAS's threads made an epoch of fit on the digits network 2.2 times slower
+# (15.3 against 6.9 ms; README, "Threads").
+cdef long long _one_blas_thread_below = 1 << 21
+
+
+def _set_one_blas_thread_below(long long macs):
+    """Set that threshold (multiply-adds; 0: never); returns the previous."""
+    global _one_blas_thread_below
+    old, _one_blas_thread_below = _one_blas_thread_below, macs
+    return old
+
+
+import os as _os
+import scipy.linalg.cython_blas as _cython_blas
+# whether small products can be held to one BLAS thread here
+BLAS_ONE_THREAD = bool(fg_blas_bind(_os.fsencode(_cython_blas.__file__)))
 
 
 cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
@@ -188,10 +212,14 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
         # less time than the same GEMM (784x256: 10.2 against 12.9 us)
         _gemv(ta, rows, cols, alpha, b, ldb, a, step, beta, c)
         return
+    cdef int small = <long long>M * N * K < _one_blas_thread_below
+    cdef int turn = fg_blas_begin(small)
     if floating is float:
         sgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
     else:
         dgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
+    if turn:
+        fg_blas_end(small)
 
 
 # One dispatch per kernel: each argument list is written once, and the

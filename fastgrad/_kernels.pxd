@@ -28,6 +28,9 @@ cdef extern from "fastgrad.h" nogil:
     int fg_get_threads() nogil
     ctypedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi) noexcept nogil
     void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk) nogil
+    int fg_blas_bind(const char *loaded)
+    int fg_blas_begin(int small) nogil
+    void fg_blas_end(int small) nogil
 
     ctypedef struct fg_loss_params:
         double delta, alpha, gamma

@@ -1482,6 +1482,39 @@ def test_models_in_parallel_threads_match_sequential_runs():
     assert all(same_bits(g, w) for g, w in zip(got, want))
 
 
+def test_small_products_leave_the_blas_thread_count_as_it_was():
+    """Products under 2**21 multiply-adds hold SciPy's OpenBLAS to one thread
+    while they run; from many threads at once, the count before comes back
+    (the user's, also one set with fg.threads)."""
+    threadpoolctl = pytest.importorskip(
+        "threadpoolctl", reason="needs the sklearn extra (threadpoolctl) to read the count")
+    from fastgrad import _core
+    if not _core.BLAS_ONE_THREAD:
+        pytest.skip("this BLAS has no openblas_set_num_threads_local")
+    ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+    def counts():
+        return [lib["num_threads"] for lib in ctl.info()]
+
+    rng = np.random.default_rng(45)
+    a, b = rnd(rng, (32, 64), F32), rnd(rng, (64, 256), F32)   # 0.5M multiply-adds
+    want = ops.matmul(a, b)
+    before = counts()
+
+    def work():
+        for _ in range(300):
+            assert np.array_equal(ops.matmul(a, b), want)
+
+    with fg.threads(2):
+        two = counts()
+        assert _run_threads([work] * 6) == [None] * 6
+        assert counts() == two
+    with fg.threads(1):
+        ops.matmul(a, b)
+        assert counts() == [1] * len(two)
+    assert counts() == before
+
+
 def test_kernels_called_concurrently_give_the_sequential_results():
     rng = np.random.default_rng(44)
     a, b = rnd(rng, (300, 257), F32), rnd(rng, (257, 199), F32)
