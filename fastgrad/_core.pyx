@@ -9,12 +9,11 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport ceil, fabs, log, sqrt
 from libc.stddef cimport ptrdiff_t
 from libc.string cimport memset
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 from fastgrad._kernels cimport *
 
-import numpy as np
+import numpy as _np
 
 # The Python tables of the codes fastgrad.h declares, built from its enums.
 ACTIVATION_CODES = {
@@ -170,7 +169,7 @@ cdef void _gemv(char trans, int rows, int cols, double alpha, floating *mat, int
 cdef long long _one_blas_thread_below = 1 << 21
 
 
-def _set_one_blas_thread_below(long long macs):
+def set_blas_one_thread_below(long long macs):
     """Set that threshold (multiply-adds; 0: never); returns the previous."""
     global _one_blas_thread_below
     old, _one_blas_thread_below = _one_blas_thread_below, macs
@@ -694,22 +693,23 @@ cdef class DenseChain:
     cdef _dense_link *links
     cdef int n, rows, last_act, ready
     cdef bint dbl
-    cdef object keep, outs
+    cdef object keep, outs, mem
     cdef const float[:, ::1] xf
     cdef const double[:, ::1] xd
 
-    def __cinit__(self, list layers, Py_ssize_t rows):
-        self.n = len(layers)
-        _check(self.n > 0, "layers: expected at least one layer")
+    def __init__(self, list layers, Py_ssize_t rows):
+        _check(self.n == 0, "DenseChain: already built")
+        cdef Py_ssize_t i, I, O, n = len(layers)
+        _check(n > 0, "layers: expected at least one layer")
+        _check(n <= INT_MAX, "layers: too many")
         _check(0 < rows <= INT_MAX, "rows: expected 1 to INT_MAX")
         self.rows, self.ready = <int>rows, 0
-        self.links = <_dense_link *>PyMem_Malloc(self.n * sizeof(_dense_link))
-        if self.links == NULL:
-            raise MemoryError()
-        memset(self.links, 0, self.n * sizeof(_dense_link))
-        self.dbl = getattr(layers[0][0], "dtype", None) == np.float64
+        # the links live in a buffer the object owns (no __dealloc__ needed)
+        self.mem = bytearray(n * sizeof(_dense_link))
+        self.links = <_dense_link *><char *>self.mem
+        self.dbl = getattr(layers[0][0] if isinstance(layers[0], tuple) and layers[0] else None,
+                           "dtype", None) == _np.float64
         self.keep = []
-        cdef Py_ssize_t i, I, O
         cdef _dense_link *L
         for i, spec in enumerate(layers):
             if not isinstance(spec, tuple) or len(spec) != 9:
@@ -744,10 +744,8 @@ cdef class DenseChain:
                 raise ValueError(f"layers[{i}]: dx: expected None for the first layer only")
             if dx is not None:
                 L.dx = self._addr(dx, rows, I, True, i, "dx")
-        self.outs = layers[self.n - 1][2]
-
-    def __dealloc__(self):
-        PyMem_Free(self.links)
+        self.outs = layers[n - 1][2]
+        self.n = <int>n   # last: a chain refused half-way stays unusable
 
     cdef void *_addr(self, a, Py_ssize_t r, Py_ssize_t c, bint write, Py_ssize_t i,
                      str name) except NULL:
@@ -757,11 +755,11 @@ cdef class DenseChain:
         cdef const double[:, ::1] d2
         cdef float[:, ::1] wf2
         cdef double[:, ::1] wd2
-        if not isinstance(a, np.ndarray):
+        if not isinstance(a, _np.ndarray):
             raise TypeError(f"layers[{i}]: {name}: expected a NumPy array, got {type(a).__name__}")
-        want = np.float64 if self.dbl else np.float32
+        want = _np.float64 if self.dbl else _np.float32
         if a.dtype != want:
-            raise TypeError(f"layers[{i}]: {name}: expected {np.dtype(want)}, got {a.dtype}")
+            raise TypeError(f"layers[{i}]: {name}: expected {_np.dtype(want)}, got {a.dtype}")
         if r == 1 and a.ndim == 1:
             shape = (c,)
         else:
@@ -788,8 +786,10 @@ cdef class DenseChain:
         """The last layer's outputs for x (rows, I of the first layer), a view
         of its out buffer; with logits the last activation is left out (the
         loss applies it). The input is held for backward."""
-        cdef Py_ssize_t B, I0 = self.links[0].n_in
+        cdef Py_ssize_t B, I0
         cdef int s
+        _check(self.n > 0, "DenseChain: not built")
+        I0 = self.links[0].n_in
         self.ready = 0
         if self.dbl:
             self.xd = x
@@ -818,8 +818,9 @@ cdef class DenseChain:
         are the layers' dx buffers): dkernel, dbias as in dense_backward."""
         cdef float[:, ::1] df
         cdef double[:, ::1] dd
-        cdef int s, B = self.ready, O = self.links[self.n - 1].n_out
+        cdef int s, B = self.ready, O
         _check(B > 0, "backward: no forward to go back through")
+        O = self.links[self.n - 1].n_out
         if self.dbl:
             dd = d
             _same2(dd, B, O, "d")
