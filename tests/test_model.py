@@ -1002,7 +1002,14 @@ def test_dense_chain_checks_every_array(change, error, match):
 
 def test_dense_chain_checks_its_calls():
     from fastgrad import _core
+    bare = _core.DenseChain.__new__(_core.DenseChain)          # never built
+    with pytest.raises(ValueError, match="not built"):
+        bare.forward(np.ones((2, 3), F32))
+    with pytest.raises(ValueError, match="no forward"):
+        bare.backward(np.ones((2, 2), F32))
     chain = _core.DenseChain([tuple(t) for t in _chain_args()], 4)
+    with pytest.raises(ValueError, match="already built"):
+        chain.__init__([tuple(t) for t in _chain_args()], 4)
     with pytest.raises(ValueError, match="no forward"):
         chain.backward(np.ones((2, 2), F32))
     with pytest.raises(ValueError, match="3 features"):
