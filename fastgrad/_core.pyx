@@ -728,7 +728,7 @@ cdef class DenseChain:
             _check(I > 0 and O > 0, f"layers[{i}]: kernel: expected no empty side")
             L.n_in, L.n_out, L.act, L.alpha = <int>I, <int>O, act, alpha
             L.kernel = self._addr(kernel, I, O, False, i, "kernel")
-            L.out = self._addr(out, rows, O, True, i, "out")
+            L.out = self._addr(out, rows, O, True, i, "out", True)
             L.dkernel = self._addr(dkernel, I, O, True, i, "dkernel")
             if (bias is None) != (dbias is None):
                 raise ValueError(f"layers[{i}]: bias and dbias: expected both or neither")
@@ -736,21 +736,22 @@ cdef class DenseChain:
                 L.bias = self._addr(bias, 1, O, False, i, "bias")
                 L.dbias = self._addr(dbias, 1, O, True, i, "dbias")
             if pre is not None:
-                L.pre = self._addr(pre, rows, O, True, i, "pre")
+                L.pre = self._addr(pre, rows, O, True, i, "pre", True)
             elif fg_activation_needs_pre(act):
                 raise ValueError(f"layers[{i}]: pre: this activation's derivative needs "
                                  "the pre-activation")
             if (dx is None) != (i == 0):
                 raise ValueError(f"layers[{i}]: dx: expected None for the first layer only")
             if dx is not None:
-                L.dx = self._addr(dx, rows, I, True, i, "dx")
+                L.dx = self._addr(dx, rows, I, True, i, "dx", True)
         self.outs = layers[n - 1][2]
         self.n = <int>n   # last: a chain refused half-way stays unusable
 
     cdef void *_addr(self, a, Py_ssize_t r, Py_ssize_t c, bint write, Py_ssize_t i,
-                     str name) except NULL:
+                     str name, bint rows_at_least=False) except NULL:
         """a's data, checked: dtype, C order, (r, c) elements (2-D; or (c,)
-        when r is 1 and a is 1-D), writable when write. a is held."""
+        when r is 1 and a is 1-D; with rows_at_least, r rows or more, of
+        which the calls use the first), writable when write. a is held."""
         cdef const float[:, ::1] f2
         cdef const double[:, ::1] d2
         cdef float[:, ::1] wf2
@@ -764,9 +765,11 @@ cdef class DenseChain:
             shape = (c,)
         else:
             shape = (r, c)
+        if rows_at_least and a.ndim == 2 and a.shape[0] >= r:
+            shape = (a.shape[0], c)   # a work buffer grown for a larger batch
         if a.shape != shape:
             raise ValueError(f"layers[{i}]: {name}: expected shape {shape}, got {a.shape}")
-        a2 = a.reshape(r, c) if a.ndim == 1 else a
+        a2 = a.reshape(1, c) if a.ndim == 1 else a
         if write and not a.flags.writeable:
             raise ValueError(f"layers[{i}]: {name}: expected a writable array")
         self.keep.append(a2)

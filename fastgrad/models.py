@@ -307,6 +307,7 @@ class Sequential(Trainer, KerasModelAPI, HasVariables):
         them are Dense, else None (each layer runs its own call)."""
         if not all(type(layer) is Dense for layer in self.layers):
             return None
+        # a layer's buffers may be larger: kept from a batch before a rebuild
         return _core.DenseChain(
             [(d.weights["kernel"], d.weights.get("bias"), d._out, d._pre,
               d.grads["kernel"], d.grads.get("bias"), d._dx, d._code, d._alpha)

@@ -950,12 +950,16 @@ def test_dense_chain_only_for_models_of_dense_layers_and_renewed_on_rebuild():
                          ["relu", "tanh", "softmax"]):
         ref = ref_act(act, ref.astype(F64) @ w + b)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    model.fit(np.repeat(x, 4, axis=0), np.zeros((16, 5), F32), batch_size=16, verbose=0)
+    ref = model(x)                                # the weights fit moved
     model.pop()
     model.add(Dense(3))                           # new weights: a new chain
+    out = model(x[:2])                            # fewer rows than the kept buffers
+    assert model._chain is not None and out.shape == (2, 3)
     out = model(x)
     assert model._chain is not None and model._chain is not first
     assert out.shape == (4, 3)
-    h = ref @ model.get_weights()[-2] + model.get_weights()[-1]
+    h = ref.astype(F64) @ model.get_weights()[-2] + model.get_weights()[-1]
     np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
 
 
