@@ -77,9 +77,10 @@ cdef int _blas_size(Py_ssize_t n, str name) except -1:
 
 # One-row products read the whole matrix for little arithmetic: their speed
 # is the cache's bandwidth, which each core adds to. From _GEMV_SPLIT_MIN
-# elements the matrix goes in _GEMV_PARTS fixed shares of whole rows over the
-# kernel threads, the same shares for any thread count (so the same bits):
-# with op(A) = A, shares of the sum's terms, added in order afterwards; with
+# elements the matrix goes in _GEMV_PARTS fixed shares of its columns (as the
+# column-major BLAS sees it: rows of the row-major kernel) over the kernel
+# threads, the same shares for any thread count (so the same bits): with
+# op(A) = A, shares of the sum's terms, added in order afterwards; with
 # op(A) = A^T, shares of the outputs.
 cdef enum:
     _GEMV_PARTS = 4
@@ -166,14 +167,8 @@ cdef void _gemv(char trans, int rows, int cols, double alpha, floating *mat, int
 # second thread gains nothing there, and on a busy two-core machine the
 # BLAS's threads made an epoch of fit on the digits network 2.2 times slower
 # (15.3 against 6.9 ms; README, "Threads").
-cdef long long _one_blas_thread_below = 1 << 21
-
-
-def set_blas_one_thread_below(long long macs):
-    """Set that threshold (multiply-adds; 0: never); returns the previous."""
-    global _one_blas_thread_below
-    old, _one_blas_thread_below = _one_blas_thread_below, macs
-    return old
+cdef enum:
+    _ONE_BLAS_THREAD_BELOW = 1 << 21
 
 
 import os as _os
@@ -211,7 +206,7 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
         # less time than the same GEMM (784x256: 10.2 against 12.9 us)
         _gemv(ta, rows, cols, alpha, b, ldb, a, step, beta, c)
         return
-    cdef int small = <long long>M * N * K < _one_blas_thread_below
+    cdef int small = <long long>M * N * K < _ONE_BLAS_THREAD_BELOW
     cdef int turn = fg_blas_begin(small)
     if floating is float:
         sgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
@@ -501,6 +496,64 @@ def act_backward(const floating[:, ::1] dout not None, const floating[:, ::1] ou
     return dpre
 
 
+cdef struct _dense_link:
+    int n_in, n_out, act
+    double alpha
+    const void *kernel
+    const void *bias    # NULL without a bias
+    void *out           # (rows, O)
+    void *pre           # (rows, O), NULL unless the derivative needs z
+    void *dkernel
+    void *dbias
+    void *dx            # (rows, I), NULL when the input needs no gradient
+
+
+cdef int _chain_forward(_dense_link *links, int n, const floating *x, int B, int last_act,
+                        fg_act_stats *stats) noexcept nogil:
+    """dense_forward through links[0..n), last_act for the last layer."""
+    cdef int i, s, act
+    cdef _dense_link *L
+    cdef floating *inp = <floating *>x
+    for i in range(n):
+        L = &links[i]
+        act = last_act if i == n - 1 else L.act
+        _gemm(False, False, B, L.n_out, L.n_in, 1.0, inp, L.n_in, <floating *>L.kernel, L.n_out, 0.0,
+              <floating *>L.out, L.n_out)
+        s = _bias_act(<floating *>L.out, <floating *>L.pre, <floating *>L.out,
+                      <const floating *>L.bias, B, L.n_out, act, L.alpha, stats)
+        if s != FG_OK:
+            return s
+        inp = <floating *>L.out
+    return FG_OK
+
+
+cdef int _chain_backward(_dense_link *links, int n, const floating *x, int B, int last_act,
+                         const floating *dout, floating *dpre) noexcept nogil:
+    """dense_backward from links[n-1] to links[0]: dout the gradient at the
+    last layer's outputs, dpre its pre-activation's (may be dout); each
+    earlier layer's pre-activation gradient overwrites the dx above it."""
+    cdef int i, s, act
+    cdef _dense_link *L
+    cdef const floating *g = dout
+    cdef floating *d = dpre
+    cdef floating *inp
+    for i in range(n - 1, -1, -1):
+        L = &links[i]
+        act = last_act if i == n - 1 else L.act
+        s = _act_back(d, <floating *>L.dbias, g, <const floating *>L.out,
+                      <const floating *>L.pre, B, L.n_out, act, L.alpha)
+        if s != FG_OK:
+            return s
+        inp = <floating *>x if i == 0 else <floating *>links[i - 1].out
+        _gemm(True, False, L.n_in, L.n_out, B, 1.0, inp, L.n_in, d, L.n_out, 0.0, <floating *>L.dkernel, L.n_out)
+        if L.dx != NULL:
+            _gemm(False, True, B, L.n_in, L.n_out, 1.0, d, L.n_out, <floating *>L.kernel, L.n_out, 0.0,
+                  <floating *>L.dx, L.n_in)
+            d = <floating *>L.dx
+            g = d
+    return FG_OK
+
+
 cdef int _dense_sizes(Py_ssize_t B, Py_ssize_t I, Py_ssize_t O, Py_ssize_t kernel_rows,
                       int act) except -1:
     """What dense_forward and dense_backward check alike: the activation
@@ -523,14 +576,15 @@ def dense_forward(const floating[:, ::1] x not None, const floating[:, ::1] kern
     cdef int s
     cdef fg_act_stats st
     cdef fg_act_stats *stp = _stats(&st, alive, stats, O)
+    cdef _dense_link L
     _dense_sizes(B, I, O, kernel.shape[0], act)
     _same2(out, B, O, "out")
     _same2(pre, B, O, "pre")
     _len1(bias, O, False, "bias")
+    L.n_in, L.n_out, L.act, L.alpha = <int>I, <int>O, act, alpha
+    L.kernel, L.bias, L.out, L.pre = _cptr2(kernel), _cptr1(bias), _ptr2(out), _ptr2(pre)
     with nogil:
-        _gemm(False, False, <int>B, <int>O, <int>I, 1.0, <floating *>_cptr2(x), <int>I,
-              <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(out), <int>O)
-        s = _bias_act(_ptr2(out), _ptr2(pre), _ptr2(out), _cptr1(bias), B, O, act, alpha, stp)
+        s = _chain_forward(&L, 1, _cptr2(x), <int>B, act, stp)
     if s != FG_OK:
         _raise(s)
     return st.saturated if stats else None
@@ -548,6 +602,7 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     dx = dpre @ kernel^T      (B,I) or None when the input needs no gradient."""
     cdef Py_ssize_t B = x.shape[0], I = x.shape[1], O = kernel.shape[1]
     cdef int s
+    cdef _dense_link L
     _dense_sizes(B, I, O, kernel.shape[0], act)
     _same2(dout, B, O, "dout")
     _same2(out, B, O, "out")
@@ -559,14 +614,11 @@ def dense_backward(const floating[:, ::1] dout not None, const floating[:, ::1] 
     _len1(dbias, O, False, "dbias")
     _check(pre is not None or not fg_activation_needs_pre(act),
            "pre: this activation's derivative needs the pre-activation")
+    L.n_in, L.n_out, L.act, L.alpha = <int>I, <int>O, act, alpha
+    L.kernel, L.out, L.pre = _cptr2(kernel), <void *>_cptr2(out), <void *>_cptr2(pre)
+    L.dkernel, L.dbias, L.dx = _ptr2(dkernel), _ptr1(dbias), _ptr2(dx)
     with nogil:
-        s = _act_back(_ptr2(dpre), _ptr1(dbias), _cptr2(dout), _cptr2(out), _cptr2(pre), B, O, act, alpha)
-        if s == FG_OK:
-            _gemm(True, False, <int>I, <int>O, <int>B, 1.0, <floating *>_cptr2(x), <int>I,
-                  _ptr2(dpre), <int>O, 0.0, _ptr2(dkernel), <int>O)
-            if dx is not None:
-                _gemm(False, True, <int>B, <int>I, <int>O, 1.0, _ptr2(dpre), <int>O,
-                      <floating *>_cptr2(kernel), <int>O, 0.0, _ptr2(dx), <int>I)
+        s = _chain_backward(&L, 1, _cptr2(x), <int>B, act, _cptr2(dout), _ptr2(dpre))
     if s != FG_OK:
         _raise(s)
 
@@ -622,59 +674,6 @@ def any_abs_above(const floating[::1] x not None, double limit):
     with nogil:
         r = _any_above(_cptr1(x), x.shape[0], limit)
     return r != 0
-
-
-cdef struct _dense_link:
-    int n_in, n_out, act
-    double alpha
-    void *kernel
-    void *bias       # NULL without a bias
-    void *out        # (rows, O)
-    void *pre        # (rows, O), NULL unless the derivative needs z
-    void *dkernel
-    void *dbias
-    void *dx         # (rows, I), NULL for the first layer
-
-
-cdef int _chain_forward(_dense_link *links, int n, const floating *x, int B,
-                        int last_act) noexcept nogil:
-    cdef int i, s, act
-    cdef _dense_link *L
-    cdef floating *inp = <floating *>x
-    for i in range(n):
-        L = &links[i]
-        act = last_act if i == n - 1 else L.act
-        _gemm(False, False, B, L.n_out, L.n_in, 1.0, inp, L.n_in, <floating *>L.kernel, L.n_out, 0.0,
-              <floating *>L.out, L.n_out)
-        s = _bias_act(<floating *>L.out, <floating *>L.pre, <floating *>L.out,
-                      <floating *>L.bias, B, L.n_out, act, L.alpha, NULL)
-        if s != FG_OK:
-            return s
-        inp = <floating *>L.out
-    return FG_OK
-
-
-cdef int _chain_backward(_dense_link *links, int n, const floating *x, int B, int last_act,
-                         floating *dlast) noexcept nogil:
-    cdef int i, s, act
-    cdef _dense_link *L
-    cdef floating *d = dlast
-    cdef floating *inp
-    for i in range(n - 1, -1, -1):
-        L = &links[i]
-        act = last_act if i == n - 1 else L.act
-        # d (the gradient at the layer's output) becomes the pre-activation's
-        s = _act_back(d, <floating *>L.dbias, d, <floating *>L.out, <floating *>L.pre, B, L.n_out,
-                      act, L.alpha)
-        if s != FG_OK:
-            return s
-        inp = <floating *>x if i == 0 else <floating *>links[i - 1].out
-        _gemm(True, False, L.n_in, L.n_out, B, 1.0, inp, L.n_in, d, L.n_out, 0.0, <floating *>L.dkernel, L.n_out)
-        if i > 0:
-            _gemm(False, True, B, L.n_in, L.n_out, 1.0, d, L.n_out, <floating *>L.kernel, L.n_out, 0.0,
-                  <floating *>L.dx, L.n_in)
-            d = <floating *>L.dx
-    return FG_OK
 
 
 cdef class DenseChain:
@@ -807,9 +806,9 @@ cdef class DenseChain:
         self.last_act = 0 if logits else self.links[self.n - 1].act
         with nogil:
             if self.dbl:
-                s = _chain_forward(self.links, self.n, &self.xd[0, 0], <int>B, self.last_act)
+                s = _chain_forward(self.links, self.n, &self.xd[0, 0], <int>B, self.last_act, NULL)
             else:
-                s = _chain_forward(self.links, self.n, &self.xf[0, 0], <int>B, self.last_act)
+                s = _chain_forward(self.links, self.n, &self.xf[0, 0], <int>B, self.last_act, NULL)
         if s != FG_OK:
             _raise(s)
         self.ready = <int>B
@@ -833,10 +832,10 @@ cdef class DenseChain:
         with nogil:
             if self.dbl:
                 s = _chain_backward(self.links, self.n, &self.xd[0, 0], B, self.last_act,
-                                    &dd[0, 0])
+                                    &dd[0, 0], &dd[0, 0])
             else:
                 s = _chain_backward(self.links, self.n, &self.xf[0, 0], B, self.last_act,
-                                    &df[0, 0])
+                                    &df[0, 0], &df[0, 0])
         if s != FG_OK:
             _raise(s)
 
