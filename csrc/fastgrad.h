@@ -103,10 +103,10 @@ typedef struct {
     int64_t saturated;
 } fg_act_stats;
 
-/* Threads for the kernels that split their rows (LayerNormalization): at
- * most n, the calling thread included; 0 (the default) means one per
- * online CPU, 1 keeps everything on the calling thread. Results do not
- * depend on it. */
+/* Threads for the kernels that split their work (activations and
+ * LayerNormalization, from FG_PARALLEL_MIN = 131072 elements): at most n,
+ * the calling thread included; 0 (the default) means one per online CPU,
+ * 1 keeps everything on the calling thread. Results do not depend on it. */
 void fg_set_threads(int n);
 int fg_get_threads(void);
 

@@ -22,6 +22,16 @@
 #define FG_BLOCK 4096
 #endif
 
+/* Kernels split their work over fastgrad's threads (fg_parallel) from this
+ * many elements, in shares of about FG_SHARE elements; every element's
+ * result is the same whichever thread computes it. */
+#ifndef FG_PARALLEL_MIN
+#define FG_PARALLEL_MIN 131072
+#endif
+#ifndef FG_SHARE
+#define FG_SHARE 16384
+#endif
+
 static inline T S(sigmoid)(T z)
 {
     /* exp of -|z| never overflows; sigmoid(-|z|) = e s, sigmoid(|z|) = s */
@@ -260,10 +270,69 @@ FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
     }
 }
 
+/* What a share of an activation pass needs (fg_parallel's ctx). The
+ * shares are rows [lo, hi) or, for an element-wise pass, elements. */
+typedef struct {
+    T *out, *pre, *dpre;
+    const T *inp, *bias, *dout, *y, *z;
+    ptrdiff_t O;
+    int act;
+    T a;
+    fg_act_stats *stats;
+} S(act_args);
+
+/* Shares of n units of `unit` elements each: whole blocks of `block` units
+ * of about FG_SHARE elements, or all n below FG_PARALLEL_MIN elements. */
+FG_INLINE ptrdiff_t S(act_share)(ptrdiff_t n, ptrdiff_t unit, ptrdiff_t block)
+{
+    if (n * unit < FG_PARALLEL_MIN) return n;
+    ptrdiff_t blocks = (FG_SHARE + block * unit - 1) / (block * unit);
+    return blocks * block;
+}
+
+/* Rows [lo, hi) of the dense epilogue below, in blocks of rb rows. */
+FG_TARGETS static void S(bias_act_rows)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(act_args) *A = p;
+    const ptrdiff_t O = A->O, rb = O < FG_BLOCK ? FG_BLOCK / O : 1;
+    const int act = A->act;
+    const T *bias = A->bias;
+    fg_act_stats *stats = A->stats;
+    for (ptrdiff_t i0 = lo; i0 < hi; i0 += rb) {
+        const ptrdiff_t nr = hi - i0 < rb ? hi - i0 : rb, n = nr * O;
+        const T *x = A->inp + i0 * O;
+        T *y = A->out + i0 * O;
+        if (bias) {
+            for (ptrdiff_t i = 0; i < nr; i++)
+                for (ptrdiff_t j = 0; j < O; j++) y[i * O + j] = x[i * O + j] + bias[j]; /* vec */
+        } else if (y != x) {
+            for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k];
+        }
+        if (A->pre) for (ptrdiff_t k = 0; k < n; k++) A->pre[i0 * O + k] = y[k];
+        if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
+        else if (act == FG_LOG_SOFTMAX)
+            for (ptrdiff_t i = 0; i < nr; i++) S(log_softmax_row)(y + i * O, O);
+        else S(act_inplace)(y, n, act, A->a);
+        if (!stats) continue;   /* only when asked: a second look, in cache */
+        if (act == FG_RELU && stats->alive) {
+            unsigned char *alive = stats->alive;
+            for (ptrdiff_t i = 0; i < nr; i++)
+                for (ptrdiff_t j = 0; j < O; j++) alive[j] |= y[i * O + j] > 0;
+        } else if (act == FG_SIGMOID || act == FG_TANH) {
+            const T lo_ = act == FG_SIGMOID ? (T)0.01 : (T)-0.99;
+            int64_t sat = 0;
+            for (ptrdiff_t k = 0; k < n; k++) sat += (y[k] < lo_) | (y[k] > (T)0.99);
+            stats->saturated += sat;
+        }
+    }
+}
+
 /* Dense epilogue: out = act(inp + bias), one pass; inp may be out itself
  * (the GEMM result, updated in place). inp, out are (B,O); bias is (O) or
  * NULL; pre is (B,O) or NULL and receives z = inp + bias. Rows go in
- * blocks of about FG_BLOCK elements, each finished while in L1. */
+ * blocks of about FG_BLOCK elements, each finished while in L1; from
+ * FG_PARALLEL_MIN elements, shares of them over the threads (not with
+ * stats, which every row adds to). */
 FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bias,
                            ptrdiff_t B, ptrdiff_t O, int act, double alpha,
                            fg_act_stats *stats)
@@ -274,35 +343,16 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
         if (out != inp) memcpy(out, inp, (size_t)B * (size_t)O * sizeof(T));
         return FG_OK;
     }
-    const T a = (T)alpha;
-    const ptrdiff_t rb = O < FG_BLOCK ? FG_BLOCK / O : 1;
-    for (ptrdiff_t i0 = 0; i0 < B; i0 += rb) {
-        const ptrdiff_t nr = B - i0 < rb ? B - i0 : rb, n = nr * O;
-        const T *x = inp + i0 * O;
-        T *y = out + i0 * O;
-        if (bias) {
-            for (ptrdiff_t i = 0; i < nr; i++)
-                for (ptrdiff_t j = 0; j < O; j++) y[i * O + j] = x[i * O + j] + bias[j]; /* vec */
-        } else if (y != x) {
-            for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k];
-        }
-        if (pre) for (ptrdiff_t k = 0; k < n; k++) pre[i0 * O + k] = y[k];
-        if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
-        else if (act == FG_LOG_SOFTMAX)
-            for (ptrdiff_t i = 0; i < nr; i++) S(log_softmax_row)(y + i * O, O);
-        else S(act_inplace)(y, n, act, a);
-        if (!stats) continue;   /* only when asked: a second look, in cache */
-        if (act == FG_RELU && stats->alive) {
-            unsigned char *alive = stats->alive;
-            for (ptrdiff_t i = 0; i < nr; i++)
-                for (ptrdiff_t j = 0; j < O; j++) alive[j] |= y[i * O + j] > 0;
-        } else if (act == FG_SIGMOID || act == FG_TANH) {
-            const T lo = act == FG_SIGMOID ? (T)0.01 : (T)-0.99;
-            int64_t sat = 0;
-            for (ptrdiff_t k = 0; k < n; k++) sat += (y[k] < lo) | (y[k] > (T)0.99);
-            stats->saturated += sat;
-        }
+    S(act_args) A = {.out = out, .pre = pre, .inp = inp, .bias = bias, .O = O,
+                     .act = act, .a = (T)alpha, .stats = stats};
+    if (!bias && !stats && act != FG_SOFTMAX && act != FG_LOG_SOFTMAX) {
+        /* element-wise: B*O rows of one element, so that a few long rows split too */
+        A.O = 1;
+        O = B * O;
+        B = O;
     }
+    const ptrdiff_t rb = A.O < FG_BLOCK ? FG_BLOCK / A.O : 1;
+    fg_parallel(S(bias_act_rows), &A, B, stats ? B : S(act_share)(B, A.O, rb));
     return FG_OK;
 }
 
@@ -381,44 +431,66 @@ FG_INLINE void S(slope)(T *d, const T *g, const T *y, const T *z, ptrdiff_t n,
     }
 }
 
+/* Rows [lo, hi) of the softmax and log-softmax backward:
+ *   softmax:     dz_j = y_j (g_j - sum_k g_k y_k)
+ *   log_softmax: dz_j = g_j - e^(y_j) sum_k g_k
+ * the row's sum first, so rows are done whole. */
+FG_TARGETS static void S(softmax_back_rows)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(act_args) *A = p;
+    const ptrdiff_t O = A->O;
+    for (ptrdiff_t i = lo; i < hi; i++) {
+        const T *g = A->dout + i * O, *y = A->y + i * O;
+        T *d = A->dpre + i * O;
+        if (A->act == FG_LOG_SOFTMAX) {
+            const double sum = S(row_dot)(g, NULL, O);
+            for (ptrdiff_t j = 0; j < O; j++) /* vec */
+                d[j] = (T)((double)g[j] - (double)EXP_NONPOS(y[j]) * sum);
+            continue;
+        }
+        const T dot = (T)S(row_dot)(g, y, O);
+        for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - dot); /* vec */
+    }
+}
+
+/* Elements [lo, hi) of dpre = dout * act'(z), without the bias gradient. */
+FG_TARGETS static void S(slope_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(act_args) *A = p;
+    S(slope)(A->dpre + lo, A->dout + lo, A->y + lo, A->z + lo, hi - lo, A->act, A->a);
+}
+
 /* Activation backward with the bias gradient fused in.
  * dpre, dout, out, pre are (B,O); dbias is (O) or NULL; pre may be NULL
  * unless fg_activation_needs_pre(act). dpre may alias dout.
- * dpre = dout * act'(z); dbias = sum over rows of dpre (double accumulation). */
+ * dpre = dout * act'(z); dbias = sum over rows of dpre (double accumulation).
+ * From FG_PARALLEL_MIN elements the softmax rows, and the element-wise pass
+ * when there is no bias gradient, go in shares over the threads. */
 FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out,
                        const T *pre, ptrdiff_t B, ptrdiff_t O, int act,
                        double alpha)
 {
     if (act < 0 || act >= FG_N_ACTIVATIONS) return FG_EACTIVATION;
     if (fg_activation_needs_pre(act) && !pre && B > 0 && O > 0) return FG_ENEEDS_PRE;
+    if (B <= 0 || O <= 0) {
+        if (dbias) for (ptrdiff_t j = 0; j < O; j++) dbias[j] = 0;
+        return FG_OK;
+    }
     const T a = (T)alpha;
     double acc[FG_COLS];
+    S(act_args) A = {.dpre = dpre, .dout = dout, .y = out, .z = pre ? pre : out, .O = O,
+                     .act = act, .a = a};
 
     if (act == FG_SOFTMAX || act == FG_LOG_SOFTMAX) {
-        /* softmax:     dz_j = y_j (g_j - sum_k g_k y_k)
-         * log_softmax: dz_j = g_j - e^(y_j) sum_k g_k
-         * the row's sum comes first, so rows are done whole; the bias sums
-         * below then read dpre. */
-        const int lsm = act == FG_LOG_SOFTMAX;
-        for (ptrdiff_t i = 0; i < B; i++) {
-            const T *g = dout + i * O, *y = out + i * O;
-            T *d = dpre + i * O;
-            if (lsm) {
-                const double sum = S(row_dot)(g, NULL, O);
-                for (ptrdiff_t j = 0; j < O; j++) /* vec */
-                    d[j] = (T)((double)g[j] - (double)EXP_NONPOS(y[j]) * sum);
-                continue;
-            }
-            const T dot = (T)S(row_dot)(g, y, O);
-            for (ptrdiff_t j = 0; j < O; j++) d[j] = y[j] * (g[j] - dot); /* vec */
-        }
+        fg_parallel(S(softmax_back_rows), &A, B, S(act_share)(B, O, 1));
         if (!dbias) return FG_OK;
+        /* the bias sums below then read dpre */
         act = FG_LINEAR;
         dout = dpre;
     }
 
-    if (!dbias) {  /* element-wise alone: one loop over everything */
-        if (B > 0 && O > 0) S(slope)(dpre, dout, out, pre ? pre : out, B * O, act, a);
+    if (!dbias) {  /* element-wise alone: one pass over everything */
+        fg_parallel(S(slope_part), &A, B * O, S(act_share)(B * O, 1, FG_BLOCK));
         return FG_OK;
     }
 
@@ -1575,9 +1647,6 @@ FG_TARGETS ptrdiff_t S(fg_first_nonfinite_row)(const T *x, ptrdiff_t B, ptrdiff_
  * whichever thread computes it. out may alias inp. */
 #ifndef FG_LN_LANES
 #define FG_LN_LANES 32
-#endif
-#ifndef FG_PARALLEL_MIN
-#define FG_PARALLEL_MIN 131072
 #endif
 typedef struct {
     T *out, *dinp, *dgamma, *dbeta;

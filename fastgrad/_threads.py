@@ -3,11 +3,11 @@ kernels that split their rows, may use.
 
 fastgrad's matrix products go through SciPy's BLAS (an OpenBLAS in SciPy's
 wheels), which starts one thread per core by default; products under 2**21
-multiply-adds run on one of its threads whatever the count. The element-wise
-kernels run on the calling thread, except LayerNormalization's, which split
-their rows over a small pool of fastgrad's own (one thread per core by
-default, from B * F >= 131072 elements), as one-row products from matrices
-of that size split theirs; results do not depend on the count. These
+multiply-adds run on one of its threads whatever the count. From 131072
+elements the activation and LayerNormalization kernels split their work
+over a small pool of fastgrad's own threads (one per core by default), as
+one-row products from matrices of that size do; the other element-wise
+kernels run on the calling thread. Results do not depend on the count. These
 functions set both; for the BLAS they use threadpoolctl
 (``pip install threadpoolctl``; scikit-learn depends on it) to read and
 change the thread count of every BLAS loaded in the process, SciPy's

@@ -331,6 +331,51 @@ def test_gelu_accurate_over_the_whole_range(dtype):
     assert got[0] == 0 and np.signbit(got[0]) and got[1] == np.inf and np.isnan(got[2])
 
 
+def _act_bytes(name, z, dy, bias):
+    """Every output of the activation passes on z (and of the dense epilogue
+    with bias), as bytes."""
+    pre = z if name in ops.NEEDS_PRE else None
+    y = ops.activation_forward(z, name)
+    got = [y, ops.activation_backward(dy, y, name, x=pre)]
+    out, zb = np.empty_like(z), np.empty_like(z)
+    _core.bias_act_forward(z, bias, out, zb, ops.ACTIVATIONS[name][0], ops.ACTIVATIONS[name][1])
+    dpre, dbias = np.empty_like(z), np.empty_like(bias)
+    _core.act_backward(dy, out, zb, dpre, dbias, ops.ACTIVATIONS[name][0],
+                       ops.ACTIVATIONS[name][1])
+    return [a.tobytes() for a in (*got, out, zb, dpre, dbias)]
+
+
+@pytest.mark.parametrize("shape", [(301, 613), (3, 50001), (4001, 37)],
+                         ids=["rows", "long-rows", "short-rows"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_large_activation_passes_do_not_depend_on_the_thread_count(dtype, shape):
+    """From 131072 elements the activation passes go in shares over the
+    kernel threads: the bits are those of one thread, and those of the same
+    rows taken alone (a call too small to be split)."""
+    rng = np.random.default_rng(21)
+    z = (4 * rng.standard_normal(shape)).astype(dtype)
+    z.ravel()[::997] = np.array([np.nan, np.inf, -np.inf, -0.0, 90.0, -120.0], dtype)[
+        np.arange(z.ravel()[::997].size) % 6]
+    dy = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    assert z.size >= 131072
+    k = max(1, 60000 // shape[1])   # rows in a call below the threshold
+    try:
+        for name in ops.ACTIVATIONS:
+            _core.set_kernel_threads(1)
+            one = _act_bytes(name, z, dy, bias)
+            part = _act_bytes(name, z[:k], dy[:k], bias)
+            for got, small in zip(one[:5], part[:5]):   # all but dbias, a sum over rows
+                row_bytes = len(small) // k
+                assert got[:len(small)] == small, name
+                assert len(got) == row_bytes * shape[0]
+            for n in (2, 3, 7):
+                _core.set_kernel_threads(n)
+                assert _act_bytes(name, z, dy, bias) == one, (name, n)
+    finally:
+        _core.set_kernel_threads(0)
+
+
 # ---------------------------------------------------------------------------
 # 2. Finite-difference gradient checks (float64)
 # ---------------------------------------------------------------------------
