@@ -1312,8 +1312,8 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     const unsigned fp_mode = fg_flush_begin();
     /* update-ratio tracking goes block by block: blocks this small let the
      * out-of-order core run one block's sums beside the next one's update */
-    enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096 };
-    T dw[BLOCK];
+    enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096, RUN = 16 * FG_UPD_BLOCK };
+    T dw[RUN];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
             if (tt->upd_sumsq) tt->upd_sumsq[t] = tt->w_sumsq[t] = 0.0;
@@ -1345,12 +1345,17 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
             ptrdiff_t k0 = 0;
             /* the flags go unused here (and compile away): a weight that is
              * not finite shows in the sums, checked below */
-            for (; k0 + BLOCK <= n; k0 += BLOCK) {
+            /* whole blocks, a run of up to RUN elements per update call
+             * (the call's set-up costs as much as a block's update); then
+             * each block's change, from L1, into lanes kept across blocks */
+            for (; k0 + BLOCK <= n; ) {
+                const ptrdiff_t len = (n - k0) / BLOCK * BLOCK < RUN ? (n - k0) / BLOCK * BLOCK : RUN;
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
-                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, BLOCK);
-                /* the change, from L1, into lanes kept across blocks */
-                S(block_sumsq2)(&du, &ww, dw, w + k0);
-                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, BLOCK);
+                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
+                for (ptrdiff_t b = 0; b < len; b += BLOCK)
+                    S(block_sumsq2)(&du, &ww, dw + b, w + k0 + b);
+                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, len);
+                k0 += len;
             }
             if (k0 < n) {   /* the last block, zero-padded */
                 T ws[BLOCK] = {0};
