@@ -283,7 +283,7 @@ typedef struct {
 
 /* Shares of n units of `unit` elements each: whole blocks of `block` units
  * of about FG_SHARE elements, or all n below FG_PARALLEL_MIN elements. */
-FG_INLINE ptrdiff_t S(act_share)(ptrdiff_t n, ptrdiff_t unit, ptrdiff_t block)
+FG_INLINE ptrdiff_t S(share)(ptrdiff_t n, ptrdiff_t unit, ptrdiff_t block)
 {
     if (n * unit < FG_PARALLEL_MIN) return n;
     ptrdiff_t blocks = (FG_SHARE + block * unit - 1) / (block * unit);
@@ -319,9 +319,9 @@ FG_TARGETS static void S(bias_act_rows)(void *p, ptrdiff_t lo, ptrdiff_t hi)
             for (ptrdiff_t i = 0; i < nr; i++)
                 for (ptrdiff_t j = 0; j < O; j++) alive[j] |= y[i * O + j] > 0;
         } else if (act == FG_SIGMOID || act == FG_TANH) {
-            const T lo_ = act == FG_SIGMOID ? (T)0.01 : (T)-0.99;
+            const T sat_lo = act == FG_SIGMOID ? (T)0.01 : (T)-0.99;
             int64_t sat = 0;
-            for (ptrdiff_t k = 0; k < n; k++) sat += (y[k] < lo_) | (y[k] > (T)0.99);
+            for (ptrdiff_t k = 0; k < n; k++) sat += (y[k] < sat_lo) | (y[k] > (T)0.99);
             stats->saturated += sat;
         }
     }
@@ -345,14 +345,14 @@ FG_TARGETS int S(fg_bias_act_forward)(T *out, T *pre, const T *inp, const T *bia
     }
     S(act_args) A = {.out = out, .pre = pre, .inp = inp, .bias = bias, .O = O,
                      .act = act, .a = (T)alpha, .stats = stats};
+    ptrdiff_t rows = B;
     if (!bias && !stats && act != FG_SOFTMAX && act != FG_LOG_SOFTMAX) {
         /* element-wise: B*O rows of one element, so that a few long rows split too */
+        rows = B * O;
         A.O = 1;
-        O = B * O;
-        B = O;
     }
     const ptrdiff_t rb = A.O < FG_BLOCK ? FG_BLOCK / A.O : 1;
-    fg_parallel(S(bias_act_rows), &A, B, stats ? B : S(act_share)(B, A.O, rb));
+    fg_parallel(S(bias_act_rows), &A, rows, stats ? rows : S(share)(rows, A.O, rb));
     return FG_OK;
 }
 
@@ -482,7 +482,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
                      .act = act, .a = a};
 
     if (act == FG_SOFTMAX || act == FG_LOG_SOFTMAX) {
-        fg_parallel(S(softmax_back_rows), &A, B, S(act_share)(B, O, 1));
+        fg_parallel(S(softmax_back_rows), &A, B, S(share)(B, O, 1));
         if (!dbias) return FG_OK;
         /* the bias sums below then read dpre */
         act = FG_LINEAR;
@@ -490,7 +490,7 @@ FG_TARGETS int S(fg_act_backward)(T *dpre, T *dbias, const T *dout, const T *out
     }
 
     if (!dbias) {  /* element-wise alone: one pass over everything */
-        fg_parallel(S(slope_part), &A, B * O, S(act_share)(B * O, 1, FG_BLOCK));
+        fg_parallel(S(slope_part), &A, B * O, S(share)(B * O, 1, FG_BLOCK));
         return FG_OK;
     }
 
@@ -1310,8 +1310,8 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     const T ema_m = (T)c->ema_momentum;
     const int ema_over = c->ema_overwrite, acc_only = acc && c->accumulate_only;
     const unsigned fp_mode = fg_flush_begin();
-    /* update-ratio tracking goes block by block: blocks this small let the
-     * out-of-order core run one block's sums beside the next one's update */
+    /* update-ratio tracking updates a run of blocks, then sums each block's
+     * change while the run is in L1 */
     enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096, RUN = 16 * FG_UPD_BLOCK };
     T dw[RUN];
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
@@ -1343,13 +1343,13 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
         } else {
             S(dlanes) du = {0}, ww = {0};
             ptrdiff_t k0 = 0;
-            /* the flags go unused here (and compile away): a weight that is
-             * not finite shows in the sums, checked below */
-            /* whole blocks, a run of up to RUN elements per update call
-             * (the call's set-up costs as much as a block's update); then
-             * each block's change, from L1, into lanes kept across blocks */
+            /* whole blocks, up to RUN elements per update call (a call's
+             * set-up costs as much as a block's update), then each block's
+             * change into lanes kept across blocks. The update's flags go
+             * unused (and compile away): a weight that is not finite shows
+             * in the sums, checked below. */
             for (; k0 + BLOCK <= n; ) {
-                const ptrdiff_t len = (n - k0) / BLOCK * BLOCK < RUN ? (n - k0) / BLOCK * BLOCK : RUN;
+                const ptrdiff_t whole = (n - k0) / BLOCK * BLOCK, len = whole < RUN ? whole : RUN;
                 S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
                                 vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
                 for (ptrdiff_t b = 0; b < len; b += BLOCK)
@@ -1662,13 +1662,6 @@ typedef struct {
     double epsilon;
 } S(ln_args);
 
-/* Rows per chunk for B rows of F elements: about 16K elements a chunk, and
- * all B rows (one thread) below FG_PARALLEL_MIN elements. */
-FG_INLINE ptrdiff_t S(ln_chunk)(ptrdiff_t B, ptrdiff_t F)
-{
-    return B * F < FG_PARALLEL_MIN ? B : (16384 + F - 1) / F;
-}
-
 FG_TARGETS static void S(ln_forward_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
 {
     enum { L = FG_LN_LANES };
@@ -1717,7 +1710,7 @@ void S(fg_layernorm_forward)(T *out, double *mean, double *rstd, const T *inp,
 {
     S(ln_args) a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma,
                     .beta = beta, .B = B, .F = F, .epsilon = epsilon};
-    fg_parallel(S(ln_forward_part), &a, B, S(ln_chunk)(B, F));
+    fg_parallel(S(ln_forward_part), &a, B, S(share)(B, F, 1));
 }
 
 /* xhat = (x - mean) rstd of row i, in T as the forward computes it. */
@@ -1844,7 +1837,7 @@ void S(fg_layernorm_backward)(T *dinp, T *dgamma, T *dbeta, double *work, const 
                     .inp = inp, .dout = dout, .gamma = gamma, .cmean = mean,
                     .crstd = rstd, .B = B, .F = F};
     if (!dgamma && !dbeta) {
-        fg_parallel(S(ln_rows_part), &a, B, S(ln_chunk)(B, F));
+        fg_parallel(S(ln_rows_part), &a, B, S(share)(B, F, 1));
         return;
     }
     fg_parallel(S(ln_parts_part), &a, FG_LN_PARTS,

@@ -1175,8 +1175,9 @@ def affine(const floating[:, ::1] inp not None, const floating[::1] shift,
 
 def set_kernel_threads(int n):
     """Threads of the kernels that split their work (activations,
-    LayerNormalization, one-row products), the calling thread included: n >= 1, or 0 for one per online CPU (the
-    default). Results do not depend on it."""
+    LayerNormalization, one-row products), the calling thread included:
+    n >= 1, or 0 for one per online CPU (the default). Results do not
+    depend on it."""
     _check(0 <= n <= 64, "n: expected 0 (one per CPU) or a thread count from 1 to 64")
     fg_set_threads(n)
 
