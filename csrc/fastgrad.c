@@ -53,6 +53,8 @@
  * thread and restored on the way out. */
 #if defined(__SSE2__)
 #include <xmmintrin.h>
+static inline unsigned fg_fp_mode(void) { return _mm_getcsr(); }
+static inline void fg_set_fp_mode(unsigned mode) { _mm_setcsr(mode); }
 static inline unsigned fg_flush_begin(void)
 {
     unsigned old = _mm_getcsr();
@@ -61,6 +63,8 @@ static inline unsigned fg_flush_begin(void)
 }
 static inline void fg_flush_end(unsigned old) { _mm_setcsr(old); }
 #else
+static inline unsigned fg_fp_mode(void) { return 0; }
+static inline void fg_set_fp_mode(unsigned mode) { (void)mode; }
 static inline unsigned fg_flush_begin(void) { return 0; }
 static inline void fg_flush_end(unsigned old) { (void)old; }
 #endif
@@ -72,8 +76,8 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
  * machine does not schedule costs at most one chunk: the call is never much
  * slower than one thread. Between calls workers poll briefly, yielding,
  * then sleep on a condition variable (fg_new_job_soon). A chunk's result
- * does not depend on which thread computed it, so results are the same for
- * any number of threads. One parallel call at a time: a second caller runs
+ * does not depend on which thread computed it (workers take the caller's
+ * floating-point mode), so results are the same for any number of threads. One parallel call at a time: a second caller runs
  * its work alone. Without POSIX threads and C11 atomics, everything runs on
  * the calling thread. */
 #if (defined(__unix__) || defined(__APPLE__)) && defined(__STDC_VERSION__) \
@@ -97,10 +101,11 @@ static struct {
     fg_range_fn fn;
     void *ctx;
     ptrdiff_t n, chunk;
+    unsigned fp_mode;          /* the caller's floating-point mode (MXCSR) */
     atomic_llong next;         /* job << 32 | next chunk: a claim names its job */
     atomic_llong finished;     /* chunks done in the current job */
 } fg_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
-             PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0};
+             PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0, 0};
 static atomic_int fg_threads = 0;   /* 0: one per online CPU */
 
 /* Claims and runs chunks of job `job` until none is left. */
@@ -124,11 +129,13 @@ static void fg_run_chunks(long long job, fg_range_fn fn, void *ctx, ptrdiff_t n,
 #ifndef FG_SPIN_NS
 #define FG_SPIN_NS 100000
 #endif
+static atomic_int fg_blas_threaded = 0;   /* products on the BLAS's threads */
 static void fg_new_job_soon(unsigned long seen)
 {
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (atomic_load(&fg_pool.job) == seen) {
+    /* the BLAS's threads need the cores: make way for them */
+    while (atomic_load(&fg_pool.job) == seen && atomic_load(&fg_blas_threaded) == 0) {
         clock_gettime(CLOCK_MONOTONIC, &t);
         if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > FG_SPIN_NS)
             return;
@@ -151,7 +158,11 @@ static void *fg_worker(void *id)
         void *ctx = fg_pool.ctx;
         ptrdiff_t n = fg_pool.n, chunk = fg_pool.chunk;
         const int takes_part = me < fg_pool.active;
+        const unsigned fp_mode = fg_pool.fp_mode;
         pthread_mutex_unlock(&fg_pool.m);
+        /* a chunk computes as it would on the caller's thread: the same
+         * rounding and subnormal handling (an optimizer step flushes) */
+        fg_set_fp_mode(fp_mode);
         if (takes_part) fg_run_chunks((long long)(seen & 0x7fffffffUL), fn, ctx, n, chunk);
     }
     return NULL;
@@ -228,6 +239,7 @@ int fg_blas_begin(int small)
     } else {
         while (fg_blas_small > 0) pthread_cond_wait(&fg_blas_turn, &fg_blas_m);
         fg_blas_large++;
+        atomic_fetch_add(&fg_blas_threaded, 1);
     }
     pthread_mutex_unlock(&fg_blas_m);
     return 1;
@@ -237,6 +249,7 @@ void fg_blas_end(int small)
 {
     pthread_mutex_lock(&fg_blas_m);
     int last = small ? --fg_blas_small == 0 : --fg_blas_large == 0;
+    if (!small) atomic_fetch_sub(&fg_blas_threaded, 1);
     if (last && small) fg_blas_set_local(fg_blas_before > 0 ? fg_blas_before : 0);
     if (last) pthread_cond_broadcast(&fg_blas_turn);
     pthread_mutex_unlock(&fg_blas_m);
@@ -287,6 +300,7 @@ static void fg_parallel(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk)
     fg_pool.ctx = ctx;
     fg_pool.n = n;
     fg_pool.chunk = chunk;
+    fg_pool.fp_mode = fg_fp_mode();
     atomic_store(&fg_pool.finished, 0);
     atomic_store(&fg_pool.next, job << 32);
     pthread_cond_broadcast(&fg_pool.wake);

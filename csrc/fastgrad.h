@@ -104,15 +104,18 @@ typedef struct {
 } fg_act_stats;
 
 /* Threads for the kernels that split their work (activations and
- * LayerNormalization, from FG_PARALLEL_MIN = 131072 elements): at most n,
+ * LayerNormalization from FG_PARALLEL_MIN = 131072 elements, the
+ * optimizer's update from 32768 parameters, and the bindings' BLAS
+ * products in shares): at most n,
  * the calling thread included; 0 (the default) means one per online CPU,
  * 1 keeps everything on the calling thread. Results do not depend on it. */
 void fg_set_threads(int n);
 int fg_get_threads(void);
 
 /* Runs fn(ctx, lo, hi) over [0, n) in chunks of `chunk` on those threads,
- * the caller's included (the bindings split one-row BLAS products with it).
- * fn must give the same result whichever thread runs a chunk. */
+ * the caller's included (the bindings split BLAS products with it), in the
+ * caller's floating-point mode. fn must give the same result whichever
+ * thread runs a chunk. */
 typedef void (*fg_range_fn)(void *ctx, ptrdiff_t lo, ptrdiff_t hi);
 void fg_parallel_for(fg_range_fn fn, void *ctx, ptrdiff_t n, ptrdiff_t chunk);
 

@@ -1281,6 +1281,39 @@ FG_INLINE void S(ema_range)(T *restrict w, T *restrict avg, T mom, int overwrite
     }
 }
 
+/* What a share of the plain update needs (fg_parallel's ctx): elements
+ * [lo, hi) of the flat buffers, over the tensors they meet. */
+typedef struct {
+    const S(opt_consts) *q;
+    T *param, *m, *v, *vmax;
+    const T *grad;
+    const fg_tensors *tt;
+    ptrdiff_t share;
+    unsigned char *bad;   /* per share: a weight not finite after it */
+} S(upd_args);
+
+FG_TARGETS static void S(update_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(upd_args) *A = p;
+    const fg_tensors *tt = A->tt;
+    ptrdiff_t t = 0, top = tt->n_tensors;   /* the tensor holding lo */
+    while (t + 1 < top) {
+        ptrdiff_t mid = (t + top) / 2;
+        if ((ptrdiff_t)tt->offset[mid] <= lo) t = mid; else top = mid;
+    }
+    int bad = 0;
+    for (; t < tt->n_tensors && (ptrdiff_t)tt->offset[t] < hi; t++) {
+        ptrdiff_t a = (ptrdiff_t)tt->offset[t], b = (ptrdiff_t)tt->offset[t + 1];
+        a = a > lo ? a : lo;
+        b = b < hi ? b : hi;
+        if (a >= b || (tt->frozen && tt->frozen[t])) continue;
+        bad |= S(update_range)(A->q, A->param + a, A->grad + a, A->m ? A->m + a : NULL,
+                               A->v ? A->v + a : NULL, A->vmax ? A->vmax + a : NULL, NULL,
+                               (T)tt->scale[t], b - a);
+    }
+    A->bad[lo / A->share] |= (unsigned char)bad;
+}
+
 FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *v,
                          T *vmax, T *ema, T *acc, const T *grad, const fg_tensors *tt,
                          const fg_opt_config *c)
@@ -1314,6 +1347,22 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
      * change while the run is in L1 */
     enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096, RUN = 16 * FG_UPD_BLOCK };
     T dw[RUN];
+    /* The plain update of a large model runs in shares over the kernel
+     * threads first (element by element: the same bits at any count); the
+     * tensor loop below then does the rest. */
+    enum { SHARES = 1024, SHARE = 8192 };
+    const ptrdiff_t total = tt->n_tensors > 0 ? (ptrdiff_t)tt->offset[tt->n_tensors] : 0;
+    const int split = !acc_only && !ema && !tt->upd_sumsq && total >= 4 * SHARE;
+    int split_bad = 0;
+    if (split) {
+        unsigned char flags[SHARES] = {0};
+        ptrdiff_t share = (total + SHARES - 1) / SHARES;
+        share = share > SHARE ? share : SHARE;
+        S(upd_args) A = {.q = &q, .param = param, .m = m, .v = v, .vmax = vmax, .grad = grad,
+                         .tt = tt, .share = share, .bad = flags};
+        fg_parallel(S(update_part), &A, total, share);
+        for (int i = 0; i < SHARES; i++) split_bad |= flags[i];
+    }
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
             if (tt->upd_sumsq) tt->upd_sumsq[t] = tt->w_sumsq[t] = 0.0;
@@ -1326,7 +1375,9 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
         const T sc = (T)tt->scale[t];
         T *et = ema ? ema + a : NULL;
         int bad = 0;
-        if (acc_only) {   /* a micro-step: the weights do not change */
+        if (split) {
+            bad = split_bad;   /* whose weights: looked for below */
+        } else if (acc_only) {   /* a micro-step: the weights do not change */
             T *at = acc + a;
             for (ptrdiff_t k = 0; k < n; k++) at[k] += gr[k];
             if (et) S(ema_range)(w, et, ema_m, ema_over, n);
@@ -1387,7 +1438,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
             S(max_norm)(w, n, (ptrdiff_t)tt->cols[t], tt->cvalue[t]);
             break;
         }
-        if (bad && (tt->upd_sumsq || et || tt->constraint[t] != FG_NO_CONSTRAINT)) {
+        if (bad && (split || tt->upd_sumsq || et || tt->constraint[t] != FG_NO_CONSTRAINT)) {
             bad = 0;   /* a constraint (ClipValue) may have mended it */
             for (ptrdiff_t k = 0; k < n; k++) bad |= !(FABS(w[k]) <= T_MAX);
         }

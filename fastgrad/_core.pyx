@@ -177,6 +177,65 @@ import scipy.linalg.cython_blas as _cython_blas
 BLAS_ONE_THREAD = bool(fg_blas_bind(_os.fsencode(_cython_blas.__file__)))
 
 
+# Products of few rows, from _GEMM_SPLIT_MIN multiply-adds, go in shares of
+# their longer output side over the kernel threads, one BLAS thread per
+# share. Measured on one thread with SciPy's OpenBLAS (AVX-512 kernels):
+# 32x784x256 in shares of 32 columns took 118 us against 181 us whole, and
+# 32x256x256 in shares of 112, 38 against 59 us: its kernels for products
+# of up to 10^6 multiply-adds skip the packing. So a share stays within
+# _GEMM_SHARE_WORK; where that would leave it narrower than _GEMM_SHARE_MIN
+# (many rows), the product stays whole, on the BLAS's threads from
+# _ONE_BLAS_THREAD_BELOW (those split large products better: 256x784x256
+# in shares of 128 took 1046 us against 1023 us whole on one thread). A
+# product that fits in one share goes in two halves, for the threads. The
+# shares depend on the shape alone, so the bits do not depend on the thread
+# count.
+cdef enum:
+    _GEMM_SPLIT_MIN = 1 << 19
+    _GEMM_SHARE_WORK = 1000000
+    _GEMM_SHARE_MIN = 32
+
+
+cdef struct _gemm_job:
+    bint dbl, by_cols
+    char ta, tb        # the BLAS's flags (operands swapped, see _gemm)
+    int M, N, K, lda, ldb, ldc, share
+    float fa, fb
+    double da, db
+    void *a
+    void *b
+    void *c
+
+
+cdef void _gemm_parts(void *ctx, ptrdiff_t lo, ptrdiff_t hi) noexcept nogil:
+    """Shares lo..hi-1 of the row-major product _gemm_job describes: share p
+    is C's columns (by_cols) or rows [p share, (p+1) share)."""
+    cdef _gemm_job *j = <_gemm_job *>ctx
+    cdef int s0, s1, m, n
+    cdef Py_ssize_t ao, bo, co
+    cdef ptrdiff_t p
+    for p in range(lo, hi):
+        s0 = <int>(p * j.share)
+        s1 = min(s0 + j.share, j.N if j.by_cols else j.M)
+        if s0 >= s1:
+            continue
+        m, n, ao, bo, co = j.M, j.N, 0, 0, 0
+        if j.by_cols:   # C[:, s0:s1] = op(A) op(B)[:, s0:s1]
+            n = s1 - s0
+            bo = s0 * <Py_ssize_t>j.ldb if j.ta == b'T' else s0
+            co = s0
+        else:           # C[s0:s1] = op(A)[s0:s1] op(B)
+            m = s1 - s0
+            ao = s0 if j.tb == b'T' else s0 * <Py_ssize_t>j.lda
+            co = s0 * <Py_ssize_t>j.ldc
+        if j.dbl:
+            dgemm(&j.ta, &j.tb, &n, &m, &j.K, &j.da, <double *>j.b + bo, &j.ldb,
+                  <double *>j.a + ao, &j.lda, &j.db, <double *>j.c + co, &j.ldc)
+        else:
+            sgemm(&j.ta, &j.tb, &n, &m, &j.K, &j.fa, <float *>j.b + bo, &j.ldb,
+                  <float *>j.a + ao, &j.lda, &j.fb, <float *>j.c + co, &j.ldc)
+
+
 cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
                 floating *a, int lda, floating *b, int ldb, double beta,
                 floating *c, int ldc) noexcept nogil:
@@ -206,8 +265,25 @@ cdef void _gemm(bint trans_a, bint trans_b, int M, int N, int K, double alpha,
         # less time than the same GEMM (784x256: 10.2 against 12.9 us)
         _gemv(ta, rows, cols, alpha, b, ldb, a, step, beta, c)
         return
-    cdef int small = <long long>M * N * K < _ONE_BLAS_THREAD_BELOW
-    cdef int turn = fg_blas_begin(small)
+    cdef long long work = <long long>M * N * K, share, parts
+    cdef int small = work < _ONE_BLAS_THREAD_BELOW, n = max(M, N), turn
+    cdef _gemm_job job
+    if work >= _GEMM_SPLIT_MIN:
+        # shares within _GEMM_SHARE_WORK: an even number, as even as whole
+        # 64-byte lines allow
+        share = _GEMM_SHARE_WORK // (work // n) // 16 * 16
+        parts = (n + share - 1) // share if share >= _GEMM_SHARE_MIN else 0
+        parts += parts & 1
+        share = ((n + parts - 1) // parts + 15) // 16 * 16 if parts else n
+        if share < n and fg_blas_begin(1):
+            job.dbl, job.by_cols, job.ta, job.tb = floating is double, N >= M, ta, tb
+            job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
+            job.fa, job.fb, job.da, job.db = <float>alpha, <float>beta, alpha, beta
+            job.a, job.b, job.c, job.share = a, b, c, <int>share
+            fg_parallel_for(_gemm_parts, &job, (n + share - 1) // share, 1)
+            fg_blas_end(1)
+            return
+    turn = fg_blas_begin(small)
     if floating is float:
         sgemm(&ta, &tb, &N, &M, &K, &al, b, &ldb, a, &lda, &be, c, &ldc)
     else:
@@ -1175,7 +1251,8 @@ def affine(const floating[:, ::1] inp not None, const floating[::1] shift,
 
 def set_kernel_threads(int n):
     """Threads of the kernels that split their work (activations,
-    LayerNormalization, one-row products), the calling thread included:
+    LayerNormalization, the optimizer's update, products split in shares),
+    the calling thread included:
     n >= 1, or 0 for one per online CPU (the default). Results do not
     depend on it."""
     _check(0 <= n <= 64, "n: expected 0 (one per CPU) or a thread count from 1 to 64")

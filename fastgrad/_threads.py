@@ -3,11 +3,12 @@ kernels that split their rows, may use.
 
 fastgrad's matrix products go through SciPy's BLAS (an OpenBLAS in SciPy's
 wheels), which starts one thread per core by default; products under 2**21
-multiply-adds run on one of its threads whatever the count. From 131072
-elements the activation and LayerNormalization kernels split their work
-over a small pool of fastgrad's own threads (one per core by default), as
-one-row products from matrices of that size do; the other element-wise
-kernels run on the calling thread. Results do not depend on the count. These
+multiply-adds run on one of its threads whatever the count. fastgrad's own
+threads (a small pool, one per core by default) take products of a batch's
+rows from 2**19 multiply-adds in shares (one BLAS thread each), the
+optimizer's update from 32768 parameters, and from 131072 elements the
+activation and LayerNormalization kernels and one-row products; the other
+element-wise kernels run on the calling thread. Results do not depend on the count. These
 functions set both; for the BLAS they use threadpoolctl
 (``pip install threadpoolctl``; scikit-learn depends on it) to read and
 change the thread count of every BLAS loaded in the process, SciPy's
@@ -40,7 +41,7 @@ def _count(n):
 
 
 def set_num_threads(n):
-    """Let the BLAS and the row-splitting kernels use at most ``n`` threads
+    """Let the BLAS and fastgrad's splitting kernels use at most ``n`` threads
     (n >= 1) from now on."""
     n = _count(n)
     _controller().limit(limits=n)
@@ -63,7 +64,7 @@ def get_num_threads():
 
 @contextlib.contextmanager
 def threads(n):
-    """Limit the BLAS and the row-splitting kernels to ``n`` threads inside a
+    """Limit the BLAS and fastgrad's splitting kernels to ``n`` threads inside a
     ``with`` block; the previous counts come back on leaving it, also after
     an exception."""
     limiter = _controller().limit(limits=_count(n))

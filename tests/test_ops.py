@@ -674,9 +674,10 @@ def test_dense_backward_options(act, use_bias, need_dx, dtype):
 
 
 # one row past 131072 matrix elements: the product is split over threads
-# (by terms of the sum, or by outputs; not by terms past 1024 outputs)
+# (by terms of the sum, or by outputs; not by terms past 1024 outputs); from
+# 2^19 multiply-adds, by output columns (N >= M) or rows, in uneven shares
 MATMUL_SIZES = [(1, 1, 1), (33, 17, 29), (2, 700, 3), (5, 0, 3), (0, 4, 2), (4, 3, 0),
-                (1, 517, 263), (1, 130, 1100)]
+                (1, 517, 263), (1, 130, 1100), (40, 150, 90), (130, 90, 50)]
 
 
 @pytest.mark.parametrize("mkn", MATMUL_SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -701,18 +702,23 @@ def test_matmul(trans_a, trans_b, dtype, mkn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
-def test_one_row_products_do_not_depend_on_the_thread_count(trans_b, dtype):
+@pytest.mark.parametrize("mkn", [(1, 777, 333), (70, 300, 333), (333, 300, 70)],
+                         ids=["one-row", "by-columns", "by-rows"])
+def test_split_products_do_not_depend_on_the_thread_count(mkn, trans_b, trans_a, dtype):
+    m, k, n = mkn
     rng = np.random.default_rng(4)
-    a = normal(rng, (1, 777), dtype, std=1.0)
-    b = normal(rng, (333, 777) if trans_b else (777, 333), dtype, std=1.0)
+    a = normal(rng, (k, m) if trans_a else (m, k), dtype, std=1.0)
+    b = normal(rng, (n, k) if trans_b else (k, n), dtype, std=1.0)
     try:
         _core.set_kernel_threads(1)
-        want = ops.matmul(a, b, trans_b=trans_b).tobytes()
-        for n in (2, 3, 4):
-            _core.set_kernel_threads(n)
+        want = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b).tobytes()
+        for threads in (2, 3, 4):
+            _core.set_kernel_threads(threads)
             for _ in range(3):
-                assert ops.matmul(a, b, trans_b=trans_b).tobytes() == want, n
+                got = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+                assert got.tobytes() == want, threads
     finally:
         _core.set_kernel_threads(0)
 

@@ -158,6 +158,72 @@ def test_update_rule_float32_buffers(case):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
 
 
+# 37,433 elements: past the 32768 from which the update runs in shares over
+# the kernel threads, with shares that cross the tensors' boundaries
+BIG_LAYOUT = [("dense/kernel", (150, 200)), ("dense/bias", (200,)),
+              ("dense_1/kernel", (200, 36)), ("dense_1/bias", (33,))]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_update_rule_in_shares_matches_numpy_float64(case):
+    case_id, make, cfg = case
+    tensors, size = make_tensors(BIG_LAYOUT)
+    rng = np.random.default_rng(len(case_id) + 1)
+    w0 = rng.normal(size=size)
+    grads = grad_sequence(rng, size, 3, decay=0.3 if case_id == "adam-amsgrad" else 1.0)
+    got, _ = fg_run(make(), w0, grads, tensors)
+    ref, _, _ = ref_run(cfg, w0, grads, tensors)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_update_in_shares_leaves_a_frozen_tensor_alone():
+    tensors, size = make_tensors(BIG_LAYOUT)
+    rng = np.random.default_rng(3)
+    params = rng.normal(size=size)
+    before = params.copy()
+    grads = rng.normal(size=size)
+    opt = optimizers.Adam(0.1)
+    opt.build(params, grads, tensors, frozen=np.array([0, 1, 0, 0], np.uint8))
+    opt.apply()
+    frozen = slice(30000, 30200)   # dense/bias
+    np.testing.assert_array_equal(params[frozen], before[frozen])
+    assert not np.any(opt.variables()["m"][frozen])
+    changed = np.ones(size, bool)
+    changed[frozen] = False
+    assert np.all(params[changed] != before[changed])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("make", [lambda: optimizers.Adam(0.01),
+                                  lambda: optimizers.RMSprop(0.01, momentum=0.5)],
+                         ids=["adam", "rmsprop"])
+def test_update_in_shares_does_not_depend_on_the_thread_count(make, dtype):
+    """Gradients down to the subnormal range, where the step flushes to
+    zero: a share computed on a worker thread must see the same floating-
+    point mode as the calling thread. The workers are started first by a
+    pass outside any step, as a model's predict would start them."""
+    from fastgrad import _core, ops
+    ops.activation_forward(np.ones((1, 300_000), dtype), "tanh")
+    # large enough that a worker wakes up in time to take shares
+    tensors, size = make_tensors([("kernel", (1000, 999)), ("bias", (999,))])
+    rng = np.random.default_rng(5)
+    low = -25 if dtype == F32 else -170
+    grads = [(rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(low, 1, size)).astype(dtype)
+             for _ in range(4)]
+    w0 = rng.normal(size=size).astype(dtype)
+    runs = []
+    try:
+        for threads in (1, 2, 3, 1):
+            _core.set_kernel_threads(threads)
+            opt = make()
+            got, _ = fg_run(opt, w0, grads, tensors, dtype=dtype)
+            runs.append(got.tobytes() + b"".join(v.tobytes() for v in opt.variables().values()
+                                                 if isinstance(v, np.ndarray)))
+    finally:
+        _core.set_kernel_threads(0)
+    assert runs[1:] == runs[:1] * 3
+
+
 def test_apply_before_build_raises():
     with pytest.raises(RuntimeError):
         optimizers.Adam().apply()
