@@ -1281,6 +1281,74 @@ FG_INLINE void S(ema_range)(T *restrict w, T *restrict avg, T mom, int overwrite
     }
 }
 
+FG_INLINE void S(dlanes_add)(S(dlanes) *a, const S(dlanes) *b)
+{
+    double x[16], y[16];
+    memcpy(x, a, sizeof x);
+    memcpy(y, b, sizeof y);
+    for (int j = 0; j < 16; j++) x[j] += y[j];
+    memcpy(a, x, sizeof x);
+}
+
+/* The tracked update of n elements of one tensor from a block boundary:
+ * runs of up to 16 blocks per update call (a call's set-up costs as much
+ * as a block's update), then each block's change and new weights into du,
+ * ww while the run is in L1; a last partial block is zero-padded. The
+ * update's flags go unused (and compile away): a weight that is not finite
+ * shows in the sums. With et, the moving average follows each run. */
+FG_INLINE void S(track_range)(const S(opt_consts) *q, T *w, const T *gr, T *mt, T *vt,
+                              T *xt, T *et, T ema_m, int ema_over, T sc, ptrdiff_t n,
+                              S(dlanes) *du, S(dlanes) *ww)
+{
+    enum { BLOCK = FG_UPD_BLOCK, RUN = 16 * FG_UPD_BLOCK };
+    T dw[RUN];
+    ptrdiff_t k0 = 0;
+    for (; k0 + BLOCK <= n; ) {
+        const ptrdiff_t whole = (n - k0) / BLOCK * BLOCK, len = whole < RUN ? whole : RUN;
+        S(update_range)(q, w + k0, gr + k0, mt ? mt + k0 : NULL, vt ? vt + k0 : NULL,
+                        xt ? xt + k0 : NULL, dw, sc, len);
+        for (ptrdiff_t b = 0; b < len; b += BLOCK)
+            S(block_sumsq2)(du, ww, dw + b, w + k0 + b);
+        if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, len);
+        k0 += len;
+    }
+    if (k0 < n) {
+        T ws[BLOCK] = {0};
+        S(update_range)(q, w + k0, gr + k0, mt ? mt + k0 : NULL, vt ? vt + k0 : NULL,
+                        xt ? xt + k0 : NULL, dw, sc, n - k0);
+        for (ptrdiff_t k = n - k0; k < BLOCK; k++) dw[k] = 0;
+        for (ptrdiff_t k = 0; k < n - k0; k++) ws[k] = w[k0 + k];
+        S(block_sumsq2)(du, ww, dw, ws);
+        if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, n - k0);
+    }
+}
+
+/* The tracked update in parts (fg_parallel's ctx): part u is elements
+ * [first[u], first[u] + len[u]) of tensor tensor[u]; its sums go to du[u],
+ * ww[u], which the caller adds in order. */
+typedef struct {
+    const S(opt_consts) *q;
+    T *param, *m, *v, *vmax;
+    const T *grad;
+    const fg_tensors *tt;
+    const int *tensor;
+    const ptrdiff_t *first, *len;
+    S(dlanes) *du, *ww;
+} S(track_args);
+
+FG_TARGETS static void S(track_part)(void *p, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const S(track_args) *A = p;
+    for (ptrdiff_t u = lo; u < hi; u++) {
+        const ptrdiff_t a = (ptrdiff_t)A->tt->offset[A->tensor[u]] + A->first[u];
+        memset(&A->du[u], 0, sizeof A->du[u]);
+        memset(&A->ww[u], 0, sizeof A->ww[u]);
+        S(track_range)(A->q, A->param + a, A->grad + a, A->m ? A->m + a : NULL,
+                       A->v ? A->v + a : NULL, A->vmax ? A->vmax + a : NULL, NULL, 0, 0,
+                       (T)A->tt->scale[A->tensor[u]], A->len[u], &A->du[u], &A->ww[u]);
+    }
+}
+
 /* What a share of the plain update needs (fg_parallel's ctx): elements
  * [lo, hi) of the flat buffers, over the tensors they meet. */
 typedef struct {
@@ -1343,18 +1411,42 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     const T ema_m = (T)c->ema_momentum;
     const int ema_over = c->ema_overwrite, acc_only = acc && c->accumulate_only;
     const unsigned fp_mode = fg_flush_begin();
-    /* update-ratio tracking updates a run of blocks, then sums each block's
-     * change while the run is in L1 */
-    enum { BLOCK = FG_UPD_BLOCK, CHUNK = 4096, RUN = 16 * FG_UPD_BLOCK };
-    T dw[RUN];
-    /* The plain update of a large model runs in shares over the kernel
-     * threads first (element by element: the same bits at any count); the
-     * tensor loop below then does the rest. */
-    enum { SHARES = 1024, SHARE = 8192 };
+    enum { CHUNK = 4096 };
+    /* The update of a large model runs in shares over the kernel threads
+     * first (element by element, or tracked parts: the same bits at any
+     * count); the tensor loop below then does the rest. */
+    enum { SHARES = 1024, SHARE = 8192, PARTS = 160 };
     const ptrdiff_t total = tt->n_tensors > 0 ? (ptrdiff_t)tt->offset[tt->n_tensors] : 0;
-    const int split = !acc_only && !ema && !tt->upd_sumsq && total >= 4 * SHARE;
-    int split_bad = 0;
-    if (split) {
+    const int split = !acc_only && !ema && total >= 4 * SHARE;
+    /* Tracked sums go over parts of each tensor, from its start: lanes per
+     * part, added in order, the same bits split or not. A part is at least
+     * 64 blocks, and so large that a model has at most 96 parts beyond one
+     * per tensor; with too many tensors for PARTS, the parts run here. */
+    const ptrdiff_t part_blocks = ((total + 95) / 96 + FG_UPD_BLOCK - 1) / FG_UPD_BLOCK;
+    const ptrdiff_t part_len = (part_blocks > 64 ? part_blocks : 64) * FG_UPD_BLOCK;
+    const int plain_split = split && !tt->upd_sumsq;
+    int split_bad = 0, tracked_split = split && tt->upd_sumsq;
+    S(dlanes) pdu[PARTS], pww[PARTS];
+    int ptensor[PARTS];
+    ptrdiff_t pfirst[PARTS], plen[PARTS], nparts = 0;
+    for (ptrdiff_t t = 0; t < tt->n_tensors && tracked_split; t++) {
+        const ptrdiff_t n = (ptrdiff_t)(tt->offset[t + 1] - tt->offset[t]);
+        if (tt->frozen && tt->frozen[t]) continue;
+        for (ptrdiff_t k0 = 0; k0 < n && tracked_split; k0 += part_len, nparts++) {
+            tracked_split = nparts < PARTS;
+            if (!tracked_split) break;
+            ptensor[nparts] = (int)t;
+            pfirst[nparts] = k0;
+            plen[nparts] = n - k0 < part_len ? n - k0 : part_len;
+        }
+    }
+    if (tracked_split) {
+        S(track_args) A = {.q = &q, .param = param, .m = m, .v = v, .vmax = vmax,
+                           .grad = grad, .tt = tt, .tensor = ptensor, .first = pfirst,
+                           .len = plen, .du = pdu, .ww = pww};
+        fg_parallel(S(track_part), &A, nparts, 1);
+    }
+    if (plain_split) {
         unsigned char flags[SHARES] = {0};
         ptrdiff_t share = (total + SHARES - 1) / SHARES;
         share = share > SHARE ? share : SHARE;
@@ -1363,6 +1455,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
         fg_parallel(S(update_part), &A, total, share);
         for (int i = 0; i < SHARES; i++) split_bad |= flags[i];
     }
+    ptrdiff_t u_next = 0;   /* the next tracked part to add */
     for (ptrdiff_t t = 0; t < tt->n_tensors; t++) {
         if (tt->frozen && tt->frozen[t]) {   /* weights and moments untouched */
             if (tt->upd_sumsq) tt->upd_sumsq[t] = tt->w_sumsq[t] = 0.0;
@@ -1375,7 +1468,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
         const T sc = (T)tt->scale[t];
         T *et = ema ? ema + a : NULL;
         int bad = 0;
-        if (split) {
+        if (plain_split) {
             bad = split_bad;   /* whose weights: looked for below */
         } else if (acc_only) {   /* a micro-step: the weights do not change */
             T *at = acc + a;
@@ -1393,29 +1486,21 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
             }
         } else {
             S(dlanes) du = {0}, ww = {0};
-            ptrdiff_t k0 = 0;
-            /* whole blocks, up to RUN elements per update call (a call's
-             * set-up costs as much as a block's update), then each block's
-             * change into lanes kept across blocks. The update's flags go
-             * unused (and compile away): a weight that is not finite shows
-             * in the sums, checked below. */
-            for (; k0 + BLOCK <= n; ) {
-                const ptrdiff_t whole = (n - k0) / BLOCK * BLOCK, len = whole < RUN ? whole : RUN;
-                S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
-                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, len);
-                for (ptrdiff_t b = 0; b < len; b += BLOCK)
-                    S(block_sumsq2)(&du, &ww, dw + b, w + k0 + b);
-                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, len);
-                k0 += len;
-            }
-            if (k0 < n) {   /* the last block, zero-padded */
-                T ws[BLOCK] = {0};
-                S(update_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
-                                vt ? vt + k0 : NULL, xt ? xt + k0 : NULL, dw, sc, n - k0);
-                for (ptrdiff_t k = n - k0; k < BLOCK; k++) dw[k] = 0;
-                for (ptrdiff_t k = 0; k < n - k0; k++) ws[k] = w[k0 + k];
-                S(block_sumsq2)(&du, &ww, dw, ws);
-                if (et) S(ema_range)(w + k0, et + k0, ema_m, ema_over, n - k0);
+            if (tracked_split) {
+                for (; u_next < nparts && ptensor[u_next] == t; u_next++) {
+                    S(dlanes_add)(&du, &pdu[u_next]);
+                    S(dlanes_add)(&ww, &pww[u_next]);
+                }
+            } else {
+                for (ptrdiff_t k0 = 0; k0 < n; k0 += part_len) {
+                    S(dlanes) pu = {0}, pw = {0};
+                    S(track_range)(&q, w + k0, gr + k0, mt ? mt + k0 : NULL,
+                                   vt ? vt + k0 : NULL, xt ? xt + k0 : NULL,
+                                   et ? et + k0 : NULL, ema_m, ema_over, sc,
+                                   n - k0 < part_len ? n - k0 : part_len, &pu, &pw);
+                    S(dlanes_add)(&du, &pu);
+                    S(dlanes_add)(&ww, &pw);
+                }
             }
             tt->upd_sumsq[t] = S(dlanes_total)(&du);
             tt->w_sumsq[t] = S(dlanes_total)(&ww);

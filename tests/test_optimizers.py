@@ -224,6 +224,42 @@ def test_update_in_shares_does_not_depend_on_the_thread_count(make, dtype):
     assert runs[1:] == runs[:1] * 3
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_tracked_update_in_shares(dtype):
+    """With update ratios tracked, a large model's update runs in parts of
+    its tensors over the threads: the weights are those of the untracked
+    step, bit for bit, the ratios |w_new - w_old| / |w_new| per tensor
+    match NumPy's, and neither depends on the thread count."""
+    from fastgrad import _core
+    tensors, size = make_tensors([("kernel", (1000, 999)), ("bias", (999,)),
+                                  ("kernel_1", (999, 3)), ("bias_1", (3,))])
+    rng = np.random.default_rng(6)
+    w0 = rng.normal(size=size).astype(dtype)
+    grads = [g.astype(dtype) for g in grad_sequence(rng, size, 3)]
+    plain, _ = fg_run(optimizers.Adam(0.01), w0, grads, tensors, dtype=dtype)
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            _core.set_kernel_threads(threads)
+            opt = optimizers.Adam(0.01)
+            opt.track_updates(True)
+            params, buf = w0.copy(), np.zeros_like(w0)
+            opt.build(params, buf, tensors)
+            for g in grads:
+                before = params.astype(F64)
+                buf[...] = g
+                rec = opt.apply()
+            assert params.tobytes() == plain.tobytes()
+            results.append(rec.update_ratio.tobytes())
+    finally:
+        _core.set_kernel_threads(0)
+    assert results[1:] == results[:1] * 2
+    after = params.astype(F64)
+    want = [np.linalg.norm(after[sl] - before[sl]) / np.linalg.norm(after[sl])
+            for sl, *_ in tensor_slices(tensors)]
+    np.testing.assert_allclose(rec.update_ratio, want, rtol=1e-6 if dtype == F32 else 1e-12)
+
+
 def test_apply_before_build_raises():
     with pytest.raises(RuntimeError):
         optimizers.Adam().apply()
