@@ -77,9 +77,10 @@ static inline void fg_flush_end(unsigned old) { (void)old; }
  * slower than one thread. Between calls workers poll briefly, yielding,
  * then sleep on a condition variable (fg_new_job_soon). A chunk's result
  * does not depend on which thread computed it (workers take the caller's
- * floating-point mode), so results are the same for any number of threads. One parallel call at a time: a second caller runs
- * its work alone. Without POSIX threads and C11 atomics, everything runs on
- * the calling thread. */
+ * floating-point mode), so results are the same for any number of
+ * threads. One parallel call at a time: a second caller runs its work
+ * alone. Without POSIX threads and C11 atomics, everything runs on the
+ * calling thread. */
 #if (defined(__unix__) || defined(__APPLE__)) && defined(__STDC_VERSION__) \
     && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__) && !defined(FG_NO_THREADS)
 #include <dlfcn.h>
