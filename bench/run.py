@@ -62,7 +62,7 @@ defines CASES, a list of dicts {"name", "make", "args", "impls", "reference",
 "kind", "tolerance", "needs"} (see Case below), joins the suite when named in
 EXTRA_MODULES or with --extra MODULE.
 
-Usage: python bench/run.py [--quick] [--only SUBSTRING] [--json PATH] [--isa]
+Usage: python bench/run.py [--quick] [--only SUBSTRING[,...]] [--json PATH] [--isa]
                            [--reps N] [--extra MODULE]
 """
 import argparse
@@ -1323,7 +1323,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="fewer, shorter repetitions (about 2 min on 2 idle cores)")
-    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
+    ap.add_argument("--only", default="",
+                    help="run only the cases whose name contains this (or one of these, "
+                         "separated by commas)")
     ap.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     ap.add_argument("--isa", action="store_true",
                     help="time the act cases with the default, AVX2 and baseline x86-64 builds")
@@ -1349,7 +1351,8 @@ def main(argv=None):
     print(f"each implementation in {opts.reps} fresh processes, {opts.samples} samples of "
           f"~{opts.target * 1e3:.0f} ms each; median per call; "
           f"~ = interquartile range above {NOISY:.0%} of the median")
-    chosen = [c for c in cases.values() if opts.only in c.name]
+    wanted = opts.only.split(",")
+    chosen = [c for c in cases.values() if any(w in c.name for w in wanted)]
     with tempfile.TemporaryDirectory(prefix="fastgrad-bench-") as tmp:
         if opts.isa:
             rows = run_isa(chosen, opts, tmp)

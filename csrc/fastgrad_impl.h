@@ -1432,7 +1432,7 @@ FG_TARGETS int S(fg_optimizer_step)(int64_t *first_overflow, T *param, T *m, T *
     for (ptrdiff_t t = 0; t < tt->n_tensors && tracked_split; t++) {
         const ptrdiff_t n = (ptrdiff_t)(tt->offset[t + 1] - tt->offset[t]);
         if (tt->frozen && tt->frozen[t]) continue;
-        for (ptrdiff_t k0 = 0; k0 < n && tracked_split; k0 += part_len, nparts++) {
+        for (ptrdiff_t k0 = 0; k0 < n; k0 += part_len, nparts++) {
             tracked_split = nparts < PARTS;
             if (!tracked_split) break;
             ptensor[nparts] = (int)t;

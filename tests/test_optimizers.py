@@ -224,15 +224,24 @@ def test_update_in_shares_does_not_depend_on_the_thread_count(make, dtype):
     assert runs[1:] == runs[:1] * 3
 
 
+# a large model; and one with more tensors than the parts fastgrad's step
+# lists (160), whose tracked update runs on the calling thread
+TRACKED_LAYOUTS = {
+    "large": [("kernel", (1000, 999)), ("bias", (999,)), ("kernel_1", (999, 3)),
+              ("bias_1", (3,))],
+    "many": [(f"kernel_{i}", (17, 12)) for i in range(170)],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TRACKED_LAYOUTS))
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_tracked_update_in_shares(dtype):
+def test_tracked_update_in_shares(dtype, layout):
     """With update ratios tracked, a large model's update runs in parts of
     its tensors over the threads: the weights are those of the untracked
     step, bit for bit, the ratios |w_new - w_old| / |w_new| per tensor
     match NumPy's, and neither depends on the thread count."""
     from fastgrad import _core
-    tensors, size = make_tensors([("kernel", (1000, 999)), ("bias", (999,)),
-                                  ("kernel_1", (999, 3)), ("bias_1", (3,))])
+    tensors, size = make_tensors(TRACKED_LAYOUTS[layout])
     rng = np.random.default_rng(6)
     w0 = rng.normal(size=size).astype(dtype)
     grads = [g.astype(dtype) for g in grad_sequence(rng, size, 3)]
