@@ -515,8 +515,9 @@ class GradientMonitor(Callback):
     steps          (steps,) the optimizer step numbers recorded
 
     Gradient norms and clip scales are free; the update ratios add two sums
-    of squares over the parameters to the steps recorded (a few percent of a
-    step at small batches), and nothing to the steps in between.
+    of squares over the parameters to the steps recorded (about a fifth of
+    a 784-256-256-10 MLP's Adam step at batch 32, a few percent at 256), and
+    nothing to the steps in between: ``every=k`` pays for one step in k.
     """
 
     every = Hyper(check_int, low=1)
