@@ -38,8 +38,9 @@ def plugin_run(tmp_path_factory):
     pids = folder / "pids"
     env = dict(os.environ, PLUGIN_PIDS=str(pids), PYTHONPATH=os.pathsep.join(
         [str(folder)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    with subprocess.Popen([sys.executable, RUN, "--extra", "bench_plugin_cases", "--only",
-                           "plugin/sum/right,plugin/sum/wrong", "--reps", "2", "--quick", "--json", str(out)],
+    with subprocess.Popen([sys.executable, RUN, "--extra", "bench_plugin_cases",
+                           "--only", "plugin/sum/right,plugin/sum/wrong",
+                           "--reps", "2", "--quick", "--json", str(out)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env) as proc:
         stdout, stderr = proc.communicate(timeout=300)
