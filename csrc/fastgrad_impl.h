@@ -190,82 +190,87 @@ FG_INLINE void S(softmax_rows)(T *y, ptrdiff_t nr, ptrdiff_t O)
     }
 }
 
-/* y = act(y) in place over n elements, for every activation but softmax.
+/* y = act(x) over n elements, for every activation but softmax; x may be
+ * y itself. Reading x in the same loop lets its loads overlap the
+ * arithmetic (a copy first would be a pass bound by memory alone).
  * Branch-free loops (selects are masks), so that each vectorizes. */
-FG_INLINE void S(act_inplace)(T *y, ptrdiff_t n, int act, T a)
+FG_INLINE void S(act_apply)(T *y, const T *x, ptrdiff_t n, int act, T a)
 {
     switch (act) {
+    case FG_LINEAR:
+        if (y != x) memcpy(y, x, (size_t)n * sizeof(T));
+        break;
     case FG_RELU:      /* z <= 0 ? 0 : z lets NaN through */
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(y[k] <= 0, (T)0, y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(x[k] <= 0, (T)0, x[k]); /* vec */
         break;
     case FG_LEAKY_RELU:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(y[k] > 0, y[k], a * y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = SELECT(x[k] > 0, x[k], a * x[k]); /* vec */
         break;
     case FG_SIGMOID:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = S(sigmoid)(y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = S(sigmoid)(x[k]); /* vec */
         break;
     case FG_SILU:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = y[k] * S(sigmoid)(y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k] * S(sigmoid)(x[k]); /* vec */
         break;
     case FG_TANH:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = TANH(y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = TANH(x[k]); /* vec */
         break;
     case FG_ELU:       /* e^z - 1 of min(z, 0), the unused side finite;
                         * selected on z <= 0 so that NaN and -0 pass */
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            T z = y[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
+            T z = x[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
             y[k] = SELECT(z <= 0, a * em, z);
         }
         break;
     case FG_SELU:
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            T z = y[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
+            T z = x[k], em = EXPM1_NONPOS(SELECT(z <= 0, z, (T)0));
             y[k] = SELECT(z <= 0, (T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em, (T)FG_SELU_SCALE * z);
         }
         break;
     case FG_GELU:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = GELU(y[k]); /* vec f32 */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = GELU(x[k]); /* vec f32 */
         break;
     case FG_SOFTPLUS:  /* max(z, 0) + log(1 + e^-|z|): no overflow, no
                         * cancellation; in double, so a float rounds once */
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            double z = y[k];
+            double z = x[k];
             y[k] = (T)(fg_select_f64(z > 0, z, 0.0)
                        + fg_log1p_unit_f64(fg_exp_nonpos_f64(-fabs(z))));
         }
         break;
     case FG_SOFTSIGN:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = y[k] / ((T)1 + FABS(y[k])); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k] / ((T)1 + FABS(x[k])); /* vec */
         break;
     case FG_RELU6:     /* selects that let NaN through, as relu's */
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            T z = y[k], c = SELECT(z > (T)6, (T)6, z);
+            T z = x[k], c = SELECT(z > (T)6, (T)6, z);
             y[k] = SELECT(z <= 0, (T)0, c);
         }
         break;
     case FG_HARD_SIGMOID:   /* relu6(z + 3) / 6 */
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            T t = y[k] + (T)3;
+            T t = x[k] + (T)3;
             t = SELECT(t > (T)6, (T)6, t);
             y[k] = SELECT(t <= 0, (T)0, t) / (T)6;
         }
         break;
     case FG_HARD_SILU:      /* z relu6(z + 3) / 6 */
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            T z = y[k], t = z + (T)3;
+            T z = x[k], t = z + (T)3;
             t = SELECT(t > (T)6, (T)6, t);
             y[k] = z * (SELECT(t <= 0, (T)0, t) / (T)6);
         }
         break;
     case FG_MISH:
         for (ptrdiff_t k = 0; k < n; k++) { /* vec */
-            double z = y[k], r, omr;
+            double z = x[k], r, omr;
             S(mish_parts)(z, &r, &omr, NULL);
             y[k] = (T)(z * r);
         }
         break;
     case FG_EXPONENTIAL:
-        for (ptrdiff_t k = 0; k < n; k++) y[k] = EXP_ANY(y[k]); /* vec */
+        for (ptrdiff_t k = 0; k < n; k++) y[k] = EXP_ANY(x[k]); /* vec */
         break;
     }
 }
@@ -302,17 +307,20 @@ FG_TARGETS static void S(bias_act_rows)(void *p, ptrdiff_t lo, ptrdiff_t hi)
         const ptrdiff_t nr = hi - i0 < rb ? hi - i0 : rb, n = nr * O;
         const T *x = A->inp + i0 * O;
         T *y = A->out + i0 * O;
+        const T *z = x;   /* the activation's input */
         if (bias) {
             for (ptrdiff_t i = 0; i < nr; i++)
                 for (ptrdiff_t j = 0; j < O; j++) y[i * O + j] = x[i * O + j] + bias[j]; /* vec */
-        } else if (y != x) {
-            for (ptrdiff_t k = 0; k < n; k++) y[k] = x[k];
+            z = y;
         }
-        if (A->pre) for (ptrdiff_t k = 0; k < n; k++) A->pre[i0 * O + k] = y[k];
-        if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
-        else if (act == FG_LOG_SOFTMAX)
-            for (ptrdiff_t i = 0; i < nr; i++) S(log_softmax_row)(y + i * O, O);
-        else S(act_inplace)(y, n, act, A->a);
+        if (A->pre) for (ptrdiff_t k = 0; k < n; k++) A->pre[i0 * O + k] = z[k];
+        if (act == FG_SOFTMAX || act == FG_LOG_SOFTMAX) {  /* in place on rows */
+            if (z != y) memcpy(y, z, (size_t)n * sizeof(T));
+            if (act == FG_SOFTMAX) S(softmax_rows)(y, nr, O);
+            else for (ptrdiff_t i = 0; i < nr; i++) S(log_softmax_row)(y + i * O, O);
+        } else {
+            S(act_apply)(y, z, n, act, A->a);
+        }
         if (!stats) continue;   /* only when asked: a second look, in cache */
         if (act == FG_RELU && stats->alive) {
             unsigned char *alive = stats->alive;

@@ -89,9 +89,9 @@ def test_markers_are_found():
     source = (CSRC / "fastgrad_impl.h").read_text().splitlines()
     marked = ["\n".join(source[line - 1:line + 2]) for line in marked_loops()]
     for loop in ["EXP_NONPOS(y[k])", "r[j] - m", "r[j] *= inv", "g[j] - dot",
-                 "+ bias[j]", "S(sigmoid)(y[k])", "y[k] * S(sigmoid)", "TANH(y[k])",
+                 "+ bias[j]", "S(sigmoid)(x[k])", "x[k] * S(sigmoid)", "TANH(x[k])",
                  "em = EXPM1_NONPOS", "(T)(FG_SELU_SCALE * FG_SELU_ALPHA) * em",
-                 "GELU(y[k])", "GELU_GRAD(z[k])", "S(sigmoid)(z[k])", "a * g[k]",
+                 "GELU(x[k])", "GELU_GRAD(z[k])", "S(sigmoid)(z[k])", "a * g[k]",
                  "g[k] * (y[k] + a)", "(T)1 - y[k] * y[k]", "acc[j] += d[i * O + j]",
                  "fg_splitmix64", "EXP_NONPOS(z[j] - m)", "fg_select_f64(z > 0, z, 0.0)",
                  "S(mish_parts)(zk", "fg_log_f64(qc)", "fg_log_f64(om[j])", "fg_expm1_nonpos_f64(-a)"]:
