@@ -396,6 +396,54 @@ static int fg_wide_products(void)
 }
 
 /* fastgrad_exp.h: e^x (any x, and x <= 0) and e^x - 1 (x <= 0) */
+
+/* e^r = 1 + (r + r^2 q(r)) and e^r - 1 = r + r^2 (1/2 + r q1(r)) in float
+ * for |r| <= 0.36, q and q1 of degree 4 and 3 fitted for the least maximum
+ * relative error (truncation 0.05 and 0.15 ulp). q and q1 go by Estrin's
+ * scheme, independent pairs joined by powers of r, which halves the chain
+ * of dependent operations that bounds the loops' speed; the last steps add
+ * the small terms to the large ones, so that the result rounds about once. */
+static inline float fg_exp_poly_f32(float r)
+{
+    float r2 = r * r;
+    float q = (0.49999991059303284f + r * 0.1666649729013443f)
+              + r2 * ((0.041668668389320374f + r * 0.008371495641767979f)
+                      + r2 * 0.001380884787067771f);
+    return 1.0f + (r + r2 * q);
+}
+
+static inline float fg_expm1_poly_f32(float r)
+{
+    float r2 = r * r;
+    float q = (0.16666530072689056f + r * 0.04166688397526741f)
+              + r2 * (0.0083685964345932f + r * 0.0013898882316425443f);
+    return r - (0.0f - r2 * (0.5f + r * q));   /* r + r^2 (...), but -0 stays -0 */
+}
+
+/* The same in double by their Taylor series, of degree 13 and 16
+ * (truncation below half an ulp), in Horner's form. */
+static inline double fg_exp_poly_f64(double r)
+{
+    static const double c[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                               1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0,
+                               1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    double p = c[0];
+    for (int i = 1; i < (int)(sizeof c / sizeof c[0]); i++) p = c[i] + r * p;
+    return p;
+}
+
+static inline double fg_expm1_poly_f64(double r)
+{
+    static const double c[] = {1.0 / 20922789888000.0, 1.0 / 1307674368000.0,
+                               1.0 / 87178291200.0, 1.0 / 6227020800.0, 1.0 / 479001600.0,
+                               1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                               1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+                               1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0};
+    double p = c[0];
+    for (int i = 1; i < (int)(sizeof c / sizeof c[0]); i++) p = c[i] + r * p;
+    return r * p;
+}
+
 #define ET float
 #define E(name) name##_f32
 #define EU uint32_t
@@ -407,9 +455,6 @@ static int fg_wide_products(void)
 #define E_LN2_LO 1.42860682030941723212e-6f
 #define E_LO (-104.0f)
 #define E_HI 89.0f
-#define E_EXP_COEF {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
-#define E_EXPM1_COEF {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, \
-                      1.0f / 6, 0.5f, 1.0f}
 #define E_EXPM1_LO (-30.0f)
 #define E_SELECT fg_select_f32
 #include "fastgrad_exp.h"
@@ -425,13 +470,6 @@ static int fg_wide_products(void)
 #define E_LN2_LO 1.90821492927058770002e-10
 #define E_LO (-746.0)
 #define E_HI 710.0
-#define E_EXP_COEF {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
-                    1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
-                    1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}
-#define E_EXPM1_COEF {1.0 / 20922789888000.0, 1.0 / 1307674368000.0, 1.0 / 87178291200.0, \
-                      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, \
-                      1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, \
-                      1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0}
 #define E_EXPM1_LO (-40.0)
 #define E_SELECT fg_select_f64
 #include "fastgrad_exp.h"
