@@ -16,7 +16,7 @@
  * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
  * bits: p 2^n1 is exact, and the second factor rounds once, to the right
  * subnormal where the result is one, or to inf past the range. The callers
- * clamp x (a comparison of constants: a max or min instruction, not a
+ * clamp x (a comparison with a constant: a max or min instruction, not a
  * branch): below E_LO the result is 0, above E_HI inf; NaN stays NaN (the
  * comparisons are false). Error: a few ulp. */
 static inline ET E(fg_exp_core)(ET x)
