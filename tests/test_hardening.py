@@ -693,8 +693,8 @@ def _model_run(make, x, y, shuffle):
     # against the float64 references from the final weights, not only
     # against the same run on contiguous copies
     dt = np.dtype(m.dtype).type
-    want = np_predict(m, np.array(x))
-    check(out["predict"], want, dt, what="predict")
+    want, terms = np_predict(m, np.array(x), terms=True)
+    check(out["predict"], want, dt, terms, what="predict")
     loss = "sparse_categorical_crossentropy" if np.ndim(y) == 1 else "mse"
     check(out["evaluate"][0], ref_loss_value(loss, np.array(y), want), dt, what="evaluate")
     return out
@@ -1374,15 +1374,21 @@ def _run_threads(targets):
     return errors
 
 
-def np_predict(model, x):
+def np_predict(model, x, terms=False):
     """Inference of a Dense/BatchNormalization/Dropout/Activation stack in
-    float64 from get_weights()."""
+    float64 from get_weights(). With terms, also the magnitudes summed into
+    each output of a last Dense without activation, |h| |k| + |b| (0
+    otherwise): the scale of its rounding errors where the sum cancels."""
     w = list(model.get_weights())
     h = np.asarray(x, F64)
+    scale = 0.0
     for layer in model.layers:
+        scale = 0.0
         if layer.kind == "Dense":
             k = w.pop(0)
             b = w.pop(0) if layer.use_bias else 0.0
+            if layer.activation == "linear":
+                scale = np.abs(h) @ np.abs(k.astype(F64)) + np.abs(b)
             h = ref_act(layer.activation, h @ k.astype(F64) + b)
         elif layer.kind == "BatchNormalization":
             gamma = w.pop(0) if layer.scale else 1.0
@@ -1392,7 +1398,7 @@ def np_predict(model, x):
                                epsilon=layer.epsilon)[0]
         elif layer.kind == "Activation":
             h = ref_act(layer.activation, h)
-    return h
+    return (h, scale) if terms else h
 
 
 def test_sixteen_threads_predicting_on_one_model_match_a_sequential_run():
