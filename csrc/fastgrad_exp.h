@@ -3,22 +3,25 @@
  * unsigned integer of ET's width, E_MANT its mantissa bits, E_BIAS its
  * exponent bias, E_MAGIC 1.5 * 2^E_MANT, E_LOG2E 1 / ln 2 and
  * E_LN2_HI + E_LN2_LO ln 2 (the high part with trailing zero bits),
- * E_LO, E_HI the clamp bounds, E_EXPM1_LO the argument below which e^x - 1
- * rounds to -1, and E_SELECT the type's branch-free select (all undefined
- * at the end); and the functions E(fg_exp_poly)(r) = e^r and
- * E(fg_expm1_poly)(r) = e^r - 1 for |r| <= 0.36, truncated below half an
- * ulp. The includer writes the literals in ET: a float constant rounded
- * through double could differ from the float literal in its last bit.
+ * E_LO, E_HI the bounds outside which e^x is 0 or inf, E_EXPM1_LO the
+ * argument below which e^x - 1 rounds to -1, and E_SELECT the type's
+ * branch-free select (all undefined at the end); and the functions
+ * E(fg_exp_poly)(r) = e^r and E(fg_expm1_poly)(r) = e^r - 1 for
+ * |r| <= 0.36, truncated below half an ulp. The includer writes the
+ * literals in ET: a float constant rounded through double could differ
+ * from the float literal in its last bit.
  *
  * e^x in arithmetic only, so that the loops calling it vectorize (a libm
  * call would not) and every instruction set rounds alike. x = n ln2 + r
  * with |r| <= ln2/2 (Cody-Waite: n ln2_hi is exact), e^r by its polynomial,
  * then times 2^n as 2^n1 2^n2 with n1 + n2 = n, each built in the exponent
  * bits: p 2^n1 is exact, and the second factor rounds once, to the right
- * subnormal where the result is one, or to inf past the range. The callers
- * clamp x (a comparison with a constant: a max or min instruction, not a
- * branch): below E_LO the result is 0, above E_HI inf; NaN stays NaN (the
- * comparisons are false). Error: a few ulp. */
+ * subnormal where the result is one, or to inf past the range. It is within
+ * about an ulp for x in [E_LO, E_HI] and NaN for NaN; outside, its value is
+ * meaningless (2^n wraps) and the callers replace it by the limit, 0 below
+ * E_LO and inf above E_HI, selected on x. Clamping x first would cost more:
+ * GCC keeps a NaN-safe clamp as compares and masks (not max/min
+ * instructions) and then selects the clamped ends' results anyway. */
 static inline ET E(fg_exp_core)(ET x)
 {
     ET t = x * E_LOG2E + E_MAGIC;                  /* round(x / ln2) in its low bits */
@@ -26,29 +29,32 @@ static inline ET E(fg_exp_core)(ET x)
     ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
     ET p = E(fg_exp_poly)(r);
     /* n1 = floor(n / 2) and n2 = n - n1, both within the exponent range,
-     * in integers from t's bits (those of magic + n): n + 2048 is positive,
-     * so a logical shift halves it (vectors have no 64-bit arithmetic shift
-     * before AVX-512). p 2^n1 is exact whichever way n is split. */
-    static const union { ET f; EU i; } magic = {.f = E_MAGIC};
+     * built from t's bits, those of magic + n. magic's bits all shift out
+     * of N = n 2^(E_MANT - 1) (wrapping arithmetic); h = N's lowest bit is
+     * set when n is odd, and N - h = n1 2^E_MANT, N + h = n2 2^E_MANT. One
+     * shift and no arithmetic shift (vectors have no 64-bit one before
+     * AVX-512). p 2^n1 is exact whichever way n is split. */
     union { ET f; EU i; } ut = {.f = t}, u1, u2;
-    EU k = ut.i - magic.i + (EU)2048;              /* n + 2048 > 0 */
-    EU k1 = k >> 1, k2 = k - k1;                   /* n1 + 1024, n2 + 1024 */
-    u1.i = (k1 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n1 */
-    u2.i = (k2 + (E_BIAS - (EU)1024)) << E_MANT;   /* 2^n2 */
+    EU N = ut.i << (E_MANT - 1);
+    EU h = N & ((EU)1 << (E_MANT - 1));
+    u1.i = (N - h) + ((EU)E_BIAS << E_MANT);       /* 2^n1 */
+    u2.i = (N + h) + ((EU)E_BIAS << E_MANT);       /* 2^n2 */
     return p * u1.f * u2.f;
 }
 
 /* e^x for x <= 0 (or NaN) */
 static inline ET E(fg_exp_nonpos)(ET x)
 {
-    return E(fg_exp_core)(E_LO > x ? E_LO : x);
+    ET y = E(fg_exp_core)(x);
+    return x < E_LO ? (ET)0 : y;
 }
 
 /* e^x for any x */
 static inline ET E(fg_exp)(ET x)
 {
-    x = E_LO > x ? E_LO : x;
-    return E(fg_exp_core)(E_HI < x ? E_HI : x);
+    ET y = E(fg_exp_core)(x);
+    y = x < E_LO ? (ET)0 : y;
+    return x > E_HI ? (ET)INFINITY : y;
 }
 
 /* e^x - 1 for x <= 0 (or NaN): the polynomial where e^x - 1 would
@@ -64,18 +70,18 @@ static inline ET E(fg_expm1_nonpos)(ET x)
  * where e^r - 1 is the polynomial of fg_expm1_nonpos, 2^n - 1 is exact
  * and 2^n (e^r - 1) too: the sum rounds once, without the cancellation of
  * e^x - 1 (n = 0 leaves the polynomial, exact digits down to the
- * subnormals). x is first raised to E_EXPM1_LO, where
- * the result is already -1 in the type, so that 2^n stays normal. NaN stays
- * NaN. Error: about an ulp; one polynomial where fg_expm1_nonpos takes two. */
+ * subnormals). Below E_EXPM1_LO the result is -1 in the type, and it is
+ * selected: there 2^n would leave the normal range. NaN stays NaN.
+ * Error: about an ulp; one polynomial where fg_expm1_nonpos takes two. */
 static inline ET E(fg_expm1_reduced)(ET x)
 {
-    x = E_EXPM1_LO > x ? E_EXPM1_LO : x;
     ET t = x * E_LOG2E + E_MAGIC;                  /* round(x / ln2) in its low bits */
     ET n = t - E_MAGIC;
     ET r = (x - n * E_LN2_HI) - n * E_LN2_LO;
     union { ET f; EU i; } u = {.f = t};
     u.i = (u.i + E_BIAS) << E_MANT;                /* 2^n */
-    return u.f * E(fg_expm1_poly)(r) + (u.f - (ET)1);
+    ET y = u.f * E(fg_expm1_poly)(r) + (u.f - (ET)1);
+    return x < E_EXPM1_LO ? (ET)-1 : y;
 }
 
 #undef ET
